@@ -1,0 +1,184 @@
+"""Learner actors: one Ray actor per DeepSpeed rank, for the policy and for the critic.
+
+Thin by design: each wraps one DeepSpeed engine and exposes a few verbs (forward scores, one
+optimiser step on a shard, save, send weights). Which batch, how many epochs and what to do with
+the results is the driver's business.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from rlhf_ray import algo
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.engines import scoring
+from rlhf_ray.platform import detect
+
+
+@dataclass(frozen=True)
+class LearnerSpec:
+    """What every rank of a learner group needs to build its engine (plain values only)."""
+
+    model_path: str
+    zero_stage: int
+    offload_optimizer: bool
+    offload_params: bool
+    lr: float
+    weight_decay: float
+    grad_clip: float
+    micro_batch_size: int
+    grad_accum_steps: int
+    bf16: bool
+    backend: str
+    seed: int
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+class _LearnerBase:
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
+        from rlhf_ray.engines.deepspeed_strategy import DeepSpeedStrategy
+
+        self.platform = detect(spec.backend)
+        self.platform.apply_env()
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.spec, self.rank, self.world_size = spec, rank, world_size
+        self.strategy = DeepSpeedStrategy(
+            zero_stage=spec.zero_stage,
+            offload_optimizer=spec.offload_optimizer,
+            offload_params=spec.offload_params,
+            lr=spec.lr,
+            weight_decay=spec.weight_decay,
+            grad_clip=spec.grad_clip,
+            micro_batch_size=spec.micro_batch_size,
+            grad_accum_steps=spec.grad_accum_steps,
+            bf16=spec.bf16,
+            backend=spec.backend,
+            seed=spec.seed,
+        )
+        self.strategy.init_distributed(rank, world_size, master_addr, master_port)
+        torch.manual_seed(spec.seed)
+        self.engine = self.strategy.prepare(self.build_model())
+
+    def build_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        from rlhf_ray.sync.group import free_port
+
+        return free_port()
+
+    def _micro_batches(self, shard: RolloutBatch) -> list[RolloutBatch]:
+        # Every rank runs exactly grad_accum_steps backward passes per optimiser step, so the
+        # gradient all-reduce lines up across ranks even when shards differ by a row.
+        return shard.chunk(self.spec.grad_accum_steps)
+
+    def _train_on(self, shard: RolloutBatch, loss_fn) -> dict[str, float]:
+        self.engine.train()
+        totals: dict[str, float] = {}
+        micro = self._micro_batches(shard)
+        for mb in micro:
+            loss, stats = loss_fn(mb)
+            self.strategy.backward(loss, self.engine)
+            self.strategy.step(self.engine)
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + float(v) / len(micro)
+        return self.strategy.all_reduce_mean(totals)
+
+    def save(self, out_dir: str) -> None:
+        self.strategy.save_hf(self.engine, self.tokenizer, out_dir)
+
+
+class PolicyLearnerActor(_LearnerBase):
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
+        from rlhf_ray.models.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(spec.model_path, trust_remote_code=spec.trust_remote_code)
+        super().__init__(spec, rank, world_size, master_addr, master_port)
+        self.weight_sender = None
+
+    def build_model(self) -> torch.nn.Module:
+        from rlhf_ray.models.loading import load_causal_lm
+
+        return load_causal_lm(self.spec.model_path, dtype=self.spec.dtype,
+                              trust_remote_code=self.spec.trust_remote_code)
+
+    def logprobs(self, shard: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, entropy) of the shard's responses under the current policy."""
+        self.engine.eval()
+        return scoring.batched_logprobs(self.engine, shard, self.spec.micro_batch_size, temperature)
+
+    def train_step(self, shard: RolloutBatch, clip_eps: float, entropy_coef: float, loss_agg: str,
+                   temperature: float) -> dict[str, float]:
+        """One optimiser step of the clipped PPO objective on this rank's shard of a minibatch.
+        The shard carries ``old_logprobs`` and ``advantages`` in its extras."""
+
+        def loss_fn(mb: RolloutBatch):
+            logprobs, entropy = scoring.response_logprobs(self.engine, mb, temperature, with_entropy=True)
+            out = algo.ppo_policy_loss(logprobs, mb.extras["old_logprobs"], mb.extras["advantages"],
+                                       mb.response_mask, clip_eps, loss_agg)
+            entropy_mean = algo.masked_mean(entropy, mb.response_mask)
+            loss = out.loss - entropy_coef * entropy_mean
+            return loss, {"policy_loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
+                          "approx_kl": out.approx_kl.item(), "entropy": entropy_mean.item()}
+
+        return self._train_on(shard, loss_fn)
+
+    # --- weight sync (driver sets it up; every rank takes part in the gather) ---------------
+    def open_weight_sync(self, master_port: int, world_size: int) -> str:
+        """Rank 0 opens the sync group as its master; returns the address engines join."""
+        from rlhf_ray.sync.sender import WeightSender
+
+        address = self.node_ip()
+        if self.rank == 0:
+            self.weight_sender = WeightSender()
+            self.weight_sender.open(address, master_port, world_size, self.platform.dist_backend)
+        return address
+
+    def weight_manifest(self, bucket_bytes: int) -> dict:
+        from rlhf_ray.sync.manifest import build_manifest
+
+        # ZeRO-3 keeps only a shard locally; ds_shape is the full shape.
+        specs = [(n, p.dtype, getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()]
+        return build_manifest(specs, bucket_bytes)
+
+    def send_weights(self, manifest) -> None:
+        tensors = self.strategy.full_named_parameters(self.engine)  # collective under ZeRO-3
+        if self.rank == 0:
+            self.weight_sender.send(tensors, manifest)
+        else:
+            for _ in tensors:  # take part in the gathers, send nothing
+                pass
+
+
+class CriticLearnerActor(_LearnerBase):
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
+        from rlhf_ray.models.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(spec.model_path, trust_remote_code=spec.trust_remote_code)
+        super().__init__(spec, rank, world_size, master_addr, master_port)
+
+    def build_model(self) -> torch.nn.Module:
+        from rlhf_ray.models.heads import ValueModel
+
+        return ValueModel.from_base(self.spec.model_path)
+
+    def values(self, shard: RolloutBatch) -> torch.Tensor:
+        self.engine.eval()
+        return scoring.batched_values(self.engine, shard, self.spec.micro_batch_size)
+
+    def train_step(self, shard: RolloutBatch, value_clip_eps: float, loss_agg: str) -> dict[str, float]:
+        def loss_fn(mb: RolloutBatch):
+            values = scoring.response_values(self.engine, mb)
+            out = algo.ppo_value_loss(values, mb.extras["old_values"], mb.extras["returns"],
+                                      mb.response_mask, value_clip_eps, loss_agg)
+            return out.loss, {"value_loss": out.loss.item(), "value_clip_fraction": out.clip_fraction.item()}
+
+        return self._train_on(shard, loss_fn)

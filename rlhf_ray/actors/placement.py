@@ -1,0 +1,126 @@
+"""Placement groups and actor creation for every role.
+
+Each role asks Ray for exactly what it needs: one bundle per rollout engine, one per learner
+rank, one per frozen scorer (or, colocated, a share of the policy's bundles). The driver calls
+``launch_roles`` once and gets handles back; actors never create or call each other.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.actors.learner import CriticLearnerActor, LearnerSpec, PolicyLearnerActor
+from rlhf_ray.actors.rollout import RolloutActor
+from rlhf_ray.actors.scorers import ReferenceActor, RewardActor
+
+
+@dataclass
+class Roles:
+    rollout: list  # RolloutActor handles, one per engine
+    policy: list  # PolicyLearnerActor handles, one per rank (rank 0 first)
+    critic: list  # CriticLearnerActor handles; empty for critic-free estimators
+    reference: object
+    reward: object
+    placement_groups: list[PlacementGroup]
+
+
+def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=index)
+
+
+@ray.remote(num_cpus=0)
+def _free_port() -> tuple[str, int]:
+    """A free TCP port on the node this task runs on (the learner rank 0's node)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict:
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
+
+
+def free_port_near(pg: PlacementGroup, bundle_index: int = 0) -> tuple[str, int]:
+    return ray.get(_free_port.options(scheduling_strategy=_in_bundle(pg, bundle_index)).remote())
+
+
+def launch_learner_group(actor_cls, spec: LearnerSpec, num_ranks: int, num_cpus: float, num_gpus: float,
+                         pg: PlacementGroup) -> list:
+    address, port = free_port_near(pg, 0)
+    remote_cls = ray.remote(actor_cls)
+    return [
+        remote_cls.options(num_cpus=num_cpus, num_gpus=num_gpus, scheduling_strategy=_in_bundle(pg, rank))
+        .remote(spec, rank, num_ranks, address, port)
+        for rank in range(num_ranks)
+    ]
+
+
+def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str],
+                 reward_functions: list[str], reward_weights: list[float], engine_kwargs: dict) -> Roles:
+    pol, cri, sc, ro = cfg.policy, cfg.critic, cfg.scorers, cfg.rollout
+    colocate = sc.colocate_with_learners
+    extra_cpu, extra_gpu = (2 * sc.num_cpus, 2 * sc.num_gpus) if colocate else (0.0, 0.0)
+    policy_bundles = [_bundle(pol.num_cpus + (extra_cpu if r == 0 else 0), pol.num_gpus + (extra_gpu if r == 0 else 0),
+                              pol.ray_resources)
+                      for r in range(pol.num_ranks)]
+    groups = {
+        "rollout": placement_group([_bundle(ro.num_cpus, ro.num_gpus * ro.tensor_parallel_size, ro.ray_resources)] * ro.num_engines,
+                                   strategy="PACK"),
+        "policy": placement_group(policy_bundles, strategy="PACK"),
+    }
+    if cfg.uses_critic:
+        groups["critic"] = placement_group([_bundle(cri.num_cpus, cri.num_gpus, cri.ray_resources)] * cri.num_ranks, strategy="PACK")
+    if not colocate:
+        groups["scorers"] = placement_group([_bundle(sc.num_cpus, sc.num_gpus, sc.ray_resources)] * 2, strategy="PACK")
+    ray.get([pg.ready() for pg in groups.values()])
+
+    scorer_pg, ref_bundle, rew_bundle = (groups["policy"], 0, 0) if colocate else (groups["scorers"], 0, 1)
+    scorer_opts = dict(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus)
+    reference = ray.remote(ReferenceActor).options(
+        **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, ref_bundle)
+    ).remote(policy_path, cfg.model.dtype, cfg.backend, sc.micro_batch_size, cfg.model.trust_remote_code)
+    reward = ray.remote(RewardActor).options(
+        **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, rew_bundle)
+    ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
+             sc.micro_batch_size)
+
+    rollout = [
+        ray.remote(RolloutActor).options(
+            num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size,
+            scheduling_strategy=_in_bundle(groups["rollout"], i),
+        ).remote(**engine_kwargs, seed=cfg.seed + i)
+        for i in range(ro.num_engines)
+    ]
+    policy = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol.num_ranks,
+                                  pol.num_cpus, pol.num_gpus, groups["policy"])
+    critic = []
+    if cfg.uses_critic:
+        critic = launch_learner_group(CriticLearnerActor, learner_spec(cfg, cri, critic_path), cri.num_ranks,
+                                      cri.num_cpus, cri.num_gpus, groups["critic"])
+    return Roles(rollout, policy, critic, reference, reward, list(groups.values()))
+
+
+def learner_spec(cfg, lc, model_path: str) -> LearnerSpec:
+    rows_per_rank = -(-cfg.rollout_batch_size // (cfg.ppo.minibatches * lc.num_ranks))
+    return LearnerSpec(
+        model_path=model_path, zero_stage=lc.zero_stage, offload_optimizer=lc.offload_optimizer,
+        offload_params=lc.offload_params, lr=lc.lr, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+        micro_batch_size=lc.micro_batch_size,
+        grad_accum_steps=max(1, -(-rows_per_rank // lc.micro_batch_size)),
+        bf16=lc.bf16, backend=cfg.backend, seed=cfg.seed, dtype=cfg.model.dtype,
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+
+
+def shutdown_roles(roles: Roles) -> None:
+    from ray.util.placement_group import remove_placement_group
+
+    for handle in [*roles.rollout, *roles.policy, *roles.critic, roles.reference, roles.reward]:
+        ray.kill(handle)
+    for pg in roles.placement_groups:
+        remove_placement_group(pg)

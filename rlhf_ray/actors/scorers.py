@@ -1,0 +1,79 @@
+"""Frozen scorers: the reference policy and the reward (models + rule functions).
+
+Each wraps plain HF models in inference mode; neither ever changes its weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.engines import scoring
+from rlhf_ray.platform import detect
+
+
+def _init_process(backend: str) -> None:
+    detect(backend).apply_env()
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+class ReferenceActor:
+    """The frozen initial policy: per-token log-probs of given responses."""
+
+    def __init__(self, model_path: str, dtype: str, backend: str, micro_batch_size: int,
+                 trust_remote_code: bool = False):
+        from rlhf_ray.models.loading import load_causal_lm
+
+        _init_process(backend)
+        self.model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        self.micro_batch_size = micro_batch_size
+
+    def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
+        return scoring.batched_logprobs(self.model, batch, self.micro_batch_size, temperature)[0]
+
+
+class RewardActor:
+    """Reward models (an ensemble, combined by mean or min) plus rule functions, weighted.
+
+    ``score`` returns the combined score per response and each component's scores, so metrics
+    can show what the policy is actually being paid for.
+    """
+
+    def __init__(self, reward_model_paths: list[str], combine: str, functions: list[str],
+                 function_weights: list[float], backend: str, micro_batch_size: int):
+        from rlhf_ray.models.heads import RewardModel
+        from rlhf_ray.tasks.rewards import load_reward_function
+
+        _init_process(backend)
+        self.models = [RewardModel.from_pretrained(p).eval() for p in reward_model_paths]
+        self.combine = combine
+        self.functions = [(spec, load_reward_function(spec)) for spec in functions]
+        self.weights = function_weights or [1.0] * len(functions)
+        self.micro_batch_size = micro_batch_size
+
+    @torch.no_grad()
+    def score(self, batch: RolloutBatch, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
+        components: dict[str, torch.Tensor] = {}
+        total = torch.zeros(batch.size)
+        if self.models:
+            per_model = torch.stack([self._model_scores(m, batch) for m in self.models])
+            for i, s in enumerate(per_model):
+                components[f"rm{i}"] = s
+            total += per_model.mean(0) if self.combine == "mean" else per_model.min(0).values
+        for (spec, fn), weight in zip(self.functions, self.weights):
+            values = fn(prompts, responses)
+            if len(values) != batch.size:
+                raise ValueError(f"reward function {spec} returned {len(values)} scores for {batch.size} responses")
+            s = torch.tensor(values, dtype=torch.float32)
+            components[spec.rpartition(":")[2]] = s
+            total += weight * s
+        return {"score": total, **{f"reward/{k}": v for k, v in components.items()}}
+
+    def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:
+        return torch.cat([
+            model(input_ids=mb.sequences, attention_mask=mb.attention_mask).float()
+            for mb in (batch.select(slice(i, i + self.micro_batch_size))
+                       for i in range(0, batch.size, self.micro_batch_size))
+        ])

@@ -1,0 +1,64 @@
+"""Pure-tensor RLHF math: log-probs, KL estimators, advantages, PPO/RM losses, KL control.
+
+Every function works on batched [batch, time] response tokens with a mask marking real
+tokens; nothing here depends on Ray, DeepSpeed, vLLM or the config objects.
+"""
+
+from .advantages import (
+    GROUP_ADVANTAGE_KINDS,
+    broadcast_to_tokens,
+    gae,
+    group_advantages,
+)
+from .kl import KL_KINDS, kl_estimate, shape_rewards
+from .kl_control import (
+    KL_CONTROLLER_KINDS,
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    StepKLController,
+    make_kl_controller,
+)
+from .logprobs import entropy_from_logits, token_logprobs
+from .losses import (
+    AGG_MODES,
+    PolicyLossOutput,
+    ValueLossOutput,
+    aggregate_loss,
+    bradley_terry_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
+    preference_accuracy,
+)
+from .masked import masked_mean, masked_sum, masked_var, whiten, zero_padding
+
+__all__ = [
+    "AGG_MODES",
+    "GROUP_ADVANTAGE_KINDS",
+    "KL_CONTROLLER_KINDS",
+    "KL_KINDS",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "KLController",
+    "PolicyLossOutput",
+    "StepKLController",
+    "ValueLossOutput",
+    "aggregate_loss",
+    "bradley_terry_loss",
+    "broadcast_to_tokens",
+    "entropy_from_logits",
+    "gae",
+    "group_advantages",
+    "kl_estimate",
+    "make_kl_controller",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "preference_accuracy",
+    "shape_rewards",
+    "token_logprobs",
+    "whiten",
+    "zero_padding",
+]

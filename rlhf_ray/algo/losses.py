@@ -1,0 +1,117 @@
+"""PPO policy and value losses, loss aggregation, and the Bradley-Terry reward-model loss."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .kl import kl_estimate
+from .masked import masked_mean, masked_sum, zero_padding
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean")
+
+
+class PolicyLossOutput(NamedTuple):
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+    approx_kl: torch.Tensor
+
+
+class ValueLossOutput(NamedTuple):
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+
+
+def aggregate_loss(per_token_loss: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss to a scalar over real tokens.
+
+    - "token-mean": mean over all real tokens of the batch (long responses weigh more).
+    - "seq-mean-token-sum": sum over each sequence's tokens, then mean over sequences.
+    - "seq-mean-token-mean": mean over each sequence's tokens, then mean over sequences
+      (every sequence weighs the same, as in the original GRPO objective).
+    """
+    if agg == "token-mean":
+        return masked_mean(per_token_loss, mask)
+    if agg == "seq-mean-token-sum":
+        return masked_sum(per_token_loss, mask, dim=-1).mean()
+    if agg == "seq-mean-token-mean":
+        return masked_mean(per_token_loss, mask, dim=-1).mean()
+    raise ValueError(f"unknown loss aggregation {agg!r}; valid modes: {', '.join(AGG_MODES)}")
+
+
+def ppo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    agg: str,
+) -> PolicyLossOutput:
+    """PPO clipped surrogate (Schulman et al. 2017): max(-A * ratio, -A * clip(ratio, 1 +- eps)).
+
+    All tensors are [B, T] (spread per-sequence advantages with ``broadcast_to_tokens``).
+    ``clip_fraction`` is the share of real tokens where the clipped term is the active (strictly
+    larger) one, i.e. the clip binds and the token gets no gradient; CleanRL's looser
+    |ratio - 1| > eps also counts tokens where the clip does not bind. ``approx_kl`` is the
+    masked mean of k3 = (ratio - 1) - log(ratio), CleanRL's estimate of KL(old || new) on
+    tokens sampled from the old policy. Both diagnostics are detached.
+    """
+    # Zeroed first so padding garbage cannot overflow exp() or turn gradients into NaN.
+    logprobs, old_logprobs, advantages = (
+        zero_padding(x, mask) for x in (logprobs, old_logprobs, advantages)
+    )
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
+        approx_kl = masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)
+    return PolicyLossOutput(loss, clip_fraction, approx_kl)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+    agg: str,
+) -> ValueLossOutput:
+    """Clipped value loss of PPO2 / CleanRL: 0.5 * max((v - R)^2, (clip(v, old +- eps) - R)^2).
+
+    All tensors are [B, T]. The clip keeps the critic close to the values used to compute the
+    advantages.
+    ``clip_fraction`` (detached) is the share of real tokens where the clipped term is larger.
+    """
+    values, old_values, returns = (zero_padding(x, mask) for x in (values, old_values, returns))
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    unclipped_loss = (values - returns).square()
+    clipped_loss = (clipped_values - returns).square()
+    loss = aggregate_loss(0.5 * torch.maximum(unclipped_loss, clipped_loss), mask, agg)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped_loss > unclipped_loss).to(values.dtype), mask)
+    return ValueLossOutput(loss, clip_fraction)
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: float = 0.0,
+    margin_weight: float = 0.0,
+) -> torch.Tensor:
+    """Reward-model loss on preference pairs [B]: mean of -log sigmoid(chosen - rejected).
+
+    Bradley-Terry likelihood as in Ouyang et al. 2022 (InstructGPT). The optional hinge
+    ``margin_weight * relu(margin - (chosen - rejected))`` keeps pushing pairs whose reward gap
+    is still below ``margin``.
+    """
+    diff = chosen - rejected
+    return -F.logsigmoid(diff).mean() + margin_weight * F.relu(margin - diff).mean()
+
+
+def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Share of pairs where the chosen response scores strictly higher (ties count as wrong)."""
+    return (chosen > rejected).float().mean()

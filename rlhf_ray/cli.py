@@ -1,0 +1,63 @@
+"""``rlhf-ray <command> --config F [section.key=value ...]``.
+
+Imports only the config layer up front: a bad config is reported before torch, Ray or vLLM load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlhf_ray.config import ConfigError, dump_config, load_config
+
+STAGES = {
+    "ppo": "rlhf_ray.stages.ppo:run_ppo",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-ray", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="YAML file in configs/ (defaults when omitted)")
+        p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. ppo.kl_coef=0.02")
+
+    config = sub.add_parser("config", help="inspect configs")
+    config_sub = config.add_subparsers(dest="action", required=True)
+    with_config(config_sub.add_parser("show", help="print the resolved config"))
+    with_config(config_sub.add_parser("check", help="validate a config and exit"))
+    for name in STAGES:
+        with_config(sub.add_parser(name, help=f"run the {name} stage"))
+    tiny = sub.add_parser("build-tiny", help="write the built-in tiny model and tokenizer to a folder")
+    tiny.add_argument("out_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "build-tiny":
+        from rlhf_ray.models.tiny import build_tiny_model
+
+        print(build_tiny_model(args.out_dir))
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"rlhf-ray: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        if args.action == "show":
+            print(dump_config(cfg), end="")
+        else:
+            print("config ok")
+        return 0
+    module_name, _, fn_name = STAGES[args.command].partition(":")
+    import importlib
+
+    getattr(importlib.import_module(module_name), fn_name)(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

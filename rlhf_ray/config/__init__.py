@@ -1,0 +1,21 @@
+"""The typed config tree (no torch imports: validating a config is instant)."""
+
+from rlhf_ray.config.loader import ConfigError, config_to_dict, dump_config, load_config
+from rlhf_ray.config.schema import (
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    LearnerConfig,
+    ModelConfig,
+    PPOConfig,
+    RolloutConfig,
+    RunConfig,
+    ScorerConfig,
+    SyncConfig,
+)
+
+__all__ = [
+    "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig", "LearnerConfig", "ModelConfig", "PPOConfig",
+    "RolloutConfig", "RunConfig", "ScorerConfig", "SyncConfig", "config_to_dict", "dump_config",
+    "load_config",
+]

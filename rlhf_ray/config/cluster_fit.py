@@ -1,0 +1,192 @@
+"""Does a plan fit the cluster it names, and does its rollout sharding fit the model?
+
+Pure functions over a ``RunConfig`` (no torch, no Ray), so ``rlhf-ray config check`` rejects an
+impossible plan in milliseconds instead of leaving placement groups pending forever on a cluster.
+
+* ``plan_problems(cfg)``: the bundles ``rlhf_ray.actors.placement.launch_roles`` will ask Ray for,
+  summed per resource, against ``cluster.nodes x cluster.gpus_per_node`` (and CPUs when
+  ``cluster.cpus_per_node`` is set); and every single bundle against one node, since a bundle can
+  never span nodes. Skipped when ``cluster.nodes`` is 0 ("whatever Ray has").
+* ``model_problems(cfg, model_config)``: rollout tensor parallelism against the policy's attention
+  heads (``model_config`` is the policy's parsed ``config.json``; see ``read_model_config``).
+
+Both return ``[(dotted_key, message), ...]``, the shape of ``RunConfig.validate``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Problem = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class RoleAsk:
+    """One role's placement group: ``count`` identical bundles (rank 0 may carry extras)."""
+
+    role: str  # "rollout", "policy", "critic", "scorers"
+    key: str  # the config key a user changes to fix it
+    count: int
+    cpus: float  # per bundle
+    gpus: float  # per bundle
+    first_extra_cpus: float = 0.0  # colocated scorers ride on the policy's rank-0 bundle
+    first_extra_gpus: float = 0.0
+    detail: str = ""  # how the role's GPUs were computed, for messages
+    bundle_detail: str = ""  # how one bundle's GPUs were computed
+
+    @property
+    def total_cpus(self) -> float:
+        return self.count * self.cpus + self.first_extra_cpus
+
+    @property
+    def total_gpus(self) -> float:
+        return self.count * self.gpus + self.first_extra_gpus
+
+    def bundles(self) -> list[tuple[float, float]]:
+        """(cpus, gpus) of each bundle, rank 0 first."""
+        out = [(self.cpus, self.gpus)] * self.count
+        if out:
+            out[0] = (self.cpus + self.first_extra_cpus, self.gpus + self.first_extra_gpus)
+        return out
+
+
+def role_asks(cfg) -> list[RoleAsk]:
+    """What every role asks Ray for; mirrors ``placement.launch_roles`` bundle by bundle."""
+    ro, pol, cri, sc = cfg.rollout, cfg.policy, cfg.critic, cfg.scorers
+    colocate = sc.colocate_with_learners
+    asks = [
+        RoleAsk("rollout", "rollout.num_engines", ro.num_engines, ro.num_cpus,
+                ro.num_gpus * ro.tensor_parallel_size,
+                detail=f"{ro.num_engines} engines x tensor_parallel_size {ro.tensor_parallel_size} "
+                       f"x num_gpus {_n(ro.num_gpus)}",
+                bundle_detail=f"one engine = tensor_parallel_size {ro.tensor_parallel_size} "
+                              f"x num_gpus {_n(ro.num_gpus)}"),
+        RoleAsk("policy", "policy.num_ranks", pol.num_ranks, pol.num_cpus, pol.num_gpus,
+                first_extra_cpus=2 * sc.num_cpus if colocate else 0.0,
+                first_extra_gpus=2 * sc.num_gpus if colocate else 0.0,
+                detail=f"{pol.num_ranks} ranks x num_gpus {_n(pol.num_gpus)}"
+                       + (f" + 2 colocated scorers x {_n(sc.num_gpus)} on rank 0" if colocate else "")),
+    ]
+    if cfg.uses_critic:
+        asks.append(RoleAsk("critic", "critic.num_ranks", cri.num_ranks, cri.num_cpus, cri.num_gpus,
+                            detail=f"{cri.num_ranks} ranks x num_gpus {_n(cri.num_gpus)}"))
+    if not colocate:
+        asks.append(RoleAsk("scorers", "scorers.num_gpus", 2, sc.num_cpus, sc.num_gpus,
+                            detail=f"reference + reward x num_gpus {_n(sc.num_gpus)}"))
+    return asks
+
+
+def plan_problems(cfg) -> list[Problem]:
+    cl = cfg.cluster
+    if cl.nodes <= 0:
+        return []
+    problems: list[Problem] = []
+    asks = role_asks(cfg)
+
+    # Ray refuses fractional quantities above 1 ("0.5 GPU" shares a device, "1.5" means nothing).
+    for a in asks:
+        for gpus in sorted({g for _, g in a.bundles()}):
+            if gpus > 1 and not float(gpus).is_integer():
+                problems.append((_gpu_key(a), (f"one {a.role} bundle asks for {_n(gpus)} GPUs"
+                                              f"{_paren(a.bundle_detail)}; Ray needs whole GPUs above 1")))
+                break
+
+    per_node_gpus = cl.gpus_per_node
+    total_gpus = sum(a.total_gpus for a in asks)
+    have_gpus = cl.nodes * per_node_gpus
+    if total_gpus > have_gpus + 1e-9:
+        parts = ", ".join(f"{a.role} {_n(a.total_gpus)} ({a.detail})" for a in asks if a.total_gpus)
+        problems.append(("cluster.nodes",
+                         (f"the plan asks for {_n(total_gpus)} GPUs [{parts}] but the cluster has "
+                         f"{cl.nodes} nodes x {per_node_gpus} GPUs = {have_gpus}")))
+    for a in asks:
+        biggest = max((g for _, g in a.bundles()), default=0.0)
+        if biggest > per_node_gpus + 1e-9:
+            problems.append((_gpu_key(a),
+                             (f"one {a.role} bundle asks for {_n(biggest)} GPUs{_paren(a.bundle_detail)} but one node "
+                             f"has cluster.gpus_per_node={per_node_gpus}; a bundle cannot span nodes")))
+
+    if cl.cpus_per_node > 0:
+        total_cpus = sum(a.total_cpus for a in asks)
+        have_cpus = cl.nodes * cl.cpus_per_node
+        if total_cpus > have_cpus + 1e-9:
+            parts = ", ".join(f"{a.role} {_n(a.total_cpus)}" for a in asks if a.total_cpus)
+            problems.append(("cluster.cpus_per_node",
+                             (f"the plan asks for {_n(total_cpus)} CPUs [{parts}] but the cluster has "
+                             f"{cl.nodes} nodes x {cl.cpus_per_node} CPUs = {have_cpus}")))
+        for a in asks:
+            biggest = max((c for c, _ in a.bundles()), default=0.0)
+            if biggest > cl.cpus_per_node + 1e-9:
+                problems.append((f"{a.role}.num_cpus",
+                                 (f"one {a.role} bundle asks for {_n(biggest)} CPUs but one node has "
+                                 f"cluster.cpus_per_node={cl.cpus_per_node}")))
+    return problems
+
+
+def model_problems(cfg, model_config: dict[str, Any] | None) -> list[Problem]:
+    """Rollout tensor parallelism vs the policy's heads; empty when nothing is known."""
+    if not model_config:
+        return []
+    if "num_attention_heads" not in model_config and isinstance(model_config.get("text_config"), dict):
+        model_config = model_config["text_config"]  # multimodal configs nest the language model
+    tp = cfg.rollout.tensor_parallel_size
+    problems: list[Problem] = []
+    heads = model_config.get("num_attention_heads")
+    if isinstance(heads, int) and heads > 0 and heads % tp:
+        problems.append(("rollout.tensor_parallel_size",
+                         (f"{tp} does not divide the policy's num_attention_heads={heads} "
+                         f"(valid sizes: {_divisors(heads)})")))
+    kv = model_config.get("num_key_value_heads")
+    # vLLM splits KV heads across workers, or replicates them when tp is a multiple of their count.
+    if isinstance(kv, int) and kv > 0 and kv % tp and tp % kv:
+        problems.append(("rollout.tensor_parallel_size",
+                         (f"{tp} neither divides nor is a multiple of the policy's "
+                         f"num_key_value_heads={kv}")))
+    return problems
+
+
+def read_model_config(path: str) -> dict[str, Any] | None:
+    """The parsed ``config.json`` of a local model folder (or of a hub name already in the local
+    HF cache); None for names that can only be resolved over the network (and ``builtin:``)."""
+    if not path or path.startswith("builtin:"):
+        return None
+    folder = Path(os.path.expanduser(path))
+    candidate: Path | None = folder / "config.json" if folder.is_dir() else None
+    if candidate is None and path.count("/") == 1 and not folder.exists():
+        try:  # cheap and offline: only looks at the cache folder
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config.json")
+            candidate = Path(cached) if isinstance(cached, str) else None
+        except Exception:  # noqa: BLE001 - no hub library or odd cache: simply unknown
+            candidate = None
+    if candidate is None or not candidate.is_file():
+        return None
+    try:
+        data = json.loads(candidate.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _gpu_key(a: RoleAsk) -> str:
+    return {"rollout": "rollout.tensor_parallel_size"}.get(a.role, f"{a.role}.num_gpus")
+
+
+def _paren(text: str) -> str:
+    return f" ({text})" if text else ""
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0 and d <= 64)
+
+
+def _n(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+__all__ = ["RoleAsk", "model_problems", "plan_problems", "read_model_config", "role_asks"]

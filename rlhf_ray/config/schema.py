@@ -1,0 +1,213 @@
+"""The typed config tree. One dataclass per section; every field has a default and a comment.
+
+Plain dataclasses with no torch import, so the CLI validates a config in milliseconds before
+any expensive work starts. Cross-field checks live in ``RunConfig.validate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    policy: str = "builtin:tiny"  # HF name or path of the starting policy; builtin:tiny builds one offline
+    reward: list[str] = field(default_factory=list)  # reward model folders (an ensemble when >1)
+    reward_combine: Literal["mean", "min"] = "mean"  # how an ensemble's scores are combined
+    critic: str = ""  # critic init; empty = the policy checkpoint
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # custom modelling code runs only when asked
+    tiny_hidden_size: int = 128  # shape of builtin:tiny
+    tiny_layers: int = 2
+
+
+@dataclass
+class DataConfig:
+    task: str = "arithmetic"  # built-in task supplying prompts and a gold scorer; "" for none
+    prompts: str = ""  # JSONL/JSON/Parquet file or hub name of prompts (overrides the task's prompts)
+    prompt_field: str = "prompt"
+    max_prompt_tokens: int = 64
+    shuffle: bool = True
+    num_prompts: int = 512  # prompts the built-in task generates
+
+
+@dataclass
+class RolloutConfig:
+    num_engines: int = 2  # vLLM engines, scaled independently of the learners
+    tensor_parallel_size: int = 1  # workers per engine
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 16
+    samples_per_prompt: int = 1  # n responses per prompt (group size of grpo/rloo)
+    stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
+    gpu_memory_utilization: float = 0.3  # on CPU: share of host memory vLLM may reserve
+    max_model_len: int = 256
+    enable_prefix_caching: bool = True
+    num_cpus: float = 1.0  # per engine
+    num_gpus: float = 0.0  # per tensor-parallel worker
+    ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per engine, e.g. {rollout: 1}
+
+
+@dataclass
+class LearnerConfig:
+    num_ranks: int = 2  # DeepSpeed data-parallel ranks (Ray actors)
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8  # rows per forward on one rank
+    bf16: bool = False
+    num_cpus: float = 0.5  # per rank
+    num_gpus: float = 0.0  # per rank
+    ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
+
+
+@dataclass
+class ScorerConfig:
+    """Frozen scorers: the reference policy and the reward models."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    colocate_with_learners: bool = False  # share the learners' placement-group bundles
+    ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per scorer
+    micro_batch_size: int = 32
+    reward_functions: list[str] = field(default_factory=list)  # "module:function" rule rewards
+    reward_function_weights: list[float] = field(default_factory=list)  # default 1.0 each
+    use_task_gold_as_reward: bool = True  # built-in task: its gold scorer is a rule reward
+
+
+@dataclass
+class PPOConfig:
+    iterations: int = 20
+    prompts_per_iteration: int = 32
+    epochs: int = 1  # passes over each rollout batch
+    minibatches: int = 1  # optimiser steps per epoch
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip_eps: float = 0.2
+    entropy_coef: float = 0.0
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    whiten_advantages: bool = True
+    kl_coef: float = 0.05
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    kl_controller: Literal["fixed", "proportional", "step"] = "fixed"
+    kl_target: float = 6.0  # target KL (nats per sequence) for adaptive controllers
+    kl_horizon: int = 10000
+    reward_clip: float = 10.0  # scores are clipped to +-reward_clip before shaping
+    missing_eos_penalty: float = 0.0  # subtracted from the score of truncated responses
+
+
+@dataclass
+class SyncConfig:
+    bucket_mb: int = 64  # weights travel in flat buckets of at most this size
+    parity_every: int = 0  # parity check after every N-th sync; 0 = never
+    parity_atol: float = 1e-3
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # iterations between checkpoints; 0 = only at the end
+    save_final: bool = True
+
+
+@dataclass
+class ClusterConfig:
+    """The cluster a plan is written for; 0 means "whatever Ray has" (no fit check)."""
+
+    nodes: int = 0
+    gpus_per_node: int = 0
+    cpus_per_node: int = 0
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    backend: Literal["auto", "cpu", "cuda"] = "auto"
+    ray_address: str = ""  # empty: start a local Ray; "auto": join the running cluster
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    policy: LearnerConfig = field(default_factory=LearnerConfig)
+    critic: LearnerConfig = field(default_factory=LearnerConfig)
+    scorers: ScorerConfig = field(default_factory=ScorerConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.ppo.advantage_estimator == "gae"
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.ppo.prompts_per_iteration * self.rollout.samples_per_prompt
+
+    def validate(self) -> list[tuple[str, str]]:
+        """Returns (dotted key, problem) for every impossible value; empty when the config is sound."""
+        problems: list[tuple[str, str]] = []
+
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                problems.append((key, msg))
+
+        r, p, c, ppo = self.rollout, self.policy, self.critic, self.ppo
+        need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        need(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        need(r.temperature > 0, "rollout.temperature", "must be > 0 (sampling log-probs need it)")
+        need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+        need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        need(r.max_model_len > r.max_new_tokens, "rollout.max_model_len", "must exceed rollout.max_new_tokens")
+        for name, lc in (("policy", p), ("critic", c)):
+            need(lc.num_ranks >= 1, f"{name}.num_ranks", "must be >= 1")
+            need(lc.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
+            need(lc.lr > 0, f"{name}.lr", "must be > 0")
+            need(lc.micro_batch_size >= 1, f"{name}.micro_batch_size", "must be >= 1")
+            need(lc.num_cpus >= 0 and lc.num_gpus >= 0, f"{name}.num_cpus", "resources must be >= 0")
+            need(not lc.offload_params or lc.zero_stage == 3, f"{name}.offload_params",
+                 "parameter offload needs zero_stage 3")
+        need(self.model.tiny_hidden_size >= 32 and self.model.tiny_hidden_size % 32 == 0,
+             "model.tiny_hidden_size", "must be a positive multiple of 32 (attention heads of size 32)")
+        need(ppo.iterations >= 1, "ppo.iterations", "must be >= 1")
+        need(ppo.prompts_per_iteration >= 1, "ppo.prompts_per_iteration", "must be >= 1")
+        need(ppo.epochs >= 1, "ppo.epochs", "must be >= 1")
+        need(ppo.minibatches >= 1, "ppo.minibatches", "must be >= 1")
+        need(0 < ppo.clip_eps < 1, "ppo.clip_eps", "must be in (0, 1)")
+        need(ppo.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")
+        need(0 <= ppo.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
+        need(0 <= ppo.lam <= 1, "ppo.lam", "must be in [0, 1]")
+        need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+        need(ppo.kl_target > 0, "ppo.kl_target", "must be > 0")
+        need(ppo.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
+        if ppo.advantage_estimator == "rloo":
+            need(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", "rloo needs >= 2 samples per prompt")
+        # Every learner rank must get at least one row of every minibatch.
+        rows_per_minibatch = self.rollout_batch_size // ppo.minibatches
+        need(rows_per_minibatch >= 1, "ppo.minibatches",
+             f"{ppo.minibatches} minibatches cannot split a rollout batch of {self.rollout_batch_size} rows")
+        for name, lc in (("policy", p), ("critic", c)):
+            if name == "critic" and not self.uses_critic:
+                continue
+            need(rows_per_minibatch >= lc.num_ranks, f"{name}.num_ranks",
+                 f"{lc.num_ranks} ranks cannot split a minibatch of {rows_per_minibatch} rows "
+                 f"(ppo.prompts_per_iteration x rollout.samples_per_prompt / ppo.minibatches)")
+        need(self.sync.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
+        need(self.sync.parity_every >= 0, "sync.parity_every", "must be >= 0")
+        need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+        weights = self.scorers.reward_function_weights
+        need(not weights or len(weights) == len(self.scorers.reward_functions),
+             "scorers.reward_function_weights", "needs one weight per entry of scorers.reward_functions")
+        for i, spec in enumerate(self.scorers.reward_functions):
+            need(":" in spec, f"scorers.reward_functions[{i}]", f"{spec!r} is not of the form module:function")
+        has_reward = bool(self.model.reward or self.scorers.reward_functions
+                          or (self.data.task and self.scorers.use_task_gold_as_reward))
+        need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
+        return problems

@@ -1,0 +1,98 @@
+"""The one batch type passed between roles.
+
+Rows are (prompt, response) pairs laid out as ``[prompt left-padded to P | response right-padded
+to R]`` so every row's response starts at column P: per-token quantities over the response
+(log-probs, values, advantages) are all ``[B, R]`` and align with ``response_mask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@dataclass
+class RolloutBatch:
+    sequences: torch.Tensor  # [B, P+R] token ids
+    attention_mask: torch.Tensor  # [B, P+R] 1 on real prompt and response tokens
+    response_mask: torch.Tensor  # [B, R] 1 on real response tokens
+    prompt_len: int  # P
+    # Optional per-token [B, R] or per-sequence [B] tensors, filled in as the iteration goes.
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.sequences.shape[0]
+
+    @property
+    def responses(self) -> torch.Tensor:
+        return self.sequences[:, self.prompt_len :]
+
+    def position_ids(self) -> torch.Tensor:
+        return position_ids_from_mask(self.attention_mask)
+
+    def with_extras(self, **tensors: torch.Tensor) -> "RolloutBatch":
+        return replace(self, extras={**self.extras, **tensors})
+
+    def select(self, index: torch.Tensor | slice) -> "RolloutBatch":
+        return RolloutBatch(
+            sequences=self.sequences[index],
+            attention_mask=self.attention_mask[index],
+            response_mask=self.response_mask[index],
+            prompt_len=self.prompt_len,
+            extras={k: v[index] for k, v in self.extras.items()},
+        )
+
+    def chunk(self, n: int) -> list["RolloutBatch"]:
+        """Splits rows into ``n`` contiguous shards of near-equal size (one per learner rank)."""
+        bounds = torch.linspace(0, self.size, n + 1).round().long().tolist()
+        return [self.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    @staticmethod
+    def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+        first = batches[0]
+        assert all(b.prompt_len == first.prompt_len for b in batches), "prompt widths differ"
+        return RolloutBatch(
+            sequences=torch.cat([b.sequences for b in batches]),
+            attention_mask=torch.cat([b.attention_mask for b in batches]),
+            response_mask=torch.cat([b.response_mask for b in batches]),
+            prompt_len=first.prompt_len,
+            extras={k: torch.cat([b.extras[k] for b in batches]) for k in first.extras},
+        )
+
+    @staticmethod
+    def from_token_lists(
+        prompts: list[list[int]], responses: list[list[int]], pad_id: int
+    ) -> "RolloutBatch":
+        P = max(len(p) for p in prompts)
+        R = max(1, max(len(r) for r in responses))
+        B = len(prompts)
+        seq = torch.full((B, P + R), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P + R), dtype=torch.long)
+        resp_mask = torch.zeros((B, R), dtype=torch.float32)
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            seq[i, P - len(p) : P] = torch.tensor(p, dtype=torch.long)
+            attn[i, P - len(p) : P] = 1
+            if r:
+                seq[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
+                attn[i, P : P + len(r)] = 1
+                resp_mask[i, : len(r)] = 1
+        return RolloutBatch(seq, attn, resp_mask, P)
+
+    def response_token_lists(self) -> list[list[int]]:
+        lengths = self.response_mask.sum(-1).long().tolist()
+        return [self.responses[i, :n].tolist() for i, n in enumerate(lengths)]
+
+    def prompt_token_lists(self) -> list[list[int]]:
+        out = []
+        for i in range(self.size):
+            row = self.sequences[i, : self.prompt_len]
+            out.append(row[self.attention_mask[i, : self.prompt_len].bool()].tolist())
+        return out
+

@@ -1,0 +1,189 @@
+"""The DeepSpeed training strategy: process group, engine setup, backward/step, full weights, saving.
+
+One object per learner process. It runs the same on CPU (gloo, DeepSpeed's CPU accelerator) and
+GPU (NCCL); :mod:`rlhf_ray.platform` decides which.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rlhf_ray.models.loading import atomic_dir
+from rlhf_ray.platform import Platform, detect
+
+
+@dataclass
+class DeepSpeedStrategy:
+    """Settings of one learner group plus the calls each rank makes; plain values only."""
+
+    zero_stage: int = 2  # 0 (plain data parallel) .. 3 (parameters sharded too)
+    offload_optimizer: bool = False  # optimizer states in host memory (stage >= 1)
+    offload_params: bool = False  # parameters in host memory (stage 3)
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    micro_batch_size: int = 1  # rows per rank per forward/backward
+    grad_accum_steps: int = 1  # micro-batches per optimizer step
+    bf16: bool = False
+    backend: str = "auto"  # auto | cpu | cuda
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0..3, got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        self.platform: Platform = detect(self.backend)
+        # DeepSpeed picks its accelerator at import time, so the env must be set before that.
+        self.platform.apply_env()
+
+    # ---- process group ------------------------------------------------------------------------
+
+    def init_distributed(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                         local_rank: int = 0) -> None:
+        """Joins the learner group and seeds every RNG. Once per process; later calls only seed.
+
+        ``local_rank`` is the device index inside this process's visible devices (0 under Ray,
+        which gives each actor its own device).
+        """
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        if not dist.is_initialized():
+            os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
+                              RANK=str(rank), WORLD_SIZE=str(world_size),
+                              LOCAL_RANK=str(local_rank))
+            get_accelerator().set_device(local_rank)
+            deepspeed.init_distributed(dist_backend=self.platform.dist_backend,
+                                       auto_mpi_discovery=False)
+        elif (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+            raise RuntimeError(f"process group already set up as rank {dist.get_rank()} of "
+                               f"{dist.get_world_size()}, asked for {rank} of {world_size}")
+        # Same seed on every rank: freshly initialised weights (value heads) must agree, since
+        # ZeRO-3 keeps each rank's own slice of them rather than broadcasting rank 0's.
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    # ---- engine -------------------------------------------------------------------------------
+
+    def ds_config(self) -> dict:
+        zero: dict = {"stage": self.zero_stage}
+        if self.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not self.platform.is_cpu}
+        if self.offload_params:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": not self.platform.is_cpu}
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum_steps,
+            "gradient_clipping": self.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.bf16},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": self.lr,
+                    "betas": list(self.betas),
+                    "eps": 1e-8,
+                    "weight_decay": self.weight_decay,
+                    # On CPU, torch's AdamW: DeepSpeed's own CPU Adam JIT-compiles C++ (~1 min)
+                    # on a fresh machine. On GPU, DeepSpeed's fused/CPU Adam.
+                    "torch_adam": self.platform.is_cpu,
+                },
+            },
+            # torch's AdamW under ZeRO is not on DeepSpeed's tested list, but works.
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,  # metrics are ours to log
+            "wall_clock_breakdown": False,
+        }
+
+    def prepare(self, model: torch.nn.Module):
+        """Wraps ``model`` (trainable parameters get the optimizer) in a ``DeepSpeedEngine``."""
+        import deepspeed
+
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=self.ds_config(),
+        )
+        return engine
+
+    def backward(self, loss: torch.Tensor, engine) -> None:
+        engine.backward(loss)
+
+    def step(self, engine) -> None:
+        """Optimizer step; DeepSpeed skips it between gradient-accumulation boundaries."""
+        engine.step()
+
+    # ---- full weights -------------------------------------------------------------------------
+
+    def full_named_parameters(self, engine) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields ``(name, full tensor)`` in HF checkpoint naming, one parameter at a time.
+
+        A collective under ZeRO-3: every rank must iterate it to the end, in step, since each
+        parameter is all-gathered as it is reached (so at most one full parameter is held beyond
+        the shards). A yielded tensor is only valid until the next one is requested: clone it to
+        keep it. Feeds weight sync into vLLM and :meth:`save_hf`.
+        """
+        import deepspeed
+
+        for name, param in engine.module.named_parameters():
+            # ZeRO-3 parameters carry ds_id; elsewhere every rank holds them whole.
+            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+                yield name, param.data
+
+    def save_hf(self, engine, tokenizer, out_dir: str | os.PathLike) -> None:
+        """Rank 0 writes an HF folder (safetensors, + tokenizer) atomically; a collective.
+
+        The module's ``save_pretrained(dir, state_dict=...)`` does the writing, so HF models and
+        :mod:`rlhf_ray.models.heads` models both save in their own format.
+        """
+        is_writer = self.rank == 0
+        state_dict = {}
+        for name, tensor in self.full_named_parameters(engine):
+            if is_writer:
+                state_dict[name] = tensor.detach().to("cpu", copy=True)
+        if is_writer:
+            module = engine.module
+            # Persistent buffers belong in the checkpoint too; DeepSpeed never shards them.
+            persistent = module.state_dict().keys()
+            for name, buf in module.named_buffers():
+                if name in persistent:
+                    state_dict[name] = buf.detach().to("cpu", copy=True)
+            with atomic_dir(out_dir) as tmp:
+                module.save_pretrained(tmp, state_dict=state_dict)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+        self.barrier()
+
+    # ---- metrics ------------------------------------------------------------------------------
+
+    def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Means over ranks of per-rank scalars (same keys on every rank)."""
+        if not dist.is_initialized() or not metrics:
+            return dict(metrics)
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64,
+                              device=self.platform.device)
+        dist.all_reduce(values)
+        return dict(zip(keys, (values / self.world_size).tolist()))

@@ -1,0 +1,168 @@
+"""The rollout engine: one ``vllm.LLM`` in this process (no Ray here), speaking token ids.
+
+Generation returns per-token log-probs of the sampled tokens; ``score`` recomputes log-probs of
+given responses under the current weights (the parity check after a weight sync). Weight sync
+verbs forward to ``rlhf_ray.sync.vllm_worker.WeightSyncWorkerExtension`` in every worker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_ray.platform import detect
+
+WORKER_EXTENSION = "rlhf_ray.sync.vllm_worker.WeightSyncWorkerExtension"
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """How to sample: ``n`` responses per prompt, at most ``max_new_tokens`` each; ``seed`` makes
+    a call reproducible."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    n: int = 1
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+
+    def to_vllm(self, prompt_index: int = 0):
+        """vLLM seeds sample j of a request with seed + j; offsetting each prompt by n more gives
+        every (prompt, sample) its own stream (one shared seed would correlate the prompts)."""
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=self.n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_tokens=self.max_new_tokens,
+            stop_token_ids=list(self.stop_token_ids),
+            seed=None if self.seed is None else self.seed + prompt_index * self.n,
+            logprobs=0,  # only the sampled token's log-prob
+            detokenize=False,  # everyone downstream speaks token ids
+        )
+
+
+@dataclass
+class Generation:
+    """One sampled response to the prompt at ``prompt_index`` of the ``generate`` call."""
+
+    prompt_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    # Log-prob of each sampled token. In the default ``raw_logprobs`` mode these are of the model's
+    # own distribution (temperature 1, before top-p): compare them with learner log-probs
+    # computed at temperature 1.
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop token) or "length"
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        tensor_parallel_size: int = 1,
+        seed: int = 0,
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = False,
+        gpu_memory_utilization: float = 0.9,
+        backend: str = "auto",
+        trust_remote_code: bool = False,
+        logprobs_mode: str = "raw_logprobs",
+        **llm_kwargs,
+    ) -> None:
+        """``backend`` is the config's auto/cpu/cuda; ``llm_kwargs`` pass through to ``vllm.LLM``."""
+        platform = detect(backend)
+        platform.apply_env()
+        from vllm import LLM
+
+        self.tensor_parallel_size = tensor_parallel_size
+        self.llm = LLM(
+            model=model,
+            tensor_parallel_size=tensor_parallel_size,
+            seed=seed,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            trust_remote_code=trust_remote_code,
+            logprobs_mode=logprobs_mode,
+            worker_extension_cls=WORKER_EXTENSION,
+            **platform.vllm_engine_kwargs(gpu_memory_utilization),
+            **llm_kwargs,
+        )
+
+    def generate(self, prompt_token_ids: list[list[int]], spec: SamplingSpec) -> list[Generation]:
+        """``spec.n`` samples per prompt, flattened prompt-major: prompt 0 samples 0..n-1, prompt 1, ..."""
+        outputs = self._run(prompt_token_ids, [spec.to_vllm(i) for i in range(len(prompt_token_ids))])
+        generations = []
+        for i, (prompt, out) in enumerate(zip(prompt_token_ids, outputs)):
+            for sample in sorted(out.outputs, key=lambda s: s.index):
+                ids = list(sample.token_ids)
+                generations.append(
+                    Generation(
+                        prompt_index=i,
+                        prompt_ids=list(prompt),
+                        response_ids=ids,
+                        logprobs=[float(lp[t].logprob) for lp, t in zip(sample.logprobs, ids)],
+                        finish_reason=str(sample.finish_reason),
+                    )
+                )
+        return generations
+
+    def score(
+        self, prompt_ids_list: list[list[int]], response_ids_list: list[list[int]]
+    ) -> list[list[float]]:
+        """Log-prob of each response token given its prompt and the response so far, under the
+        engine's current weights (prompt log-probs of prompt + response; one token is generated
+        and discarded)."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+        full = [list(p) + list(r) for p, r in zip(prompt_ids_list, response_ids_list)]
+        outputs = self._run(full, params)
+        scores = []
+        for prompt, seq, out in zip(prompt_ids_list, full, outputs):
+            # prompt_logprobs[j] is the log-prob of seq[j] given seq[:j] (None at j = 0).
+            lps = out.prompt_logprobs
+            scores.append([float(lps[j][seq[j]].logprob) for j in range(len(prompt), len(seq))])
+        return scores
+
+    def greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
+        return [list(out.outputs[0].token_ids) for out in self._run(prompt_token_ids, params)]
+
+    def join_weight_sync(
+        self,
+        master_addr: str,
+        master_port: int,
+        world_size: int,
+        rank_offset: int,
+        backend: str,
+        timeout: float = 300.0,
+    ) -> list[int]:
+        """Every worker joins the learner's broadcast group; returns their ranks. Blocks until the
+        learner (rank 0) and all other engines join: call it concurrently with theirs."""
+        return self.llm.collective_rpc(
+            "join_weight_sync", args=(master_addr, master_port, world_size, rank_offset, backend, timeout)
+        )
+
+    def receive_weights(self, manifest: dict) -> int:
+        """Receives one broadcast sync (concurrently with the learner's send); returns its bytes."""
+        received = self.llm.collective_rpc("receive_weights", args=(manifest,))
+        # Cached KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        return received[0]
+
+    def shutdown(self) -> None:
+        """Stops the engine's processes now rather than at interpreter exit."""
+        self.llm.llm_engine.engine_core.shutdown()
+
+    def _run(self, prompt_token_ids: list[list[int]], params):
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_token_ids]
+        return self.llm.generate(prompts, params, use_tqdm=False)

@@ -1,0 +1,104 @@
+"""Loading HF checkpoints (local folders or hub names) and writing folders atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+CONFIG_FILE = "config.json"
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"``, ``"bfloat16"``, ... (or a dtype) -> ``torch.dtype``."""
+    if isinstance(name, torch.dtype):
+        return name
+    dtype = getattr(torch, str(name), None)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    raise ValueError(f"unknown dtype {name!r}")
+
+
+def _looks_local(path: str) -> bool:
+    # Hub ids are "name" or "org/name"; anything else can only be a local path.
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+
+
+def check_model_path(path: str | os.PathLike) -> str:
+    """Returns ``path`` as a string; raises an error naming it if it cannot be a model folder.
+
+    Names that may be hub ids and do not exist locally pass through to transformers.
+    """
+    path = os.path.expanduser(str(path))
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
+            raise FileNotFoundError(f"{path!r} is not a model folder: it has no {CONFIG_FILE}")
+    elif os.path.exists(path):
+        raise NotADirectoryError(f"model path {path!r} is a file, expected a model folder")
+    elif _looks_local(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist")
+    return path
+
+
+def _from_pretrained(loader, path: str | os.PathLike, **kwargs):
+    path = check_model_path(path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as e:  # hub misses and unreadable folders: say which path failed
+        raise OSError(f"could not load {path!r}: {e}") from e
+
+
+def load_causal_lm(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                   trust_remote_code: bool = False):
+    """An ``AutoModelForCausalLM`` from an HF folder or hub name."""
+    from transformers import AutoModelForCausalLM
+
+    return _from_pretrained(AutoModelForCausalLM, path, dtype=resolve_dtype(dtype),
+                            trust_remote_code=trust_remote_code)
+
+
+def load_backbone(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                  trust_remote_code: bool = False):
+    """The base model (``AutoModel``, no LM head) of a causal LM checkpoint."""
+    from transformers import AutoModel
+
+    return _from_pretrained(AutoModel, path, dtype=resolve_dtype(dtype),
+                            trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """Tokenizer with a pad token (eos if it has none) that pads on the left, for generation."""
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary sibling path to write a folder into; on success it replaces ``out_dir``.
+
+    Readers never see a half-written folder; a crash leaves the old folder (if any) intact.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # os.replace cannot overwrite a non-empty folder: move the old one aside first.
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,57 @@
+"""The one place where the CPU and GPU paths differ.
+
+Everything else asks this module which torch.distributed backend, device and vLLM settings to
+use. On a machine without CUDA: gloo, CPU, vLLM's CPU backend. With CUDA: NCCL, GPU, CUDA vLLM.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Platform:
+    name: str  # "cpu" or "cuda"
+    dist_backend: str  # torch.distributed backend for learners and weight sync
+    device: str
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.name == "cpu"
+
+    def vllm_engine_kwargs(self, gpu_memory_utilization: float) -> dict:
+        """Keyword arguments for ``vllm.LLM`` that depend on the hardware."""
+        if self.is_cpu:
+            # On the CPU backend this fraction is of host memory; the KV cache size is set by env.
+            return {"gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": True}
+        return {"gpu_memory_utilization": gpu_memory_utilization}
+
+    def process_env(self) -> dict[str, str]:
+        """Environment variables every role's process needs on this platform."""
+        if self.is_cpu:
+            return {
+                "DS_ACCELERATOR": "cpu",
+                "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                "VLLM_TARGET_DEVICE": "cpu",
+            }
+        return {"NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", "0")}
+
+    def apply_env(self) -> None:
+        for key, value in self.process_env().items():
+            os.environ.setdefault(key, value)
+
+
+@lru_cache(maxsize=None)
+def detect(requested: str = "auto") -> Platform:
+    """``requested`` is the config's ``backend`` key: auto, cpu or cuda."""
+    if requested == "auto":
+        import torch
+
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return Platform(name="cuda", dist_backend="nccl", device="cuda")
+    if requested == "cpu":
+        return Platform(name="cpu", dist_backend="gloo", device="cpu")
+    raise ValueError(f"backend must be auto, cpu or cuda, got {requested!r}")

@@ -1,0 +1,260 @@
+"""The PPO driver: generate, score, compute advantages, update, sync weights, log.
+
+A single controller: this loop owns every decision; the actors it drives only run their engines.
+Read ``PPOTrainer.iteration`` top to bottom for one step of RLHF.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import ray
+import torch
+from tqdm import tqdm
+
+from rlhf_ray import algo
+from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles
+from rlhf_ray.config import RunConfig
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.platform import detect
+from rlhf_ray.stages.common import prepare_run, resolve_policy_path, reward_sources
+from rlhf_ray.sync.parity import WeightSyncParityError, check_parity
+from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
+
+
+class PPOTrainer:
+    def __init__(self, cfg: RunConfig):
+        from rlhf_ray.data.prompts import PromptStream, load_prompts
+        from rlhf_ray.models.loading import load_tokenizer
+
+        self.cfg = cfg
+        self.platform = detect(cfg.backend)
+        self.run_dir = prepare_run(cfg)
+        self.policy_path = resolve_policy_path(cfg, self.run_dir)
+        self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed), cfg.seed, cfg.data.shuffle)
+        self.kl_ctl = algo.make_kl_controller(cfg.ppo.kl_controller, cfg.ppo.kl_coef, cfg.ppo.kl_target,
+                                              cfg.ppo.kl_horizon)
+        self.metrics = MetricsWriter(self.run_dir)
+        functions, weights = reward_sources(cfg)
+        self.roles: Roles = launch_roles(
+            cfg, self.policy_path, cfg.model.critic or self.policy_path, cfg.model.reward, functions, weights,
+            engine_kwargs=dict(model=self.policy_path, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                               dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
+                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                               enable_prefix_caching=cfg.rollout.enable_prefix_caching, backend=cfg.backend,
+                               trust_remote_code=cfg.model.trust_remote_code,
+                               # Log-probs of the distribution actually sampled (after temperature),
+                               # comparable with the learner's logits / temperature.
+                               logprobs_mode="processed_logprobs"),
+        )
+        self._open_weight_sync()
+        self.iteration = 0
+
+    # --- one iteration ------------------------------------------------------------------------
+    def step(self) -> dict:
+        cfg, ppo, roles = self.cfg, self.cfg.ppo, self.roles
+        timer = PhaseTimer()
+        temperature = cfg.rollout.temperature
+
+        with timer("generate"):
+            prompts = self.prompts.next_batch(ppo.prompts_per_iteration)
+            generations = self._generate(prompts)
+            batch = RolloutBatch.from_token_lists([g.prompt_ids for g in generations],
+                                                  [g.response_ids for g in generations],
+                                                  self.tokenizer.pad_token_id)
+            rollout_logprobs = _pad_rows([g.logprobs for g in generations], batch.response_mask.shape[1])
+            prompt_texts = [prompts[g.prompt_index] for g in generations]
+            response_texts = self.tokenizer.batch_decode(batch.response_token_lists(), skip_special_tokens=True)
+            truncated = torch.tensor([g.finish_reason == "length" for g in generations])
+
+        with timer("score"):
+            shards = batch.chunk(len(roles.policy))
+            policy_refs = [a.logprobs.remote(s, temperature) for a, s in zip(roles.policy, shards)]
+            critic_refs = [a.values.remote(s) for a, s in zip(roles.critic, batch.chunk(len(roles.critic or [0])))]
+            ref_ref = roles.reference.logprobs.remote(batch, temperature)
+            reward_ref = roles.reward.score.remote(batch, prompt_texts, response_texts)
+            policy_out = ray.get(policy_refs)
+            old_logprobs = torch.cat([lp for lp, _ in policy_out])
+            entropy = torch.cat([ent for _, ent in policy_out])
+            values = torch.cat(ray.get(critic_refs)) if critic_refs else None
+            ref_logprobs = ray.get(ref_ref)
+            rewards = ray.get(reward_ref)
+
+        mask = batch.response_mask
+        scores = rewards["score"].clamp(-ppo.reward_clip, ppo.reward_clip) - ppo.missing_eos_penalty * truncated
+        kl_coef = self.kl_ctl.value
+        kl_per_token = algo.kl_estimate(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
+        kl_per_seq = kl_per_token.sum(-1)
+        if cfg.uses_critic:
+            token_rewards = algo.shape_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, ppo.kl_estimator)
+            advantages, returns = algo.gae(token_rewards, values, mask, ppo.gamma, ppo.lam)
+        else:
+            # Critic-free: the KL penalty joins the sequence score, then group baselines apply.
+            seq_adv = algo.group_advantages(scores - kl_coef * kl_per_seq, cfg.rollout.samples_per_prompt,
+                                            ppo.advantage_estimator)
+            advantages, returns = algo.broadcast_to_tokens(seq_adv, mask), None
+        if ppo.whiten_advantages:
+            advantages = algo.whiten(advantages, mask)
+        batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages)
+        if cfg.uses_critic:
+            batch = batch.with_extras(old_values=values, returns=returns)
+
+        with timer("train"):
+            train_stats = self._train(batch, temperature)
+
+        with timer("sync"):
+            self._sync_weights()
+            if cfg.sync.parity_every and (self.iteration + 1) % cfg.sync.parity_every == 0:
+                self.check_sync_parity(batch)
+
+        self.kl_ctl.update(kl_per_seq.mean().item(), n_steps=batch.size)
+        self.iteration += 1
+        n_tokens = int(mask.sum().item())
+        lengths = mask.sum(-1)
+        record = {
+            "iteration": self.iteration,
+            "reward_mean": scores.mean().item(),
+            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+            **{f"{k}_mean": v.mean().item() for k, v in rewards.items() if k.startswith("reward/")},
+            "kl_to_ref": kl_per_seq.mean().item(),
+            "kl_coef": kl_coef,
+            "entropy": algo.masked_mean(entropy, mask).item(),
+            **train_stats,
+            "response_length_mean": lengths.mean().item(),
+            "response_length_max": int(lengths.max().item()),
+            "truncated_fraction": truncated.float().mean().item(),
+            "logprob_gap_vllm_learner": algo.masked_mean((rollout_logprobs - old_logprobs).abs(), mask).item(),
+            "generated_tokens": n_tokens,
+            **{f"time/{k}_s": v for k, v in timer.seconds.items()},
+            **{f"throughput/{k}_tokens_per_s": n_tokens / v for k, v in timer.seconds.items() if v > 0},
+            "time/iteration_s": sum(timer.seconds.values()),
+            "throughput/iteration_tokens_per_s": n_tokens / max(1e-9, sum(timer.seconds.values())),
+        }
+        self.metrics.write(record)
+        return record
+
+    # --- the steps, each a few remote calls -------------------------------------------------
+    def _generate(self, prompts: list[str]):
+        """Spreads the prompts over all engines and returns generations in prompt order."""
+        ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.cfg.data.max_prompt_tokens:]
+               for p in prompts]
+        engines = self.roles.rollout
+        bounds = [round(i * len(ids) / len(engines)) for i in range(len(engines) + 1)]
+        spec = self._sampling_spec()
+        refs = [e.generate.remote(ids[a:b], spec) for e, a, b in zip(engines, bounds[:-1], bounds[1:])]
+        out = []
+        for offset, gens in zip(bounds[:-1], ray.get(refs)):
+            for g in gens:
+                g.prompt_index += offset
+                out.append(g)
+        return out
+
+    def _sampling_spec(self):
+        from rlhf_ray.engines.vllm_engine import SamplingSpec
+
+        r = self.cfg.rollout
+        return SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                            n=r.samples_per_prompt, stop_token_ids=(self.tokenizer.eos_token_id,),
+                            seed=self.cfg.seed * 1_000_003 + self.iteration * 10_007)
+
+    def _train(self, batch: RolloutBatch, temperature: float) -> dict:
+        """``ppo.epochs`` passes, each over ``ppo.minibatches`` shuffled minibatches; policy and
+        critic learners step in parallel, each rank on its shard."""
+        ppo, roles = self.cfg.ppo, self.roles
+        generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.iteration)
+        stats: list[dict] = []
+        for _ in range(ppo.epochs):
+            order = torch.randperm(batch.size, generator=generator)
+            for mb_index in order.tensor_split(ppo.minibatches):
+                minibatch = batch.select(mb_index)
+                refs = [a.train_step.remote(s, ppo.clip_eps, ppo.entropy_coef, ppo.loss_agg, temperature)
+                        for a, s in zip(roles.policy, minibatch.chunk(len(roles.policy)))]
+                if roles.critic:
+                    refs += [a.train_step.remote(s, ppo.value_clip_eps, ppo.loss_agg)
+                             for a, s in zip(roles.critic, minibatch.chunk(len(roles.critic)))]
+                results = ray.get(refs)
+                # Learner ranks already all-reduced their stats; take rank 0 of each group.
+                merged = dict(results[0])
+                if roles.critic:
+                    merged.update(results[len(roles.policy)])
+                stats.append(merged)
+        return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+    def _open_weight_sync(self) -> None:
+        """One process group joins policy rank 0 and every worker of every engine."""
+        tp = self.cfg.rollout.tensor_parallel_size
+        world = 1 + len(self.roles.rollout) * tp
+        port = ray.get(self.roles.policy[0].free_port.remote())
+        address = ray.get(self.roles.policy[0].node_ip.remote())
+        refs = [self.roles.policy[0].open_weight_sync.remote(port, world)]
+        refs += [e.join_weight_sync.remote(address, port, world, 1 + i * tp, self.platform.dist_backend)
+                 for i, e in enumerate(self.roles.rollout)]
+        ray.get(refs)
+        self.weight_manifest = ray.get(self.roles.policy[0].weight_manifest.remote(self.cfg.sync.bucket_mb << 20))
+
+    def _sync_weights(self) -> None:
+        # Senders (every rank joins the ZeRO-3 gather) and receivers run at the same time.
+        refs = [a.send_weights.remote(self.weight_manifest) for a in self.roles.policy]
+        refs += [e.receive_weights.remote(self.weight_manifest) for e in self.roles.rollout]
+        ray.get(refs)
+
+    def check_sync_parity(self, batch: RolloutBatch) -> None:
+        """Engines and learner must agree on log-probs of the same responses after a sync."""
+        probe = batch.select(slice(0, min(4, batch.size)))
+        learner_lp = torch.cat([lp for lp, _ in ray.get(
+            [a.logprobs.remote(s, 1.0) for a, s in zip(self.roles.policy, probe.chunk(len(self.roles.policy)))])])
+        prompts, responses = probe.prompt_token_lists(), probe.response_token_lists()
+        for i, engine in enumerate(self.roles.rollout):
+            engine_lp = _pad_rows(ray.get(engine.score.remote(prompts, responses)), probe.response_mask.shape[1])
+            try:
+                check_parity(learner_lp, engine_lp, probe.response_mask, self.cfg.sync.parity_atol)
+            except WeightSyncParityError as e:
+                raise WeightSyncParityError(f"rollout engine {i} after the sync of iteration {self.iteration}: {e}") from None
+
+    # --- the whole run ------------------------------------------------------------------------
+    def fit(self) -> list[dict]:
+        history = []
+        bar = tqdm(range(self.iteration, self.cfg.ppo.iterations), desc="ppo", unit="it")
+        for _ in bar:
+            record = self.step()
+            history.append(record)
+            bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl_to_ref']:.3f}")
+            every = self.cfg.checkpoint.every
+            if every and self.iteration % every == 0 and self.iteration < self.cfg.ppo.iterations:
+                self.save(Path(self.run_dir) / f"checkpoint-{self.iteration}")
+        if self.cfg.checkpoint.save_final:
+            self.save(Path(self.run_dir) / "policy")
+        plot_metrics(self.run_dir)
+        return history
+
+    def save(self, out_dir: Path) -> None:
+        ray.get([a.save.remote(str(out_dir)) for a in self.roles.policy])
+
+    def close(self) -> None:
+        shutdown_roles(self.roles)
+
+
+def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out
+
+
+def run_ppo(cfg: RunConfig) -> list[dict]:
+    from rlhf_ray.stages.common import init_ray
+
+    init_ray(cfg)
+    trainer = PPOTrainer(cfg)
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.close()
+    last = history[-1]
+    print(f"ppo done: {len(history)} iterations, reward {history[0]['reward_mean']:.3f} -> "
+          f"{last['reward_mean']:.3f}, run dir {trainer.run_dir}")
+    if not all(math.isfinite(v) for r in history for v in r.values() if isinstance(v, float)):
+        raise RuntimeError("non-finite metrics in the run; see metrics.jsonl")
+    return history

