@@ -11,7 +11,11 @@ import sys
 from rlhf_ray.config import ConfigError, dump_config, load_config
 
 STAGES = {
+    "sft": "rlhf_ray.stages.sft:run_sft",
+    "rm": "rlhf_ray.stages.rm:run_rm",
     "ppo": "rlhf_ray.stages.ppo:run_ppo",
+    "eval": "rlhf_ray.stages.eval:run_eval",
+    "pipeline": "rlhf_ray.stages.pipeline:run_pipeline",
 }
 
 

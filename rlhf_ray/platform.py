@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Platform:
             os.environ.setdefault(key, value)
 
 
-@lru_cache(maxsize=None)
+@cache
 def detect(requested: str = "auto") -> Platform:
     """``requested`` is the config's ``backend`` key: auto, cpu or cuda."""
     if requested == "auto":

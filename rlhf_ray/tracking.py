@@ -42,21 +42,22 @@ class PhaseTimer:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
 
 
-def plot_metrics(run_dir: str | Path, keys: list[str] | None = None) -> Path:
-    """Writes ``metrics.png``: one panel per metric against the iteration."""
+def plot_metrics(run_dir: str | Path, keys: list[str] | None = None, x: str = "iteration") -> Path:
+    """Writes ``metrics.png``: one panel per metric against ``x`` (rows without a metric are
+    left out of its panel)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    keys = keys or [k for k in rows[0] if k != "iteration" and isinstance(rows[0][k], (int, float))]
+    keys = keys or [k for k in rows[0] if k != x and isinstance(rows[0][k], (int, float))]
     cols = 3
     n_rows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.6 * n_rows), squeeze=False)
-    steps = [r["iteration"] for r in rows]
     for ax, key in zip(axes.flat, keys):
-        ax.plot(steps, [r.get(key) for r in rows], marker=".")
+        points = [(r[x], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".")
         ax.set_title(key, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:

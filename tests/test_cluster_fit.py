@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.config import load_config
+from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.config.cluster_fit import model_problems, plan_problems, read_model_config, role_asks
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -16,7 +16,12 @@ LLAMA_70B = {"num_attention_heads": 64, "num_key_value_heads": 8, "hidden_size":
 
 
 def gpu(overrides=(), path=GPU_8B):
-    return load_config(path, list(overrides))
+    return load_config(path, list(overrides), check=False)
+
+
+def test_load_config_rejects_a_plan_that_does_not_fit():
+    with pytest.raises(ConfigError, match="cluster.nodes: the plan asks for 20 GPUs"):
+        load_config(GPU_8B, ["rollout.num_engines=6"])
 
 
 def keys(problems):
@@ -100,7 +105,7 @@ def test_cpus_checked_when_given():
 
 
 def test_gpus_asked_of_a_cpu_cluster():
-    cfg = load_config(CONFIGS / "cpu_smoke_ppo.yaml", ["rollout.num_gpus=1"])
+    cfg = load_config(CONFIGS / "cpu_smoke_ppo.yaml", ["rollout.num_gpus=1"], check=False)
     problems = plan_problems(cfg)
     assert ("cluster.nodes" in keys(problems)) and "rollout.tensor_parallel_size" in keys(problems)
 

@@ -71,9 +71,9 @@ def test_gae_run_learns_the_rule_reward(gae_run):
 
 def test_stale_engine_weights_fail_the_parity_check(gae_run):
     trainer, _ = gae_run
-    from rlhf_ray.data.batch import RolloutBatch
-
     import ray
+
+    from rlhf_ray.data.batch import RolloutBatch
 
     gens = trainer._generate(trainer.prompts.next_batch(4))
     batch = RolloutBatch.from_token_lists([g.prompt_ids for g in gens], [g.response_ids for g in gens],

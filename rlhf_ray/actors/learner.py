@@ -75,15 +75,14 @@ class _LearnerBase:
 
         return free_port()
 
-    def _micro_batches(self, shard: RolloutBatch) -> list[RolloutBatch]:
-        # Every rank runs exactly grad_accum_steps backward passes per optimiser step, so the
-        # gradient all-reduce lines up across ranks even when shards differ by a row.
-        return shard.chunk(self.spec.grad_accum_steps)
-
-    def _train_on(self, shard: RolloutBatch, loss_fn) -> dict[str, float]:
+    def _train_on(self, shard: RolloutBatch | tuple[RolloutBatch, ...], loss_fn) -> dict[str, float]:
+        """One optimiser step over the shard. Every rank runs exactly ``grad_accum_steps``
+        backward passes, so the gradient all-reduce lines up across ranks even when shards
+        differ by a row. A tuple of batches (chosen, rejected) is split row-aligned."""
         self.engine.train()
         totals: dict[str, float] = {}
-        micro = self._micro_batches(shard)
+        n = self.spec.grad_accum_steps
+        micro = list(zip(*(b.chunk(n) for b in shard))) if isinstance(shard, tuple) else shard.chunk(n)
         for mb in micro:
             loss, stats = loss_fn(mb)
             self.strategy.backward(loss, self.engine)
@@ -130,6 +129,21 @@ class PolicyLearnerActor(_LearnerBase):
                           "approx_kl": out.approx_kl.item(), "entropy": entropy_mean.item()}
 
         return self._train_on(shard, loss_fn)
+
+    def sft_step(self, shard: RolloutBatch) -> dict[str, float]:
+        """One optimiser step of next-token loss on the response tokens only (prompt masked)."""
+
+        def loss_fn(mb: RolloutBatch):
+            logprobs = scoring.response_logprobs(self.engine, mb)
+            loss = -algo.masked_mean(logprobs, mb.response_mask)
+            return loss, {"sft_loss": loss.item()}
+
+        return self._train_on(shard, loss_fn)
+
+    def sft_eval_loss(self, shard: RolloutBatch) -> tuple[float, float]:
+        """(summed response-token loss, token count) of the shard, for a held-out mean."""
+        logprobs, _ = self.logprobs(shard, 1.0)
+        return float(-(logprobs * shard.response_mask).sum()), float(shard.response_mask.sum())
 
     # --- weight sync (driver sets it up; every rank takes part in the gather) ---------------
     def open_weight_sync(self, master_port: int, world_size: int) -> str:
@@ -182,3 +196,39 @@ class CriticLearnerActor(_LearnerBase):
             return out.loss, {"value_loss": out.loss.item(), "value_clip_fraction": out.clip_fraction.item()}
 
         return self._train_on(shard, loss_fn)
+
+
+class RewardLearnerActor(_LearnerBase):
+    """Trains a scalar-head reward model on preference pairs (Bradley-Terry with margin)."""
+
+    def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
+        from rlhf_ray.models.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(spec.model_path, trust_remote_code=spec.trust_remote_code)
+        super().__init__(spec, rank, world_size, master_addr, master_port)
+
+    def build_model(self) -> torch.nn.Module:
+        from rlhf_ray.models.heads import RewardModel
+
+        return RewardModel.from_base(self.spec.model_path, dtype=self.spec.dtype,
+                                     trust_remote_code=self.spec.trust_remote_code)
+
+    def _scores(self, batch: RolloutBatch) -> torch.Tensor:
+        return self.engine(input_ids=batch.sequences, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids()).float()
+
+    def train_step(self, chosen: RolloutBatch, rejected: RolloutBatch, margin: float,
+                   margin_weight: float) -> dict[str, float]:
+        def loss_fn(pair: tuple[RolloutBatch, RolloutBatch]):
+            sc, sr = self._scores(pair[0]), self._scores(pair[1])
+            loss = algo.bradley_terry_loss(sc, sr, margin=margin, margin_weight=margin_weight)
+            return loss, {"rm_loss": loss.item(), "rm_accuracy": algo.preference_accuracy(sc, sr).item(),
+                          "rm_margin": (sc - sr).mean().item()}
+
+        return self._train_on((chosen, rejected), loss_fn)
+
+    @torch.no_grad()
+    def scores(self, batch: RolloutBatch) -> torch.Tensor:
+        self.engine.eval()
+        n = self.spec.micro_batch_size
+        return torch.cat([self._scores(batch.select(slice(i, i + n))) for i in range(0, batch.size, n)])

@@ -49,6 +49,13 @@ def free_port_near(pg: PlacementGroup, bundle_index: int = 0) -> tuple[str, int]
     return ray.get(_free_port.options(scheduling_strategy=_in_bundle(pg, bundle_index)).remote())
 
 
+def learner_placement_group(lc) -> PlacementGroup:
+    """One bundle per rank of a learner section (``policy`` or ``critic``), ready to use."""
+    pg = placement_group([_bundle(lc.num_cpus, lc.num_gpus, lc.ray_resources)] * lc.num_ranks, strategy="PACK")
+    ray.get(pg.ready())
+    return pg
+
+
 def launch_learner_group(actor_cls, spec: LearnerSpec, num_ranks: int, num_cpus: float, num_gpus: float,
                          pg: PlacementGroup) -> list:
     address, port = free_port_near(pg, 0)
@@ -105,14 +112,17 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     return Roles(rollout, policy, critic, reference, reward, list(groups.values()))
 
 
-def learner_spec(cfg, lc, model_path: str) -> LearnerSpec:
-    rows_per_rank = -(-cfg.rollout_batch_size // (cfg.ppo.minibatches * lc.num_ranks))
+def learner_spec(cfg, lc, model_path: str, rows_per_step: int | None = None, lr: float | None = None,
+                 seed_offset: int = 0) -> LearnerSpec:
+    """``rows_per_step``: rows of one optimiser step over all ranks (default: a PPO minibatch)."""
+    rows_per_step = rows_per_step or -(-cfg.rollout_batch_size // cfg.ppo.minibatches)
+    rows_per_rank = -(-rows_per_step // lc.num_ranks)
     return LearnerSpec(
         model_path=model_path, zero_stage=lc.zero_stage, offload_optimizer=lc.offload_optimizer,
-        offload_params=lc.offload_params, lr=lc.lr, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
+        offload_params=lc.offload_params, lr=lr or lc.lr, weight_decay=lc.weight_decay, grad_clip=lc.grad_clip,
         micro_batch_size=lc.micro_batch_size,
         grad_accum_steps=max(1, -(-rows_per_rank // lc.micro_batch_size)),
-        bf16=lc.bf16, backend=cfg.backend, seed=cfg.seed, dtype=cfg.model.dtype,
+        bf16=lc.bf16, backend=cfg.backend, seed=cfg.seed + seed_offset, dtype=cfg.model.dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
 

@@ -5,7 +5,9 @@ Each wraps plain HF models in inference mode; neither ever changes its weights.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -17,6 +19,14 @@ from rlhf_ray.platform import detect
 def _init_process(backend: str) -> None:
     detect(backend).apply_env()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+
+
+def _reward_norm(path: str) -> tuple[float, float]:
+    norm_file = Path(path) / "reward_norm.json"
+    if not norm_file.exists():
+        return 0.0, 1.0
+    norm = json.loads(norm_file.read_text())
+    return float(norm["mean"]), max(float(norm["std"]), 1e-6)
 
 
 class ReferenceActor:
@@ -48,6 +58,8 @@ class RewardActor:
 
         _init_process(backend)
         self.models = [RewardModel.from_pretrained(p).eval() for p in reward_model_paths]
+        # Calibration written by the reward-model stage: PPO sees scores of mean 0, std 1.
+        self.norms = [_reward_norm(p) for p in reward_model_paths]
         self.combine = combine
         self.functions = [(spec, load_reward_function(spec)) for spec in functions]
         self.weights = function_weights or [1.0] * len(functions)
@@ -58,7 +70,8 @@ class RewardActor:
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros(batch.size)
         if self.models:
-            per_model = torch.stack([self._model_scores(m, batch) for m in self.models])
+            per_model = torch.stack([(self._model_scores(m, batch) - mean) / std
+                                     for m, (mean, std) in zip(self.models, self.norms)])
             for i, s in enumerate(per_model):
                 components[f"rm{i}"] = s
             total += per_model.mean(0) if self.combine == "mean" else per_model.min(0).values

@@ -9,6 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rlhf_ray.config.cluster_fit import plan_problems
+
+# Logical dataset fields a config may rename with data.fields (data/formats.py reads them).
+REMAPPABLE_FIELDS = ("prompt", "response", "messages", "chosen", "rejected")
+
 
 @dataclass
 class ModelConfig:
@@ -24,12 +29,45 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # built-in task supplying prompts and a gold scorer; "" for none
-    prompts: str = ""  # JSONL/JSON/Parquet file or hub name of prompts (overrides the task's prompts)
-    prompt_field: str = "prompt"
+    task: str = "arithmetic"  # built-in task supplying data and a gold scorer; "" for none
+    prompts: str = ""  # JSONL/JSON/Parquet file or hub name of PPO prompts (else the task's)
+    sft: str = ""  # SFT data: prompt+response rows or chat messages (else the task's demonstrations)
+    preferences: str = ""  # preference pairs: prompt/chosen/rejected or HH-RLHF dialogues (else the task's)
+    fields: dict[str, str] = field(default_factory=dict)  # remap field names, e.g. {prompt: question}
+    on_bad_row: Literal["error", "skip"] = "error"  # skip = drop bad rows and report the count
+    prompt_overflow: Literal["truncate", "drop"] = "truncate"  # prompts over max_prompt_tokens
     max_prompt_tokens: int = 64
+    max_seq_len: int = 128  # SFT / RM sequences (prompt + response) are cut to this many tokens
+    eval_fraction: float = 0.1  # held-out share of SFT and preference data
     shuffle: bool = True
-    num_prompts: int = 512  # prompts the built-in task generates
+    num_prompts: int = 512  # built-in task: PPO prompts
+    num_sft_examples: int = 2000  # built-in task: demonstrations
+    sft_error_rate: float = 0.1  # built-in task: share of deliberately wrong demonstrations
+    num_preference_pairs: int = 2000  # built-in task: preference pairs
+    num_eval_prompts: int = 200  # built-in task: held-out prompts for gold-score evaluation
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning; learner resources and ZeRO settings come from ``policy``."""
+
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 32  # rows per optimiser step, over all ranks
+
+
+@dataclass
+class RewardModelConfig:
+    """Reward-model training; learner resources and ZeRO settings come from ``critic``."""
+
+    epochs: int = 2
+    lr: float = 5e-4
+    batch_size: int = 32  # preference pairs per optimiser step, over all ranks
+    margin: float = 0.0  # the chapter's margin term: relu(margin - (chosen - rejected))
+    margin_weight: float = 0.0
+    ensemble_size: int = 1  # independently seeded reward models; PPO combines them
+    normalize: bool = True  # shift/scale scores to mean 0, std 1 on a calibration set
+    init: str = ""  # starting model; empty = the SFT output (or model.policy without SFT)
 
 
 @dataclass
@@ -116,6 +154,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``rlhf-ray eval``: checkpoints compared on held-out prompts of the task."""
+
+    models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint, e.g. {sft: runs/x/sft/model}
+    max_new_tokens: int = 8
+
+
+@dataclass
 class ClusterConfig:
     """The cluster a plan is written for; 0 means "whatever Ray has" (no fit check)."""
 
@@ -140,6 +186,9 @@ class RunConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def uses_critic(self) -> bool:
@@ -199,6 +248,23 @@ class RunConfig:
             need(rows_per_minibatch >= lc.num_ranks, f"{name}.num_ranks",
                  f"{lc.num_ranks} ranks cannot split a minibatch of {rows_per_minibatch} rows "
                  f"(ppo.prompts_per_iteration x rollout.samples_per_prompt / ppo.minibatches)")
+        for name in self.data.fields:
+            need(name in REMAPPABLE_FIELDS, f"data.fields.{name}",
+                 f"not a remappable field; use one of {', '.join(REMAPPABLE_FIELDS)}")
+        need(0 <= self.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+        need(self.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+        need(self.data.max_seq_len > self.data.max_prompt_tokens, "data.max_seq_len",
+             "must exceed data.max_prompt_tokens")
+        for name, sec in (("sft", self.sft), ("rm", self.rm)):
+            need(sec.epochs >= 1, f"{name}.epochs", "must be >= 1")
+            need(sec.lr > 0, f"{name}.lr", "must be > 0")
+            need(sec.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
+        need(self.sft.batch_size >= self.policy.num_ranks, "sft.batch_size",
+             f"{self.sft.batch_size} rows cannot split over policy.num_ranks={self.policy.num_ranks}")
+        need(self.rm.batch_size >= self.critic.num_ranks, "rm.batch_size",
+             f"{self.rm.batch_size} pairs cannot split over critic.num_ranks={self.critic.num_ranks}")
+        need(self.rm.ensemble_size >= 1, "rm.ensemble_size", "must be >= 1")
+        need(self.rm.margin_weight >= 0, "rm.margin_weight", "must be >= 0")
         need(self.sync.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
         need(self.sync.parity_every >= 0, "sync.parity_every", "must be >= 0")
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
@@ -210,4 +276,4 @@ class RunConfig:
         has_reward = bool(self.model.reward or self.scorers.reward_functions
                           or (self.data.task and self.scorers.use_task_gold_as_reward))
         need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
-        return problems
+        return problems + plan_problems(self)

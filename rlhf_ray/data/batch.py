@@ -37,10 +37,10 @@ class RolloutBatch:
     def position_ids(self) -> torch.Tensor:
         return position_ids_from_mask(self.attention_mask)
 
-    def with_extras(self, **tensors: torch.Tensor) -> "RolloutBatch":
+    def with_extras(self, **tensors: torch.Tensor) -> RolloutBatch:
         return replace(self, extras={**self.extras, **tensors})
 
-    def select(self, index: torch.Tensor | slice) -> "RolloutBatch":
+    def select(self, index: torch.Tensor | slice) -> RolloutBatch:
         return RolloutBatch(
             sequences=self.sequences[index],
             attention_mask=self.attention_mask[index],
@@ -49,13 +49,13 @@ class RolloutBatch:
             extras={k: v[index] for k, v in self.extras.items()},
         )
 
-    def chunk(self, n: int) -> list["RolloutBatch"]:
+    def chunk(self, n: int) -> list[RolloutBatch]:
         """Splits rows into ``n`` contiguous shards of near-equal size (one per learner rank)."""
         bounds = torch.linspace(0, self.size, n + 1).round().long().tolist()
         return [self.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     @staticmethod
-    def concat(batches: list["RolloutBatch"]) -> "RolloutBatch":
+    def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         first = batches[0]
         assert all(b.prompt_len == first.prompt_len for b in batches), "prompt widths differ"
         return RolloutBatch(
@@ -69,7 +69,7 @@ class RolloutBatch:
     @staticmethod
     def from_token_lists(
         prompts: list[list[int]], responses: list[list[int]], pad_id: int
-    ) -> "RolloutBatch":
+    ) -> RolloutBatch:
         P = max(len(p) for p in prompts)
         R = max(1, max(len(r) for r in responses))
         B = len(prompts)

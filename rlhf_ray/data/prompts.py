@@ -3,46 +3,36 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 from rlhf_ray.config import DataConfig
 
 
-def load_prompts(data: DataConfig, seed: int) -> list[str]:
+def load_prompts(data: DataConfig, seed: int, tokenizer=None) -> list[str]:
+    """PPO prompts from ``data.prompts`` (a file or hub dataset, read with ``data.fields`` and
+    ``data.on_bad_row``) or else from the built-in ``data.task``.
+
+    With a tokenizer, prompts over ``data.max_prompt_tokens`` are truncated from the left or dropped
+    (``data.prompt_overflow``), and chat-message prompts use its chat template. The load report is
+    printed when rows were skipped, truncated or dropped.
+    """
+    from rlhf_ray.data import formats
+
     if data.prompts:
-        return _prompts_from_dataset(data.prompts, data.prompt_field)
-    if not data.task:
-        raise ValueError("data: give data.prompts (a file or dataset) or data.task (a built-in task)")
-    from rlhf_ray.tasks import get_task
+        prompts, report = formats.load_prompts(data.prompts, data.fields, data.on_bad_row, tokenizer)
+    elif data.task:
+        from rlhf_ray.tasks import get_task
 
-    return get_task(data.task, seed).prompts(data.num_prompts)
-
-
-def _prompts_from_dataset(source: str, field: str) -> list[str]:
-    from datasets import load_dataset
-
-    path = Path(source)
-    if path.suffix in (".jsonl", ".json", ".parquet"):
-        if not path.is_file():
-            raise FileNotFoundError(f"data.prompts: {path} does not exist")
-        kind = "parquet" if path.suffix == ".parquet" else "json"
-        ds = load_dataset(kind, data_files=str(path), split="train")
+        prompts = get_task(data.task, seed).prompts(data.num_prompts)
+        report = formats.LoadReport(source=f"task {data.task}", rows_read=len(prompts), rows_kept=len(prompts))
     else:
-        ds = load_dataset(source, split="train")
-    if field not in ds.column_names:
-        raise ValueError(f"data.prompts {source}: no field {field!r} (fields: {', '.join(ds.column_names)}); "
-                         f"set data.prompt_field")
-    prompts, skipped = [], []
-    for i, value in enumerate(ds[field]):
-        if isinstance(value, str) and value.strip():
-            prompts.append(value)
-        else:
-            skipped.append(i)
-    if skipped:
-        print(f"data.prompts {source}: skipped {len(skipped)} rows with an empty or non-text "
-              f"{field!r} (first rows: {skipped[:5]})")
+        raise ValueError("data: give data.prompts (a file or dataset) or data.task (a built-in task)")
+    if tokenizer is not None:
+        prompts = formats.apply_prompt_limit(prompts, tokenizer, data.max_prompt_tokens, data.prompt_overflow,
+                                             report)
+    if report.eventful:
+        print(f"data.prompts {report.summary()}")
     if not prompts:
-        raise ValueError(f"data.prompts {source}: no usable prompts in field {field!r}")
+        raise ValueError(f"data.prompts: no prompts left: {report.summary()}")
     return prompts
 
 

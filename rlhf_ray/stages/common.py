@@ -33,15 +33,29 @@ def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
     return str(build_tiny_model(run_dir / "base_model", spec))
 
 
+def check_model_fits(cfg: RunConfig, model_path: str) -> None:
+    """Rejects a rollout plan the model's shape cannot take, before any actor starts."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.config.cluster_fit import model_problems, read_model_config
+
+    problems = model_problems(cfg, read_model_config(model_path))
+    if problems:
+        raise ConfigError("config does not fit the model " + model_path + ":\n"
+                          + "\n".join(f"  {key}: {msg}" for key, msg in problems))
+
+
 def reward_sources(cfg: RunConfig) -> tuple[list[str], list[float]]:
     """Rule-reward functions and their weights, the task's gold scorer included when asked."""
     from rlhf_ray.tasks import GOLD_REWARD
 
     functions = list(cfg.scorers.reward_functions)
     weights = list(cfg.scorers.reward_function_weights) or [1.0] * len(functions)
-    if cfg.data.task and cfg.scorers.use_task_gold_as_reward and not cfg.model.reward:
+    if cfg.data.task:
+        # With reward models, the gold scorer is logged beside the proxy reward (weight 0),
+        # so over-optimisation of the learned reward shows up in the metrics.
+        paid = cfg.scorers.use_task_gold_as_reward and not cfg.model.reward
         functions.append(GOLD_REWARD[cfg.data.task])
-        weights.append(1.0)
+        weights.append(1.0 if paid else 0.0)
     return functions, weights
 
 
@@ -54,7 +68,9 @@ def init_ray(cfg: RunConfig) -> None:
     platform = detect(cfg.backend)
     env = {**platform.process_env(), "TOKENIZERS_PARALLELISM": "false"}
     if cfg.ray_address:
-        ray.init(address=cfg.ray_address, runtime_env={"env_vars": env})
+        # A job's driver already runs in the job's runtime env; every actor applies the
+        # platform's environment itself (``Platform.apply_env``) before importing its engine.
+        ray.init(address=cfg.ray_address)
     else:
         ray.init(include_dashboard=False, runtime_env={"env_vars": env},
                  num_cpus=max(8, os.cpu_count() or 1))  # logical slots: roles mostly wait on each other

@@ -18,7 +18,7 @@ from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.platform import detect
-from rlhf_ray.stages.common import prepare_run, resolve_policy_path, reward_sources
+from rlhf_ray.stages.common import check_model_fits, prepare_run, resolve_policy_path, reward_sources
 from rlhf_ray.sync.parity import WeightSyncParityError, check_parity
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
 
@@ -32,8 +32,9 @@ class PPOTrainer:
         self.platform = detect(cfg.backend)
         self.run_dir = prepare_run(cfg)
         self.policy_path = resolve_policy_path(cfg, self.run_dir)
+        check_model_fits(cfg, self.policy_path)
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
-        self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed), cfg.seed, cfg.data.shuffle)
+        self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed, self.tokenizer), cfg.seed, cfg.data.shuffle)
         self.kl_ctl = algo.make_kl_controller(cfg.ppo.kl_controller, cfg.ppo.kl_coef, cfg.ppo.kl_target,
                                               cfg.ppo.kl_horizon)
         self.metrics = MetricsWriter(self.run_dir)

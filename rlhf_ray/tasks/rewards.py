@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 

@@ -1,0 +1,259 @@
+"""Per-phase time and throughput of PPO iterations, and weight-sync bandwidth, for a few model sizes.
+
+    python benchmarks/bench_ppo.py [--sizes 64x2,256x4,512x6] [--variants gae,grpo] [--iterations 3]
+                                   [--set policy.num_ranks=1 ...]
+
+For each size (``HIDDENxLAYERS`` of the offline ``builtin:tiny`` Llama; head size 32) and each
+variant (``gae``: PPO with a critic; ``grpo``: critic-free, group baselines) it starts a
+``PPOTrainer``, runs one warm-up iteration that is not counted, then ``--iterations`` measured
+ones, and prints the median seconds and generated tokens/s of each phase (generate, score, train,
+sync) and of the whole iteration, plus the weight-sync bandwidth (the sync manifest's total bytes
+divided by the sync seconds). Prints figures, asserts nothing; the raw per-iteration records go to
+``benchmarks/results/bench_ppo-<time>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_util import (
+    SHARED_NOTE,
+    human_bytes,
+    machine_facts,
+    median,
+    print_table,
+    write_results,
+)
+
+PHASES = ("generate", "score", "train", "sync")
+
+# The fixed job: the layout of tests/test_ppo.py's GAE run (2 engines, 2 ZeRO-2 policy ranks, 2
+# critic ranks) on the arithmetic prompts with a dense rule reward. Both variants train on
+# 32 sequences per iteration (GAE: 32 prompts x 1; GRPO: 8 prompts x 4 samples).
+BASE = [
+    "model.policy=builtin:tiny",
+    "data.task=arithmetic",
+    "scorers.use_task_gold_as_reward=false",
+    "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
+    "rollout.max_new_tokens=16",
+    "rollout.max_model_len=64",
+    "rollout.gpu_memory_utilization=0.05",
+    "rollout.num_engines=2",
+    "policy.num_ranks=2",
+    "critic.num_ranks=2",
+    "policy.zero_stage=2",
+    "critic.zero_stage=2",
+    "policy.micro_batch_size=16",
+    "critic.micro_batch_size=16",
+    "policy.lr=1e-4",
+    "critic.lr=1e-4",
+    "ppo.kl_coef=0.02",
+    "ppo.epochs=1",
+    "ppo.minibatches=1",
+    "sync.parity_every=0",
+    "checkpoint.save_final=false",
+]
+VARIANTS = {
+    "gae": ["ppo.advantage_estimator=gae", "ppo.prompts_per_iteration=32", "rollout.samples_per_prompt=1"],
+    "grpo": ["ppo.advantage_estimator=grpo", "ppo.prompts_per_iteration=8", "rollout.samples_per_prompt=4"],
+}
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        hidden, _, layers = item.strip().lower().partition("x")
+        sizes.append((int(hidden), int(layers or 2)))
+    return sizes
+
+
+def param_count(hidden: int, layers: int, vocab: int) -> int:
+    """Parameters of builtin:tiny (intermediate = 2 x hidden, untied embeddings, RMSNorm)."""
+    per_layer = 4 * hidden * hidden + 3 * hidden * 2 * hidden + 2 * hidden
+    return 2 * vocab * hidden + layers * per_layer + hidden
+
+
+def run_one(hidden: int, layers: int, variant: str, iterations: int, extra: list[str], root: str) -> dict:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.ppo import PPOTrainer
+
+    run_dir = os.path.join(root, f"h{hidden}_l{layers}_{variant}")
+    overrides = [
+        f"run_dir={run_dir}",
+        f"model.tiny_hidden_size={hidden}",
+        f"model.tiny_layers={layers}",
+        *BASE,
+        *VARIANTS[variant],
+        *extra,
+    ]
+    cfg = load_config(None, overrides)
+    start = time.perf_counter()
+    trainer = PPOTrainer(cfg)
+    startup_s = time.perf_counter() - start
+    try:
+        warmup = trainer.step()
+        records = [trainer.step() for _ in range(iterations)]
+        manifest = trainer.weight_manifest
+    finally:
+        trainer.close()
+    total_bytes = int(manifest["total_bytes"])
+    return {
+        "hidden": hidden,
+        "layers": layers,
+        "variant": variant,
+        "overrides": overrides,
+        "startup_s": startup_s,
+        "sync_total_bytes": total_bytes,
+        "sync_buckets": len(manifest.get("buckets", [])),
+        "rollout_batch": cfg.rollout_batch_size,
+        "warmup": warmup,
+        "records": records,
+    }
+
+
+def summarise(result: dict) -> dict:
+    recs = result["records"]
+    tokens = median([r["generated_tokens"] for r in recs])
+    row = {"tokens": tokens}
+    for phase in (*PHASES, "iteration"):
+        secs = median([r.get(f"time/{phase}_s") for r in recs])
+        rate = median(
+            [r["generated_tokens"] / r[f"time/{phase}_s"] for r in recs if r.get(f"time/{phase}_s")]
+        )
+        row[f"{phase}_s"], row[f"{phase}_tok_s"] = secs, rate
+    row["sync_bytes_per_s"] = median(
+        [result["sync_total_bytes"] / r["time/sync_s"] for r in recs if r.get("time/sync_s")]
+    )
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SHARED_NOTE,
+    )
+    parser.add_argument(
+        "--sizes",
+        default="64x2,256x4,512x6",
+        help="comma-separated HIDDENxLAYERS of builtin:tiny (hidden a multiple of 32)",
+    )
+    parser.add_argument("--variants", default="gae,grpo", help=f"any of {','.join(VARIANTS)}")
+    parser.add_argument("--iterations", type=int, default=3, help="measured iterations after 1 warm-up")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override (repeatable), e.g. --set rollout.num_engines=1",
+    )
+    parser.add_argument("--verbose", action="store_true", help="show the actors' logs")
+    parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/*.json")
+    args = parser.parse_args()
+
+    import ray
+
+    from rlhf_ray.models.tiny import CHARSET
+    from rlhf_ray.platform import detect
+
+    platform = detect("auto")
+    platform.apply_env()
+    env = {
+        **platform.process_env(),
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    os.environ.update(env)
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=args.verbose,
+        runtime_env={"env_vars": env},
+        num_cpus=max(8, os.cpu_count() or 1),
+    )
+    facts = machine_facts()
+    print(
+        f"bench_ppo on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
+        f"{SHARED_NOTE}",
+        flush=True,
+    )
+
+    vocab = len(CHARSET) + 4
+    results, rows = [], []
+    with tempfile.TemporaryDirectory(prefix="bench_ppo_") as root:
+        for hidden, layers in parse_sizes(args.sizes):
+            for variant in args.variants.split(","):
+                print(f"-- {variant} h{hidden} x{layers} ...", flush=True)
+                res = run_one(hidden, layers, variant, args.iterations, args.overrides, root)
+                res["summary"] = s = summarise(res)
+                res["params"] = param_count(hidden, layers, vocab)
+                results.append(res)
+                print(
+                    f"   startup {res['startup_s']:.1f} s, warm-up iteration "
+                    f"{res['warmup']['time/iteration_s']:.2f} s, measured {args.iterations}",
+                    flush=True,
+                )
+                rows.append(
+                    [
+                        variant,
+                        f"{hidden}x{layers}",
+                        f"{res['params'] / 1e6:.2f}M",
+                        s["tokens"],
+                        *[s[f"{p}_s"] for p in (*PHASES, "iteration")],
+                        *[s[f"{p}_tok_s"] for p in ("generate", "iteration")],
+                        human_bytes(res["sync_total_bytes"]),
+                        f"{s['sync_bytes_per_s'] / 1e6:.0f} MB/s",
+                    ]
+                )
+    ray.shutdown()
+
+    print()
+    table = print_table(
+        [
+            "variant",
+            "size",
+            "params",
+            "tokens",
+            "gen s",
+            "score s",
+            "train s",
+            "sync s",
+            "iter s",
+            "gen tok/s",
+            "iter tok/s",
+            "synced",
+            "sync bw",
+        ],
+        rows,
+        title=f"median of {args.iterations} iterations after 1 warm-up (tokens = generated per iteration)",
+    )
+    print()
+    # The per-phase tokens/s (generated tokens / phase seconds) for every phase, as a second table.
+    print_table(
+        ["variant", "size", *[f"{p} tok/s" for p in (*PHASES, "iteration")]],
+        [
+            [
+                r["variant"],
+                f"{r['hidden']}x{r['layers']}",
+                *[r["summary"][f"{p}_tok_s"] for p in (*PHASES, "iteration")],
+            ]
+            for r in results
+        ],
+        title="generated tokens per second of each phase",
+    )
+    print(f"\n{SHARED_NOTE}")
+    if not args.no_json:
+        path = write_results(
+            "bench_ppo", {"machine": facts, "args": vars(args), "table": table, "runs": results}
+        )
+        print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,623 @@
+"""The same critic-free GRPO job through rlhf_ray and through TRL's GRPOTrainer, side by side.
+
+    pip install -e '.[bench]'            # trl==1.16.0; this script installs nothing itself
+    python benchmarks/compare_trl.py [--hidden 512 --layers 6] [--prompts 8 --group 8]
+                                     [--max-new-tokens 16] [--updates 5] [--profile]
+
+Both sides get the same locally built Llama (``builtin:tiny`` shape, head size 32; default
+512 wide x 6 layers, about 25M parameters), the same arithmetic-task prompts, group size,
+max new tokens, learning rate, KL coefficient (TRL's ``beta``), number of optimiser updates
+(one per iteration: one generation batch, one epoch, one minibatch) and the same rule reward
+(``rlhf_ray.tasks.rewards:digit_fraction``, wrapped for TRL's ``reward_funcs`` signature).
+
+Each side runs in its own child process, one after the other, so their memory is measured apart:
+the parent samples the resident memory of the child's whole process tree every 0.5 s (for
+rlhf_ray that tree is the driver, the Ray processes it starts - GCS, raylet - and every Ray worker
+the raylet forks: vLLM engine, DeepSpeed ranks, reference and reward actors). It reports the peak
+of the summed RSS (shared pages counted once per process, so an over-count) and of the summed PSS
+(shared pages split between processes). One warm-up iteration is excluded on both sides;
+generated tokens are counted from the actual completions (EOS included when produced), not from
+the ``max new tokens`` upper bound. TRL is also tried with ``use_vllm=True, vllm_mode="colocate"``;
+if that fails on this machine, the first line of its error is printed.
+
+``--profile`` runs each side under ``py-spy record --subprocesses`` (every Ray worker included) and
+prints where the CPU samples went: per process and per leaf function. rlhf_ray's own per-phase
+breakdown (generate, score, train, sync) is always printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_util import (
+    SHARED_NOTE,
+    TreeMemorySampler,
+    machine_facts,
+    median,
+    print_table,
+    write_results,
+)
+
+REWARD = "rlhf_ray.tasks.rewards:digit_fraction"
+PHASES = ("generate", "score", "train", "sync")
+
+
+# ------------------------------------------------------------------------------------------------
+# Child side: rlhf_ray
+# ------------------------------------------------------------------------------------------------
+def side_rlhf_ray(args, out: dict) -> None:
+    import ray
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.platform import detect
+    from rlhf_ray.stages.ppo import PPOTrainer
+
+    platform = detect("auto")
+    platform.apply_env()
+    env = {
+        **platform.process_env(),
+        "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+    }
+    os.environ.update(env)
+    ray.init(
+        include_dashboard=False,
+        log_to_driver=args.verbose,
+        runtime_env={"env_vars": env},
+        num_cpus=max(8, os.cpu_count() or 1),
+    )
+    cfg = load_config(
+        None,
+        [
+            f"run_dir={args.workdir}/rlhf_ray_run",
+            f"model.policy={args.model_dir}",
+            f"seed={args.seed}",
+            "data.task=arithmetic",
+            f"data.num_prompts={args.num_prompts}",
+            "scorers.use_task_gold_as_reward=false",
+            f"scorers.reward_functions={REWARD}",
+            "ppo.advantage_estimator=grpo",
+            f"rollout.samples_per_prompt={args.group}",
+            f"ppo.prompts_per_iteration={args.prompts}",
+            f"rollout.max_new_tokens={args.max_new_tokens}",
+            "rollout.temperature=1.0",
+            "rollout.top_p=1.0",
+            f"rollout.max_model_len={max(64, 2 * args.max_new_tokens + 32)}",
+            "rollout.gpu_memory_utilization=0.05",
+            f"rollout.num_engines={args.engines}",
+            f"policy.num_ranks={args.ranks}",
+            "policy.zero_stage=2",
+            f"policy.lr={args.lr}",
+            "policy.weight_decay=0.0",
+            "policy.grad_clip=1.0",
+            f"policy.micro_batch_size={args.prompts * args.group // args.ranks}",
+            f"ppo.kl_coef={args.kl}",
+            "ppo.kl_controller=fixed",
+            "ppo.epochs=1",
+            "ppo.minibatches=1",
+            f"ppo.iterations={args.updates + 1}",
+            "sync.parity_every=0",
+            "checkpoint.save_final=false",
+            *args.rlhf_set,
+        ],
+    )
+    start = time.perf_counter()
+    trainer = PPOTrainer(cfg)
+    out["startup_s"] = time.perf_counter() - start
+    out["sync_total_bytes"] = int(trainer.weight_manifest["total_bytes"])
+    records, walls = [], []
+    try:
+        for _ in range(args.updates + 1):
+            t0 = time.perf_counter()
+            records.append(trainer.step())
+            walls.append(time.perf_counter() - t0)
+    finally:
+        trainer.close()
+        ray.shutdown()
+    out["iteration_s"] = walls
+    out["generated_tokens"] = [r["generated_tokens"] for r in records]
+    out["records"] = records
+    out["reward_mean"] = [r["reward_mean"] for r in records]
+
+
+# ------------------------------------------------------------------------------------------------
+# Child side: TRL
+# ------------------------------------------------------------------------------------------------
+def side_trl(args, out: dict, use_vllm: bool) -> None:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from rlhf_ray.tasks import get_task
+    from rlhf_ray.tasks.rewards import digit_fraction
+
+    torch.manual_seed(args.seed)
+    prompts = get_task("arithmetic", args.seed).prompts(args.num_prompts)
+    dataset = Dataset.from_dict({"prompt": prompts})
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
+    tokens_per_call: list[int] = []
+
+    def digit_fraction_reward(prompts, completions, completion_ids=None, **kwargs):
+        """rlhf_ray's rule reward in TRL's reward_funcs signature; counts the generated tokens."""
+        if completion_ids is not None:
+            tokens_per_call.append(sum(len(c) for c in completion_ids))
+        return digit_fraction(list(prompts), list(completions))
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.begin: list[float] = []
+            self.end: list[float] = []
+
+        def on_step_begin(self, *a, **k):
+            self.begin.append(time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            self.end.append(time.perf_counter())
+
+    clock = StepClock()
+    batch = args.prompts * args.group
+    extra = {}
+    if use_vllm:
+        extra = {
+            "use_vllm": True,
+            "vllm_mode": "colocate",
+            "vllm_gpu_memory_utilization": 0.05,
+            "vllm_max_model_length": max(64, 2 * args.max_new_tokens + 32),
+        }
+    config = GRPOConfig(
+        output_dir=os.path.join(args.workdir, "trl_vllm" if use_vllm else "trl"),
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=args.group,
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=args.kl,
+        epsilon=0.2,
+        max_steps=args.updates + 1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not args.verbose,
+        **extra,
+    )
+    start = time.perf_counter()
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=digit_fraction_reward,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[clock],
+    )
+    out["startup_s"] = time.perf_counter() - start
+    out["torch_threads"] = torch.get_num_threads()
+    trainer.train()
+    # Seconds per iteration: end of one optimiser step to the end of the next (the whole loop:
+    # data, generation, reward, reference log-probs, loss, step, logging); the first iteration runs
+    # from its own on_step_begin.
+    ends = clock.end
+    out["iteration_s"] = [ends[0] - clock.begin[0], *[b - a for a, b in itertools.pairwise(ends)]]
+    out["generated_tokens"] = tokens_per_call
+    out["log_history"] = trainer.state.log_history
+    out["reward_mean"] = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
+
+
+def child_main(args) -> None:
+    out: dict = {"side": args.side, "pid": os.getpid()}
+    try:
+        if args.side == "rlhf_ray":
+            side_rlhf_ray(args, out)
+        else:
+            side_trl(args, out, use_vllm=args.side == "trl_vllm")
+        out["ok"] = True
+    except BaseException as e:  # noqa: BLE001 - reported, not hidden
+        import traceback
+
+        out["ok"] = False
+        out["error"] = f"{type(e).__name__}: {e}"
+        out["traceback"] = traceback.format_exc()
+        traceback.print_exc()
+    Path(args.result).write_text(json.dumps(out, default=str))
+
+
+# ------------------------------------------------------------------------------------------------
+# Parent: runs the sides one after the other, samples their memory, prints the tables
+# ------------------------------------------------------------------------------------------------
+def run_side(side: str, args, workdir: str, argv: list[str]) -> dict:
+    result_path = os.path.join(workdir, f"{side}.json")
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        *argv,
+        "--_side",
+        side,
+        "--_result",
+        result_path,
+        "--_workdir",
+        workdir,
+        "--_model-dir",
+        args.model_dir,
+    ]
+    profile_path = None
+    if args.profile:
+        pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        profile_path = os.path.join(workdir, f"{side}.pyspy.txt")
+        cmd = [
+            pyspy,
+            "record",
+            "--subprocesses",
+            "--rate",
+            str(args.profile_rate),
+            "--format",
+            "raw",
+            "-o",
+            profile_path,
+            "--",
+            *cmd,
+        ]
+    log_path = os.path.join(workdir, f"{side}.log")
+    print(f"-- {side}: running (log {log_path})", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with TreeMemorySampler(proc.pid) as mem:
+            try:
+                proc.wait(timeout=args.side_timeout if side != "trl_vllm" else args.vllm_timeout)
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc)
+        rc = proc.returncode
+    res = {
+        "side": side,
+        "ok": False,
+        "returncode": rc,
+        "log": log_path,
+        "wall_s": time.perf_counter() - start,
+    }
+    if os.path.exists(result_path):
+        res.update(json.loads(Path(result_path).read_text()))
+    elif rc is None or rc < 0:
+        res["error"] = f"timed out after {args.side_timeout if side != 'trl_vllm' else args.vllm_timeout} s"
+    else:
+        res["error"] = f"exited with {rc} without a result; last log line: {_last_line(log_path)}"
+    res["memory"] = mem.summary()
+    if profile_path and os.path.exists(profile_path):
+        res["profile"] = summarise_pyspy(profile_path, mem.names)
+    return res
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    import psutil
+
+    try:
+        parent = psutil.Process(proc.pid)
+        procs = [parent, *parent.children(recursive=True)]
+    except psutil.Error:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    proc.wait()
+
+
+def _last_line(path: str) -> str:
+    lines = [ln for ln in Path(path).read_text(errors="replace").splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def summarise_pyspy(path: str, names: dict[int, str], top: int = 12) -> dict:
+    """CPU samples per process and per leaf function (self time) from py-spy's raw output."""
+    text = Path(path).read_text(errors="replace")
+    # With --subprocesses every stack starts with the chain of processes above the sampled one.
+    by_proc, by_leaf, by_frame = Counter(), Counter(), Counter()
+    total = 0
+    for line in re.split(r"\n(?=process \d+:)", text):
+        m = re.match(r"(?s)(.*) (\d+)\s*$", line)
+        if not m:
+            continue
+        stack, count = m.group(1), int(m.group(2))
+        procs = re.findall(r'process (\d+):"(.*?)"(?=;|$)', stack, flags=re.DOTALL)
+        frames = re.sub(r'process \d+:".*?"(;|$)', "", stack, flags=re.DOTALL).split(";")
+        frames = [f for f in frames if f]
+        pid, cmdline = (int(procs[-1][0]), procs[-1][1]) if procs else (0, "?")
+        name = names.get(pid) or os.path.basename(cmdline.split()[0] if cmdline.split() else "?")
+        if "compare_trl.py" in cmdline:
+            name = "driver/trainer"
+        # Ray workers are renamed after each task (ray::RolloutActor.generate): keep the class.
+        name = re.sub(r"^(ray::\w+)\..*", r"\1", name)
+        by_proc[name] += count
+        if frames:
+            by_leaf[re.sub(r":\d+\)", ")", frames[-1])] += count
+        for f in {re.sub(r":\d+\)", ")", f) for f in frames}:
+            by_frame[f] += count
+        total += count
+    return {
+        "samples": total,
+        "by_process": by_proc.most_common(top),
+        "by_leaf": by_leaf.most_common(top),
+        "inclusive": by_frame.most_common(top),
+    }
+
+
+def summarise(res: dict) -> dict:
+    """Medians over the measured iterations (the first, the warm-up, is dropped)."""
+    iters, toks = res.get("iteration_s", []), res.get("generated_tokens", [])
+    n = min(len(iters), len(toks))
+    iters, toks = iters[1:n], toks[1:n]
+    secs = median(iters)
+    return {
+        "measured": len(iters),
+        "iteration_s": secs,
+        "tokens": median(toks),
+        "tokens_per_s": sum(toks) / sum(iters) if iters else float("nan"),
+        "warmup_s": res["iteration_s"][0] if res.get("iteration_s") else float("nan"),
+        "peak_rss": res["memory"]["peak_rss_bytes"],
+        "peak_pss": res["memory"]["peak_pss_bytes"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SHARED_NOTE,
+    )
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size (multiple of 32; heads of 32)")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
+    parser.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument(
+        "--updates", type=int, default=5, help="measured iterations (+1 warm-up, not counted)"
+    )
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kl", type=float, default=0.02, help="KL coefficient (TRL's beta)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-prompts", type=int, default=512, help="size of the prompt pool")
+    parser.add_argument("--engines", type=int, default=1, help="rlhf_ray: vLLM rollout engines")
+    parser.add_argument("--ranks", type=int, default=2, help="rlhf_ray: DeepSpeed ZeRO-2 policy ranks")
+    parser.add_argument(
+        "--set",
+        dest="rlhf_set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra rlhf_ray config override (repeatable)",
+    )
+    parser.add_argument(
+        "--sides",
+        default="rlhf_ray,trl,trl_vllm",
+        help="which runs, in order: rlhf_ray, trl (HF generate), trl_vllm (vLLM colocate)",
+    )
+    parser.add_argument("--profile", action="store_true", help="run each side under py-spy --subprocesses")
+    parser.add_argument("--profile-rate", type=int, default=25, help="py-spy samples per second")
+    parser.add_argument("--side-timeout", type=int, default=420, help="seconds before a side is killed")
+    parser.add_argument("--vllm-timeout", type=int, default=240, help="seconds for the trl_vllm attempt")
+    parser.add_argument("--verbose", action="store_true", help="actors' logs and progress bars (in the logs)")
+    parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/*.json")
+    # Internal: the child processes.
+    parser.add_argument("--_side", dest="side", help=argparse.SUPPRESS)
+    parser.add_argument("--_result", dest="result", help=argparse.SUPPRESS)
+    parser.add_argument("--_workdir", dest="workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--_model-dir", dest="model_dir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.side:
+        child_main(args)
+        return
+
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("compare_trl needs TRL: pip install -e '.[bench]' (trl==1.16.0)")
+    if args.hidden % 32:
+        sys.exit("--hidden must be a multiple of 32 (vLLM's CPU attention needs heads of size 32)")
+    argv = [a for a in sys.argv[1:] if a != "--profile"]
+    facts = machine_facts()
+    print(
+        f"compare_trl on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
+        f"{SHARED_NOTE}",
+        flush=True,
+    )
+
+    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+
+    workdir = tempfile.mkdtemp(prefix="compare_trl_")
+    spec = TinyModelSpec(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 32,
+        num_kv_heads=args.hidden // 32,
+        intermediate_size=2 * args.hidden,
+        seed=args.seed,
+    )
+    args.model_dir = str(build_tiny_model(os.path.join(workdir, "model"), spec))
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(args.model_dir, "model.safetensors"), "pt") as f:
+        params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    job = (
+        f"model {args.hidden}x{args.layers} ({params / 1e6:.1f}M params, fp32), {args.prompts} prompts x "
+        f"group {args.group} = {args.prompts * args.group} sequences/iteration, <= {args.max_new_tokens} new tokens, "
+        f"lr {args.lr}, KL {args.kl}, {args.updates} measured updates + 1 warm-up; rlhf_ray layout: "
+        f"{args.engines} vLLM engine(s), {args.ranks} ZeRO-2 policy rank(s), reference + reward actors"
+    )
+    print(job, flush=True)
+
+    results = {}
+    for side in args.sides.split(","):
+        res = run_side(side, args, workdir, argv)
+        results[side] = res
+        status = (
+            "ok"
+            if res.get("ok")
+            else f"FAILED: {res.get('error', '').splitlines()[0] if res.get('error') else ''}"
+        )
+        print(
+            f"   {side}: {status} (wall {res['wall_s']:.0f} s, startup {res.get('startup_s', float('nan')):.1f} s)",
+            flush=True,
+        )
+
+    print()
+    print(job)
+    rows, sums = [], {}
+    for side, res in results.items():
+        if not res.get("ok"):
+            continue
+        s = sums[side] = summarise(res)
+        rows.append(
+            [
+                side,
+                s["measured"],
+                s["warmup_s"],
+                s["iteration_s"],
+                s["tokens"],
+                s["tokens_per_s"],
+                f"{s['peak_rss'] / 2**30:.2f} GiB",
+                f"{s['peak_pss'] / 2**30:.2f} GiB",
+            ]
+        )
+    if "rlhf_ray" in sums and "trl" in sums:
+        a, b = sums["rlhf_ray"], sums["trl"]
+        rows.append(
+            [
+                "rlhf_ray / trl",
+                "",
+                a["warmup_s"] / b["warmup_s"],
+                a["iteration_s"] / b["iteration_s"],
+                a["tokens"] / b["tokens"] if b["tokens"] else float("nan"),
+                a["tokens_per_s"] / b["tokens_per_s"],
+                f"{a['peak_rss'] / b['peak_rss']:.2f}x",
+                f"{a['peak_pss'] / b['peak_pss']:.2f}x",
+            ]
+        )
+    table = print_table(
+        [
+            "run",
+            "iters",
+            "warm-up s",
+            "s/iter",
+            "gen tokens/iter",
+            "gen tokens/s",
+            "peak RSS (tree)",
+            "peak PSS (tree)",
+        ],
+        rows,
+        title="medians over the measured iterations; tokens/s = all generated tokens / all measured seconds",
+    )
+    for side, res in results.items():
+        if not res.get("ok"):
+            first = (res.get("error") or "").strip().splitlines()
+            print(f"{side}: FAILED - {first[0] if first else 'no error text'} (full log: {res['log']})")
+
+    phase_table = ""
+    if results.get("rlhf_ray", {}).get("ok"):
+        recs = results["rlhf_ray"]["records"][1:]
+        it = median([r["time/iteration_s"] for r in recs])
+        prow = [
+            [
+                p,
+                median([r[f"time/{p}_s"] for r in recs]),
+                100 * median([r[f"time/{p}_s"] for r in recs]) / it,
+                median([r["generated_tokens"] / r[f"time/{p}_s"] for r in recs]),
+            ]
+            for p in PHASES
+        ]
+        wall = median(results["rlhf_ray"]["iteration_s"][1:])
+        prow.append(
+            [
+                "sum of phases",
+                it,
+                100.0,
+                median([r["generated_tokens"] / r["time/iteration_s"] for r in recs]),
+            ]
+        )
+        prow.append(["step() wall", wall, 100 * wall / it, float("nan")])
+        print()
+        phase_table = print_table(
+            ["phase", "median s", "% of phases", "gen tokens/s"],
+            prow,
+            title="rlhf_ray per-phase breakdown (its own metrics, measured iterations)",
+        )
+        sync_s = median([r["time/sync_s"] for r in recs])
+        print(
+            f"weight sync: {results['rlhf_ray']['sync_total_bytes'] / 1e6:.1f} MB in {sync_s:.3f} s = "
+            f"{results['rlhf_ray']['sync_total_bytes'] / sync_s / 1e6:.0f} MB/s"
+        )
+    for side, res in results.items():
+        mem = res.get("memory", {}).get("rss_by_process_at_peak", {})
+        if mem:
+            top = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in list(mem.items())[:8])
+            print(f"{side} RSS at its peak, by process: {top}")
+    if args.profile:
+        for side, res in results.items():
+            prof = res.get("profile")
+            if not prof:
+                continue
+            print(
+                f"\npy-spy, {side}: {prof['samples']} CPU samples at {args.profile_rate}/s (idle threads excluded)"
+            )
+            print(
+                "  by process: "
+                + ", ".join(f"{k} {100 * v / max(1, prof['samples']):.0f}%" for k, v in prof["by_process"])
+            )
+            print("  hottest leaf functions (self time):")
+            for k, v in prof["by_leaf"][:10]:
+                print(f"    {100 * v / max(1, prof['samples']):5.1f}%  {k}")
+    print(f"\n{SHARED_NOTE}")
+    if not args.no_json:
+        for res in results.values():
+            res.pop("traceback", None) if res.get("ok") else None
+        path = write_results(
+            "compare_trl",
+            {
+                "machine": facts,
+                "args": vars(args),
+                "job": job,
+                "table": table,
+                "phase_table": phase_table,
+                "summary": sums,
+                "runs": results,
+            },
+        )
+        print(f"results: {path}")
+    print(f"work dir (model, logs): {workdir}")
+
+
+def _prod(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+if __name__ == "__main__":
+    main()

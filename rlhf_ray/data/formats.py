@@ -1,0 +1,513 @@
+"""Dataset files -> typed SFT examples, preference pairs and prompts, with row-level validation.
+
+Sources (``read_rows``): a local ``.jsonl``, ``.json`` or ``.parquet`` file, or otherwise a hub dataset
+name (``load_dataset(name, split="train")``, only on machines that reach a hub).
+
+Formats (field names are logical names; ``fields`` remaps them to the file's own, e.g.
+``{"prompt": "question"}``; logical names: prompt, response, messages, chosen, rejected):
+
+* SFT: ``{prompt, response}`` strings, or ``{messages: [...]}`` whose last message is the assistant's
+  response and whose earlier messages are the prompt (rendered with ``render_prompt``).
+* Preferences: ``{prompt, chosen, rejected}`` strings; or chosen/rejected as message lists (with an
+  optional ``prompt`` of messages or text) whose last message is the assistant's answer and whose
+  earlier messages are shared; or the HH-RLHF style, only ``chosen`` and ``rejected`` strings holding
+  whole dialogues (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) with a shared prefix that is split off.
+* Prompts: ``prompt`` as text or as messages (a ``messages`` field is used when there is no ``prompt``).
+
+A bad row (missing or null field, wrong type, empty text, chosen equal to rejected, an HH-RLHF pair
+with no shared prefix or no assistant turn) raises ``DataError`` naming the file, the row and the
+field; with ``on_bad_row="skip"`` it is skipped instead and counted in the ``LoadReport``.
+
+Row numbers are 1-based. For JSONL they are the file's line numbers (blank lines count as lines
+but hold no row), so ``sed -n 7p file.jsonl`` shows row 7. For JSON, Parquet and hub datasets they
+are the 1-based record index. JSONL is always parsed with the ``json`` module rather than
+``datasets``: Arrow schema inference fails on a column of mixed types (a number in one row, text in
+the next) and fills absent keys with null, and it would lose the exact line numbers, which is all
+the bad-row messages are for. JSON and Parquet go through ``datasets`` (a ``.json`` file that
+``datasets`` cannot read is retried with the ``json`` module, as a JSON array or JSON lines).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhf_ray.config.schema import REMAPPABLE_FIELDS
+
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOGICAL_FIELDS = REMAPPABLE_FIELDS
+
+# Reasons a row is bad; the keys of ``LoadReport.skipped``.
+MISSING = "missing field"
+WRONG_TYPE = "wrong type"
+EMPTY = "empty text"
+SAME = "chosen equals rejected"
+NO_PREFIX = "no shared prefix"
+NO_ASSISTANT = "no assistant turn"
+
+HH_ASSISTANT = "\n\nAssistant:"
+OnBadRow = Literal["error", "skip"]
+
+
+class DataError(ValueError):
+    """A bad data row (or an unusable source): ``"prefs.jsonl row 7, field 'chosen': empty text"``.
+
+    ``row`` is 1-based: the line number for JSONL files, the record index for JSON, Parquet and hub
+    datasets; ``None`` when the problem is the whole source. ``field`` is the field name as it is
+    spelled in the file (after the ``data.fields`` remap). ``kind`` is one of the reason constants
+    (``MISSING``, ``WRONG_TYPE``, ``EMPTY``, ``SAME``, ``NO_PREFIX``, ``NO_ASSISTANT``).
+    """
+
+    def __init__(self, source: str, row: int | None, field: str | None, kind: str, detail: str = ""):
+        self.source, self.row, self.field, self.kind, self.detail = source, row, field, kind, detail
+        where = source if row is None else f"{source} row {row}"
+        if field is not None:
+            where += f", field {field!r}"
+        super().__init__(f"{where}: {kind}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass
+class SFTExample:
+    prompt: str
+    response: str
+
+
+@dataclass
+class PreferencePair:
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+@dataclass
+class LoadReport:
+    source: str
+    rows_read: int = 0
+    rows_kept: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows skipped
+    truncated: int = 0  # prompts cut from the left to max_prompt_tokens
+    dropped_too_long: int = 0  # prompts over max_prompt_tokens dropped (prompt_overflow=drop)
+    first_errors: list[str] = field(default_factory=list)  # the first few skipped rows' messages
+
+    @property
+    def n_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @property
+    def eventful(self) -> bool:
+        """True when something was skipped, truncated or dropped (worth printing)."""
+        return bool(self.n_skipped or self.truncated or self.dropped_too_long)
+
+    def summary(self) -> str:
+        parts = [f"{self.source}: kept {self.rows_kept} of {self.rows_read} rows"]
+        if self.skipped:
+            reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skipped.items()))
+            parts.append(f"skipped {self.n_skipped} rows ({reasons}); first: {self.first_errors[0]}")
+        if self.truncated:
+            parts.append(f"truncated {self.truncated} prompts over the token limit")
+        if self.dropped_too_long:
+            parts.append(f"dropped {self.dropped_too_long} prompts over the token limit")
+        return "; ".join(parts)
+
+    def _skip(self, err: DataError) -> None:
+        self.skipped[err.kind] = self.skipped.get(err.kind, 0) + 1
+        if len(self.first_errors) < 3:
+            self.first_errors.append(str(err))
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def read_rows(source: str) -> tuple[list[tuple[int, dict]], str]:
+    """Rows of a local JSONL/JSON/Parquet file or a hub dataset, as ``(row_number, row)`` pairs
+    (1-based, see the module docstring), and the name to use in messages (``source`` as given).
+
+    Raises ``FileNotFoundError`` naming the path when a local file does not exist.
+    """
+    path = Path(source)
+    if path.suffix.lower() not in LOCAL_SUFFIXES:
+        from datasets import load_dataset
+
+        return _numbered(load_dataset(source, split="train")), source
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, source), source
+    from datasets import load_dataset
+
+    if suffix == ".parquet":
+        return _numbered(load_dataset("parquet", data_files=str(path), split="train")), source
+    try:
+        return _numbered(load_dataset("json", data_files=str(path), split="train")), source
+    except Exception:  # noqa: BLE001 - schema trouble of any kind: read the file ourselves
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            return _read_jsonl(path, source), source
+        if isinstance(data, dict):  # {"data": [...]} style: the one list-valued key
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else [data]
+        if not isinstance(data, list):
+            raise DataError(source, None, None, WRONG_TYPE, "expected a JSON array of objects") from None
+        return list(enumerate(data, start=1)), source
+
+
+def _numbered(ds) -> list[tuple[int, dict]]:
+    return list(enumerate(ds, start=1))
+
+
+def _read_jsonl(path: Path, source: str) -> list[tuple[int, dict]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                # Unreadable JSON is a bad row of its own kind; the loader decides error or skip.
+                rows.append((lineno, _Unparsable(str(e))))
+    return rows
+
+
+class _Unparsable:
+    def __init__(self, message: str):
+        self.message = message
+
+
+# --- chat messages --------------------------------------------------------------------------------
+
+
+def render_prompt(messages: list[dict], tokenizer=None) -> str:
+    """A chat prompt as text, ending where the assistant's reply begins.
+
+    With a tokenizer that has a ``chat_template``:
+    ``tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)``.
+    Otherwise (no tokenizer, or one without a template, like ``builtin:tiny``'s) a plain format, one
+    line per message, ``"System: ..."``, ``"User: ..."``, ``"Assistant: ..."`` (other roles
+    capitalised), then the cue ``"Assistant: "`` (trailing space, so the response text follows)::
+
+        User: What is 2+2?
+        Assistant: 4
+        User: And 3+3?
+        Assistant:␠
+    """
+    messages = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    names = {"user": "User", "assistant": "Assistant", "system": "System"}
+    lines = [f"{names.get(m['role'], m['role'].capitalize())}: {m['content']}" for m in messages]
+    return "\n".join([*lines, "Assistant: "])
+
+
+# --- row validation -------------------------------------------------------------------------------
+
+
+class _Row:
+    """One row with the field remap applied; every accessor raises ``DataError`` on a bad value."""
+
+    def __init__(self, source: str, number: int, row: Any, fields: dict[str, str]):
+        self.source, self.number, self.fields = source, number, fields
+        if isinstance(row, _Unparsable):
+            raise DataError(source, number, None, WRONG_TYPE, f"not valid JSON: {row.message}")
+        if not isinstance(row, dict):
+            raise DataError(source, number, None, WRONG_TYPE, f"a row must be an object, got {_tname(row)}")
+        self.row = row
+
+    def name(self, logical: str) -> str:
+        return self.fields.get(logical, logical)
+
+    def has(self, logical: str) -> bool:
+        return self.row.get(self.name(logical)) is not None
+
+    def error(self, logical: str | None, kind: str, detail: str = "") -> DataError:
+        return DataError(self.source, self.number, None if logical is None else self.name(logical), kind, detail)
+
+    def raw(self, logical: str) -> Any:
+        name = self.name(logical)
+        if name not in self.row:
+            hint = f"the row has {', '.join(map(str, self.row)) or 'no fields'}"
+            if logical not in self.fields:
+                hint += f"; remap with data.fields, e.g. {{{logical}: <field>}}"
+            raise self.error(logical, MISSING, hint)
+        if self.row[name] is None:
+            raise self.error(logical, MISSING, "null")
+        return self.row[name]
+
+    def text(self, logical: str) -> str:
+        value = self.raw(logical)
+        if not isinstance(value, str):
+            raise self.error(logical, WRONG_TYPE, f"expected text, got {_tname(value)}")
+        if not value.strip():
+            raise self.error(logical, EMPTY)
+        return value
+
+    def messages(self, logical: str, allow_empty: bool = False) -> list[dict]:
+        value = self.raw(logical)
+        if not isinstance(value, list):
+            raise self.error(logical, WRONG_TYPE, f"expected a list of messages, got {_tname(value)}")
+        if not value and not allow_empty:
+            raise self.error(logical, EMPTY, "no messages")
+        out = []
+        for i, m in enumerate(value, start=1):
+            if not isinstance(m, dict):
+                raise self.error(logical, WRONG_TYPE, f"message {i} is {_tname(m)}, not a {{role, content}} object")
+            for key in ("role", "content"):
+                if m.get(key) is None:
+                    raise self.error(logical, MISSING, f"message {i} has no {key!r}")
+                if not isinstance(m[key], str):
+                    raise self.error(logical, WRONG_TYPE, f"message {i} {key!r} is {_tname(m[key])}, not text")
+            out.append({"role": m["role"], "content": m["content"]})
+        return out
+
+    def split_last_assistant(self, logical: str, messages: list[dict]) -> tuple[list[dict], str]:
+        """(the messages before the last, the last message's text), which must be the assistant's."""
+        if not messages or messages[-1]["role"] != "assistant":
+            last = messages[-1]["role"] if messages else "nothing"
+            raise self.error(logical, NO_ASSISTANT, f"the last message must be the assistant's, got {last}")
+        if not messages[-1]["content"].strip():
+            raise self.error(logical, EMPTY, "the assistant's message is empty")
+        return messages[:-1], messages[-1]["content"]
+
+
+def _tname(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(LOGICAL_FIELDS))
+    if unknown:
+        raise ValueError(f"data.fields: unknown field name(s) {', '.join(unknown)}; "
+                         f"remappable names: {', '.join(LOGICAL_FIELDS)}")
+    return fields
+
+
+def _load(source: str, fields: dict[str, str] | None, on_bad_row: str, what: str,
+          parse: Callable[[_Row], Any]) -> tuple[list, LoadReport]:
+    if on_bad_row not in ("error", "skip"):
+        raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
+    fields = _check_fields(fields)
+    rows, name = read_rows(source)
+    report = LoadReport(source=name, rows_read=len(rows))
+    out = []
+    for number, raw in rows:
+        try:
+            out.append(parse(_Row(name, number, raw, fields)))
+        except DataError as err:
+            if on_bad_row == "error":
+                raise
+            report._skip(err)
+    report.rows_kept = len(out)
+    if not out:
+        raise DataError(name, None, None, EMPTY, f"no usable {what}: {report.summary()}")
+    return out, report
+
+
+# --- the three kinds of data ----------------------------------------------------------------------
+
+
+def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
+             tokenizer=None) -> tuple[list[SFTExample], LoadReport]:
+    """SFT rows: ``{prompt, response}`` text, or ``{messages}`` ending with the assistant's response.
+
+    A row with a non-null ``messages`` field is read as messages, any other as prompt/response.
+    """
+
+    def parse(row: _Row) -> SFTExample:
+        if row.has("messages") and not row.has("prompt"):
+            context, response = row.split_last_assistant("messages", row.messages("messages"))
+            if not context:
+                raise row.error("messages", EMPTY, "no prompt messages before the assistant's response")
+            return SFTExample(render_prompt(context, tokenizer), response)
+        return SFTExample(row.text("prompt"), row.text("response"))
+
+    return _load(source, fields, on_bad_row, "SFT examples", parse)
+
+
+def load_preferences(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
+                     tokenizer=None) -> tuple[list[PreferencePair], LoadReport]:
+    """Preference rows: plain ``{prompt, chosen, rejected}``; messages; or HH-RLHF dialogues.
+
+    * chosen/rejected are lists: messages. An optional ``prompt`` (messages, or text = one user
+      message) is put in front of both. The last message of each must be the assistant's; all the
+      earlier ones must be the same in both (the prompt, rendered with ``render_prompt``).
+    * chosen/rejected are text and the row has a ``prompt``: plain text.
+    * chosen/rejected are text and there is no ``prompt``: HH-RLHF, see ``split_hh_dialogues``.
+    """
+
+    def parse(row: _Row) -> PreferencePair:
+        if isinstance(row.raw("chosen"), list) or isinstance(row.raw("rejected"), list):
+            return _preference_messages(row, tokenizer)
+        if row.has("prompt"):
+            pair = PreferencePair(row.text("prompt"), row.text("chosen"), row.text("rejected"))
+        else:
+            pair = split_hh_dialogues(row.text("chosen"), row.text("rejected"), row)
+        if pair.chosen.strip() == pair.rejected.strip():
+            raise row.error("rejected", SAME)
+        return pair
+
+    return _load(source, fields, on_bad_row, "preference pairs", parse)
+
+
+def _preference_messages(row: _Row, tokenizer) -> PreferencePair:
+    prefix: list[dict] = []
+    if row.has("prompt"):
+        prompt = row.raw("prompt")
+        prefix = [{"role": "user", "content": row.text("prompt")}] if isinstance(prompt, str) \
+            else row.messages("prompt")
+    chosen_ctx, chosen = row.split_last_assistant("chosen", prefix + row.messages("chosen"))
+    rejected_ctx, rejected = row.split_last_assistant("rejected", prefix + row.messages("rejected"))
+    if chosen_ctx != rejected_ctx:
+        raise row.error("rejected", NO_PREFIX, "the messages before the last differ from chosen's")
+    if not chosen_ctx:
+        raise row.error("chosen", EMPTY, "no prompt messages before the assistant's answer")
+    if chosen.strip() == rejected.strip():
+        raise row.error("rejected", SAME)
+    return PreferencePair(render_prompt(chosen_ctx, tokenizer), chosen, rejected)
+
+
+def split_hh_dialogues(chosen: str, rejected: str, row: _Row | None = None) -> PreferencePair:
+    """Splits two HH-RLHF dialogues into (shared prompt, chosen answer, rejected answer).
+
+    The prompt is the longest shared prefix that ends with ``"\\n\\nAssistant:"`` (it includes that
+    cue); the answers are the rest of each dialogue, kept verbatim (usually with a leading space),
+    so ``prompt + chosen`` is exactly the original chosen dialogue. Raises ``DataError`` (kind
+    ``SAME``, ``NO_ASSISTANT``, ``NO_PREFIX`` or ``EMPTY``) when that split is impossible.
+    """
+
+    def fail(logical: str, kind: str, detail: str = "") -> DataError:
+        return row.error(logical, kind, detail) if row is not None else DataError("<hh>", None, logical, kind, detail)
+
+    if chosen == rejected:
+        raise fail("rejected", SAME)
+    for logical, text in (("chosen", chosen), ("rejected", rejected)):
+        if HH_ASSISTANT not in text:
+            raise fail(logical, NO_ASSISTANT, "no '\\n\\nAssistant:' turn in the dialogue")
+    shared = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        shared += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, shared)  # the last cue lying wholly inside the shared prefix
+    if cut < 0:
+        raise fail("rejected", NO_PREFIX, "the dialogues share no prefix ending in '\\n\\nAssistant:'")
+    end = cut + len(HH_ASSISTANT)
+    pair = PreferencePair(chosen[:end], chosen[end:], rejected[end:])
+    for logical in ("chosen", "rejected"):
+        if not getattr(pair, logical).strip():
+            raise fail(logical, EMPTY, "the final assistant turn is empty")
+    return pair
+
+
+def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
+                 tokenizer=None) -> tuple[list[str], LoadReport]:
+    """Prompt rows: ``prompt`` as text or as messages (rendered with ``render_prompt``); a row with
+    no ``prompt`` but a ``messages`` field uses that."""
+
+    def parse(row: _Row) -> str:
+        logical = "messages" if row.has("messages") and not row.has("prompt") else "prompt"
+        value = row.raw(logical)
+        if isinstance(value, list):
+            return render_prompt(row.messages(logical), tokenizer)
+        return row.text(logical)
+
+    return _load(source, fields, on_bad_row, "prompts", parse)
+
+
+# --- prompt length, holdout, task data ------------------------------------------------------------
+
+
+def apply_prompt_limit(items: list, tokenizer, max_prompt_tokens: int,
+                       overflow: Literal["truncate", "drop"] = "truncate",
+                       report: LoadReport | None = None) -> list:
+    """Prompts (strings) or examples with a ``.prompt`` over ``max_prompt_tokens`` tokens are cut
+    from the LEFT (the end, nearest the response, is kept) or dropped; the counts go into ``report``
+    (``truncated`` / ``dropped_too_long``, and ``rows_kept`` loses the dropped ones).
+
+    Tokens are counted as ``tokenizer(prompt, add_special_tokens=True)`` counts them, the way the
+    stages encode prompts, so a prompt that passes here is never cut again there. Truncation cuts
+    the text at a token boundary (offset mapping of a fast tokenizer; else decode of the kept ids).
+    """
+    if overflow not in ("truncate", "drop"):
+        raise ValueError(f"data.prompt_overflow must be 'truncate' or 'drop', got {overflow!r}")
+    budget = max_prompt_tokens - tokenizer.num_special_tokens_to_add(pair=False)
+    if budget < 1:
+        raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room beside the special tokens")
+    out, truncated, dropped = [], 0, 0
+    for item in items:
+        prompt = item if isinstance(item, str) else item.prompt
+        if _count(tokenizer, prompt) <= budget:
+            out.append(item)
+            continue
+        if overflow == "drop":
+            dropped += 1
+            continue
+        cut = _left_truncate(tokenizer, prompt, budget)
+        truncated += 1
+        if isinstance(item, str):
+            out.append(cut)
+        else:
+            out.append(type(item)(**{**item.__dict__, "prompt": cut}))
+    if report is not None:
+        report.truncated += truncated
+        report.dropped_too_long += dropped
+        report.rows_kept -= dropped
+    return out
+
+
+def _count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _left_truncate(tokenizer, text: str, budget: int) -> str:
+    keep = budget
+    while keep > 0:
+        if getattr(tokenizer, "is_fast", False):
+            offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            cut = text[offsets[-keep][0]:]
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            cut = tokenizer.decode(ids[-keep:])
+        if _count(tokenizer, cut) <= budget:  # re-tokenising at a new boundary can merge differently
+            return cut
+        keep -= 1
+    return ""
+
+
+def split_holdout(items: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Deterministic (train, eval) split: ``round(len * eval_fraction)`` items chosen with
+    ``random.Random(seed)`` (at least one when the fraction is > 0 and there are >= 2 items, and
+    never all of them); both halves keep the input order."""
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(items)
+    n_eval = round(n * eval_fraction)
+    if eval_fraction > 0 and n >= 2:
+        n_eval = min(max(n_eval, 1), n - 1)
+    held = set(random.Random(seed).sample(range(n), n_eval))
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def _task(task, seed: int = 0):
+    if isinstance(task, str):
+        from rlhf_ray.tasks import get_task
+
+        return get_task(task, seed)
+    return task
+
+
+def task_sft(task, n: int, error_rate: float = 0.1) -> list[SFTExample]:
+    """The built-in task's demonstrations (``task`` is a task object or a built-in task name)."""
+    return [SFTExample(r["prompt"], r["response"]) for r in _task(task).sft_examples(n, error_rate)]
+
+
+def task_preferences(task, n: int) -> list[PreferencePair]:
+    """The built-in task's preference pairs (``task`` is a task object or a built-in task name)."""
+    return [PreferencePair(r["prompt"], r["chosen"], r["rejected"]) for r in _task(task).preference_pairs(n)]

@@ -1,0 +1,47 @@
+"""The three-stage pipeline: SFT, then the reward model, then PPO, each reading the previous
+stage's output, with the gold score of base, SFT and PPO models on held-out prompts at the end.
+
+Layout: ``<run_dir>/{base_model,sft,rm,ppo}/`` and ``<run_dir>/summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from rlhf_ray.config import RunConfig
+from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    from rlhf_ray.stages.eval import compare_gold, format_table
+    from rlhf_ray.stages.ppo import run_ppo
+    from rlhf_ray.stages.rm import run_rm
+    from rlhf_ray.stages.sft import run_sft
+
+    root = prepare_run(cfg)
+    base = resolve_policy_path(cfg, root)
+    init_ray(cfg)
+
+    def stage(name: str, **model_changes) -> RunConfig:
+        return replace(cfg, run_dir=str(root / name), model=replace(cfg.model, **model_changes))
+
+    sft = run_sft(stage("sft", policy=base))
+    rm = run_rm(stage("rm", policy=sft["model"]))
+    ppo_cfg = stage("ppo", policy=sft["model"], reward=rm["models"])
+    history = run_ppo(ppo_cfg)
+    ppo_model = str(Path(ppo_cfg.run_dir) / "policy")
+
+    summary: dict = {"sft": sft, "rm": rm,
+                     "ppo": {"model": ppo_model, "iterations": len(history),
+                             "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
+                             "kl_last": history[-1]["kl_to_ref"]}}
+    if cfg.data.task:
+        scores = compare_gold(cfg, {"base": base, "sft": sft["model"], "ppo": ppo_model})
+        summary["held_out_gold_score"] = scores
+        print(format_table(scores))
+    summary["rm_held_out_accuracy"] = rm["held_out_accuracy"]
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"pipeline done: {root / 'summary.json'}")
+    return summary

@@ -1,0 +1,95 @@
+"""Supervised fine-tuning on DeepSpeed learners: next-token loss on response tokens only.
+
+Writes ``<run_dir>/model`` (HF folder, safetensors, tokenizer), ``metrics.jsonl`` (one line per
+optimiser step, plus held-out loss per epoch) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import ray
+from tqdm import tqdm
+
+from rlhf_ray.actors.learner import PolicyLearnerActor
+from rlhf_ray.actors.placement import launch_learner_group, learner_placement_group, learner_spec
+from rlhf_ray.config import RunConfig
+from rlhf_ray.data.tokenize import encode_pairs
+from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
+from rlhf_ray.tracking import MetricsWriter, plot_metrics
+
+
+def load_sft_data(cfg: RunConfig, tokenizer):
+    """(train, held-out) lists of ``SFTExample`` from data.sft or the built-in task."""
+    from rlhf_ray.data import formats
+
+    if cfg.data.sft:
+        examples, report = formats.load_sft(cfg.data.sft, cfg.data.fields, cfg.data.on_bad_row, tokenizer)
+        examples = formats.apply_prompt_limit(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow, report)
+        if report.eventful:
+            print(report.summary())
+    else:
+        from rlhf_ray.tasks import get_task
+
+        examples = formats.task_sft(get_task(cfg.data.task, cfg.seed), cfg.data.num_sft_examples,
+                                    cfg.data.sft_error_rate)
+    return formats.split_holdout(examples, cfg.data.eval_fraction, cfg.seed)
+
+
+def run_sft(cfg: RunConfig) -> dict:
+    from rlhf_ray.models.loading import load_tokenizer
+
+    run_dir = prepare_run(cfg)
+    base_path = resolve_policy_path(cfg, run_dir)
+    tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
+    train, held_out = load_sft_data(cfg, tokenizer)
+    init_ray(cfg)
+
+    sft, pol = cfg.sft, cfg.policy
+    pg = learner_placement_group(pol)
+    learners = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, base_path, sft.batch_size, sft.lr),
+                                    pol.num_ranks, pol.num_cpus, pol.num_gpus, pg)
+
+    def encode(rows):
+        return encode_pairs(tokenizer, [r.prompt for r in rows], [r.response for r in rows],
+                            cfg.data.max_prompt_tokens, cfg.data.max_seq_len)
+
+    def held_out_loss() -> float:
+        if not held_out:
+            return float("nan")
+        batch = encode(held_out)
+        parts = ray.get([a.sft_eval_loss.remote(s) for a, s in zip(learners, batch.chunk(len(learners)))])
+        return sum(p[0] for p in parts) / max(1.0, sum(p[1] for p in parts))
+
+    metrics = MetricsWriter(run_dir)
+    rng = random.Random(cfg.seed)
+    steps_per_epoch = max(1, len(train) // sft.batch_size)
+    step, eval_losses = 0, [held_out_loss()]
+    metrics.write({"step": 0, "epoch": 0, "eval_loss": eval_losses[0]})
+    with tqdm(total=sft.epochs * steps_per_epoch, desc="sft", unit="step") as bar:
+        for epoch in range(1, sft.epochs + 1):
+            order = list(range(len(train)))
+            rng.shuffle(order)
+            for i in range(steps_per_epoch):
+                batch = encode([train[j] for j in order[i * sft.batch_size:(i + 1) * sft.batch_size]])
+                stats = ray.get([a.sft_step.remote(s) for a, s in zip(learners, batch.chunk(len(learners)))])[0]
+                step += 1
+                metrics.write({"step": step, "epoch": epoch, **stats})
+                bar.update()
+                bar.set_postfix(loss=f"{stats['sft_loss']:.3f}")
+            eval_losses.append(held_out_loss())
+            metrics.write({"step": step, "epoch": epoch, "eval_loss": eval_losses[-1]})
+
+    model_dir = run_dir / "model"
+    ray.get([a.save.remote(str(model_dir)) for a in learners])
+    for a in learners:
+        ray.kill(a)
+    ray.util.remove_placement_group(pg)
+    summary = {"stage": "sft", "model": str(model_dir), "train_examples": len(train),
+               "held_out_examples": len(held_out), "steps": step, "held_out_loss_before": eval_losses[0],
+               "held_out_loss": eval_losses[-1], "held_out_loss_per_epoch": eval_losses[1:]}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot_metrics(run_dir, keys=["sft_loss", "eval_loss"], x="step")
+    print(f"sft done: held-out loss {eval_losses[0]:.3f} -> {eval_losses[-1]:.3f}; model in {model_dir}")
+    return summary

@@ -1,0 +1,294 @@
+"""The dataset layer: every file format and data format, every bad-row case, prompt limits, holdout."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from rlhf_ray.data import formats as F
+from rlhf_ray.data.formats import DataError, LoadReport, PreferencePair, SFTExample
+from rlhf_ray.models.tiny import build_tokenizer
+from rlhf_ray.tasks import get_task
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+class _TemplateTok:
+    """Stands in for a tokenizer with a chat template."""
+
+    chat_template = "{{ fake }}"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        assert tokenize is False and add_generation_prompt is True
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+
+
+def jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def msgs(*pairs):
+    return [{"role": r, "content": c} for r, c in pairs]
+
+
+# --- files ---------------------------------------------------------------------------------------
+
+
+def test_jsonl_json_and_parquet_give_the_same_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": "4"}]
+    (tmp_path / "d.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    sources = [jsonl(tmp_path / "d.jsonl", rows), str(tmp_path / "d.json"), str(tmp_path / "d.parquet")]
+    for source in sources:
+        examples, report = F.load_sft(source)
+        assert examples == [SFTExample("1+1=", "2"), SFTExample("2+2=", "4")], source
+        assert (report.rows_read, report.rows_kept, report.skipped) == (2, 2, {})
+    # Nested chat messages survive Parquet; a key absent in one JSON record arrives as null: missing.
+    pq.write_table(pa.Table.from_pylist([{"messages": msgs(("user", "hi"), ("assistant", "yo"))}]),
+                   tmp_path / "chat.parquet")
+    assert F.load_sft(str(tmp_path / "chat.parquet"))[0] == [SFTExample("User: hi\nAssistant: ", "yo")]
+    (tmp_path / "gap.json").write_text(json.dumps([rows[0], {"prompt": "3+3="}]))
+    with pytest.raises(DataError, match=r"gap.json row 2, field 'response': missing field \(null\)"):
+        F.load_sft(str(tmp_path / "gap.json"))
+    with pytest.raises(FileNotFoundError, match="nope.parquet does not exist"):
+        F.load_sft(str(tmp_path / "nope.parquet"))
+
+
+def test_jsonl_row_numbers_are_line_numbers_and_mixed_types_still_load(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "a"}\n\n{"prompt": 5}\n{not json\n')
+    rows, name = F.read_rows(str(f))
+    assert name == str(f) and [n for n, _ in rows] == [1, 3, 4]
+    with pytest.raises(DataError, match=r"p.jsonl row 3, field 'prompt': wrong type \(expected text, got int"):
+        F.load_prompts(str(f))
+    prompts, report = F.load_prompts(str(f), on_bad_row="skip")
+    assert prompts == ["a"] and report.skipped == {F.WRONG_TYPE: 2}
+    assert "p.jsonl row 4: wrong type (not valid JSON" in report.first_errors[1]
+
+
+def test_json_with_mixed_types_names_the_record(tmp_path):
+    f = tmp_path / "m.json"
+    f.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": {"x": 1}, "response": "c"}]))
+    with pytest.raises(DataError, match="m.json row 2, field 'prompt': wrong type"):
+        F.load_sft(str(f))
+
+
+# --- SFT -----------------------------------------------------------------------------------------
+
+
+def test_sft_messages_use_the_fallback_format_or_the_chat_template(tmp_path):
+    conv = msgs(("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("user", "3+3?"),
+                ("assistant", "6"))
+    src = jsonl(tmp_path / "chat.jsonl", [{"messages": conv}])
+    (ex,), _ = F.load_sft(src, tokenizer=build_tokenizer())  # no chat template: plain fallback
+    assert ex == SFTExample("System: Be brief.\nUser: 2+2?\nAssistant: 4\nUser: 3+3?\nAssistant: ", "6")
+    (ex,), _ = F.load_sft(src, tokenizer=_TemplateTok())
+    assert ex.prompt == "<system>Be brief.<user>2+2?<assistant>4<user>3+3?<assistant>" and ex.response == "6"
+
+
+def test_field_remapping(tmp_path):
+    src = jsonl(tmp_path / "qa.jsonl", [{"question": "q1", "answer": "a1"}])
+    assert F.load_sft(src, {"prompt": "question", "response": "answer"})[0] == [SFTExample("q1", "a1")]
+    with pytest.raises(DataError, match=r"qa.jsonl row 1, field 'prompt': missing field \(the row has question, "
+                                        r"answer; remap with data.fields"):
+        F.load_sft(src)
+    conv = jsonl(tmp_path / "conv.jsonl", [{"conversation": msgs(("user", "hi"), ("assistant", "yo"))}])
+    assert F.load_sft(conv, {"messages": "conversation"})[0] == [SFTExample("User: hi\nAssistant: ", "yo")]
+    pref = jsonl(tmp_path / "pref.jsonl", [{"q": "1+1=", "good": "2", "bad": "3"}])
+    pairs, _ = F.load_preferences(pref, {"prompt": "q", "chosen": "good", "rejected": "bad"})
+    assert pairs == [PreferencePair("1+1=", "2", "3")]
+    with pytest.raises(ValueError, match="unknown field name.*promt"):
+        F.load_sft(src, {"promt": "question"})
+
+
+SFT_BAD = [
+    ({"response": "x"}, "prompt", F.MISSING),
+    ({"prompt": None, "response": "x"}, "prompt", F.MISSING),
+    ({"prompt": ["a"], "response": "x"}, "prompt", F.WRONG_TYPE),
+    ({"prompt": "p", "response": 7}, "response", F.WRONG_TYPE),
+    ({"prompt": "  ", "response": "x"}, "prompt", F.EMPTY),
+    ({"prompt": "p", "response": ""}, "response", F.EMPTY),
+    ({"messages": "hello"}, "messages", F.WRONG_TYPE),
+    ({"messages": []}, "messages", F.EMPTY),
+    ({"messages": [{"role": "user"}]}, "messages", F.MISSING),
+    ({"messages": [{"role": "user", "content": 3}]}, "messages", F.WRONG_TYPE),
+    ({"messages": msgs(("user", "hi"), ("user", "again"))}, "messages", F.NO_ASSISTANT),
+    ({"messages": msgs(("user", "hi"), ("assistant", " "))}, "messages", F.EMPTY),
+    ({"messages": msgs(("assistant", "hi"))}, "messages", F.EMPTY),
+]
+
+
+@pytest.mark.parametrize("bad,field,kind", SFT_BAD)
+def test_sft_bad_rows_error_or_skip(tmp_path, bad, field, kind):
+    good = {"prompt": "1+1=", "response": "2"}
+    src = jsonl(tmp_path / "sft.jsonl", [good, good, bad, good])
+    with pytest.raises(DataError, match=f"sft.jsonl row 3, field '{field}': {kind}") as info:
+        F.load_sft(src)
+    assert (info.value.row, info.value.field, info.value.kind) == (3, field, kind)
+    examples, report = F.load_sft(src, on_bad_row="skip")
+    assert len(examples) == 3 and report.skipped == {kind: 1}
+    assert (report.rows_read, report.rows_kept) == (4, 3)
+    assert f"skipped 1 rows (1 {kind})" in report.summary() and "sft.jsonl row 3" in report.summary()
+
+
+def test_all_rows_bad_is_an_error_even_when_skipping(tmp_path):
+    src = jsonl(tmp_path / "bad.jsonl", [{"prompt": ""}, {"x": 1}])
+    with pytest.raises(DataError, match="no usable prompts.*kept 0 of 2 rows"):
+        F.load_prompts(src, on_bad_row="skip")
+    with pytest.raises(ValueError, match="on_bad_row"):
+        F.load_prompts(src, on_bad_row="ignore")
+
+
+# --- preferences ---------------------------------------------------------------------------------
+
+
+def test_preferences_plain_and_as_messages(tmp_path):
+    plain = jsonl(tmp_path / "plain.jsonl", [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}])
+    assert F.load_preferences(plain)[0] == [PreferencePair("1+1=", "2", "3")]
+    implicit = {"chosen": msgs(("user", "hi"), ("assistant", "hello!")),
+                "rejected": msgs(("user", "hi"), ("assistant", "go away"))}
+    explicit = {"prompt": msgs(("user", "hi")), "chosen": msgs(("assistant", "hello!")),
+                "rejected": msgs(("assistant", "go away"))}
+    text_prompt = {"prompt": "hi", "chosen": msgs(("assistant", "hello!")),
+                   "rejected": msgs(("assistant", "go away"))}
+    pairs, report = F.load_preferences(jsonl(tmp_path / "m.jsonl", [implicit, explicit, text_prompt]))
+    assert pairs == [PreferencePair("User: hi\nAssistant: ", "hello!", "go away")] * 3
+    assert report.rows_kept == 3
+    pairs, _ = F.load_preferences(jsonl(tmp_path / "m2.jsonl", [implicit]), tokenizer=_TemplateTok())
+    assert pairs[0].prompt == "<user>hi<assistant>"
+
+
+HH_CHOSEN = ("\n\nHuman: What's a good name for a cat?\n\nAssistant: How about Whiskers?"
+             "\n\nHuman: Something less common?\n\nAssistant: Maybe Pistachio, or Admiral Fluff.")
+HH_REJECTED = ("\n\nHuman: What's a good name for a cat?\n\nAssistant: How about Whiskers?"
+               "\n\nHuman: Something less common?\n\nAssistant: Maybe just call it Cat.")
+
+
+def test_hh_rlhf_dialogues_are_split_at_the_last_shared_assistant_turn(tmp_path):
+    src = jsonl(tmp_path / "hh.jsonl", [{"chosen": HH_CHOSEN, "rejected": HH_REJECTED}])
+    (pair,), report = F.load_preferences(src)
+    assert report.rows_kept == 1
+    assert pair.prompt == ("\n\nHuman: What's a good name for a cat?\n\nAssistant: How about Whiskers?"
+                           "\n\nHuman: Something less common?\n\nAssistant:")
+    assert pair.chosen == " Maybe Pistachio, or Admiral Fluff."  # the shared " Maybe" stays in each answer
+    assert pair.rejected == " Maybe just call it Cat."
+    assert pair.prompt + pair.chosen == HH_CHOSEN and pair.prompt + pair.rejected == HH_REJECTED
+    # Answers that differ from their first character, and a longer chosen answer with more turns.
+    other = F.split_hh_dialogues("\n\nHuman: hi\n\nAssistant: Hello!", "\n\nHuman: hi\n\nAssistant:Go.")
+    assert other == PreferencePair("\n\nHuman: hi\n\nAssistant:", " Hello!", "Go.")
+
+
+@given(st.lists(st.text(alphabet="ab ?", min_size=1, max_size=6), min_size=1, max_size=4),
+       st.text(alphabet="xyz", min_size=1, max_size=6), st.text(alphabet="uvw", min_size=1, max_size=6))
+@settings(max_examples=60, deadline=None)
+def test_hh_split_round_trips(turns, chosen, rejected):
+    prefix = "".join(f"\n\nHuman: {t}\n\nAssistant: ok" for t in turns) + "\n\nHuman: last\n\nAssistant:"
+    pair = F.split_hh_dialogues(prefix + " " + chosen, prefix + " " + rejected)
+    assert pair == PreferencePair(prefix, " " + chosen, " " + rejected)
+
+
+PREF_BAD = [
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "rejected", F.SAME),
+    ({"prompt": "p", "chosen": "same", "rejected": "same "}, "rejected", F.SAME),
+    ({"prompt": "p", "rejected": "r"}, "chosen", F.MISSING),
+    ({"prompt": "p", "chosen": 1, "rejected": "r"}, "chosen", F.WRONG_TYPE),
+    ({"prompt": "p", "chosen": "c", "rejected": ""}, "rejected", F.EMPTY),
+    ({"prompt": "", "chosen": "c", "rejected": "r"}, "prompt", F.EMPTY),
+    ({"chosen": HH_CHOSEN, "rejected": HH_CHOSEN}, "rejected", F.SAME),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c\n\nAssistant: d"}, "rejected",
+     F.NO_PREFIX),
+    ({"chosen": "Human: hi, how are you", "rejected": "Human: hi, go away"}, "chosen", F.NO_ASSISTANT),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi there"}, "rejected",
+     F.NO_ASSISTANT),
+    ({"chosen": "\n\nHuman: hi\n\nAssistant: yes", "rejected": "\n\nHuman: hi\n\nAssistant:  "}, "rejected",
+     F.EMPTY),
+    ({"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": msgs(("user", "X"), ("assistant", "c"))},
+     "rejected", F.NO_PREFIX),
+    ({"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": msgs(("user", "a"), ("assistant", "b"))},
+     "rejected", F.SAME),
+    ({"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": msgs(("user", "a"))}, "rejected",
+     F.NO_ASSISTANT),
+    ({"chosen": msgs(("assistant", "b")), "rejected": msgs(("assistant", "c"))}, "chosen", F.EMPTY),
+    ({"chosen": msgs(("user", "a"), ("assistant", "b")), "rejected": "c"}, "rejected", F.WRONG_TYPE),
+]
+
+
+@pytest.mark.parametrize("bad,field,kind", PREF_BAD)
+def test_preference_bad_rows_error_or_skip(tmp_path, bad, field, kind):
+    good = {"chosen": "\n\nHuman: 1+1?\n\nAssistant: 2", "rejected": "\n\nHuman: 1+1?\n\nAssistant: 3"}
+    if "prompt" in bad:
+        good = {"prompt": "1+1=", "chosen": "2", "rejected": "3"}
+    src = jsonl(tmp_path / "prefs.jsonl", [good] * 6 + [bad])
+    with pytest.raises(DataError, match=f"prefs.jsonl row 7, field '{field}': {kind}"):
+        F.load_preferences(src)
+    pairs, report = F.load_preferences(src, on_bad_row="skip")
+    assert len(pairs) == 6 and report.skipped == {kind: 1} and report.rows_kept == 6
+
+
+# --- prompts -------------------------------------------------------------------------------------
+
+
+def test_prompts_as_text_or_messages(tmp_path):
+    rows = [{"prompt": "1+1="}, {"prompt": msgs(("system", "Add."), ("user", "2+2="))},
+            {"messages": msgs(("user", "3+3="))}]
+    prompts, report = F.load_prompts(jsonl(tmp_path / "p.jsonl", rows))
+    assert prompts == ["1+1=", "System: Add.\nUser: 2+2=\nAssistant: ", "User: 3+3=\nAssistant: "]
+    assert not report.eventful
+    prompts, _ = F.load_prompts(jsonl(tmp_path / "p.jsonl", rows[1:2]), tokenizer=_TemplateTok())
+    assert prompts == ["<system>Add.<user>2+2=<assistant>"]
+
+
+@pytest.mark.parametrize("bad,kind", [({"prompt": 3}, F.WRONG_TYPE), ({"prompt": "\n"}, F.EMPTY),
+                                      ({"other": "x"}, F.MISSING), ({"prompt": [{"content": "x"}]}, F.MISSING),
+                                      (["not", "an", "object"], F.WRONG_TYPE)])
+def test_prompt_bad_rows_error_or_skip(tmp_path, bad, kind):
+    src = jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, bad])
+    with pytest.raises(DataError, match=f"p.jsonl row 2.*: {kind}"):
+        F.load_prompts(src)
+    assert F.load_prompts(src, on_bad_row="skip")[1].skipped == {kind: 1}
+
+
+# --- prompt limit, holdout, task data ------------------------------------------------------------
+
+
+def test_prompt_limit_truncates_from_the_left_or_drops_and_counts(tok):
+    report = LoadReport("x", rows_read=3, rows_kept=3)
+    out = F.apply_prompt_limit(["short", "0123456789", "abcdefghijklmnop"], tok, 8, "truncate", report)
+    assert out == ["short", "23456789", "ijklmnop"]
+    assert (report.truncated, report.dropped_too_long, report.rows_kept) == (2, 0, 3)
+    assert "truncated 2 prompts" in report.summary()
+    report = LoadReport("x", rows_read=3, rows_kept=3)
+    examples = [SFTExample("short", "r"), SFTExample("0123456789", "r2"), PreferencePair("abcdefghi", "c", "r")]
+    assert F.apply_prompt_limit(examples, tok, 8, "drop", report) == [SFTExample("short", "r")]
+    assert (report.truncated, report.dropped_too_long, report.rows_kept) == (0, 2, 1)
+    cut = F.apply_prompt_limit(examples[2:], tok, 3, "truncate")
+    assert cut == [PreferencePair("ghi", "c", "r")]
+
+
+def test_split_holdout_is_deterministic_and_disjoint():
+    items = list(range(50))
+    train, held = F.split_holdout(items, 0.2, seed=3)
+    assert len(held) == 10 and sorted(train + held) == items and train == sorted(train)
+    assert F.split_holdout(items, 0.2, seed=3) == (train, held)
+    assert F.split_holdout(items, 0.2, seed=4)[1] != held
+    assert F.split_holdout(items, 0.0, seed=0) == (items, [])
+    assert F.split_holdout([1, 2], 0.01, seed=0)[1] != []  # a positive fraction holds out at least one
+    assert len(F.split_holdout([1], 0.5, seed=0)[0]) == 1
+
+
+def test_task_data_in_the_same_types():
+    task = get_task("arithmetic", seed=0)
+    sft = F.task_sft(task, 20, error_rate=0.0)
+    assert len(sft) == 20 and all(isinstance(e, SFTExample) for e in sft)
+    assert all(task.gold_score(e.prompt, e.response) == 1.0 for e in sft)
+    prefs = F.task_preferences("arithmetic", 20)
+    assert len(prefs) == 20 and all(task.gold_score(p.prompt, p.chosen) == 1.0 > task.gold_score(p.prompt, p.rejected)
+                                    for p in prefs)
