@@ -4,7 +4,7 @@
     python benchmarks/compare_trl.py [--hidden 512 --layers 6] [--prompts 8 --group 8]
                                      [--max-new-tokens 16] [--updates 5] [--profile]
 
-Both sides get the same locally built Llama (``builtin:tiny`` shape, head size 32; default
+Both sides get the same locally built Llama (rlhf_ray's tiny builder, head size 32, MLP 4 x hidden; default
 512 wide x 6 layers, about 25M parameters), the same arithmetic-task prompts, group size,
 max new tokens, learning rate, KL coefficient (TRL's ``beta``), number of optimiser updates
 (one per iteration: one generation batch, one epoch, one minibatch) and the same rule reward
@@ -176,7 +176,7 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
         extra = {
             "use_vllm": True,
             "vllm_mode": "colocate",
-            "vllm_gpu_memory_utilization": 0.05,
+            "vllm_gpu_memory_utilization": 0.3,
             "vllm_max_model_length": max(64, 2 * args.max_new_tokens + 32),
         }
     config = GRPOConfig(
@@ -378,7 +378,7 @@ def summarise(res: dict) -> dict:
         "measured": len(iters),
         "iteration_s": secs,
         "tokens": median(toks),
-        "tokens_per_s": sum(toks) / sum(iters) if iters else float("nan"),
+        "tokens_per_s": median([t / i for t, i in zip(toks, iters)]),
         "warmup_s": res["iteration_s"][0] if res.get("iteration_s") else float("nan"),
         "peak_rss": res["memory"]["peak_rss_bytes"],
         "peak_pss": res["memory"]["peak_pss_bytes"],
@@ -393,6 +393,9 @@ def main() -> None:
     )
     parser.add_argument("--hidden", type=int, default=512, help="hidden size (multiple of 32; heads of 32)")
     parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument(
+        "--intermediate", type=int, default=0, help="MLP width; 0 = 4 x hidden (512x6: 25.3M)"
+    )
     parser.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
     parser.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -456,7 +459,7 @@ def main() -> None:
         num_layers=args.layers,
         num_heads=args.hidden // 32,
         num_kv_heads=args.hidden // 32,
-        intermediate_size=2 * args.hidden,
+        intermediate_size=args.intermediate or 4 * args.hidden,
         seed=args.seed,
     )
     args.model_dir = str(build_tiny_model(os.path.join(workdir, "model"), spec))
@@ -531,7 +534,7 @@ def main() -> None:
             "peak PSS (tree)",
         ],
         rows,
-        title="medians over the measured iterations; tokens/s = all generated tokens / all measured seconds",
+        title="medians over the measured iterations (tokens/s: median of each iteration's tokens / seconds)",
     )
     for side, res in results.items():
         if not res.get("ok"):

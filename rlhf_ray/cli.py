@@ -15,6 +15,7 @@ STAGES = {
     "rm": "rlhf_ray.stages.rm:run_rm",
     "ppo": "rlhf_ray.stages.ppo:run_ppo",
     "eval": "rlhf_ray.stages.eval:run_eval",
+    "collect": "rlhf_ray.stages.collect:run_collect",
     "pipeline": "rlhf_ray.stages.pipeline:run_pipeline",
 }
 
@@ -33,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     with_config(config_sub.add_parser("check", help="validate a config and exit"))
     for name in STAGES:
         with_config(sub.add_parser(name, help=f"run the {name} stage"))
+    from rlhf_ray.studio.cli import add_studio_commands
+
+    add_studio_commands(sub)  # annotate serve|add-annotator|stats|export, view RUN_DIR
     tiny = sub.add_parser("build-tiny", help="write the built-in tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     return parser
@@ -40,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("annotate", "view"):
+        from rlhf_ray.studio.cli import run_studio_command
+
+        return run_studio_command(args)
     if args.command == "build-tiny":
         from rlhf_ray.models.tiny import build_tiny_model
 

@@ -9,21 +9,42 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-class MetricsWriter:
-    """Appends one JSON object per iteration to ``<run_dir>/metrics.jsonl``."""
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / "metrics.jsonl"
+
+class MetricsWriter:
+    """Appends JSON lines (one per iteration or step) to ``<run_dir>/<name>``; non-finite floats
+    become null so every line stays valid JSON. With ``tensorboard_step`` (the key that counts
+    steps), numeric values are mirrored into TensorBoard event files in ``<run_dir>/tensorboard``."""
+
+    def __init__(self, run_dir: str | Path, name: str = "metrics.jsonl", tensorboard_step: str | None = None):
+        self.path = Path(run_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.step_key = tensorboard_step
+        self._tb = None
+        if tensorboard_step:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
     def write(self, record: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.write_many([record])
+
+    def write_many(self, records: list[dict]) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps(clean) + "\n")
+            for record in records:
+                f.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+        if self._tb is not None:
+            for record in records:
+                for key, value in record.items():
+                    if key != self.step_key and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tb.add_scalar(key, value, record[self.step_key])
+            self._tb.flush()
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str | Path, name: str = "metrics.jsonl") -> list[dict]:
+    path = Path(run_dir) / name
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 

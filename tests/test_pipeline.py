@@ -81,3 +81,21 @@ def test_ppo_stage_pays_the_reward_model_and_logs_gold(pipeline_run):
     assert len(rows) == 2
     assert "reward/rm0_mean" in rows[0] and "reward/gold_reward_mean" in rows[0]
     assert (root / "ppo" / "policy" / "model.safetensors").exists()
+
+
+def test_collect_judges_pairs_that_rm_can_read(pipeline_run, tmp_path):
+    from rlhf_ray.data.formats import load_preferences
+    from rlhf_ray.stages.collect import run_collect
+    from rlhf_ray.tasks.arithmetic import ArithmeticTask
+
+    root, _ = pipeline_run
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.policy={root / 'sft' / 'model'}", *REDUCED,
+                             "collect.num_prompts=24", "collect.responses_per_prompt=4", "collect.judge=gold"])
+    summary = run_collect(cfg)
+    assert summary["pairs"] + summary["ties_left_out"] == 24
+    rows = [json.loads(line) for line in (tmp_path / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and all(len(r["responses"]) == 4 and len(r["scores"]) == 4 for r in rows)
+    pairs, report = load_preferences(str(tmp_path / "preferences.jsonl"))
+    assert len(pairs) == summary["pairs"] and report.n_skipped == 0
+    for pair in pairs:
+        assert ArithmeticTask.gold_score(pair.prompt, pair.chosen) > ArithmeticTask.gold_score(pair.prompt, pair.rejected)

@@ -17,7 +17,8 @@ REQUIRED_METRICS = [
     "iteration", "reward_mean", "reward_std", "kl_to_ref", "kl_coef", "entropy", "policy_loss", "value_loss",
     "clip_fraction", "approx_kl", "response_length_mean", "response_length_max", "logprob_gap_vllm_learner",
     "time/generate_s", "time/score_s", "time/train_s", "time/sync_s", "throughput/generate_tokens_per_s",
-    "throughput/iteration_tokens_per_s",
+    "throughput/iteration_tokens_per_s", "gold_score_mean", "diversity/distinct_1", "diversity/distinct_2",
+    "flag/mode_collapse", "flag/over_optimisation", "hacking/verbosity_correlation", "hacking/format_gaming_rate",
 ]
 
 
@@ -47,7 +48,7 @@ def gae_run(ray_session, tmp_path_factory):
 
 
 def test_gae_run_records_every_metric_finite(gae_run):
-    trainer, history = gae_run
+    trainer, _history = gae_run
     rows = read_metrics(trainer.run_dir)
     assert [r["iteration"] for r in rows] == list(range(1, 17))
     for row in rows:
@@ -58,6 +59,10 @@ def test_gae_run_records_every_metric_finite(gae_run):
     # vLLM sampled from the same weights the learner recomputes with: the gap stays small.
     assert max(r["logprob_gap_vllm_learner"] for r in rows) < 1e-2
     assert (trainer.run_dir / "metrics.png").exists()
+    assert list((trainer.run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    samples = read_metrics(trainer.run_dir, "samples.jsonl")
+    assert {s["iteration"] for s in samples} == set(range(1, 17))
+    assert {"prompt", "response", "reward", "components", "kl", "truncated"} <= set(samples[0])
     assert (trainer.run_dir / "policy" / "model.safetensors").exists()
 
 

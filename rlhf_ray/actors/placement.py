@@ -87,7 +87,7 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     ray.get([pg.ready() for pg in groups.values()])
 
     scorer_pg, ref_bundle, rew_bundle = (groups["policy"], 0, 0) if colocate else (groups["scorers"], 0, 1)
-    scorer_opts = dict(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus)
+    scorer_opts = {"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus}
     reference = ray.remote(ReferenceActor).options(
         **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, ref_bundle)
     ).remote(policy_path, cfg.model.dtype, cfg.backend, sc.micro_batch_size, cfg.model.trust_remote_code)

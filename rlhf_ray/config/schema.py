@@ -141,6 +141,27 @@ class PPOConfig:
 
 
 @dataclass
+class SafeguardsConfig:
+    """Reward-hacking and mode-collapse detectors (always on, they only measure) and reward
+    regularisers (off by default), applied to the scalar score before KL shaping."""
+
+    diversity_unit: Literal["word", "char"] = "word"  # char for short answers such as digits
+    hacking_phrases: list[str] = field(default_factory=list)  # keyword stuffing: phrases to count
+    length_penalty_threshold: int = 0  # tokens; penalty applies above it
+    length_penalty_coef: float = 0.0  # score -= coef * max(0, length - threshold)
+    repetition_penalty_coef: float = 0.0  # score -= coef * share of repeated n-grams
+    repetition_ngram: int = 3
+    diversity_bonus: float = 0.0  # score += bonus * (1 - mean similarity to same-prompt responses)
+    collapse_min_distinct_1: float = 0.0  # collapse flag below this distinct-1; 0 = check off
+    collapse_max_pairwise_similarity: float = 0.9  # collapse flag above this; 1 = check off
+    overopt_window: int = 5  # iterations over which proxy and gold trends are compared
+    overopt_min_proxy_gain: float = 0.1
+    overopt_max_gold_gain: float = 0.0
+    stop_on_overoptimisation: bool = False  # early stop when proxy rises while gold does not
+    max_kl: float = 0.0  # early stop when KL to the reference exceeds this; 0 = never
+
+
+@dataclass
 class SyncConfig:
     bucket_mb: int = 64  # weights travel in flat buckets of at most this size
     parity_every: int = 0  # parity check after every N-th sync; 0 = never
@@ -148,9 +169,26 @@ class SyncConfig:
 
 
 @dataclass
+class LoggingConfig:
+    samples_per_iteration: int = 16  # rollouts written to samples.jsonl each PPO iteration
+    tensorboard: bool = True  # also write TensorBoard event files beside metrics.jsonl
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 0  # iterations between checkpoints; 0 = only at the end
     save_final: bool = True
+
+
+@dataclass
+class CollectConfig:
+    """``rlhf-ray collect``: several responses per prompt from the rollout engines, judged into
+    preference pairs (the chapter's preference collector)."""
+
+    num_prompts: int = 256
+    responses_per_prompt: int = 4
+    judge: str = "gold"  # gold (the task's scorer) | module:function | rm:<reward model dir> | none (humans label)
+    min_score_gap: float = 0.0  # pairs whose judged scores differ by no more are ties: left out, counted
 
 
 @dataclass
@@ -184,11 +222,14 @@ class RunConfig:
     scorers: ScorerConfig = field(default_factory=ScorerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     sync: SyncConfig = field(default_factory=SyncConfig)
+    safeguards: SafeguardsConfig = field(default_factory=SafeguardsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
 
     @property
     def uses_critic(self) -> bool:
@@ -267,6 +308,18 @@ class RunConfig:
         need(self.rm.margin_weight >= 0, "rm.margin_weight", "must be >= 0")
         need(self.sync.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
         need(self.sync.parity_every >= 0, "sync.parity_every", "must be >= 0")
+        need(self.collect.responses_per_prompt >= 2, "collect.responses_per_prompt", "must be >= 2 (pairs)")
+        need(self.collect.num_prompts >= 1, "collect.num_prompts", "must be >= 1")
+        judge = self.collect.judge
+        need(judge in ("gold", "none") or ":" in judge, "collect.judge",
+             f"{judge!r}: use gold, none, module:function or rm:<reward model dir>")
+        sg = self.safeguards
+        need(sg.length_penalty_coef >= 0 and sg.repetition_penalty_coef >= 0 and sg.diversity_bonus >= 0,
+             "safeguards", "penalty and bonus coefficients must be >= 0")
+        need(sg.overopt_window >= 2, "safeguards.overopt_window", "must be >= 2")
+        need(sg.repetition_ngram >= 1, "safeguards.repetition_ngram", "must be >= 1")
+        need(sg.max_kl >= 0, "safeguards.max_kl", "must be >= 0")
+        need(self.logging.samples_per_iteration >= 0, "logging.samples_per_iteration", "must be >= 0")
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
         weights = self.scorers.reward_function_weights
         need(not weights or len(weights) == len(self.scorers.reward_functions),

@@ -7,6 +7,7 @@ to R]`` so every row's response starts at column P: per-token quantities over th
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -52,7 +53,7 @@ class RolloutBatch:
     def chunk(self, n: int) -> list[RolloutBatch]:
         """Splits rows into ``n`` contiguous shards of near-equal size (one per learner rank)."""
         bounds = torch.linspace(0, self.size, n + 1).round().long().tolist()
-        return [self.select(slice(a, b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        return [self.select(slice(a, b)) for a, b in itertools.pairwise(bounds)]
 
     @staticmethod
     def concat(batches: list[RolloutBatch]) -> RolloutBatch:

@@ -18,8 +18,16 @@ from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.platform import detect
-from rlhf_ray.stages.common import check_model_fits, prepare_run, resolve_policy_path, reward_sources
+from rlhf_ray.stages.common import (
+    check_model_fits,
+    init_ray,
+    prepare_run,
+    resolve_policy_path,
+    reward_sources,
+)
+from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.sync.parity import WeightSyncParityError, check_parity
+from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
 
 
@@ -37,18 +45,20 @@ class PPOTrainer:
         self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed, self.tokenizer), cfg.seed, cfg.data.shuffle)
         self.kl_ctl = algo.make_kl_controller(cfg.ppo.kl_controller, cfg.ppo.kl_coef, cfg.ppo.kl_target,
                                               cfg.ppo.kl_horizon)
-        self.metrics = MetricsWriter(self.run_dir)
+        self.guards = RolloutGuards(cfg.safeguards)
+        self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
+        self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
         functions, weights = reward_sources(cfg)
         self.roles: Roles = launch_roles(
             cfg, self.policy_path, cfg.model.critic or self.policy_path, cfg.model.reward, functions, weights,
-            engine_kwargs=dict(model=self.policy_path, tensor_parallel_size=cfg.rollout.tensor_parallel_size,
-                               dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                               enable_prefix_caching=cfg.rollout.enable_prefix_caching, backend=cfg.backend,
-                               trust_remote_code=cfg.model.trust_remote_code,
+            engine_kwargs={"model": self.policy_path, "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+                               "dtype": cfg.model.dtype, "max_model_len": cfg.rollout.max_model_len,
+                               "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+                               "enable_prefix_caching": cfg.rollout.enable_prefix_caching, "backend": cfg.backend,
+                               "trust_remote_code": cfg.model.trust_remote_code,
                                # Log-probs of the distribution actually sampled (after temperature),
                                # comparable with the learner's logits / temperature.
-                               logprobs_mode="processed_logprobs"),
+                               "logprobs_mode": "processed_logprobs"},
         )
         self._open_weight_sync()
         self.iteration = 0
@@ -84,7 +94,11 @@ class PPOTrainer:
             rewards = ray.get(reward_ref)
 
         mask = batch.response_mask
-        scores = rewards["score"].clamp(-ppo.reward_clip, ppo.reward_clip) - ppo.missing_eos_penalty * truncated
+        lengths = mask.sum(-1)
+        scores = self.guards.regularise(rewards["score"], prompt_texts, response_texts, lengths)
+        scores = scores.clamp(-ppo.reward_clip, ppo.reward_clip) - ppo.missing_eos_penalty * truncated
+        guard_metrics = self.guards.inspect(prompt_texts, response_texts, lengths, scores,
+                                            rewards.get(f"reward/{GOLD_COMPONENT}"))
         kl_coef = self.kl_ctl.value
         kl_per_token = algo.kl_estimate(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
         kl_per_seq = kl_per_token.sum(-1)
@@ -113,7 +127,6 @@ class PPOTrainer:
         self.kl_ctl.update(kl_per_seq.mean().item(), n_steps=batch.size)
         self.iteration += 1
         n_tokens = int(mask.sum().item())
-        lengths = mask.sum(-1)
         record = {
             "iteration": self.iteration,
             "reward_mean": scores.mean().item(),
@@ -126,6 +139,7 @@ class PPOTrainer:
             "response_length_mean": lengths.mean().item(),
             "response_length_max": int(lengths.max().item()),
             "truncated_fraction": truncated.float().mean().item(),
+            **guard_metrics,
             "logprob_gap_vllm_learner": algo.masked_mean((rollout_logprobs - old_logprobs).abs(), mask).item(),
             "generated_tokens": n_tokens,
             **{f"time/{k}_s": v for k, v in timer.seconds.items()},
@@ -134,7 +148,17 @@ class PPOTrainer:
             "throughput/iteration_tokens_per_s": n_tokens / max(1e-9, sum(timer.seconds.values())),
         }
         self.metrics.write(record)
+        self._write_samples(prompt_texts, response_texts, scores, rewards, kl_per_seq, truncated)
         return record
+
+    def _write_samples(self, prompts, responses, scores, rewards, kl_per_seq, truncated) -> None:
+        """A fixed-size sample of this iteration's rollouts, for people to read (``rlhf-ray view``)."""
+        n = min(self.cfg.logging.samples_per_iteration, len(responses))
+        components = {k.removeprefix("reward/"): v for k, v in rewards.items() if k.startswith("reward/")}
+        rows = [{"iteration": self.iteration, "prompt": prompts[i], "response": responses[i],
+                 "reward": scores[i].item(), "components": {k: v[i].item() for k, v in components.items()},
+                 "kl": kl_per_seq[i].item(), "truncated": bool(truncated[i])} for i in range(n)]
+        self.samples.write_many(rows)
 
     # --- the steps, each a few remote calls -------------------------------------------------
     def _generate(self, prompts: list[str]):
@@ -222,6 +246,10 @@ class PPOTrainer:
             record = self.step()
             history.append(record)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl_to_ref']:.3f}")
+            stop = self.guards.stop_reason(record)
+            if stop:
+                print(f"ppo: early stop at iteration {self.iteration}: {stop}")
+                break
             every = self.cfg.checkpoint.every
             if every and self.iteration % every == 0 and self.iteration < self.cfg.ppo.iterations:
                 self.save(Path(self.run_dir) / f"checkpoint-{self.iteration}")
@@ -245,8 +273,6 @@ def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
 
 
 def run_ppo(cfg: RunConfig) -> list[dict]:
-    from rlhf_ray.stages.common import init_ray
-
     init_ray(cfg)
     trainer = PPOTrainer(cfg)
     try:

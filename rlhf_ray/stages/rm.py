@@ -59,7 +59,7 @@ def run_rm(cfg: RunConfig) -> dict:
         return encode_pairs(tokenizer, [p.prompt for p in pairs], [getattr(p, side) for p in pairs],
                             cfg.data.max_prompt_tokens, cfg.data.max_seq_len)
 
-    metrics = MetricsWriter(run_dir)
+    metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
     members = []
     for member in range(cfg.rm.ensemble_size):
         members.append(_train_member(cfg, member, init_path, train, held_out, encode, metrics, run_dir))

@@ -62,7 +62,7 @@ def run_sft(cfg: RunConfig) -> dict:
         parts = ray.get([a.sft_eval_loss.remote(s) for a, s in zip(learners, batch.chunk(len(learners)))])
         return sum(p[0] for p in parts) / max(1.0, sum(p[1] for p in parts))
 
-    metrics = MetricsWriter(run_dir)
+    metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
     rng = random.Random(cfg.seed)
     steps_per_epoch = max(1, len(train) // sft.batch_size)
     step, eval_losses = 0, [held_out_loss()]

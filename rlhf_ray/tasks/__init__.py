@@ -5,6 +5,8 @@ from rlhf_ray.tasks.arithmetic import ArithmeticTask
 TASKS = {"arithmetic": ArithmeticTask}
 # The gold scorer of each task, in the rule-reward form the reward actor loads.
 GOLD_REWARD = {"arithmetic": "rlhf_ray.tasks.arithmetic:gold_reward"}
+# The name a gold scorer's scores carry among the reward components (its function name).
+GOLD_COMPONENT = "gold_reward"
 
 
 def get_task(name: str, seed: int = 0):

@@ -40,15 +40,22 @@ class ArithmeticTask:
         return rows
 
     def preference_pairs(self, n: int) -> list[dict]:
-        """Chosen is the right sum; rejected is a near miss or a malformed answer."""
+        """Chosen is the right sum. Rejected is half the time a near miss (off by 1 to 3: the
+        reward model must learn arithmetic, not just format), otherwise a far miss, a truncated
+        answer or a malformed one, so the reward model has seen the ways a policy goes wrong."""
         rng = random.Random(self.seed * 11 + 5)
         rows = []
         for a, b in self._pairs(n, salt=4):
             right = a + b
-            near_miss = str(right + rng.choice([-3, -2, -1, 1, 2, 3]))
-            candidates = [near_miss, f"{right}{right}", f"{a}{b}", f"{a}+{b}"]
+            kind = rng.random()
+            if kind < 0.5:
+                candidates = [str(right + d) for d in (-3, -2, -1, 1, 2, 3) if right + d >= 0]
+            elif kind < 0.75:
+                candidates = [str(v) for v in range(2 * self.max_operand + 1)]
+            else:
+                candidates = [f"{right}{right}", f"{a}{b}", f"{a}+{b}", str(right)[:-1] or "", str(right) + "0"]
             # "0"+"5" reads as 5: keep only candidates that really are wrong.
-            wrong = rng.choice([c for c in candidates if self.gold_score(f"{a}+{b}=", c) < 1.0])
+            wrong = rng.choice([c for c in candidates if c and self.gold_score(f"{a}+{b}=", c) < 1.0])
             rows.append({"prompt": f"{a}+{b}=", "chosen": str(right), "rejected": wrong})
         return rows
 

@@ -1,0 +1,5 @@
+import sys
+
+from rlhf_ray.studio.cli import main
+
+sys.exit(main())
