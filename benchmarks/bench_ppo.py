@@ -160,23 +160,11 @@ def main() -> None:
 
     import ray
 
+    from rlhf_ray.config import load_config
     from rlhf_ray.models.tiny import CHARSET
-    from rlhf_ray.platform import detect
+    from rlhf_ray.stages.common import init_ray
 
-    platform = detect("auto")
-    platform.apply_env()
-    env = {
-        **platform.process_env(),
-        "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-    }
-    os.environ.update(env)
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=args.verbose,
-        runtime_env={"env_vars": env},
-        num_cpus=max(8, os.cpu_count() or 1),
-    )
+    init_ray(load_config(), log_to_driver=args.verbose)  # local Ray, platform env, quiet engines
     facts = machine_facts()
     print(
         f"bench_ppo on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "

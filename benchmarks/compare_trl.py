@@ -62,23 +62,10 @@ def side_rlhf_ray(args, out: dict) -> None:
     import ray
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.platform import detect
+    from rlhf_ray.stages.common import init_ray
     from rlhf_ray.stages.ppo import PPOTrainer
 
-    platform = detect("auto")
-    platform.apply_env()
-    env = {
-        **platform.process_env(),
-        "TOKENIZERS_PARALLELISM": "false",
-        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-    }
-    os.environ.update(env)
-    ray.init(
-        include_dashboard=False,
-        log_to_driver=args.verbose,
-        runtime_env={"env_vars": env},
-        num_cpus=max(8, os.cpu_count() or 1),
-    )
+    init_ray(load_config(), log_to_driver=args.verbose)  # local Ray, platform env, quiet engines
     cfg = load_config(
         None,
         [

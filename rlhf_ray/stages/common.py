@@ -59,18 +59,28 @@ def reward_sources(cfg: RunConfig) -> tuple[list[str], list[float]]:
     return functions, weights
 
 
-def init_ray(cfg: RunConfig) -> None:
+QUIET_ENV = {  # engines' start-up chatter hides the progress bars; RLHF_RAY_VERBOSE=1 keeps it
+    "TOKENIZERS_PARALLELISM": "false",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::UserWarning",
+}
+
+
+def init_ray(cfg: RunConfig, log_to_driver: bool = True) -> None:
     """Joins the cluster named by ``ray_address`` or starts a local Ray bound to localhost."""
     import ray
 
     if ray.is_initialized():
         return
     platform = detect(cfg.backend)
-    env = {**platform.process_env(), "TOKENIZERS_PARALLELISM": "false"}
+    quiet = {} if os.environ.get("RLHF_RAY_VERBOSE") else QUIET_ENV
+    env = {**platform.process_env(), **{k: os.environ.get(k, v) for k, v in quiet.items()}}
+    os.environ.update(env)
     if cfg.ray_address:
         # A job's driver already runs in the job's runtime env; every actor applies the
         # platform's environment itself (``Platform.apply_env``) before importing its engine.
-        ray.init(address=cfg.ray_address)
+        ray.init(address=cfg.ray_address, log_to_driver=log_to_driver)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env},
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=log_to_driver,
                  num_cpus=max(8, os.cpu_count() or 1))  # logical slots: roles mostly wait on each other
