@@ -130,6 +130,13 @@ class PolicyLearnerActor(_LearnerBase):
 
         return self._train_on(shard, loss_fn)
 
+    @torch.no_grad()
+    def greedy_tokens(self, shard: RolloutBatch) -> torch.Tensor:
+        """The learner's argmax token at every response position (teacher-forced), ``[B, R]``:
+        equal to a greedy response token for token exactly when greedy decoding agrees."""
+        self.engine.eval()
+        return scoring.response_logits(self.engine, shard).argmax(-1)
+
     def sft_step(self, shard: RolloutBatch) -> dict[str, float]:
         """One optimiser step of next-token loss on the response tokens only (prompt masked)."""
 

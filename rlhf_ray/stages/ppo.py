@@ -6,7 +6,6 @@ Read ``PPOTrainer.iteration`` top to bottom for one step of RLHF.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import ray
@@ -26,7 +25,7 @@ from rlhf_ray.stages.common import (
     reward_sources,
 )
 from rlhf_ray.stages.guards import RolloutGuards
-from rlhf_ray.sync.parity import WeightSyncParityError, check_parity
+from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
 
@@ -226,17 +225,27 @@ class PPOTrainer:
         ray.get(refs)
 
     def check_sync_parity(self, batch: RolloutBatch) -> None:
-        """Engines and learner must agree on log-probs of the same responses after a sync."""
+        """After a sync, every engine must agree with the learner: log-probs of the same responses
+        within ``sync.parity_atol``, and greedy decoding token for token."""
         probe = batch.select(slice(0, min(4, batch.size)))
-        learner_lp = torch.cat([lp for lp, _ in ray.get(
-            [a.logprobs.remote(s, 1.0) for a, s in zip(self.roles.policy, probe.chunk(len(self.roles.policy)))])])
+        shards = probe.chunk(len(self.roles.policy))
+        learner_lp = torch.cat([lp for lp, _ in ray.get([a.logprobs.remote(s, 1.0)
+                                                         for a, s in zip(self.roles.policy, shards)])])
         prompts, responses = probe.prompt_token_lists(), probe.response_token_lists()
         for i, engine in enumerate(self.roles.rollout):
+            what = f"rollout engine {i} after the sync of iteration {self.iteration}"
             engine_lp = _pad_rows(ray.get(engine.score.remote(prompts, responses)), probe.response_mask.shape[1])
+            greedy = ray.get(engine.greedy.remote(prompts, self.cfg.rollout.max_new_tokens))
+            greedy_batch = RolloutBatch.from_token_lists(prompts, greedy, self.tokenizer.pad_token_id)
+            learner_greedy = torch.cat(ray.get([a.greedy_tokens.remote(s) for a, s in zip(
+                self.roles.policy, greedy_batch.chunk(len(self.roles.policy)))]))
             try:
                 check_parity(learner_lp, engine_lp, probe.response_mask, self.cfg.sync.parity_atol)
+                check_greedy_parity(
+                    [row[m.bool()].tolist() for row, m in zip(learner_greedy, greedy_batch.response_mask)],
+                    greedy_batch.response_token_lists())
             except WeightSyncParityError as e:
-                raise WeightSyncParityError(f"rollout engine {i} after the sync of iteration {self.iteration}: {e}") from None
+                raise WeightSyncParityError(f"{what}: {e}") from None
 
     # --- the whole run ------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -282,6 +291,4 @@ def run_ppo(cfg: RunConfig) -> list[dict]:
     last = history[-1]
     print(f"ppo done: {len(history)} iterations, reward {history[0]['reward_mean']:.3f} -> "
           f"{last['reward_mean']:.3f}, run dir {trainer.run_dir}")
-    if not all(math.isfinite(v) for r in history for v in r.values() if isinstance(v, float)):
-        raise RuntimeError("non-finite metrics in the run; see metrics.jsonl")
     return history
