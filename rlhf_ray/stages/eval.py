@@ -58,10 +58,10 @@ def compare_gold(cfg: RunConfig, models: dict[str, str]) -> dict[str, float]:
 
 def format_table(scores: dict[str, float]) -> str:
     baseline = next(iter(scores.values()))
-    lines = [f"{'model':<10} {'gold score':>10} {'change':>9}"]
+    lines = [f"{'model':<10} {'gold score':>10} {'change':>9}"]  # change relative to the first model
     for name, value in scores.items():
-        change = (value - baseline) / abs(baseline) * 100 if baseline else float("nan")
-        lines.append(f"{name:<10} {value:>10.3f} {change:>8.1f}%")
+        change = f"{(value - baseline) / abs(baseline) * 100:>8.1f}%" if baseline else f"{'n/a':>9}"
+        lines.append(f"{name:<10} {value:>10.3f} {change}")
     return "\n".join(lines)
 
 

@@ -40,7 +40,7 @@ class ArithmeticTask:
         return rows
 
     def preference_pairs(self, n: int) -> list[dict]:
-        """Chosen is the right sum. Rejected is half the time a near miss (off by 1 to 3: the
+        """Chosen is the right sum. Rejected is mostly a near miss (off by 1 to 3: the
         reward model must learn arithmetic, not just format), otherwise a far miss, a truncated
         answer or a malformed one, so the reward model has seen the ways a policy goes wrong."""
         rng = random.Random(self.seed * 11 + 5)
@@ -48,9 +48,9 @@ class ArithmeticTask:
         for a, b in self._pairs(n, salt=4):
             right = a + b
             kind = rng.random()
-            if kind < 0.5:
-                candidates = [str(right + d) for d in (-3, -2, -1, 1, 2, 3) if right + d >= 0]
-            elif kind < 0.75:
+            if kind < 0.6:  # off by one twice as often: the hardest and most common slip
+                candidates = [str(right + d) for d in (-3, -2, -1, -1, 1, 1, 2, 3) if right + d >= 0]
+            elif kind < 0.8:
                 candidates = [str(v) for v in range(2 * self.max_operand + 1)]
             else:
                 candidates = [f"{right}{right}", f"{a}{b}", f"{a}+{b}", str(right)[:-1] or "", str(right) + "0"]
