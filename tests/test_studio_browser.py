@@ -2,7 +2,7 @@
 
 Skips, saying why, when the ``playwright`` package or a Chromium binary is missing. CI installs
 both: ``apt-get install -y chromium`` and ``pip install playwright`` (never ``playwright install``).
-Screenshots go to docs/screenshots/.
+Screenshots go to a temp folder, or to $RLHF_RAY_SCREENSHOTS (docs/screenshots/ for the docs).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,8 @@ from rlhf_ray.studio.db import Store
 from rlhf_ray.studio.pairs import Pair
 from rlhf_ray.studio.server import StudioApp, make_server, serve_in_thread, url_of
 
-SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+# Screenshots land in a temp folder; RLHF_RAY_SCREENSHOTS=docs/screenshots refreshes the docs' copies.
+SHOTS = Path(os.environ.get("RLHF_RAY_SCREENSHOTS") or tempfile.mkdtemp(prefix="studio-shots-")).resolve()
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
      if p and os.path.exists(p)), None)
