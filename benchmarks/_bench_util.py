@@ -179,3 +179,147 @@ def _role_name(p) -> str:
 
 def wall() -> float:
     return time.perf_counter()
+
+
+# ------------------------------------------------------------------------------------------------
+# This machine's limits, measured in the run that uses them
+# ------------------------------------------------------------------------------------------------
+def matmul_peak(
+    dtype: str = "float32", threads: int | None = None, n: int = 1024, seconds: float = 1.0
+) -> float:
+    """Best FLOP/s of an ``n x n @ n x n`` matmul (2 n^3 FLOPs) in this process.
+
+    ``threads`` sets torch's intra-op threads for the measurement and restores them after. The
+    best of several timed windows is kept (a peak, not a mean), so a busy shared machine lowers it
+    less than it lowers a mean.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        dt = getattr(torch, dtype)
+        a, b = torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)
+        torch.mm(a, b)  # warm-up (bf16 kernels pick their path on first use)
+        best, deadline = 0.0, time.perf_counter() + seconds
+        while time.perf_counter() < deadline or best == 0.0:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+        return best
+    finally:
+        torch.set_num_threads(old)
+
+
+def matmul_peaks(threads=(1, 2), dtypes=("float32", "bfloat16")) -> dict:
+    """``{"float32": {"1": flops, "2": flops}, "bfloat16": {...}}`` measured now, in this process."""
+    return {d: {str(t): matmul_peak(d, t) for t in threads} for d in dtypes}
+
+
+def train_flops(params: int, tokens: float) -> float:
+    """Model FLOPs of forward + backward over ``tokens`` positions: 6 x params x tokens.
+
+    2 FLOPs per parameter per token forward (one multiply-add), 4 backward (gradients of inputs and
+    of weights). Attention's score/value products (12 x layers x hidden x sequence per token) are left
+    out: under 5% at the sequence lengths benchmarked here (<= 64 tokens vs hidden >= 256).
+    """
+    return 6.0 * params * tokens
+
+
+def gloo_baselines(backend: str = "gloo", nbytes: int = 64 << 20, iters: int = 10) -> dict:
+    """Raw broadcast between two Ray actors and a memcpy, both of ``nbytes`` buffers (bytes/s).
+
+    Needs a running Ray. The upper bounds a weight sync is compared to in the same run (used by
+    bench_weight_sync.py and bench_ppo.py).
+    """
+    import ray
+    import torch
+
+    from rlhf_ray.sync import free_port
+    from rlhf_ray.sync.group import open_group
+
+    @ray.remote(num_cpus=0)
+    class GlooPeer:
+        def address(self) -> tuple[str, int]:
+            return ray.util.get_node_ip_address(), free_port()
+
+        def broadcast(self, addr, port, rank, backend, nbytes, iters) -> float:
+            group = open_group(addr, port, rank, 2, backend)
+            buf = torch.ones(nbytes, dtype=torch.uint8, device=group.device)
+            group.broadcast(buf).wait()  # warm-up
+            start = time.perf_counter()
+            for _ in range(iters):
+                group.broadcast(buf).wait()
+            return nbytes * iters / (time.perf_counter() - start)
+
+        def memcpy(self, nbytes, iters) -> float:
+            src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
+            dst.copy_(src)
+            start = time.perf_counter()
+            for _ in range(iters):
+                dst.copy_(src)
+            return nbytes * iters / (time.perf_counter() - start)
+
+    a, b = GlooPeer.remote(), GlooPeer.remote()
+    try:
+        addr, port = ray.get(a.address.remote())
+        bcast = ray.get(
+            [
+                a.broadcast.remote(addr, port, 0, backend, nbytes, iters),
+                b.broadcast.remote(addr, port, 1, backend, nbytes, iters),
+            ]
+        )[0]
+        copy = ray.get(a.memcpy.remote(nbytes, iters))
+    finally:
+        for actor in (a, b):
+            ray.kill(actor)
+    return {"buffer_bytes": nbytes, "broadcast_bytes_per_s": bcast, "memcpy_bytes_per_s": copy}
+
+
+# ------------------------------------------------------------------------------------------------
+# Charts
+# ------------------------------------------------------------------------------------------------
+def save_chart(json_path: Path, panels: list[dict], title: str) -> Path:
+    """A PNG next to a results JSON (same name, ``.png``): one bar panel per entry of ``panels``.
+
+    Each panel: ``{"title", "labels", "series": {name: [values]}, "ylabel", "stacked": bool,
+    "hline": optional (value, label)}``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        labels, series = panel["labels"], panel["series"]
+        x = list(range(len(labels)))
+        if panel.get("stacked"):
+            bottom = [0.0] * len(labels)
+            for name, vals in series.items():
+                vals = [0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else v for v in vals]
+                ax.bar(x, vals, bottom=bottom, label=name)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+        else:
+            width = 0.8 / max(1, len(series))
+            for i, (name, vals) in enumerate(series.items()):
+                xs = [xi - 0.4 + width * (i + 0.5) for xi in x]
+                bars = ax.bar(xs, vals, width=width, label=name)
+                ax.bar_label(bars, fmt="%.3g", fontsize=7)
+        if panel.get("hline"):
+            value, text = panel["hline"]
+            ax.axhline(value, color="k", linestyle="--", linewidth=1)
+            ax.text(x[-1] if x else 0, value, f" {text}", va="bottom", ha="right", fontsize=8)
+        ax.set_xticks(x)
+        ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(panel.get("ylabel", ""))
+        ax.set_title(panel["title"], fontsize=10)
+        if len(series) > 1 or panel.get("stacked"):
+            ax.legend(fontsize=8)
+    fig.suptitle(f"{title}\n{SHARED_NOTE}", fontsize=9)
+    fig.tight_layout()
+    png = Path(json_path).with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png

@@ -9,7 +9,24 @@ variant (``gae``: PPO with a critic; ``grpo``: critic-free, group baselines) it 
 ones, and prints the median seconds and generated tokens/s of each phase (generate, score, train,
 sync) and of the whole iteration, plus the weight-sync bandwidth (the sync manifest's total bytes
 divided by the sync seconds). Prints figures, asserts nothing; the raw per-iteration records go to
-``benchmarks/results/bench_ppo-<time>.json``.
+``benchmarks/results/bench_ppo-<time>.json`` and a chart next to it (``.png``).
+
+Against this machine's limits, measured at the start of the same run (``--no-baselines`` skips):
+a raw gloo broadcast between two Ray actors and a memcpy of 64 MB buffers (the weight sync's
+upper bounds), and the best fp32/bf16 matmul FLOP/s with 1 and 2 torch threads (the learners'
+upper bound). The second table then gives, per run:
+
+* ``pad``: padded positions / all positions of the learner batches: the driver's rollout batch is
+  ``[prompt left-padded to the widest | response right-padded to the longest]`` for all rows of the
+  iteration (``RolloutBatch.from_token_lists``), and the learners' micro-batches keep that width. The
+  prompt and response token counts are recorded by wrapping the trainer's ``_generate`` (exact, no
+  re-tokenising).
+* ``train tok/s``: real (non-pad) prompt + response tokens x ``ppo.epochs`` / train seconds.
+* ``MFU``: 6 x N x real tokens x epochs x models trained (2 for GAE: policy and critic) / train
+  seconds / the machine's 2-core matmul peak in the learners' dtype: the better of one process on
+  2 threads and twice the 1-thread figure; N = parameters in matmuls
+  (the input embedding table, a lookup, excluded). Padded positions are computed but not counted.
+* ``/bcast``, ``/memcpy``: the sync bandwidth as a fraction of those baselines.
 """
 
 from __future__ import annotations
@@ -24,10 +41,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench_util import (
     SHARED_NOTE,
+    gloo_baselines,
     human_bytes,
     machine_facts,
+    matmul_peaks,
     median,
     print_table,
+    save_chart,
+    train_flops,
     write_results,
 )
 
@@ -96,6 +117,21 @@ def run_one(hidden: int, layers: int, variant: str, iterations: int, extra: list
     start = time.perf_counter()
     trainer = PPOTrainer(cfg)
     startup_s = time.perf_counter() - start
+    shapes: list[dict] = []  # per step: prompt and response token counts of the rollout batch
+    generate = getattr(trainer, "_generate", None)
+    if generate is not None:
+
+        def recording_generate(prompts, *a, **k):
+            gens = generate(prompts, *a, **k)
+            shapes.append(
+                {
+                    "prompt_lengths": [len(g.prompt_ids) for g in gens],
+                    "response_lengths": [len(g.response_ids) for g in gens],
+                }
+            )
+            return gens
+
+        trainer._generate = recording_generate
     try:
         warmup = trainer.step()
         records = [trainer.step() for _ in range(iterations)]
@@ -112,6 +148,10 @@ def run_one(hidden: int, layers: int, variant: str, iterations: int, extra: list
         "sync_total_bytes": total_bytes,
         "sync_buckets": len(manifest.get("buckets", [])),
         "rollout_batch": cfg.rollout_batch_size,
+        "epochs": cfg.ppo.epochs,
+        "models_trained": 2 if cfg.uses_critic else 1,
+        "bf16": bool(cfg.policy.bf16),
+        "batch_shapes": shapes[1:],  # the measured iterations (the first is the warm-up's)
         "warmup": warmup,
         "records": records,
     }
@@ -130,7 +170,36 @@ def summarise(result: dict) -> dict:
     row["sync_bytes_per_s"] = median(
         [result["sync_total_bytes"] / r["time/sync_s"] for r in recs if r.get("time/sync_s")]
     )
+    pads, real = [], []
+    for shape in result.get("batch_shapes", []):
+        p, r = shape["prompt_lengths"], shape["response_lengths"]
+        positions = len(p) * (max(p) + max(1, max(r)))
+        real.append(sum(p) + sum(r))
+        pads.append(1 - real[-1] / positions)
+    row["padding_fraction"] = median(pads)
+    row["real_tokens"] = median(real)
+    row["train_tokens_per_s"] = row["real_tokens"] * result["epochs"] / row["train_s"]
     return row
+
+
+def add_limits(result: dict, limits: dict) -> None:
+    """MFU of the train phase and sync bandwidth as fractions of this run's measured limits."""
+    s = result["summary"]
+    peaks = limits.get("matmul_peak_flops", {})
+    dtype = "bfloat16" if result["bf16"] else "float32"
+    # The 2-core peak: the better of one process on 2 threads and twice one thread (each of the 2
+    # learner ranks runs 1 thread and can at best reach the 1-thread peak on its own core).
+    per = peaks.get(dtype, {})
+    peak = max(per.get("2", float("nan")), 2 * per.get("1", float("nan"))) if per else float("nan")
+    flops = train_flops(
+        result["matmul_params"], s["real_tokens"] * result["epochs"] * result["models_trained"]
+    )
+    s["train_flops_per_s"] = flops / s["train_s"]
+    s["machine_peak_flops"] = peak
+    s["mfu"] = s["train_flops_per_s"] / peak
+    sync = limits.get("sync_baselines", {})
+    s["sync_over_bcast"] = s["sync_bytes_per_s"] / sync.get("broadcast_bytes_per_s", float("nan"))
+    s["sync_over_memcpy"] = s["sync_bytes_per_s"] / sync.get("memcpy_bytes_per_s", float("nan"))
 
 
 def main() -> None:
@@ -154,6 +223,10 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="extra config override (repeatable), e.g. --set rollout.num_engines=1",
     )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="skip measuring gloo/memcpy/matmul limits first"
+    )
+    parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
     parser.add_argument("--verbose", action="store_true", help="show the actors' logs")
     parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/*.json")
     args = parser.parse_args()
@@ -172,6 +245,24 @@ def main() -> None:
         flush=True,
     )
 
+    limits: dict = {}
+    if not args.no_baselines:
+        limits["sync_baselines"] = gloo_baselines()
+        limits["matmul_peak_flops"] = matmul_peaks()
+        b = limits["sync_baselines"]
+        print(
+            f"this machine now: gloo broadcast {b['broadcast_bytes_per_s'] / 1e9:.2f} GB/s, memcpy "
+            f"{b['memcpy_bytes_per_s'] / 1e9:.2f} GB/s (64 MB buffers); matmul peak "
+            + ", ".join(
+                f"{d} {t} thr {v / 1e9:.1f} GFLOP/s"
+                for d, per in limits["matmul_peak_flops"].items()
+                for t, v in per.items()
+            ),
+            flush=True,
+        )
+    if args.overrides:
+        print(f"overrides: {' '.join(args.overrides)}", flush=True)
+
     vocab = len(CHARSET) + 4
     results, rows = [], []
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as root:
@@ -181,6 +272,8 @@ def main() -> None:
                 res = run_one(hidden, layers, variant, args.iterations, args.overrides, root)
                 res["summary"] = s = summarise(res)
                 res["params"] = param_count(hidden, layers, vocab)
+                res["matmul_params"] = res["params"] - vocab * hidden  # input embedding: a lookup
+                add_limits(res, limits)
                 results.append(res)
                 print(
                     f"   startup {res['startup_s']:.1f} s, warm-up iteration "
@@ -235,12 +328,76 @@ def main() -> None:
         ],
         title="generated tokens per second of each phase",
     )
+    print()
+    limits_table = print_table(
+        ["variant", "size", "pad", "train tok/s", "train GFLOP/s", "MFU", "sync GB/s", "/bcast", "/memcpy"],
+        [
+            [
+                r["variant"],
+                f"{r['hidden']}x{r['layers']}",
+                r["summary"]["padding_fraction"],
+                r["summary"]["train_tokens_per_s"],
+                r["summary"]["train_flops_per_s"] / 1e9,
+                f"{100 * r['summary']['mfu']:.1f}%",
+                r["summary"]["sync_bytes_per_s"] / 1e9,
+                r["summary"]["sync_over_bcast"],
+                r["summary"]["sync_over_memcpy"],
+            ]
+            for r in results
+        ],
+        title=(
+            "against this machine's limits measured in this run: MFU = 6 x N x real tokens x epochs x models "
+            f"/ train s / 2-core matmul peak = max(2 thr, 2 x 1 thr) (goal {100 * args.goal:.0f}%); pad = padded / all positions"
+        ),
+    )
     print(f"\n{SHARED_NOTE}")
     if not args.no_json:
         path = write_results(
-            "bench_ppo", {"machine": facts, "args": vars(args), "table": table, "runs": results}
+            "bench_ppo",
+            {
+                "machine": facts,
+                "args": vars(args),
+                "limits": limits,
+                "table": table,
+                "limits_table": limits_table,
+                "runs": results,
+            },
         )
-        print(f"results: {path}")
+        labels = [f"{r['variant']} {r['hidden']}x{r['layers']}" for r in results]
+        panels = [
+            {
+                "title": "median seconds per phase",
+                "labels": labels,
+                "stacked": True,
+                "series": {p: [r["summary"][f"{p}_s"] for r in results] for p in PHASES},
+                "ylabel": "s / iteration",
+            },
+            {
+                "title": "train phase MFU vs measured matmul peak",
+                "labels": labels,
+                "series": {"MFU %": [100 * r["summary"]["mfu"] for r in results]},
+                "ylabel": "%",
+                "hline": (100 * args.goal, f"goal {100 * args.goal:.0f}%"),
+            },
+        ]
+        if limits.get("sync_baselines"):
+            b = limits["sync_baselines"]
+            panels.append(
+                {
+                    "title": "weight sync vs raw gloo broadcast / memcpy (GB/s)",
+                    "labels": [*labels, "gloo bcast", "memcpy"],
+                    "series": {
+                        "GB/s": [
+                            *[r["summary"]["sync_bytes_per_s"] / 1e9 for r in results],
+                            b["broadcast_bytes_per_s"] / 1e9,
+                            b["memcpy_bytes_per_s"] / 1e9,
+                        ]
+                    },
+                    "ylabel": "GB/s",
+                }
+            )
+        png = save_chart(path, panels, f"bench_ppo {facts['date']} {' '.join(args.overrides)}")
+        print(f"results: {path}\nchart: {png}")
 
 
 if __name__ == "__main__":

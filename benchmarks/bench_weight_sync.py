@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -21,7 +22,9 @@ import torch
 from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
 from rlhf_ray.platform import detect
 from rlhf_ray.sync import WeightSender, free_port, rank_layout
-from rlhf_ray.sync.group import open_group
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_util import gloo_baselines
 
 SIZES = {
     "5m": TinyModelSpec(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=4, intermediate_size=1024),
@@ -56,44 +59,10 @@ class BenchSender:
         return time.perf_counter() - start
 
 
-@ray.remote(num_cpus=1)
-class GlooPeer:
-    """One end of the raw-broadcast and memcpy baselines."""
-
-    def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
-
-    def broadcast(self, addr: str, port: int, rank: int, backend: str, nbytes: int, iters: int) -> float:
-        group = open_group(addr, port, rank, 2, backend)
-        buf = torch.ones(nbytes, dtype=torch.uint8, device=group.device)
-        group.broadcast(buf).wait()  # warm-up
-        start = time.perf_counter()
-        for _ in range(iters):
-            group.broadcast(buf).wait()
-        return nbytes * iters / (time.perf_counter() - start)
-
-    def memcpy(self, nbytes: int, iters: int) -> float:
-        src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.zeros(nbytes, dtype=torch.uint8)
-        dst.copy_(src)
-        start = time.perf_counter()
-        for _ in range(iters):
-            dst.copy_(src)
-        return nbytes * iters / (time.perf_counter() - start)
-
-
 def baselines(backend: str, iters: int = 10) -> tuple[float, float]:
-    a, b = GlooPeer.remote(), GlooPeer.remote()
-    addr, port = ray.get(a.address.remote())
-    bcast = ray.get(
-        [
-            a.broadcast.remote(addr, port, 0, backend, BASELINE_BYTES, iters),
-            b.broadcast.remote(addr, port, 1, backend, BASELINE_BYTES, iters),
-        ]
-    )[0]
-    copy = ray.get(a.memcpy.remote(BASELINE_BYTES, iters))
-    for actor in (a, b):
-        ray.kill(actor)
-    return bcast, copy
+    """Raw gloo broadcast and memcpy bytes/s (the shared helper in _bench_util, same run)."""
+    b = gloo_baselines(backend, BASELINE_BYTES, iters)
+    return b["broadcast_bytes_per_s"], b["memcpy_bytes_per_s"]
 
 
 def bench_size(name: str, model_dir: str, bucket_sizes: list[int], repeats: int, backend: str) -> list[dict]:

@@ -48,6 +48,7 @@ from _bench_util import (
     machine_facts,
     median,
     print_table,
+    save_chart,
     write_results,
 )
 
@@ -133,6 +134,8 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
     from rlhf_ray.tasks.rewards import digit_fraction
 
     torch.manual_seed(args.seed)
+    if args.trl_threads:
+        torch.set_num_threads(args.trl_threads)
     prompts = get_task("arithmetic", args.seed).prompts(args.num_prompts)
     dataset = Dataset.from_dict({"prompt": prompts})
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
@@ -396,6 +399,13 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=1, help="rlhf_ray: vLLM rollout engines")
     parser.add_argument("--ranks", type=int, default=2, help="rlhf_ray: DeepSpeed ZeRO-2 policy ranks")
     parser.add_argument(
+        "--trl-threads",
+        type=int,
+        default=0,
+        help="TRL: torch threads (0 = torch's default, one per core); on a loaded 2-core machine 1 can be "
+        "much faster (see docs/performance.md, threads)",
+    )
+    parser.add_argument(
         "--set",
         dest="rlhf_set",
         action="append",
@@ -414,6 +424,7 @@ def main() -> None:
     parser.add_argument("--vllm-timeout", type=int, default=240, help="seconds for the trl_vllm attempt")
     parser.add_argument("--verbose", action="store_true", help="actors' logs and progress bars (in the logs)")
     parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/*.json")
+    parser.add_argument("--replot", metavar="JSON", help="only draw the PNG of an existing results JSON")
     # Internal: the child processes.
     parser.add_argument("--_side", dest="side", help=argparse.SUPPRESS)
     parser.add_argument("--_result", dest="result", help=argparse.SUPPRESS)
@@ -422,6 +433,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.side:
         child_main(args)
+        return
+    if args.replot:
+        replot(args.replot)
         return
 
     try:
@@ -599,7 +613,62 @@ def main() -> None:
             },
         )
         print(f"results: {path}")
+        print(f"chart: {chart(path, results, sums, job, facts)}")
     print(f"work dir (model, logs): {workdir}")
+
+
+def chart(path, results: dict, sums: dict, job: str, facts: dict):
+    """PNG next to the JSON: seconds per phase (rlhf_ray's phases, TRL's whole iteration) and the
+    rlhf_ray / TRL ratios."""
+    labels, series = [], {p: [] for p in (*PHASES, "whole iteration (TRL)")}
+    if results.get("rlhf_ray", {}).get("ok"):
+        recs = results["rlhf_ray"]["records"][1:]
+        labels.append("rlhf_ray")
+        for p in PHASES:
+            series[p].append(median([r[f"time/{p}_s"] for r in recs]))
+        series["whole iteration (TRL)"].append(0.0)
+    for side in ("trl", "trl_vllm"):
+        if side in sums:
+            labels.append(side)
+            for p in PHASES:
+                series[p].append(0.0)
+            series["whole iteration (TRL)"].append(sums[side]["iteration_s"])
+    panels = [
+        {
+            "title": "median seconds per iteration, by phase",
+            "labels": labels,
+            "stacked": True,
+            "series": series,
+            "ylabel": "s / iteration",
+        }
+    ]
+    if "rlhf_ray" in sums and "trl" in sums:
+        a, b = sums["rlhf_ray"], sums["trl"]
+        names = ["s/iter", "gen tokens/s", "peak RSS", "peak PSS"]
+        vals = [
+            a["iteration_s"] / b["iteration_s"],
+            a["tokens_per_s"] / b["tokens_per_s"],
+            a["peak_rss"] / b["peak_rss"],
+            a["peak_pss"] / b["peak_pss"],
+        ]
+        panels.append(
+            {
+                "title": "rlhf_ray / TRL",
+                "labels": names,
+                "series": {"ratio": vals},
+                "ylabel": "x",
+                "hline": (1.0, "parity"),
+            }
+        )
+    return save_chart(path, panels, f"compare_trl {facts.get('date', '')}: {job[:110]}")
+
+
+def replot(json_path: str) -> None:
+    """Draws the chart of an existing results JSON (``--replot``)."""
+    data = json.loads(Path(json_path).read_text())
+    runs = data["runs"]
+    sums = data.get("summary") or {k: summarise(v) for k, v in runs.items() if v.get("ok")}
+    print(f"chart: {chart(json_path, runs, sums, data.get('job', ''), data.get('machine', {}))}")
 
 
 def _prod(shape) -> int:

@@ -33,10 +33,17 @@ def _parser() -> argparse.ArgumentParser:
     with_config(config_sub.add_parser("show", help="print the resolved config"))
     with_config(config_sub.add_parser("check", help="validate a config and exit"))
     for name in STAGES:
-        with_config(sub.add_parser(name, help=f"run the {name} stage"))
+        stage = sub.add_parser(name, help=f"run the {name} stage")
+        with_config(stage)
+        if name == "ppo":
+            stage.add_argument("--resume", action="store_true",
+                               help="continue from the newest complete checkpoint (checkpoint.resume=auto)")
     from rlhf_ray.studio.cli import add_studio_commands
 
     add_studio_commands(sub)  # annotate serve|add-annotator|stats|export, view RUN_DIR
+    from rlhf_ray.cluster.cli import add_cluster_commands
+
+    add_cluster_commands(sub)  # cluster up|down|status|exec: a local multi-node Ray cluster
     tiny = sub.add_parser("build-tiny", help="write the built-in tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     return parser
@@ -48,11 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf_ray.studio.cli import run_studio_command
 
         return run_studio_command(args)
+    if args.command == "cluster":
+        from rlhf_ray.cluster.cli import run_cluster_command
+
+        return run_cluster_command(args)
     if args.command == "build-tiny":
         from rlhf_ray.models.tiny import build_tiny_model
 
         print(build_tiny_model(args.out_dir))
         return 0
+    if getattr(args, "resume", False):
+        args.overrides.append("checkpoint.resume=auto")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -83,16 +83,30 @@ class _LearnerBase:
         totals: dict[str, float] = {}
         n = self.spec.grad_accum_steps
         micro = list(zip(*(b.chunk(n) for b in shard))) if isinstance(shard, tuple) else shard.chunk(n)
+        skipped_before = self.engine.skipped_steps
         for mb in micro:
             loss, stats = loss_fn(mb)
             self.strategy.backward(loss, self.engine)
             self.strategy.step(self.engine)
             for k, v in stats.items():
                 totals[k] = totals.get(k, 0.0) + float(v) / len(micro)
+        # DeepSpeed refuses an optimiser step whose gradient norm is not finite (the weights stay
+        # as they were); the driver counts such steps as skipped non-finite batches.
+        totals["skipped_steps"] = float(self.engine.skipped_steps - skipped_before)
         return self.strategy.all_reduce_mean(totals)
 
     def save(self, out_dir: str) -> None:
         self.strategy.save_hf(self.engine, self.tokenizer, out_dir)
+
+    def save_checkpoint(self, out_dir: str) -> None:
+        """Resumable state (weights, optimizer, RNG); every rank of the group takes part."""
+        self.strategy.save_checkpoint(self.engine, out_dir)
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        self.strategy.load_checkpoint(self.engine, ckpt_dir)
+
+    def pid(self) -> int:
+        return os.getpid()
 
 
 class PolicyLearnerActor(_LearnerBase):

@@ -27,6 +27,7 @@ class Roles:
     reference: object
     reward: object
     placement_groups: list[PlacementGroup]
+    rollout_group: PlacementGroup | None = None  # engine i runs in bundle i (a replacement too)
 
 
 def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
@@ -96,20 +97,24 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
              sc.micro_batch_size)
 
-    rollout = [
-        ray.remote(RolloutActor).options(
-            num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size,
-            scheduling_strategy=_in_bundle(groups["rollout"], i),
-        ).remote(**engine_kwargs, seed=cfg.seed + i)
-        for i in range(ro.num_engines)
-    ]
+    rollout = [start_rollout_engine(cfg, groups["rollout"], i, engine_kwargs) for i in range(ro.num_engines)]
     policy = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol.num_ranks,
                                   pol.num_cpus, pol.num_gpus, groups["policy"])
     critic = []
     if cfg.uses_critic:
         critic = launch_learner_group(CriticLearnerActor, learner_spec(cfg, cri, critic_path), cri.num_ranks,
                                       cri.num_cpus, cri.num_gpus, groups["critic"])
-    return Roles(rollout, policy, critic, reference, reward, list(groups.values()))
+    return Roles(rollout, policy, critic, reference, reward, list(groups.values()), groups["rollout"])
+
+
+def start_rollout_engine(cfg, pg: PlacementGroup, index: int, engine_kwargs: dict):
+    """Engine ``index`` in bundle ``index`` of the rollout group: at launch, or replacing a dead one
+    (whose bundle Ray freed when it died)."""
+    ro = cfg.rollout
+    return ray.remote(RolloutActor).options(
+        num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size,
+        scheduling_strategy=_in_bundle(pg, index),
+    ).remote(**engine_kwargs, seed=cfg.seed + index)
 
 
 def learner_spec(cfg, lc, model_path: str, rows_per_step: int | None = None, lr: float | None = None,
@@ -131,6 +136,6 @@ def shutdown_roles(roles: Roles) -> None:
     from ray.util.placement_group import remove_placement_group
 
     for handle in [*roles.rollout, *roles.policy, *roles.critic, roles.reference, roles.reward]:
-        ray.kill(handle)
+        ray.kill(handle)  # a no-op for an actor that already died
     for pg in roles.placement_groups:
         remove_placement_group(pg)

@@ -176,8 +176,19 @@ class LoggingConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # iterations between checkpoints; 0 = only at the end
+    every: int = 0  # iterations between full checkpoints (+ one at the end); 0 = only the final HF policy
     save_final: bool = True
+    resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint in run_dir
+    keep_last: int = 2  # complete checkpoints kept in run_dir/checkpoints; older ones are deleted
+
+
+@dataclass
+class FaultsConfig:
+    """What the PPO driver survives: non-finite batches, dead rollout engines, dead learners/scorers."""
+
+    max_consecutive_nonfinite: int = 3  # skipped non-finite batches in a row before training stops
+    max_engine_replacements: int = 4  # dead rollout engines replaced per run; 0 = a dead engine stops the run
+    max_restarts: int = 0  # restarts from the last checkpoint after a learner or scorer actor dies
 
 
 @dataclass
@@ -224,6 +235,7 @@ class RunConfig:
     sync: SyncConfig = field(default_factory=SyncConfig)
     safeguards: SafeguardsConfig = field(default_factory=SafeguardsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
@@ -321,6 +333,12 @@ class RunConfig:
         need(sg.max_kl >= 0, "safeguards.max_kl", "must be >= 0")
         need(self.logging.samples_per_iteration >= 0, "logging.samples_per_iteration", "must be >= 0")
         need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
+        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        need(self.faults.max_consecutive_nonfinite >= 0, "faults.max_consecutive_nonfinite", "must be >= 0")
+        need(self.faults.max_engine_replacements >= 0, "faults.max_engine_replacements", "must be >= 0")
+        need(self.faults.max_restarts >= 0, "faults.max_restarts", "must be >= 0")
+        need(self.faults.max_restarts == 0 or self.checkpoint.every > 0, "faults.max_restarts",
+             "restarts resume from a checkpoint: set checkpoint.every > 0")
         weights = self.scorers.reward_function_weights
         need(not weights or len(weights) == len(self.scorers.reward_functions),
              "scorers.reward_function_weights", "needs one weight per entry of scorers.reward_functions")

@@ -176,6 +176,31 @@ class DeepSpeedStrategy:
                     tokenizer.save_pretrained(tmp)
         self.barrier()
 
+    # ---- resumable training state ----------------------------------------------------------
+
+    CHECKPOINT_TAG = "state"
+
+    def save_checkpoint(self, engine, out_dir: str | os.PathLike) -> None:
+        """Weights, optimizer states and this rank's RNG states into ``out_dir``; a collective.
+
+        Every rank writes its own ZeRO shard files into the same folder, so on several nodes the
+        folder must be shared storage (the driver makes it atomic by renaming its parent).
+        """
+        engine.save_checkpoint(str(out_dir), tag=self.CHECKPOINT_TAG, client_state={})
+        torch.save(rng_state(), os.path.join(out_dir, f"rng_rank{self.rank}.pt"))
+        self.barrier()
+
+    def load_checkpoint(self, engine, ckpt_dir: str | os.PathLike) -> None:
+        """Restores what :meth:`save_checkpoint` wrote (same world size); a collective."""
+        path, _ = engine.load_checkpoint(str(ckpt_dir), tag=self.CHECKPOINT_TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
+        rng_file = os.path.join(ckpt_dir, f"rng_rank{self.rank}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        self.barrier()
+
     # ---- metrics ------------------------------------------------------------------------------
 
     def all_reduce_mean(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -187,3 +212,18 @@ class DeepSpeedStrategy:
                               device=self.platform.device)
         dist.all_reduce(values)
         return dict(zip(keys, (values / self.world_size).tolist()))
+
+
+def rng_state() -> dict:
+    """Python, NumPy and torch RNG states of this process."""
+    import numpy as np
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

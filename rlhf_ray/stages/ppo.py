@@ -6,6 +6,8 @@ Read ``PPOTrainer.iteration`` top to bottom for one step of RLHF.
 
 from __future__ import annotations
 
+import itertools
+import math
 from pathlib import Path
 
 import ray
@@ -13,10 +15,11 @@ import torch
 from tqdm import tqdm
 
 from rlhf_ray import algo
-from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles
-from rlhf_ray.config import RunConfig
+from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles, start_rollout_engine
+from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.platform import detect
+from rlhf_ray.stages import checkpoint as ckpt
 from rlhf_ray.stages.common import (
     check_model_fits,
     init_ray,
@@ -28,6 +31,14 @@ from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
+
+
+class NonFiniteError(RuntimeError):
+    """Too many batches in a row had non-finite values; the message names the phase."""
+
+
+class ActorFailureError(RuntimeError):
+    """An actor died and the run may not (or may no longer) restart or replace it."""
 
 
 class PPOTrainer:
@@ -42,25 +53,38 @@ class PPOTrainer:
         check_model_fits(cfg, self.policy_path)
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
         self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed, self.tokenizer), cfg.seed, cfg.data.shuffle)
+        self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
+        self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
+        self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
+        self.engine_kwargs = {"model": self.policy_path, "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+                              "dtype": cfg.model.dtype, "max_model_len": cfg.rollout.max_model_len,
+                              "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
+                              "enable_prefix_caching": cfg.rollout.enable_prefix_caching, "backend": cfg.backend,
+                              "trust_remote_code": cfg.model.trust_remote_code,
+                              # Log-probs of the distribution actually sampled (after temperature),
+                              # comparable with the learner's logits / temperature.
+                              "logprobs_mode": "processed_logprobs"}
+        self._reset_state()
+        self.restarts = 0  # learner/scorer failures survived by this process (not rolled back by resume)
+        self._launch()
+        if cfg.checkpoint.resume == "auto":
+            self.resume()
+
+    def _reset_state(self) -> None:
+        """The driver's state at iteration 0 (a checkpoint replaces all of it)."""
+        cfg = self.cfg
+        self.iteration = 0
+        self.prompts.position = 0
         self.kl_ctl = algo.make_kl_controller(cfg.ppo.kl_controller, cfg.ppo.kl_coef, cfg.ppo.kl_target,
                                               cfg.ppo.kl_horizon)
         self.guards = RolloutGuards(cfg.safeguards)
-        self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
-        self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
-        functions, weights = reward_sources(cfg)
-        self.roles: Roles = launch_roles(
-            cfg, self.policy_path, cfg.model.critic or self.policy_path, cfg.model.reward, functions, weights,
-            engine_kwargs={"model": self.policy_path, "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
-                               "dtype": cfg.model.dtype, "max_model_len": cfg.rollout.max_model_len,
-                               "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
-                               "enable_prefix_caching": cfg.rollout.enable_prefix_caching, "backend": cfg.backend,
-                               "trust_remote_code": cfg.model.trust_remote_code,
-                               # Log-probs of the distribution actually sampled (after temperature),
-                               # comparable with the learner's logits / temperature.
-                               "logprobs_mode": "processed_logprobs"},
-        )
+        self.faults = {"nonfinite_batches": 0, "consecutive_nonfinite": 0, "engine_replacements": 0}
+
+    def _launch(self) -> None:
+        functions, weights = reward_sources(self.cfg)
+        self.roles: Roles = launch_roles(self.cfg, self.policy_path, self.cfg.model.critic or self.policy_path,
+                                         self.cfg.model.reward, functions, weights, self.engine_kwargs)
         self._open_weight_sync()
-        self.iteration = 0
 
     # --- one iteration ------------------------------------------------------------------------
     def step(self) -> dict:
@@ -69,6 +93,7 @@ class PPOTrainer:
         temperature = cfg.rollout.temperature
 
         with timer("generate"):
+            position = self.prompts.position
             prompts = self.prompts.next_batch(ppo.prompts_per_iteration)
             generations = self._generate(prompts)
             batch = RolloutBatch.from_token_lists([g.prompt_ids for g in generations],
@@ -85,14 +110,16 @@ class PPOTrainer:
             critic_refs = [a.values.remote(s) for a, s in zip(roles.critic, batch.chunk(len(roles.critic or [0])))]
             ref_ref = roles.reference.logprobs.remote(batch, temperature)
             reward_ref = roles.reward.score.remote(batch, prompt_texts, response_texts)
-            policy_out = ray.get(policy_refs)
+            policy_out = get_all(policy_refs)
             old_logprobs = torch.cat([lp for lp, _ in policy_out])
             entropy = torch.cat([ent for _, ent in policy_out])
-            values = torch.cat(ray.get(critic_refs)) if critic_refs else None
-            ref_logprobs = ray.get(ref_ref)
-            rewards = ray.get(reward_ref)
+            values = torch.cat(get_all(critic_refs)) if critic_refs else None
+            ref_logprobs, rewards = get_all([ref_ref, reward_ref])
 
         mask = batch.response_mask
+        bad = nonfinite_phase(mask, score=[old_logprobs, ref_logprobs, values], reward=[rewards["score"]])
+        if bad:
+            return self._skip_batch(bad, position, prompts, timer)
         lengths = mask.sum(-1)
         scores = self.guards.regularise(rewards["score"], prompt_texts, response_texts, lengths)
         scores = scores.clamp(-ppo.reward_clip, ppo.reward_clip) - ppo.missing_eos_penalty * truncated
@@ -114,9 +141,15 @@ class PPOTrainer:
         batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages)
         if cfg.uses_critic:
             batch = batch.with_extras(old_values=values, returns=returns)
+        bad = nonfinite_phase(mask, advantages=[advantages, returns])
+        if bad:
+            return self._skip_batch(bad, position, prompts, timer)
 
         with timer("train"):
             train_stats = self._train(batch, temperature)
+        # DeepSpeed refused the optimiser steps whose gradients were not finite: weights unchanged.
+        self._count_nonfinite("loss" if train_stats.get("skipped_steps", 0) > 0
+                              or not all(math.isfinite(v) for v in train_stats.values()) else None)
 
         with timer("sync"):
             self._sync_weights()
@@ -128,6 +161,7 @@ class PPOTrainer:
         n_tokens = int(mask.sum().item())
         record = {
             "iteration": self.iteration,
+            "prompts_position": position,
             "reward_mean": scores.mean().item(),
             "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
             **{f"{k}_mean": v.mean().item() for k, v in rewards.items() if k.startswith("reward/")},
@@ -145,10 +179,45 @@ class PPOTrainer:
             **{f"throughput/{k}_tokens_per_s": n_tokens / v for k, v in timer.seconds.items() if v > 0},
             "time/iteration_s": sum(timer.seconds.values()),
             "throughput/iteration_tokens_per_s": n_tokens / max(1e-9, sum(timer.seconds.values())),
+            **self._fault_metrics(),
         }
         self.metrics.write(record)
+        self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
         self._write_samples(prompt_texts, response_texts, scores, rewards, kl_per_seq, truncated)
         return record
+
+    # --- non-finite batches -----------------------------------------------------------------
+    def _skip_batch(self, phase: str, position: int, prompts: list[str], timer: PhaseTimer) -> dict:
+        """A batch with non-finite values in ``phase`` trains nothing; its prompts are used up and
+        the iteration counts, so the data order and the metrics stay those of a clean run."""
+        self._count_nonfinite(phase)
+        self.iteration += 1
+        print(f"ppo: iteration {self.iteration}: non-finite {phase} values, batch skipped "
+              f"({self.faults['consecutive_nonfinite']} in a row)")
+        record = {"iteration": self.iteration, "prompts_position": position, "skipped_nonfinite": phase,
+                  "reward_mean": float("nan"), "kl_to_ref": float("nan"),
+                  **{f"time/{k}_s": v for k, v in timer.seconds.items()}, **self._fault_metrics()}
+        self.metrics.write(record)
+        self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
+        return record
+
+    def _count_nonfinite(self, phase: str | None) -> None:
+        f = self.faults
+        if phase is None:
+            f["consecutive_nonfinite"] = 0
+            return
+        f["nonfinite_batches"] += 1
+        f["consecutive_nonfinite"] += 1
+        limit = self.cfg.faults.max_consecutive_nonfinite
+        if f["consecutive_nonfinite"] > limit:
+            raise NonFiniteError(
+                f"training stopped at iteration {self.iteration + 1}: {f['consecutive_nonfinite']} batches in a row "
+                f"had non-finite values, the last in the {phase!r} phase (faults.max_consecutive_nonfinite={limit})")
+
+    def _fault_metrics(self) -> dict:
+        return {"faults/nonfinite_batches": self.faults["nonfinite_batches"],
+                "faults/engine_replacements": self.faults["engine_replacements"],
+                "faults/restarts": self.restarts}
 
     def _write_samples(self, prompts, responses, scores, rewards, kl_per_seq, truncated) -> None:
         """A fixed-size sample of this iteration's rollouts, for people to read (``rlhf-ray view``)."""
@@ -161,19 +230,56 @@ class PPOTrainer:
 
     # --- the steps, each a few remote calls -------------------------------------------------
     def _generate(self, prompts: list[str]):
-        """Spreads the prompts over all engines and returns generations in prompt order."""
+        """Spreads the prompts over all engines and returns generations in prompt order. An engine
+        that dies hands its unfinished prompts to the others and is replaced before the next phase."""
         ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.cfg.data.max_prompt_tokens:]
                for p in prompts]
-        engines = self.roles.rollout
-        bounds = [round(i * len(ids) / len(engines)) for i in range(len(engines) + 1)]
+        n_engines = len(self.roles.rollout)
+        bounds = [round(i * len(ids) / n_engines) for i in range(n_engines + 1)]
+        pending = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
         spec = self._sampling_spec()
-        refs = [e.generate.remote(ids[a:b], spec) for e, a, b in zip(engines, bounds[:-1], bounds[1:])]
+        done, dead = {}, set()
+        while pending:
+            live = [i for i in range(n_engines) if i not in dead]
+            if not live:
+                raise ActorFailureError(f"every rollout engine died during iteration {self.iteration + 1}")
+            calls = [(live[k % len(live)], a, b) for k, (a, b) in enumerate(pending)]
+            refs = [self.roles.rollout[i].generate.remote(ids[a:b], spec) for i, a, b in calls]
+            pending = []
+            for (i, a, b), ref in zip(calls, refs):
+                try:
+                    done[a] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    print(f"ppo: rollout engine {i} died during iteration {self.iteration + 1} "
+                          f"({type(e).__name__}); its {b - a} prompts go to the other engines")
+                    dead.add(i)
+                    pending.append((a, b))
         out = []
-        for offset, gens in zip(bounds[:-1], ray.get(refs)):
-            for g in gens:
+        for offset in sorted(done):
+            for g in done[offset]:
                 g.prompt_index += offset
                 out.append(g)
+        if dead:
+            self._replace_engines(sorted(dead), out)
         return out
+
+    def _replace_engines(self, dead: list[int], generations) -> None:
+        """New engines in the dead ones' bundles; every engine joins a fresh sync group (the old one
+        lost members), gets the current weights, and the new ones must pass the parity check."""
+        f, limit = self.faults, self.cfg.faults.max_engine_replacements
+        if f["engine_replacements"] + len(dead) > limit:
+            raise ActorFailureError(f"rollout engine(s) {dead} died at iteration {self.iteration + 1} and "
+                                    f"faults.max_engine_replacements={limit} is used up")
+        for i in dead:
+            self.roles.rollout[i] = start_rollout_engine(self.cfg, self.roles.rollout_group, i, self.engine_kwargs)
+        ray.get([self.roles.rollout[i].ready.remote() for i in dead])
+        self._open_weight_sync()
+        self._sync_weights()
+        probe = RolloutBatch.from_token_lists([g.prompt_ids for g in generations[:4]],
+                                              [g.response_ids for g in generations[:4]], self.tokenizer.pad_token_id)
+        self.check_sync_parity(probe, engines=dead)
+        f["engine_replacements"] += len(dead)
+        print(f"ppo: replaced rollout engine(s) {dead}; weights synced and parity checked")
 
     def _sampling_spec(self):
         from rlhf_ray.engines.vllm_engine import SamplingSpec
@@ -198,7 +304,7 @@ class PPOTrainer:
                 if roles.critic:
                     refs += [a.train_step.remote(s, ppo.value_clip_eps, ppo.loss_agg)
                              for a, s in zip(roles.critic, minibatch.chunk(len(roles.critic)))]
-                results = ray.get(refs)
+                results = get_all(refs)
                 # Learner ranks already all-reduced their stats; take rank 0 of each group.
                 merged = dict(results[0])
                 if roles.critic:
@@ -222,17 +328,19 @@ class PPOTrainer:
         # Senders (every rank joins the ZeRO-3 gather) and receivers run at the same time.
         refs = [a.send_weights.remote(self.weight_manifest) for a in self.roles.policy]
         refs += [e.receive_weights.remote(self.weight_manifest) for e in self.roles.rollout]
-        ray.get(refs)
+        get_all(refs)
 
-    def check_sync_parity(self, batch: RolloutBatch) -> None:
-        """After a sync, every engine must agree with the learner: log-probs of the same responses
-        within ``sync.parity_atol``, and greedy decoding token for token."""
+    def check_sync_parity(self, batch: RolloutBatch, engines: list[int] | None = None) -> None:
+        """After a sync, every engine (or those listed) must agree with the learner: log-probs of the
+        same responses within ``sync.parity_atol``, and greedy decoding token for token."""
         probe = batch.select(slice(0, min(4, batch.size)))
         shards = probe.chunk(len(self.roles.policy))
         learner_lp = torch.cat([lp for lp, _ in ray.get([a.logprobs.remote(s, 1.0)
                                                          for a, s in zip(self.roles.policy, shards)])])
         prompts, responses = probe.prompt_token_lists(), probe.response_token_lists()
         for i, engine in enumerate(self.roles.rollout):
+            if engines is not None and i not in engines:
+                continue
             what = f"rollout engine {i} after the sync of iteration {self.iteration}"
             engine_lp = _pad_rows(ray.get(engine.score.remote(prompts, responses)), probe.response_mask.shape[1])
             greedy = ray.get(engine.greedy.remote(prompts, self.cfg.rollout.max_new_tokens))
@@ -249,26 +357,94 @@ class PPOTrainer:
 
     # --- the whole run ------------------------------------------------------------------------
     def fit(self) -> list[dict]:
+        cfg = self.cfg
         history = []
-        bar = tqdm(range(self.iteration, self.cfg.ppo.iterations), desc="ppo", unit="it")
-        for _ in bar:
-            record = self.step()
+        bar = tqdm(total=cfg.ppo.iterations, initial=self.iteration, desc="ppo", unit="it")
+        while self.iteration < cfg.ppo.iterations:
+            try:
+                record = self.step()
+                every = cfg.checkpoint.every
+                if every and self.iteration % every == 0 and self.iteration < cfg.ppo.iterations:
+                    self.save_checkpoint()
+            except ray.exceptions.RayActorError as e:  # a learner or scorer died (engines are replaced)
+                self.restart_after_failure(e)
+                history = [r for r in history if r["iteration"] <= self.iteration]
+                bar.n = self.iteration
+                bar.refresh()
+                continue
             history.append(record)
+            bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl_to_ref']:.3f}")
             stop = self.guards.stop_reason(record)
             if stop:
                 print(f"ppo: early stop at iteration {self.iteration}: {stop}")
                 break
-            every = self.cfg.checkpoint.every
-            if every and self.iteration % every == 0 and self.iteration < self.cfg.ppo.iterations:
-                self.save(Path(self.run_dir) / f"checkpoint-{self.iteration}")
-        if self.cfg.checkpoint.save_final:
+        if cfg.checkpoint.every:
+            self.save_checkpoint()
+        if cfg.checkpoint.save_final:
             self.save(Path(self.run_dir) / "policy")
         plot_metrics(self.run_dir)
         return history
 
     def save(self, out_dir: Path) -> None:
-        ray.get([a.save.remote(str(out_dir)) for a in self.roles.policy])
+        """The policy as an HF folder (for serving, eval, the next stage)."""
+        get_all([a.save.remote(str(out_dir)) for a in self.roles.policy])
+
+    # --- checkpoints and recovery (mechanics in stages/checkpoint.py) ---------------------------
+    def save_checkpoint(self) -> Path:
+        """Everything a resumed run needs, as one atomic ``checkpoints/iter-N`` folder."""
+        def write_learners(tmp: Path) -> None:
+            refs = [a.save_checkpoint.remote(str(tmp / "policy")) for a in self.roles.policy]
+            refs += [a.save_checkpoint.remote(str(tmp / "critic")) for a in self.roles.critic]
+            get_all(refs)
+
+        state = {"iteration": self.iteration, "prompts_position": self.prompts.position,
+                 "kl_controller": self.kl_ctl.state_dict(), "guards": self.guards.state_dict(),
+                 "faults": dict(self.faults)}
+        return ckpt.save_checkpoint(self.run_dir, self.iteration, state, dump_config(self.cfg), write_learners,
+                                    self.cfg.checkpoint.keep_last)
+
+    def resume(self) -> bool:
+        """Continues from the newest complete checkpoint, if any (incomplete ones are skipped with
+        a warning). Logs written after it by a run that died are cut back to it."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            print(f"ppo: no complete checkpoint in {self.run_dir}, starting at iteration 0")
+            self._restore(None)
+            return False
+        self._restore(path)
+        print(f"ppo: resumed from {path} at iteration {self.iteration}")
+        return True
+
+    def _restore(self, path: Path | None) -> None:
+        self._reset_state()
+        if path is not None:
+            refs = [a.load_checkpoint.remote(str(path / "policy")) for a in self.roles.policy]
+            refs += [a.load_checkpoint.remote(str(path / "critic")) for a in self.roles.critic]
+            get_all(refs)
+            state = ckpt.load_trainer_state(path)
+            self.iteration = state["iteration"]
+            self.prompts.position = state["prompts_position"]
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            self.guards.load_state_dict(state["guards"])
+            self.faults.update(state["faults"])
+            self._sync_weights()  # the engines started from the initial policy
+        for log in (self.metrics, self.samples, self.prompt_log):
+            ckpt.truncate_jsonl(log.path, self.iteration)
+
+    def restart_after_failure(self, error: Exception) -> None:
+        """A learner or scorer died: every actor is replaced and the run goes on from the newest
+        complete checkpoint, at most ``faults.max_restarts`` times."""
+        limit = self.cfg.faults.max_restarts
+        if self.restarts >= limit:
+            raise ActorFailureError(f"an actor died during iteration {self.iteration + 1} and "
+                                    f"faults.max_restarts={limit} restarts are used up: {error}") from error
+        self.restarts += 1
+        print(f"ppo: an actor died during iteration {self.iteration + 1} ({type(error).__name__}); "
+              f"restart {self.restarts} of {limit} from the last checkpoint")
+        shutdown_roles(self.roles)
+        self._launch()
+        self.resume()
 
     def close(self) -> None:
         shutdown_roles(self.roles)
@@ -281,6 +457,40 @@ def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+def get_all(refs: list) -> list:
+    """``ray.get`` of every ref that notices a dead actor even while its peers hang in a collective
+    waiting for it: a ``RayActorError`` is raised as soon as any ref reports one."""
+    refs = list(refs)
+    while True:
+        ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+        failure = None
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError:
+                raise
+            except Exception as e:  # noqa: BLE001 - raised below unless an actor death explains it
+                failure = failure or e
+        if not waiting:
+            if failure is not None:
+                raise failure
+            return ray.get(refs)
+
+
+def nonfinite_phase(mask: torch.Tensor, **phases: list[torch.Tensor | None]) -> str | None:
+    """The first phase (in keyword order) with a NaN or inf in a tensor; per-token tensors count
+    only where ``mask`` is set (padding may hold anything)."""
+    for phase, tensors in phases.items():
+        for t in tensors:
+            if t is None:
+                continue
+            if t.shape == mask.shape:
+                t = t[mask.bool()]
+            if not torch.isfinite(t).all():
+                return phase
+    return None
+
+
 def run_ppo(cfg: RunConfig) -> list[dict]:
     init_ray(cfg)
     trainer = PPOTrainer(cfg)
@@ -288,7 +498,10 @@ def run_ppo(cfg: RunConfig) -> list[dict]:
         history = trainer.fit()
     finally:
         trainer.close()
-    last = history[-1]
-    print(f"ppo done: {len(history)} iterations, reward {history[0]['reward_mean']:.3f} -> "
-          f"{last['reward_mean']:.3f}, run dir {trainer.run_dir}")
+    done = [r for r in history if "skipped_nonfinite" not in r]
+    if done:
+        print(f"ppo done: {len(history)} iterations, reward {done[0]['reward_mean']:.3f} -> "
+              f"{done[-1]['reward_mean']:.3f}, run dir {trainer.run_dir}")
+    else:
+        print(f"ppo done: {len(history)} iterations in this process, run dir {trainer.run_dir}")
     return history

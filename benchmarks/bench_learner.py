@@ -1,0 +1,341 @@
+"""Learner step: training tokens/s and model FLOPs utilisation against a matmul peak measured here.
+
+    python benchmarks/bench_learner.py [--hidden 512 --layers 6 --intermediate 1024]
+                                       [--rows 32 --response-tokens 16] [--steps 4]
+                                       [--layouts 1x1,1x2,2x1,2x2] [--dtypes float32,bfloat16]
+
+The PPO policy update without Ray, vLLM or DeepSpeed around it, so that only the arithmetic and
+the thread layout vary: the offline tiny Llama (default 512 x 6, MLP 1024: bench_ppo.py's 512x6,
+15.8M parameters), a batch of ``--rows`` real arithmetic-task prompts tokenised and left-padded to
+the widest (as ``RolloutBatch.from_token_lists`` lays them out) plus ``--response-tokens``
+response tokens per row, and one optimiser step = forward, token log-probs of the response,
+a policy-gradient loss, backward, gradient all-reduce (gloo, when 2 ranks), AdamW.
+
+Each layout ``PROCSxTHREADS`` runs PROCS ranks (processes; the batch is split between them like
+the learner ranks' shards) with ``torch.set_num_threads(THREADS)`` each, at the same time. Every
+rank first measures its own matmul peak (``_bench_util.matmul_peak``) while the other ranks do the
+same, so the layout's peak is the sum of what its ranks reached side by side.
+
+Figures:
+* training tokens/s = real (non-pad) prompt + response tokens of the batch / median step seconds;
+* model FLOPs = 6 x N x real tokens (forward 2, backward 4 FLOPs per parameter per token;
+  N = parameters in matmuls: everything except the input embedding table, which is a lookup;
+  attention score products left out);
+* MFU = model FLOPs / step seconds / peak, given against the layout's own peak and against the
+  machine's peak (the best 2-core figure measured in this run for that dtype). The goal in issue
+  #11 is 30% of the measured peak;
+* padding = padded positions / all positions of the batch (prompt padding from the tokeniser;
+  this benchmark's responses are all full length, bench_ppo.py measures response padding).
+
+Prints figures, asserts nothing; results to ``benchmarks/results/bench_learner-<time>.{json,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_util import (
+    SHARED_NOTE,
+    machine_facts,
+    matmul_peak,
+    median,
+    print_table,
+    save_chart,
+    train_flops,
+    write_results,
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_batch(model_dir: str, rows: int, response_tokens: int, seed: int):
+    """Token ids [rows, P+R], attention mask, response mask, and the padding figures."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from rlhf_ray.tasks import get_task
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = get_task("arithmetic", seed).prompts(rows)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    P, R = max(len(i) for i in ids), response_tokens
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.full((rows, P + R), tok.pad_token_id or 0, dtype=torch.long)
+    attn = torch.zeros((rows, P + R), dtype=torch.long)
+    for r, p in enumerate(ids):
+        seq[r, P - len(p) : P] = torch.tensor(p)
+        seq[r, P:] = torch.randint(0, len(tok), (R,), generator=g)
+        attn[r, P - len(p) :] = 1
+    real = int(attn.sum())
+    return {
+        "sequences": seq,
+        "attention_mask": attn,
+        "prompt_width": P,
+        "prompt_lengths": [len(i) for i in ids],
+        "real_tokens": real,
+        "positions": rows * (P + R),
+        "padding_fraction": 1 - real / (rows * (P + R)),
+    }
+
+
+def worker(
+    rank: int, world: int, threads: int, dtype: str, model_dir: str, batch: dict, steps: int, port: int, out
+) -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.barrier()
+    peak = matmul_peak(dtype, threads, seconds=1.5)  # side by side with the other ranks
+    if world > 1:
+        dist.barrier()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
+    lo, hi = rank * batch["sequences"].shape[0] // world, (rank + 1) * batch["sequences"].shape[0] // world
+    seq, attn = batch["sequences"][lo:hi], batch["attention_mask"][lo:hi]
+    P = batch["prompt_width"]
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    adv = torch.randn(seq.shape[0], 1)
+    times = []
+    for i in range(steps + 1):  # the first step allocates optimiser state: not counted
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1 : -1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, seq[:, P:, None]).squeeze(-1)
+        loss = -(logp * adv).mean()
+        loss.backward()
+        if world > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if world > 1:
+            dist.barrier()
+        if i:
+            times.append(time.perf_counter() - t0)
+    emb = model.get_input_embeddings().weight.numel()
+    params = sum(p.numel() for p in model.parameters())
+    out.put({"rank": rank, "peak": peak, "times": times, "params": params, "matmul_params": params - emb})
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict, steps: int) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    ps = [
+        ctx.Process(target=worker, args=(r, procs, threads, dtype, model_dir, batch, steps, port, q))
+        for r in range(procs)
+    ]
+    env_before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # what a Ray actor's env would say
+    for p in ps:
+        p.start()
+    results = [q.get(timeout=600) for _ in ps]
+    for p in ps:
+        p.join()
+    if env_before is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env_before
+    results.sort(key=lambda r: r["rank"])
+    # A step ends for all ranks at the closing barrier: the slowest rank's time is the step time.
+    step_s = median([max(ts) for ts in zip(*(r["times"] for r in results))])
+    n = results[0]["matmul_params"]
+    flops = train_flops(n, batch["real_tokens"])
+    return {
+        "layout": f"{procs}x{threads}",
+        "procs": procs,
+        "threads": threads,
+        "dtype": dtype,
+        "step_s": step_s,
+        "step_times": [r["times"] for r in results],
+        "tokens_per_s": batch["real_tokens"] / step_s,
+        "model_flops_per_step": flops,
+        "achieved_flops": flops / step_s,
+        "layout_peak_flops": sum(r["peak"] for r in results),
+        "rank_peaks": [r["peak"] for r in results],
+        "params": results[0]["params"],
+        "matmul_params": n,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=SHARED_NOTE,
+    )
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument(
+        "--intermediate", type=int, default=0, help="MLP width; 0 = 2 x hidden (builtin:tiny)"
+    )
+    parser.add_argument("--rows", type=int, default=32, help="sequences per optimiser step (all ranks)")
+    parser.add_argument("--response-tokens", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per layout (+1 not counted)")
+    parser.add_argument("--layouts", default="1x1,1x2,2x1,2x2", help="PROCSxTHREADS, comma-separated")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-json", action="store_true")
+    args = parser.parse_args()
+
+    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+
+    facts = machine_facts()
+    print(
+        f"bench_learner on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, "
+        f"{facts['date']}; {SHARED_NOTE}",
+        flush=True,
+    )
+    spec = TinyModelSpec(
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_heads=args.hidden // 32,
+        num_kv_heads=args.hidden // 32,
+        intermediate_size=args.intermediate or 2 * args.hidden,
+        seed=args.seed,
+    )
+    model_dir = str(
+        build_tiny_model(
+            os.path.join(
+                tempfile.gettempdir(),
+                "rlhf_ray_bench_learner",
+                f"h{args.hidden}_l{args.layers}_i{spec.intermediate_size}",
+            ),
+            spec,
+        )
+    )
+    batch = build_batch(model_dir, args.rows, args.response_tokens, args.seed)
+    print(
+        f"batch: {args.rows} rows x ({batch['prompt_width']} prompt + {args.response_tokens} response) = "
+        f"{batch['positions']} positions, {batch['real_tokens']} real tokens, padding "
+        f"{batch['padding_fraction']:.3f}",
+        flush=True,
+    )
+
+    runs = []
+    for dtype in args.dtypes.split(","):
+        for layout in args.layouts.split(","):
+            procs, _, threads = layout.partition("x")
+            print(f"-- {dtype} {layout} ...", flush=True)
+            runs.append(run_layout(int(procs), int(threads or 1), dtype, model_dir, batch, args.steps))
+    # The machine's peak per dtype: the best whole-machine (all ranks x threads = cpu count) layout.
+    cores = facts["cpus"] or 2
+    machine_peak = {}
+    for r in runs:
+        if r["procs"] * r["threads"] >= cores:
+            machine_peak[r["dtype"]] = max(machine_peak.get(r["dtype"], 0.0), r["layout_peak_flops"])
+    rows = []
+    for r in runs:
+        mp_ = machine_peak.get(r["dtype"], float("nan"))
+        r["mfu_layout"] = r["achieved_flops"] / r["layout_peak_flops"]
+        r["mfu_machine"] = r["achieved_flops"] / mp_
+        rows.append(
+            [
+                r["dtype"],
+                r["layout"],
+                r["step_s"],
+                r["tokens_per_s"],
+                r["achieved_flops"] / 1e9,
+                r["layout_peak_flops"] / 1e9,
+                f"{100 * r['mfu_layout']:.1f}%",
+                f"{100 * r['mfu_machine']:.1f}%",
+            ]
+        )
+    n = runs[0]["matmul_params"]
+    title = (
+        f"learner step, {args.hidden}x{args.layers} ({runs[0]['params'] / 1e6:.1f}M params, {n / 1e6:.1f}M in "
+        f"matmuls), {args.rows} rows, {batch['real_tokens']} real tokens/step, padding "
+        f"{batch['padding_fraction']:.3f}; FLOPs = 6 x {n / 1e6:.1f}M x tokens; median of {args.steps} steps\n"
+        f"layout = ranks x torch threads per rank; MFU vs the layout's own peak and vs the machine's "
+        f"(best {cores}-core peak measured in this run: "
+        + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in machine_peak.items())
+        + ")"
+    )
+    print()
+    table = print_table(
+        [
+            "dtype",
+            "layout",
+            "step s",
+            "train tok/s",
+            "GFLOP/s",
+            "peak GFLOP/s",
+            "MFU (layout)",
+            "MFU (machine)",
+        ],
+        rows,
+        title=title,
+    )
+    best = max(runs, key=lambda r: r["mfu_machine"] if r["mfu_machine"] == r["mfu_machine"] else -1)
+    verdict = (
+        f"best MFU vs the machine's peak: {100 * best['mfu_machine']:.1f}% ({best['dtype']} {best['layout']}); "
+        f"goal {100 * args.goal:.0f}%: {'met' if best['mfu_machine'] >= args.goal else 'NOT met'}"
+    )
+    print(verdict)
+    print(f"\n{SHARED_NOTE}")
+    if not args.no_json:
+        path = write_results(
+            "bench_learner",
+            {
+                "machine": facts,
+                "args": vars(args),
+                "table": table,
+                "verdict": verdict,
+                "machine_peak_flops": machine_peak,
+                "batch": {k: v for k, v in batch.items() if k not in ("sequences", "attention_mask")},
+                "runs": runs,
+            },
+        )
+        short = {"float32": "fp32", "bfloat16": "bf16"}
+        labels = [f"{short.get(r['dtype'], r['dtype'])} {r['layout']}" for r in runs]
+        png = save_chart(
+            path,
+            [
+                {
+                    "title": "training tokens/s (ranks x threads)",
+                    "labels": labels,
+                    "series": {"tokens/s": [r["tokens_per_s"] for r in runs]},
+                    "ylabel": "tokens/s",
+                },
+                {
+                    "title": "MFU vs the machine's measured matmul peak",
+                    "labels": labels,
+                    "series": {"MFU %": [100 * r["mfu_machine"] for r in runs]},
+                    "ylabel": "%",
+                    "hline": (100 * args.goal, f"goal {100 * args.goal:.0f}%"),
+                },
+            ],
+            f"bench_learner {facts['date']}",
+        )
+        print(f"results: {path}\nchart: {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Resumable PPO checkpoints: complete or absent, never half-written.
+
+Layout, in ``<run_dir>/checkpoints/``::
+
+    iter-000004/
+        policy/         DeepSpeed checkpoint of every policy rank (weights, optimizer, RNG)
+        critic/         the same for the critic (GAE runs only)
+        trainer.pt      the driver's state: iteration, data position, KL controller, guards, RNG
+        config.yaml     the config that wrote it
+        COMPLETE        a manifest (iteration, files, sizes), written last
+
+A checkpoint is written under ``.tmp-iter-000004`` and renamed into place once ``COMPLETE`` is in
+it, so a crash at any moment leaves either the whole checkpoint or none. A folder without
+``COMPLETE`` (from a crash of an older writer, or a copy cut short) is skipped with a warning.
+Every learner rank writes its own shard files: on several nodes ``run_dir`` must be shared storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
+
+COMPLETE = "COMPLETE"
+TRAINER_STATE = "trainer.pt"
+_NAME = re.compile(r"^iter-(\d+)$")
+
+
+class IncompleteCheckpointWarning(RuntimeWarning):
+    pass
+
+
+def checkpoint_root(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save_checkpoint(run_dir: str | os.PathLike, iteration: int, trainer_state: dict, config_text: str,
+                    write_learners: Callable[[Path], None], keep_last: int = 2) -> Path:
+    """Writes ``checkpoints/iter-<iteration>`` atomically; ``write_learners(tmp)`` fills in the
+    learner subfolders (it must return only once every rank has written). Returns the path."""
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"iter-{iteration:06d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    write_learners(tmp)
+    torch.save({**trainer_state, "rng": rng_state()}, tmp / TRAINER_STATE)
+    (tmp / "config.yaml").write_text(config_text)
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    _write_synced(tmp / COMPLETE, json.dumps({"iteration": iteration, "time": time.time(), "files": files}))
+    if final.exists():  # the same iteration saved again (a restarted run)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = False) -> list[Path]:
+    """Complete checkpoints, oldest first. With ``warn``, incomplete ones are reported."""
+    root = checkpoint_root(run_dir)
+    found = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        match = _NAME.match(path.name)
+        if path.name.startswith(".tmp-"):
+            if warn:
+                warnings.warn(f"ignoring incomplete checkpoint {path} (interrupted while writing)",
+                              IncompleteCheckpointWarning, stacklevel=2)
+            continue
+        if not match:
+            continue
+        problem = _problem(path)
+        if problem:
+            if warn:
+                warnings.warn(f"ignoring incomplete checkpoint {path}: {problem}", IncompleteCheckpointWarning,
+                              stacklevel=2)
+            continue
+        found.append((int(match.group(1)), path))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint, or None; incomplete ones are skipped with a warning."""
+    found = complete_checkpoints(run_dir, warn=True)
+    return found[-1] if found else None
+
+
+def load_trainer_state(path: Path) -> dict:
+    """The driver's state of a checkpoint; also restores the driver's RNG states."""
+    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    set_rng_state(state.pop("rng"))
+    return state
+
+
+def truncate_jsonl(path: Path, iteration: int, key: str = "iteration") -> int:
+    """Drops lines of a JSON-lines log past ``iteration`` (written after the checkpoint by a run
+    that then died), atomically. Returns the number of lines dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            if json.loads(line).get(key, 0) <= iteration:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+def _problem(path: Path) -> str:
+    marker = path / COMPLETE
+    if not marker.is_file():
+        return f"no {COMPLETE} marker"
+    try:
+        manifest = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        return f"unreadable {COMPLETE} marker"
+    for name, size in manifest.get("files", {}).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != size:
+            return f"{name} is missing or has the wrong size"
+    return ""
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

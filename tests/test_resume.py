@@ -1,0 +1,152 @@
+"""Checkpoint and resume: atomic checkpoints, and a driver killed by a real signal that resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.stages import checkpoint as ckpt
+
+
+def _fake_learners(tmp: Path) -> None:
+    (tmp / "policy").mkdir()
+    (tmp / "policy" / "shard.pt").write_bytes(b"x" * 100)
+
+
+def test_checkpoint_is_atomic_and_pruned(tmp_path):
+    for it in (2, 4, 6):
+        path = ckpt.save_checkpoint(tmp_path, it, {"iteration": it}, "seed: 0\n", _fake_learners, keep_last=2)
+        assert path.name == f"iter-{it:06d}" and (path / ckpt.COMPLETE).is_file()
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path)] == ["iter-000004", "iter-000006"]
+    assert not list(ckpt.checkpoint_root(tmp_path).glob(".tmp-*"))
+    assert ckpt.load_trainer_state(ckpt.latest_checkpoint(tmp_path))["iteration"] == 6
+
+
+def test_incomplete_checkpoints_are_ignored_with_a_warning(tmp_path):
+    ckpt.save_checkpoint(tmp_path, 2, {"iteration": 2}, "", _fake_learners)
+    root = ckpt.checkpoint_root(tmp_path)
+    (root / "iter-000008").mkdir()  # no COMPLETE marker
+    (root / ".tmp-iter-000010").mkdir()  # a writer killed before the rename
+    damaged = ckpt.save_checkpoint(tmp_path, 6, {"iteration": 6}, "", _fake_learners, keep_last=5)
+    (damaged / "policy" / "shard.pt").write_bytes(b"x")  # wrong size: a copy cut short
+    with pytest.warns(ckpt.IncompleteCheckpointWarning) as caught:
+        latest = ckpt.latest_checkpoint(tmp_path)
+    assert latest.name == "iter-000002"
+    assert len(caught) == 3
+
+
+def test_failed_writer_leaves_no_checkpoint(tmp_path):
+    def boom(tmp: Path) -> None:
+        raise RuntimeError("rank 1 died")
+
+    with pytest.raises(RuntimeError):
+        ckpt.save_checkpoint(tmp_path, 2, {"iteration": 2}, "", boom)
+    assert ckpt.complete_checkpoints(tmp_path) == []
+
+
+def test_truncate_jsonl_drops_lines_past_the_checkpoint(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 6)) + '{"iteration": 6, "rew')
+    assert ckpt.truncate_jsonl(log, 3) == 3
+    assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
+# --- a real driver, killed with SIGKILL mid-run, then resumed ----------------------------------
+
+ITERATIONS, PROMPTS = 6, 16
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    return [f"run_dir={run_dir}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",
+            "scorers.use_task_gold_as_reward=false", "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
+            "rollout.max_new_tokens=8", "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05",
+            "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1", "policy.micro_batch_size=16",
+            "critic.micro_batch_size=16", f"ppo.prompts_per_iteration={PROMPTS}", f"ppo.iterations={ITERATIONS}",
+            "ppo.kl_controller=proportional", "policy.lr=3e-3", "critic.lr=3e-3", "logging.tensorboard=false",
+            "checkpoint.every=2", "checkpoint.resume=auto"]
+
+
+def _driver(run_dir: Path, log: Path) -> subprocess.Popen:
+    """``rlhf-ray ppo`` in its own process (and session), with its own local Ray."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "ppo", *_overrides(run_dir)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            cwd=Path(__file__).resolve().parents[1])
+
+
+def _iterations(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(x)["iteration"] for x in path.read_text().splitlines() if x.strip().endswith("}")]
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """What the killed driver leaves behind (its Ray, engine processes): same session, our child."""
+    time.sleep(3)
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.data.prompts import PromptStream, load_prompts
+    from rlhf_ray.models.loading import load_tokenizer
+
+    run_dir = tmp_path / "run"
+    first = _driver(run_dir, tmp_path / "first.log")
+    deadline = time.time() + 240
+    # Kill once iteration 3 is logged: checkpoint 2 exists, and line 3 lies beyond it.
+    while 3 not in _iterations(run_dir):
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.time() < deadline, "the first driver never reached iteration 3"
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(30) == -signal.SIGKILL
+    _kill_session(first)
+    killed_at = max(_iterations(run_dir))
+    saved = [p.name for p in ckpt.complete_checkpoints(run_dir)]
+    assert saved and saved[-1] in ("iter-000002", "iter-000004"), saved
+    resume_from = int(saved[-1].split("-")[1])
+    assert killed_at > resume_from  # the killed run logged an iteration the checkpoint lacks
+    (ckpt.checkpoint_root(run_dir) / "iter-000099").mkdir()  # newest, but incomplete
+
+    second = _driver(run_dir, tmp_path / "second.log")
+    try:
+        rc = second.wait(300)
+    finally:
+        _kill_session(second)
+    out = (tmp_path / "second.log").read_text()
+    assert rc == 0, out[-3000:]
+    assert "ignoring incomplete checkpoint" in out and "iter-000099" in out
+    assert f"resumed from {ckpt.checkpoint_root(run_dir) / saved[-1]} at iteration {resume_from}" in out
+
+    # Metrics: every iteration exactly once, in order.
+    assert _iterations(run_dir) == list(range(1, ITERATIONS + 1))
+    # Data: each iteration used the next prompts of the one seeded stream, none skipped or repeated.
+    cfg = load_config(None, _overrides(run_dir))
+    tokenizer = load_tokenizer(str(run_dir / "base_model"))
+    stream = PromptStream(load_prompts(cfg.data, cfg.seed, tokenizer), cfg.seed, cfg.data.shuffle)
+    logged = [json.loads(x) for x in (run_dir / "prompts.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in logged] == list(range(1, ITERATIONS + 1))
+    for it, row in enumerate(logged, start=1):
+        assert row["position"] == (it - 1) * PROMPTS
+        assert row["prompts"] == stream.next_batch(PROMPTS), f"iteration {it}"
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["prompts_position"] for r in rows] == [i * PROMPTS for i in range(ITERATIONS)]
+    samples = {json.loads(x)["iteration"] for x in (run_dir / "samples.jsonl").read_text().splitlines()}
+    assert samples == set(range(1, ITERATIONS + 1))
+    # The end of the run leaves a complete final checkpoint and the HF policy.
+    assert ckpt.latest_checkpoint(run_dir).name == f"iter-{ITERATIONS:06d}"
+    assert (run_dir / "policy" / "model.safetensors").exists()
