@@ -28,7 +28,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,22 +38,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_ray.sync.group import free_ports
+
 HERE = Path(__file__).resolve().parent
 CUSTOM_RESOURCES = {"rollout": 100, "learner": 100}  # labels, not capacities: CPUs/GPUs limit
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports (held open together while choosing, so they differ)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 @dataclass

@@ -7,7 +7,6 @@ rank, one per frozen scorer (or, colocated, a share of the policy's bundles). Th
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 import ray
@@ -17,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf_ray.actors.learner import CriticLearnerActor, LearnerSpec, PolicyLearnerActor
 from rlhf_ray.actors.rollout import RolloutActor
 from rlhf_ray.actors.scorers import ReferenceActor, RewardActor
+from rlhf_ray.sync.group import free_port
 
 
 @dataclass
@@ -37,9 +37,7 @@ def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrate
 @ray.remote(num_cpus=0)
 def _free_port() -> tuple[str, int]:
     """A free TCP port on the node this task runs on (the learner rank 0's node)."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+    return ray.util.get_node_ip_address(), free_port()
 
 
 def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict:

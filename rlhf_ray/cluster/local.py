@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlhf_ray.cluster import netns
+from rlhf_ray.sync.group import free_ports
 
 ROLE_RESOURCES = {"rollout": {"rollout": 100}, "learner": {"learner": 100}}  # the KubeRay groups' labels
 DEFAULT_STATE = Path(os.environ.get("RLHF_RAY_CLUSTER_STATE", Path.home() / ".rlhf-ray" / "cluster.json"))
@@ -88,19 +88,6 @@ def read_state(path: str | Path = DEFAULT_STATE) -> ClusterState:
     return ClusterState.from_json(Path(path).read_text())
 
 
-def _free_ports(n: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _tail(path: str | Path, n: int = 30) -> str:
     try:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
@@ -118,7 +105,7 @@ def _node_ports() -> list[str]:
     # network (loopback) never collide. Worker ports 0 = any free port.
     names = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
              "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port")
-    ports = _free_ports(len(names))
+    ports = free_ports(len(names))
     return [w for name, port in zip(names, ports, strict=True) for w in (name, str(port))] + [
         "--min-worker-port", "0", "--max-worker-port", "0"]
 
@@ -222,7 +209,7 @@ def up(rollout_nodes: int = 1, learner_nodes: int = 1, *, rollout_cpus: int = 2,
         state.nodes.append(NodeState(name, group, ip, procs[-1].pid, temp_dir, log_path, cpus, resources, ns))
 
     try:
-        gcs_port, dash_port, client_port = _free_ports(3)
+        gcs_port, dash_port, client_port = free_ports(3)
         head_ip = net.addresses["head"] if net else "127.0.0.1"
         start("head", "head", 0, {}, ["--head", "--port", str(gcs_port), "--dashboard-host", head_ip,
                                       "--dashboard-port", str(dash_port), "--include-dashboard", "true",

@@ -62,11 +62,23 @@ def open_group(
     return group
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free now on this host (held open together while choosing)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
     """A TCP port that is free now on this host, for the store of a new group."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def rank_layout(num_engines: int, workers_per_engine: int) -> tuple[int, list[int]]:
