@@ -126,14 +126,7 @@ def main() -> None:
         f"{SHARED_NOTE}",
         flush=True,
     )
-    spec = TinyModelSpec(
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.hidden // 32,
-        num_kv_heads=args.hidden // 32,
-        intermediate_size=args.intermediate or 2 * args.hidden,
-        seed=args.seed,
-    )
+    spec = TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate, args.seed)
     model_dir = str(
         build_tiny_model(
             os.path.join(

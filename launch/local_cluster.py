@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -38,6 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from rlhf_ray.cluster.local import auth_env
 from rlhf_ray.sync.group import free_ports
 
 HERE = Path(__file__).resolve().parent
@@ -115,14 +115,7 @@ def local_head(num_cpus: int = 8, ray_bin: str | None = None, auth: str | None =
     extra_ports = dict(zip(("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
                             "--metrics-export-port", "--runtime-env-agent-port", "--ray-client-server-port",
                             "--node-manager-port", "--object-manager-port"), map(str, ports[2:]), strict=True))
-    client_env = {"RAY_AUTH_MODE": auth}
-    token = None
-    if auth == "token":
-        token_path = Path(temp_dir) / "auth_token"
-        token = secrets.token_hex(32)
-        token_path.write_text(token)
-        token_path.chmod(0o600)
-        client_env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    client_env, token = auth_env(auth, temp_dir)
     env = {**os.environ, **client_env}
     env.pop("RAY_ADDRESS", None)
     env.pop("RAY_AUTH_TOKEN", None)  # the file above is the one token

@@ -84,6 +84,20 @@ class ClusterState:
         return cls(**d)
 
 
+def auth_env(auth: str, directory: str | Path) -> tuple[dict[str, str], str | None]:
+    """Client environment for Ray's auth mode; in token mode a fresh token is written (0600) into
+    ``directory`` and returned."""
+    env = {"RAY_AUTH_MODE": auth}
+    if auth != "token":
+        return env, None
+    token_path = Path(directory) / "auth_token"
+    token = secrets.token_hex(32)
+    token_path.write_text(token)
+    token_path.chmod(0o600)
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    return env, token
+
+
 def read_state(path: str | Path = DEFAULT_STATE) -> ClusterState:
     return ClusterState.from_json(Path(path).read_text())
 
@@ -171,14 +185,7 @@ def up(rollout_nodes: int = 1, learner_nodes: int = 1, *, rollout_cpus: int = 2,
         raise ValueError(f"network must be auto, netns or loopback, not {network!r}")
 
     auth = (auth or os.environ.get("RAY_AUTH_MODE") or "token").lower()
-    client_env = {"RAY_AUTH_MODE": auth}
-    token = None
-    if auth == "token":
-        token_path = Path(root) / "auth_token"
-        token = secrets.token_hex(32)
-        token_path.write_text(token)
-        token_path.chmod(0o600)
-        client_env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
+    client_env, token = auth_env(auth, root)
     ray_bin = _ray_bin()
     node_env = {k: os.environ[k] for k in os.environ if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
     node_env.update(client_env)

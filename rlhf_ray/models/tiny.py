@@ -28,6 +28,14 @@ class TinyModelSpec:
     max_positions: int = 256
     seed: int = 0
 
+    @classmethod
+    def of_width(cls, hidden_size: int, num_layers: int, intermediate_size: int = 0, seed: int = 0) -> TinyModelSpec:
+        """Heads of size 32 (vLLM's CPU attention has no kernels for smaller ones); the MLP is
+        twice the width unless given."""
+        heads = hidden_size // 32
+        return cls(hidden_size=hidden_size, num_layers=num_layers, num_heads=heads, num_kv_heads=heads,
+                   intermediate_size=intermediate_size or 2 * hidden_size, seed=seed)
+
 
 def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers

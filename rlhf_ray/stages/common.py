@@ -26,10 +26,7 @@ def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
         return check_model_path(cfg.model.policy)
     from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
 
-    hidden = cfg.model.tiny_hidden_size
-    # Head size 32: vLLM's CPU attention kernels do not support smaller heads.
-    spec = TinyModelSpec(hidden_size=hidden, num_layers=cfg.model.tiny_layers, num_heads=hidden // 32,
-                         num_kv_heads=hidden // 32, intermediate_size=2 * hidden, seed=cfg.seed)
+    spec = TinyModelSpec.of_width(cfg.model.tiny_hidden_size, cfg.model.tiny_layers, seed=cfg.seed)
     return str(build_tiny_model(run_dir / "base_model", spec))
 
 
