@@ -23,5 +23,9 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   { apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }; } >>"$LOG" 2>&1 \
     || echo "could not install chromium: the browser tests will skip"
 fi
+# DeepSpeed JIT-compiles its CPU shared-memory collective on first use (about a minute): build it
+# now, once, instead of inside the first training run or test. Cached in ~/.cache/torch_extensions.
+run env DS_ACCELERATOR=cpu .venv/bin/python -c \
+  "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 echo "$HASH" > "$STAMP"
 echo ".venv ready"
