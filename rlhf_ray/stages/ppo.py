@@ -316,9 +316,9 @@ class PPOTrainer:
     def _open_weight_sync(self) -> None:
         """Policy rank 0 and every worker of every engine, over the transport that ``sync.transport`` picks."""
         self.weight_manifest = ray.get(self.roles.policy[0].weight_manifest.remote(self.cfg.sync.bucket_mb << 20))
-        layout = weight_sync_layout(self.roles.policy[0], self.roles.rollout, self.cfg.sync.transport,
-                                    self.cfg.rollout.tensor_parallel_size, self.platform)
-        open_weight_sync(self.roles.policy[0], self.roles.rollout, self.weight_manifest, layout,
+        self.weight_layout = weight_sync_layout(self.roles.policy[0], self.roles.rollout, self.cfg.sync.transport,
+                                                self.cfg.rollout.tensor_parallel_size, self.platform)
+        open_weight_sync(self.roles.policy[0], self.roles.rollout, self.weight_manifest, self.weight_layout,
                          self.platform.dist_backend)
 
     def _sync_weights(self) -> None:
