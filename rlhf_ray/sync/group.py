@@ -1,8 +1,10 @@
-"""The learner <-> rollout broadcast group: a TCPStore rendezvous and one process group.
+"""The learner <-> rollout sync groups: one TCPStore rendezvous, up to two process groups.
 
 Outside ``torch.distributed``'s default group on purpose: the learner already has its own
-(DeepSpeed) default group and vLLM workers have theirs; this one only joins learner rank 0 and
-every rollout worker. The backend string comes from ``rlhf_ray.platform`` (gloo or nccl).
+(DeepSpeed) default group and vLLM workers have theirs; these only join learner rank 0 and the
+rollout workers. The broadcast group carries the weights to engines on other nodes (backend from
+``rlhf_ray.platform``: gloo or nccl); the shared-memory group (gloo) only tells engines on the
+learner's node that a bucket of the shared segment is ready. ``plan_sync`` decides who joins which.
 """
 
 from __future__ import annotations
