@@ -21,6 +21,13 @@ class Platform:
     def is_cpu(self) -> bool:
         return self.name == "cpu"
 
+    @property
+    def shm_weight_sync(self) -> bool:
+        """Whether engines on the learner's node can take weights from a shared-memory segment.
+        CPU only: the GPU twin (CUDA IPC handles of the learner's tensors) is not built, so
+        colocated GPU engines take the NCCL broadcast."""
+        return self.is_cpu
+
     def vllm_engine_kwargs(self, gpu_memory_utilization: float) -> dict:
         """Keyword arguments for ``vllm.LLM`` that depend on the hardware."""
         if self.is_cpu:

@@ -99,12 +99,14 @@ def test_grpo_with_zero3_runs_and_keeps_parity(ray_session, tmp_path):
 
     cfg = _config(tmp_path, "ppo.iterations=2", "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
                   "ppo.prompts_per_iteration=8", "rollout.num_engines=1", "policy.num_ranks=2",
-                  "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "checkpoint.save_final=false")
+                  "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto",
+                  "checkpoint.save_final=false")
     trainer = PPOTrainer(cfg)
     try:
         history = trainer.fit()
     finally:
         trainer.close()
     assert not trainer.roles.critic
+    assert trainer.weight_layout.uses_shm == [True]  # auto, one node: the weights went through shared memory
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     assert "value_loss" not in history[0]

@@ -1,14 +1,17 @@
-"""Weight sync learner -> rollout: bucket plans, the broadcast transport, parity checks, and two
-real vLLM engines in Ray actors fed by a sender actor that changes its weights."""
+"""Weight sync learner -> rollout: bucket plans, the broadcast and shared-memory transports, the
+transport plan, parity checks, and two real vLLM engines in Ray actors fed by a sender actor that
+changes its weights, over broadcast, shared memory and a mix of both."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
 import ray
 import torch
 
+from rlhf_ray.actors.learner import WeightSyncSource
 from rlhf_ray.platform import detect
 from rlhf_ray.sync import (
     WeightSender,
@@ -19,9 +22,10 @@ from rlhf_ray.sync import (
     free_port,
     manifest_for,
     rank_layout,
+    shm,
 )
 from rlhf_ray.sync import manifest as mf
-from rlhf_ray.sync.group import open_group
+from rlhf_ray.sync.group import open_group, plan_sync
 
 # Two ranks inside this process share host memory: the CPU platform's backend, on any machine.
 HOST_BACKEND = detect("cpu").dist_backend
@@ -44,6 +48,18 @@ def test_buckets_respect_size_and_order():
     assert mf.names(man) == ["a", "b", "big", "c"]
 
 
+def receive_by_broadcast(port: int, man: dict, syncs: int, out: list) -> None:
+    """A receiver thread (rank 1 of 2) of the broadcast transport: one dict of clones per sync."""
+    group = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND)
+    for _ in range(syncs):
+        got = {}
+        for bucket in man["buckets"]:
+            buf = torch.empty(bucket["nbytes"], dtype=torch.uint8)
+            group.broadcast(buf).wait()
+            got.update((n, t.clone()) for n, t in mf.unpack(buf, bucket))
+        out.append(got)
+
+
 def test_transport_roundtrip_in_host_memory():
     """Sender and receiver in two threads of this process: every byte arrives, across buckets,
     dtypes, a wire dtype cast, and buffer reuse over two syncs."""
@@ -56,17 +72,7 @@ def test_transport_roundtrip_in_host_memory():
     man = manifest_for(tensors.items(), bucket_bytes=256)
     port, received = free_port(), []
 
-    def receive():
-        group = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND)
-        for _ in range(2):
-            out = {}
-            for bucket in man["buckets"]:
-                buf = torch.empty(bucket["nbytes"], dtype=torch.uint8)
-                group.broadcast(buf).wait()
-                out.update((n, t.clone()) for n, t in mf.unpack(buf, bucket))
-            received.append(out)
-
-    worker = threading.Thread(target=receive)
+    worker = threading.Thread(target=receive_by_broadcast, args=(port, man, 2, received))
     worker.start()
     sender = WeightSender()
     sender.open("127.0.0.1", port, 2, HOST_BACKEND, timeout=30)
@@ -77,6 +83,70 @@ def test_transport_roundtrip_in_host_memory():
     assert len(received) == 2
     assert all(torch.equal(received[1][k], v) for k, v in tensors.items())
     assert torch.equal(received[0]["w"] + 1, received[1]["w"])
+
+
+def test_shared_memory_and_broadcast_from_one_pack():
+    """One sender, a shared-memory receiver and a broadcast receiver (threads of this process):
+    both get every byte over two syncs, and no segment name outlives the group's formation."""
+    tensors = {"w": torch.randn(40, 9), "b": torch.randn(300).bfloat16(), "n": torch.arange(7)}
+    man = manifest_for(tensors.items(), bucket_bytes=512)
+    assert len(man["buckets"]) > 2
+    port, received = free_port(), {"shm": [], "broadcast": []}
+    sender = WeightSender()
+    path = sender.create_segment(man)
+    assert os.path.basename(path) in shm.segment_names()
+
+    def receive_shm():
+        segment = shm.map_segment(path)
+        group = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND, name="shm")
+        offsets = shm.bucket_offsets(man)
+        for _ in range(2):
+            out = {}
+            for bucket, off in zip(man["buckets"], offsets):
+                group.broadcast(torch.zeros(1, dtype=torch.int64)).wait()  # "bucket packed"
+                out.update((n, t.clone()) for n, t in mf.unpack(segment[off : off + bucket["nbytes"]], bucket))
+            received["shm"].append(out)
+
+    workers = [
+        threading.Thread(target=receive_shm),
+        threading.Thread(target=receive_by_broadcast, args=(port, man, 2, received["broadcast"])),
+    ]
+    for w in workers:
+        w.start()
+    sender.open("127.0.0.1", port, 2, HOST_BACKEND, timeout=30, shm_world_size=2)
+    assert shm.segment_names() == set()  # mapped by everyone, so the name is gone already
+    sender.send(tensors.items(), man)
+    tensors["w"] += 1
+    sender.send(tensors.items(), man)
+    for w in workers:
+        w.join(timeout=30)
+    for got in received.values():
+        assert len(got) == 2
+        assert all(torch.equal(got[1][k], v) for k, v in tensors.items())
+        assert torch.equal(got[0]["w"] + 1, got[1]["w"])
+    with pytest.raises(ValueError, match="outgrew"):
+        sender.send(tensors.items(), manifest_for([("big", torch.zeros(10_000))]))
+    sender.close()
+    assert shm.segment_names() == set()
+
+
+def test_transport_plan():
+    # auto: shared memory for the engines on the learner's node, broadcast for the others
+    mixed = plan_sync("auto", [True, False, True], 2, shm_supported=True)
+    assert mixed.uses_shm == [True, False, True]
+    assert (mixed.shm_world, mixed.broadcast_world) == (5, 3)
+    assert mixed.rank_offsets == [1, 1, 3]
+    assert mixed.engine_group(1) == {"world_size": 3, "rank_offset": 1, "shm": False}
+    assert plan_sync("auto", [True, True], 1, shm_supported=True).broadcast_world == 1
+    assert plan_sync("broadcast", [True, True], 1, shm_supported=True).uses_shm == [False, False]
+    # the CUDA platform hands no host memory over: auto falls back to broadcast, shm is refused
+    assert plan_sync("auto", [True], 1, shm_supported=False).uses_shm == [False]
+    with pytest.raises(ValueError, match="sync.transport=shm"):
+        plan_sync("shm", [True], 1, shm_supported=False)
+    with pytest.raises(ValueError, match=r"engines \[1\]"):
+        plan_sync("shm", [True, False], 1, shm_supported=True)
+    with pytest.raises(ValueError, match="sync.transport"):
+        plan_sync("nccl", [True], 1, shm_supported=True)
 
 
 def test_send_rejects_tensors_out_of_manifest_order():
@@ -114,21 +184,26 @@ PROMPTS = [[1, 10, 11, 12], [1, 20, 21, 22, 23, 24], [1, 40]]
 
 
 @ray.remote(num_cpus=1)
-class PerturbingSender:
-    """Stands in for learner rank 0: an HF model whose weights change, pushed with WeightSender."""
+class PerturbingSender(WeightSyncSource):
+    """Stands in for learner rank 0 (its sync set-up verbs included): an HF model whose weights
+    change, pushed with WeightSender."""
+
+    rank, platform = 0, detect("cpu")
 
     def __init__(self, model_dir: str):
         from transformers import AutoModelForCausalLM
 
         torch.set_num_threads(1)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        self.sender = WeightSender()
 
-    def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), free_port()
+    def node_ip(self) -> str:
+        return ray.util.get_node_ip_address()
 
-    def open(self, addr: str, port: int, world_size: int, backend: str) -> None:
-        self.sender.open(addr, port, world_size, backend, timeout=120)
+    def free_port(self) -> int:
+        return free_port()
+
+    def segment_names(self) -> set[str]:
+        return shm.segment_names()
 
     @torch.no_grad()
     def perturb(self, seed: int, scale: float = 0.05) -> None:
@@ -137,10 +212,10 @@ class PerturbingSender:
             p.add_(torch.randn(p.shape, generator=gen) * scale)
 
     def manifest(self, bucket_bytes: int) -> dict:
-        return self.sender.manifest_for(self.model.state_dict().items(), bucket_bytes)
+        return manifest_for(self.model.state_dict().items(), bucket_bytes)
 
     def send(self, manifest: dict) -> int:
-        return self.sender.send(self.model.state_dict().items(), manifest)
+        return self.weight_sender.send(self.model.state_dict().items(), manifest)
 
     @torch.no_grad()
     def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
@@ -176,23 +251,20 @@ def cluster(ray_session, tiny_model_dir):
         max_model_len=256,
         gpu_memory_utilization=0.3,
     )
-    # The driver sets up the group: learner rank 0 and every engine join at the same time.
-    backend = detect("auto").dist_backend
-    world_size, offsets = rank_layout(len(engines), 1)
-    addr, port = ray.get(sender.address.remote())
-    ray.get(
-        [sender.open.remote(addr, port, world_size, backend)]
-        + [
-            e.join_weight_sync.remote(addr, port, world_size, off, backend, 120)
-            for e, off in zip(engines, offsets)
-        ]
-    )
+    connect(sender, engines, plan_sync("broadcast", [True, True], 1, shm_supported=True))
     # Fixed responses to score: sampled once from the original weights.
     gens = ray.get(engines[0].generate.remote(PROMPTS, SamplingSpec(max_new_tokens=12, seed=0)))
     responses = [g.response_ids for g in gens]
     yield sender, engines, responses
     for actor in [sender, *engines]:
         ray.kill(actor)
+
+
+def connect(sender, engines, layout) -> None:
+    """The driver's own set-up: learner rank 0 and every engine join at the same time."""
+    from rlhf_ray.stages.ppo import open_weight_sync
+
+    open_weight_sync(sender, engines, ray.get(sender.manifest.remote(1 << 20)), layout, HOST_BACKEND)
 
 
 def sync(sender, engines, bucket_bytes: int) -> dict:
@@ -253,3 +325,32 @@ def test_many_small_buckets_and_buffer_reuse(cluster):
         for engine in engines:
             assert_parity(sender, engine, responses)
     assert len(manifest["buckets"]) > 10
+
+
+@pytest.mark.slow
+def test_auto_uses_shared_memory_on_one_node(cluster):
+    """On one node, auto hands both engines the weights through shared memory; parity holds after
+    syncs with one bucket and with many (buffer reuse), and no segment name is left behind."""
+    from rlhf_ray.stages.ppo import weight_sync_layout
+
+    sender, engines, responses = cluster
+    layout = weight_sync_layout(sender, engines, "auto", 1, detect("cpu"))
+    assert layout.uses_shm == [True, True] and layout.broadcast_world == 1
+    connect(sender, engines, layout)
+    assert ray.get(sender.segment_names.remote()) == set()
+    for seed, bucket_bytes in ((5, mf.DEFAULT_BUCKET_BYTES), (6, 40_000)):
+        ray.get(sender.perturb.remote(seed=seed))
+        sync(sender, engines, bucket_bytes)
+        for engine in engines:
+            assert_parity(sender, engine, responses)
+
+
+@pytest.mark.slow
+def test_mixed_shared_memory_and_broadcast(cluster):
+    """Engine 0 on shared memory, engine 1 as if on another node (broadcast from the same pack)."""
+    sender, engines, responses = cluster
+    connect(sender, engines, plan_sync("auto", [True, False], 1, shm_supported=True))
+    ray.get(sender.perturb.remote(seed=7))
+    sync(sender, engines, bucket_bytes=100_000)
+    for engine in engines:
+        assert_parity(sender, engine, responses)

@@ -109,13 +109,43 @@ class _LearnerBase:
         return os.getpid()
 
 
-class PolicyLearnerActor(_LearnerBase):
+class WeightSyncSource:
+    """The sending side's set-up verbs, which the driver's ``open_weight_sync`` calls; only rank 0
+    sends. The host class provides ``rank``, ``platform`` and ``node_ip()``."""
+
+    weight_sender = None
+
+    def create_weight_segment(self, manifest: dict) -> str:
+        """Rank 0 makes the shared-memory segment that engines on its node map before joining;
+        returns its path. Comes before ``open_weight_sync`` when any engine uses shared memory."""
+        self._new_weight_sender()
+        return self.weight_sender.create_segment(manifest)
+
+    def open_weight_sync(self, master_port: int, world_size: int, shm_world_size: int = 1) -> str:
+        """Rank 0 opens the broadcast group (``world_size``) and the shared-memory group
+        (``shm_world_size``) as their master; returns the address engines join."""
+        address = self.node_ip()
+        if self.rank == 0:
+            if shm_world_size <= 1:
+                self._new_weight_sender()
+            self.weight_sender.open(address, master_port, world_size, self.platform.dist_backend,
+                                    shm_world_size=shm_world_size)
+        return address
+
+    def _new_weight_sender(self) -> None:
+        from rlhf_ray.sync.sender import WeightSender
+
+        if self.weight_sender is not None:
+            self.weight_sender.close()
+        self.weight_sender = WeightSender()
+
+
+class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
     def __init__(self, spec: LearnerSpec, rank: int, world_size: int, master_addr: str, master_port: int):
         from rlhf_ray.models.loading import load_tokenizer
 
         self.tokenizer = load_tokenizer(spec.model_path, trust_remote_code=spec.trust_remote_code)
         super().__init__(spec, rank, world_size, master_addr, master_port)
-        self.weight_sender = None
 
     def build_model(self) -> torch.nn.Module:
         from rlhf_ray.models.loading import load_causal_lm
@@ -167,16 +197,6 @@ class PolicyLearnerActor(_LearnerBase):
         return float(-(logprobs * shard.response_mask).sum()), float(shard.response_mask.sum())
 
     # --- weight sync (driver sets it up; every rank takes part in the gather) ---------------
-    def open_weight_sync(self, master_port: int, world_size: int) -> str:
-        """Rank 0 opens the sync group as its master; returns the address engines join."""
-        from rlhf_ray.sync.sender import WeightSender
-
-        address = self.node_ip()
-        if self.rank == 0:
-            self.weight_sender = WeightSender()
-            self.weight_sender.open(address, master_port, world_size, self.platform.dist_backend)
-        return address
-
     def weight_manifest(self, bucket_bytes: int) -> dict:
         from rlhf_ray.sync.manifest import build_manifest
 

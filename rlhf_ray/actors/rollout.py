@@ -41,9 +41,10 @@ class RolloutActor:
         rank_offset: int,
         backend: str,
         timeout: float = 300.0,
+        shm_path: str | None = None,
     ) -> list[int]:
         return self.engine.join_weight_sync(
-            master_addr, master_port, world_size, rank_offset, backend, timeout
+            master_addr, master_port, world_size, rank_offset, backend, timeout, shm_path
         )
 
     def receive_weights(self, manifest: dict) -> int:

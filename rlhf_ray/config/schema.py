@@ -164,6 +164,9 @@ class SafeguardsConfig:
 @dataclass
 class SyncConfig:
     bucket_mb: int = 64  # weights travel in flat buckets of at most this size
+    # broadcast: gloo/NCCL to every engine; shm: through a shared-memory segment (engines on the
+    # learner's node, CPU only; the GPU twin, CUDA IPC, is not built); auto: shm where it can, broadcast for the rest
+    transport: Literal["broadcast", "shm", "auto"] = "broadcast"
     parity_every: int = 0  # parity check after every N-th sync; 0 = never
     parity_atol: float = 1e-3
 
@@ -320,6 +323,8 @@ class RunConfig:
         need(self.rm.margin_weight >= 0, "rm.margin_weight", "must be >= 0")
         need(self.sync.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
         need(self.sync.parity_every >= 0, "sync.parity_every", "must be >= 0")
+        need(self.sync.transport != "shm" or self.backend != "cuda", "sync.transport",
+             "shm hands over host memory; with backend=cuda use broadcast or auto")
         need(self.collect.responses_per_prompt >= 2, "collect.responses_per_prompt", "must be >= 2 (pairs)")
         need(self.collect.num_prompts >= 1, "collect.num_prompts", "must be >= 1")
         judge = self.collect.judge

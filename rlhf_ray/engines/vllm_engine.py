@@ -143,11 +143,13 @@ class VLLMEngine:
         rank_offset: int,
         backend: str,
         timeout: float = 300.0,
+        shm_path: str | None = None,
     ) -> list[int]:
-        """Every worker joins the learner's broadcast group; returns their ranks. Blocks until the
-        learner (rank 0) and all other engines join: call it concurrently with theirs."""
+        """Every worker joins the learner's broadcast group, or with ``shm_path`` (an engine on the
+        learner's node) maps that segment and joins the shared-memory group; returns their ranks.
+        Blocks until the learner (rank 0) and all other engines join: call it concurrently."""
         return self.llm.collective_rpc(
-            "join_weight_sync", args=(master_addr, master_port, world_size, rank_offset, backend, timeout)
+            "join_weight_sync", args=(master_addr, master_port, world_size, rank_offset, backend, timeout, shm_path)
         )
 
     def receive_weights(self, manifest: dict) -> int:

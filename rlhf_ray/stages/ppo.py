@@ -28,6 +28,7 @@ from rlhf_ray.stages.common import (
     reward_sources,
 )
 from rlhf_ray.stages.guards import RolloutGuards
+from rlhf_ray.sync.group import SyncLayout, plan_sync
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
@@ -313,16 +314,12 @@ class PPOTrainer:
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
     def _open_weight_sync(self) -> None:
-        """One process group joins policy rank 0 and every worker of every engine."""
-        tp = self.cfg.rollout.tensor_parallel_size
-        world = 1 + len(self.roles.rollout) * tp
-        port = ray.get(self.roles.policy[0].free_port.remote())
-        address = ray.get(self.roles.policy[0].node_ip.remote())
-        refs = [self.roles.policy[0].open_weight_sync.remote(port, world)]
-        refs += [e.join_weight_sync.remote(address, port, world, 1 + i * tp, self.platform.dist_backend)
-                 for i, e in enumerate(self.roles.rollout)]
-        ray.get(refs)
+        """Policy rank 0 and every worker of every engine, over the transport that ``sync.transport`` picks."""
         self.weight_manifest = ray.get(self.roles.policy[0].weight_manifest.remote(self.cfg.sync.bucket_mb << 20))
+        self.weight_layout = weight_sync_layout(self.roles.policy[0], self.roles.rollout, self.cfg.sync.transport,
+                                                self.cfg.rollout.tensor_parallel_size, self.platform)
+        open_weight_sync(self.roles.policy[0], self.roles.rollout, self.weight_manifest, self.weight_layout,
+                         self.platform.dist_backend)
 
     def _sync_weights(self) -> None:
         # Senders (every rank joins the ZeRO-3 gather) and receivers run at the same time.
@@ -448,6 +445,31 @@ class PPOTrainer:
 
     def close(self) -> None:
         shutdown_roles(self.roles)
+
+
+def weight_sync_layout(sender, engines: list, transport: str, workers_per_engine: int, platform) -> SyncLayout:
+    """Engines on the sender's (policy rank 0's) node take the weights through shared memory when
+    ``transport`` (``sync.transport``) and the platform allow; the rest join one broadcast group."""
+    sender_node, *engine_nodes = ray.get([a.__ray_call__.remote(_node_id) for a in [sender, *engines]])
+    return plan_sync(transport, [n == sender_node for n in engine_nodes], workers_per_engine,
+                     platform.shm_weight_sync)
+
+
+def open_weight_sync(sender, engines: list, manifest: dict, layout: SyncLayout, backend: str) -> None:
+    """Connects the sender (the policy learner's sync verbs) with every engine, as ``layout`` says."""
+    shm_path = ray.get(sender.create_weight_segment.remote(manifest)) if layout.shm_world > 1 else None
+    port, address = ray.get([sender.free_port.remote(), sender.node_ip.remote()])
+    refs = [sender.open_weight_sync.remote(port, layout.broadcast_world, layout.shm_world)]
+    for i, engine in enumerate(engines):
+        group = layout.engine_group(i)
+        refs.append(engine.join_weight_sync.remote(address, port, group["world_size"], group["rank_offset"],
+                                                   backend, shm_path=shm_path if group["shm"] else None))
+    ray.get(refs)
+
+
+def _node_id(_actor) -> str:
+    """Run inside an actor (``__ray_call__``): the Ray node it lives on."""
+    return ray.get_runtime_context().get_node_id()
 
 
 def _pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:

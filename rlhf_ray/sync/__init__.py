@@ -1,13 +1,15 @@
-"""Weight transport learner -> rollout engines: bucket plans, the broadcast sender, the vLLM-side
-receiver and the parity check. The same code runs over gloo (CPU) and NCCL (GPU)."""
+"""Weight transport learner -> rollout engines: bucket plans, the sender, the vLLM-side receiver
+and the parity check. Broadcast runs the same code over gloo (CPU) and NCCL (GPU); engines on the
+learner's node can read the weights from a shared-memory segment instead (CPU)."""
 
-from rlhf_ray.sync.group import free_port, rank_layout
+from rlhf_ray.sync.group import SyncLayout, free_port, plan_sync, rank_layout
 from rlhf_ray.sync.manifest import build_manifest, manifest_for
 from rlhf_ray.sync.parity import ParityReport, WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.sync.sender import WeightSender
 
 __all__ = [
     "ParityReport",
+    "SyncLayout",
     "WeightSender",
     "WeightSyncParityError",
     "build_manifest",
@@ -15,5 +17,6 @@ __all__ = [
     "check_parity",
     "free_port",
     "manifest_for",
+    "plan_sync",
     "rank_layout",
 ]

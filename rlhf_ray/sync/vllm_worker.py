@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.sync import manifest as mf
+from rlhf_ray.sync import shm
 from rlhf_ray.sync.group import SyncGroup, open_group
 
 
@@ -16,8 +17,10 @@ class WeightSyncWorkerExtension:
     """Mixed into vLLM's worker; ``self`` is the worker (``self.rank``, ``self.reload_weights``)."""
 
     _rlhf_group: SyncGroup | None = None
+    _rlhf_segment: torch.Tensor | None = None  # the learner's shared-memory segment, when on its node
     _rlhf_buffers: list[torch.Tensor] | None = None
     _rlhf_buffer_sizes: list[int] | None = None
+    _rlhf_scratch: torch.Tensor | None = None  # receive_weights(load=False) copies here
 
     def join_weight_sync(
         self,
@@ -27,41 +30,67 @@ class WeightSyncWorkerExtension:
         rank_offset: int,
         backend: str,
         timeout: float = 300.0,
+        shm_path: str | None = None,
     ) -> int:
         """Joins the learner's broadcast group as ``rank_offset`` + this worker's rank in its
-        engine; returns that rank. Joining again replaces the previous group."""
+        engine; returns that rank. With ``shm_path`` (an engine on the learner's node), maps that
+        segment first and joins the shared-memory control group instead. Joining again replaces
+        the previous group."""
         rank = rank_offset + self.rank
-        self._rlhf_group = open_group(master_addr, master_port, rank, world_size, backend, timeout)
+        self._rlhf_group = self._rlhf_segment = None
+        if shm_path:
+            # Mapped before joining: the learner removes the name once everyone has joined.
+            self._rlhf_segment = shm.map_segment(shm_path)
+            self._rlhf_group = open_group(master_addr, master_port, rank, world_size, "gloo", timeout, name="shm")
+        else:
+            self._rlhf_group = open_group(master_addr, master_port, rank, world_size, backend, timeout)
         return rank
 
     @torch.no_grad()
-    def receive_weights(self, manifest: dict) -> int:
-        """Receives every bucket of ``manifest`` and loads it in place; returns the bytes received."""
+    def receive_weights(self, manifest: dict, load: bool = True) -> int:
+        """Receives every bucket of ``manifest`` and loads it in place; returns the bytes received.
+        ``load=False`` copies the buckets into a scratch buffer instead of into vLLM's model: the
+        hand-over alone, without vLLM's reload (benchmarks/bench_weight_sync.py)."""
         group = self._rlhf_group
         if group is None:
             raise RuntimeError("join_weight_sync must be called before receive_weights")
         buckets = manifest["buckets"]
         works: list = []  # one broadcast per bucket, posted one bucket ahead of loading
         buffers: list[torch.Tensor | None] = []
+        segment = self._rlhf_segment
+        if segment is not None and shm.segment_bytes(manifest) > segment.numel():
+            raise ValueError("the manifest outgrew the shared-memory segment: join the sync again")
+        offsets = shm.bucket_offsets(manifest)
 
         def post_next() -> None:
             i = len(works)
-            if i < len(buckets):
+            if i >= len(buckets):
+                return
+            if segment is None:
                 buffers.append(_receive_buffer(self, manifest, i, group.device))
                 works.append(group.broadcast(buffers[i]))
+            else:  # the bytes are in place; the broadcast only says that bucket i is packed
+                buffers.append(segment[offsets[i] : offsets[i] + buckets[i]["nbytes"]])
+                works.append(group.broadcast(torch.zeros(1, dtype=torch.int64)))
 
-        def weights():
+        def arrived():
             post_next()
-            for i, bucket in enumerate(buckets):
+            for i in range(len(buckets)):
                 post_next()  # the next bucket travels while this one is loaded
                 works[i].wait()
-                yield from mf.unpack(buffers[i], bucket)
+                yield i, buffers[i]
                 buffers[i] = None  # vLLM's views keep it alive only as long as they need it
 
         try:
-            # reload_weights, not model.load_weights: it restores the loaders that the first load
-            # consumed (calling load_weights again fails on CPU) and copies into the live storage.
-            self.reload_weights(weights_iterator=weights())
+            if load:
+                # reload_weights, not model.load_weights: it restores the loaders that the first
+                # load consumed (calling load_weights again fails on CPU) and copies into the live
+                # storage.
+                self.reload_weights(weights_iterator=(w for i, buf in arrived() for w in mf.unpack(buf, buckets[i])))
+            else:
+                scratch = _scratch_buffer(self, shm.segment_bytes(manifest), group.device)
+                for i, buf in arrived():
+                    scratch[offsets[i] : offsets[i] + buf.numel()].copy_(buf)
         finally:
             # Every rank must take part in every broadcast, or the sender and the other engines
             # hang: finish the remaining ones even when loading failed.
@@ -70,6 +99,12 @@ class WeightSyncWorkerExtension:
             for work in works:
                 work.wait()
         return manifest["total_bytes"]
+
+
+def _scratch_buffer(worker, nbytes: int, device: torch.device) -> torch.Tensor:
+    if worker._rlhf_scratch is None or worker._rlhf_scratch.numel() < nbytes:
+        worker._rlhf_scratch = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+    return worker._rlhf_scratch
 
 
 def _receive_buffer(worker, manifest: dict, index: int, device: torch.device) -> torch.Tensor:
