@@ -113,14 +113,18 @@ def _iterations(run_dir: Path) -> list[int]:
     return [json.loads(x)["iteration"] for x in path.read_text().splitlines() if x.strip().endswith("}")]
 
 
-def _dashboard_listen_addresses(session: int) -> list[str] | None:
-    """Addresses the Ray dashboard of a process session listens on; None if it has no dashboard."""
+def _dashboard_http(session: int) -> tuple[list[str], list[str]] | None:
+    """(its command line, the addresses it listens on for HTTP) of the Ray dashboard of a process
+    session; None if it has none. (Ray's internal gRPC ports are not the dashboard's API.)"""
     import psutil
 
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if os.getsid(p.pid) == session and any("dashboard/dashboard.py" in a for a in p.info["cmdline"] or []):
-                return [c.laddr.ip for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+            cmdline = p.info["cmdline"] or []
+            if os.getsid(p.pid) == session and any("dashboard/dashboard.py" in a for a in cmdline):
+                port = int(next(a.split("=", 1)[1] for a in cmdline if a.startswith("--port=")))
+                return cmdline, [c.laddr.ip for c in p.net_connections(kind="inet")
+                                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         except (psutil.Error, OSError):
             continue
     return None
@@ -145,13 +149,16 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_se
     first = _driver(run_dir, tmp_path / "first.log", reward_server)
     deadline = time.time() + 240
     # Kill once iteration 3 is logged: checkpoint 2 exists, and line 3 lies beyond it.
+    dashboard = None
     while 3 not in _iterations(run_dir):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "the first driver never reached iteration 3"
+        if dashboard is None and _iterations(run_dir):  # Ray is up: look once, while waiting
+            dashboard = _dashboard_http(first.pid)
+            # The local Ray the driver started serves no dashboard beyond the loopback interface.
+            assert dashboard is not None and "--host=127.0.0.1" in dashboard[0], dashboard
+            assert set(dashboard[1]) <= {"127.0.0.1", "::1"}, dashboard
         time.sleep(0.05)
-    # The local Ray the driver started serves no dashboard beyond the loopback interface.
-    dashboard = _dashboard_listen_addresses(first.pid)
-    assert dashboard is not None and set(dashboard) <= {"127.0.0.1", "::1"}, dashboard
     os.kill(first.pid, signal.SIGKILL)
     assert first.wait(30) == -signal.SIGKILL
     _kill_session(first)

@@ -462,6 +462,8 @@ class PPOTrainer:
         return True
 
     def _restore(self, path: Path | None) -> None:
+        # Engines replaced since the checkpoint stay counted: the limit is on replacements, not iterations.
+        replaced = self.faults["engine_replacements"]
         self._reset_state()
         if path is not None:
             refs = [a.load_checkpoint.remote(str(path / "policy")) for a in self.roles.policy]
@@ -474,6 +476,7 @@ class PPOTrainer:
             self.guards.load_state_dict(state["guards"])
             self.faults.update(state["faults"])
             self._sync_weights()  # the engines started from the initial policy
+        self.faults["engine_replacements"] = max(replaced, self.faults["engine_replacements"])
         for log in (self.metrics, self.samples, self.prompt_log):
             log.rewind(self.iteration)
 
