@@ -15,7 +15,7 @@ from rlhf_ray.config import load_config
 from rlhf_ray.stages.ppo import NonFiniteError, PPOTrainer, nonfinite_phase
 from rlhf_ray.tracking import read_metrics
 
-NAN_ITERATIONS = {2, 7, 8}  # iterations whose reward scores are NaN
+NAN_ITERATIONS = {2, 5, 6}  # iterations whose reward scores are NaN
 
 
 class FlakyReward:
