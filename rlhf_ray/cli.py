@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhf_ray.config import ConfigError, dump_config, load_config
+from rlhf_ray.config import BadInputError, ConfigError, dump_config, load_config
 
 STAGES = {
     "sft": "rlhf_ray.stages.sft:run_sft",
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     module_name, _, fn_name = STAGES[args.command].partition(":")
     import importlib
 
-    getattr(importlib.import_module(module_name), fn_name)(cfg)
+    try:
+        getattr(importlib.import_module(module_name), fn_name)(cfg)
+    except (BadInputError, FileNotFoundError, NotADirectoryError) as e:  # found before the work starts
+        print(f"rlhf-ray: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,11 +23,23 @@ class MetricsWriter:
         self.path = Path(run_dir) / name
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.step_key = tensorboard_step
+        self._tb_dir = str(Path(run_dir) / "tensorboard")
         self._tb = None
         if tensorboard_step:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(self._tb_dir)
+
+    def rewind(self, step: int) -> int:
+        """Forgets what was logged past ``step`` (by a run that died after its last checkpoint):
+        the JSON lines are cut, and TensorBoard gets a new event file whose purge step makes
+        readers drop the old files' events from ``step + 1`` on. Returns the lines dropped."""
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb.close()
+            self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
+        return truncate_jsonl(self.path, step, self.step_key or "iteration")
 
     def write(self, record: dict) -> None:
         self.write_many([record])
@@ -41,6 +54,27 @@ class MetricsWriter:
                     if key != self.step_key and isinstance(value, (int, float)) and not isinstance(value, bool):
                         self._tb.add_scalar(key, value, record[self.step_key])
             self._tb.flush()
+
+
+def truncate_jsonl(path: Path, step: int, key: str = "iteration") -> int:
+    """Drops the lines of a JSON-lines log whose ``key`` exceeds ``step`` (and lines cut short by a
+    kill), atomically. Returns the number of lines dropped."""
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            if json.loads(line).get(key, 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 def read_metrics(run_dir: str | Path, name: str = "metrics.jsonl") -> list[dict]:

@@ -38,3 +38,64 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+class RewardServer:
+    """A real HTTP reward endpoint on 127.0.0.1, served from a thread: a response's score is its
+    share of digits. ``/slow-first`` stalls its first answer by ``stall_s``; ``/big`` sends more
+    bytes than a small limit (``/big-unsized`` without a Content-Length); ``/down`` answers 503.
+    With ``token`` set, requests without ``Authorization: Bearer <token>`` get 401."""
+
+    def __init__(self, token: str = "", stall_s: float = 1.0):
+        import http.server
+        import json
+        import threading
+        import time
+
+        self.token, self.seen = token, []  # seen: (path, Authorization header) per request
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.seen.append((self.path, self.headers.get("Authorization")))
+                if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
+                    return self._send(401, b"{}")
+                if self.path == "/down":
+                    return self._send(503, b"{}")
+                if self.path == "/slow-first" and sum(p == self.path for p, _ in server.seen) == 1:
+                    time.sleep(stall_s)
+                if self.path.startswith("/big"):
+                    return self._send(200, b'{"scores": [' + b"0.0, " * 1000 + b"0.0]}", self.path == "/big")
+                scores = [sum(c.isdigit() for c in r) / max(1, len(r)) for r in body["responses"]]
+                self._send(200, json.dumps({"scores": scores}).encode())
+
+            def _send(self, code: int, data: bytes, sized: bool = True):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                if sized:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = True
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True)
+        self._thread.start()
+
+    def url(self, path: str = "/score") -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def reward_server():
+    server = RewardServer(token="s3cret-token-for-tests")
+    yield server
+    server.close()

@@ -15,19 +15,22 @@ from rlhf_ray.config import load_config
 from rlhf_ray.stages.ppo import NonFiniteError, PPOTrainer, nonfinite_phase
 from rlhf_ray.tracking import read_metrics
 
-NAN_CALLS = {2, 5, 6, 7}  # reward calls (= iterations) whose scores are NaN
+NAN_ITERATIONS = {2, 5, 6}  # iterations whose reward scores are NaN
 
 
 class FlakyReward:
-    """Stands in for the RewardActor: digit fraction, but NaN on some calls. Ray workers cannot
-    import tests/, so the class travels by value (see the test) rather than as module:function."""
+    """Stands in for the RewardActor: digit fraction, but NaN in some iterations (the driver tells
+    it which iteration is scoring). Ray workers cannot import tests/, so the class travels by value
+    (see the test) rather than as module:function."""
 
     def __init__(self):
-        self.calls = 0
+        self.iteration = 0
+
+    def set_iteration(self, iteration: int) -> None:
+        self.iteration = iteration
 
     def score(self, batch, prompts: list[str], responses: list[str]) -> dict:
-        self.calls += 1
-        bad = self.calls in NAN_CALLS
+        bad = self.iteration in NAN_ITERATIONS
         s = torch.tensor([float("nan") if bad else sum(c.isdigit() for c in r) / max(1, len(r))
                           for r in responses])
         return {"score": s, "reward/flaky": s}
@@ -57,54 +60,95 @@ def test_a_run_of_nonfinite_batches_stops_with_the_phase_named():
     assert trainer.faults["nonfinite_batches"] == 4
 
 
-@pytest.mark.slow
-def test_nan_batches_are_skipped_a_dead_engine_is_replaced_then_a_nan_run_stops(ray_session, tmp_path):
-    """2 engines, GRPO: iteration 2 has NaN rewards (skipped), engine 1 is SIGKILLed as iteration 3
-    starts (its prompts go to engine 0, a new engine gets the weights and passes parity), then
-    iterations 5-7 are all NaN: training stops at the third with an error naming the reward phase."""
+def _sigkill(actor) -> None:
+    """Kills the actor's process for real (what a crash or OOM kill does), not through Ray."""
     import ray
+
+    os.kill(ray.get(actor.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_nan_batches_dead_engines_and_a_dead_learner_are_survived_then_limits_stop_the_run(
+        ray_session, tmp_path, capsys):
+    """One GRPO run, 2 engines, checkpoints every 2 iterations, one restart allowed:
+    it 2: NaN rewards (skipped); it 3: engine 1 SIGKILLed as generation starts (its prompts go to
+    engine 0, a new engine gets the weights and passes parity), then engine 0 SIGKILLed while the
+    learner trains (replaced at the sync); it 4: the policy learner SIGKILLed before its update
+    (every actor relaunched, the run resumes from checkpoint 2 and redoes 3 and 4); it 5-6: NaN,
+    which stops training at the second. Then a killed reference scorer exceeds the restart limit."""
+    import ray
+
+    from rlhf_ray.stages.ppo import ActorFailureError
 
     cfg = load_config(None, [
         f"run_dir={tmp_path}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",
         "scorers.use_task_gold_as_reward=false", "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
         "rollout.max_new_tokens=8", "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05",
         "rollout.num_engines=2", "rollout.samples_per_prompt=2", "ppo.advantage_estimator=grpo",
-        "ppo.prompts_per_iteration=8", "ppo.iterations=8", "policy.num_ranks=1", "policy.micro_batch_size=16",
-        "sync.parity_every=1", "faults.max_consecutive_nonfinite=2", "logging.tensorboard=false",
-        "checkpoint.save_final=false"])
+        "ppo.prompts_per_iteration=8", "ppo.iterations=6", "policy.num_ranks=1", "policy.micro_batch_size=16",
+        "faults.max_consecutive_nonfinite=1", "faults.max_restarts=1", "checkpoint.every=2",
+        "logging.tensorboard=false", "checkpoint.save_final=false"])
     trainer = PPOTrainer(cfg)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.kill(trainer.roles.reward)
-    trainer.roles.reward = ray.remote(FlakyReward).options(num_cpus=0).remote()
-    generate, killed = trainer._generate, []
+    launch, step, generate, train = trainer._launch, trainer.step, trainer._generate, trainer._train
+    injected: list[str] = []
+
+    def launch_with_flaky_reward():
+        launch()
+        ray.kill(trainer.roles.reward)
+        trainer.roles.reward = ray.remote(FlakyReward).options(num_cpus=0).remote()
+
+    def step_telling_the_iteration():
+        ray.get(trainer.roles.reward.set_iteration.remote(trainer.iteration + 1))
+        return step()
 
     def generate_with_a_kill(prompts):
-        if trainer.iteration == 2 and not killed:  # iteration 3 has started: its prompts are drawn
-            victim = trainer.roles.rollout[1]
-            pid = ray.get(victim.__ray_call__.remote(lambda self: os.getpid()))
-            os.kill(pid, signal.SIGKILL)
-            killed.append(victim)
+        if trainer.iteration + 1 == 3 and "engine in generate" not in injected:
+            _sigkill(trainer.roles.rollout[1])
+            injected.append("engine in generate")
+            generations = generate(prompts)
+            assert len(generations) == 8 * 2  # engine 0 answered the dead engine's prompts as well
+            return generations
         return generate(prompts)
 
-    trainer._generate = generate_with_a_kill
-    try:
-        with pytest.raises(NonFiniteError, match=r"iteration 7: 3 batches in a row .* 'reward' phase"):
-            trainer.fit()
-        assert killed and trainer.roles.rollout[1] is not killed[0]
-        assert trainer.faults["engine_replacements"] == 1
-        # The new engine serves with current weights: parity of every engine holds now.
-        gens = trainer._generate(trainer.prompts.next_batch(4))
-        from rlhf_ray.data.batch import RolloutBatch
+    def train_with_kills(batch, temperature):
+        it = trainer.iteration + 1
+        if it == 4 and "learner" not in injected:
+            _sigkill(trainer.roles.policy[0])
+            injected.append("learner")
+        stats = train(batch, temperature)
+        if it == 3 and "engine before sync" not in injected:
+            _sigkill(trainer.roles.rollout[0])
+            injected.append("engine before sync")
+        return stats
 
-        trainer.check_sync_parity(RolloutBatch.from_token_lists(
-            [g.prompt_ids for g in gens], [g.response_ids for g in gens], trainer.tokenizer.pad_token_id))
+    ray.kill(trainer.roles.reward)
+    trainer.roles.reward = ray.remote(FlakyReward).options(num_cpus=0).remote()
+    trainer._launch, trainer.step = launch_with_flaky_reward, step_telling_the_iteration
+    trainer._generate, trainer._train = generate_with_a_kill, train_with_kills
+    try:
+        with pytest.raises(NonFiniteError, match=r"iteration 6: 2 batches in a row .* 'reward' phase"):
+            trainer.fit()
+        assert injected == ["engine in generate", "engine before sync", "learner"]
+        assert trainer.restarts == 1 and trainer.faults["engine_replacements"] == 2
+        # A scorer dies too: the one allowed restart is used up, so the run stops naming the limit.
+        _sigkill(trainer.roles.reference)
+        with pytest.raises(ActorFailureError, match=r"during iteration 6 .* faults\.max_restarts=1 restarts are used up"):
+            trainer.fit()
     finally:
         trainer.close()
+    out = capsys.readouterr().out
+    assert "rollout engine 1 died during iteration 3" in out
+    assert "rollout engine(s) [0] died before the sync of iteration 3" in out
+    assert "restart 1 of 1 from the last checkpoint" in out and "at iteration 2" in out
     rows = read_metrics(tmp_path)
-    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r.get("skipped_nonfinite") for r in rows] == [None, "reward", None, None, "reward", "reward"]
-    assert [r["faults/nonfinite_batches"] for r in rows] == [0, 1, 1, 1, 2, 3]
-    assert rows[2]["faults/engine_replacements"] == 1
-    # Iteration 3 lost an engine mid-way and still trained on all 8 prompts x 2 samples.
-    assert rows[2]["generated_tokens"] > 0 and math.isfinite(rows[2]["policy_loss"])
-    assert [r["prompts_position"] for r in rows] == [8 * i for i in range(6)]
+    # Iteration 3 ran twice (before and after the restart) but is logged once.
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [r.get("skipped_nonfinite") for r in rows] == [None, "reward", None, None, "reward"]
+    assert [r["faults/nonfinite_batches"] for r in rows] == [0, 1, 1, 1, 2]
+    assert [r["faults/engine_replacements"] for r in rows] == [0, 0, 2, 2, 2]
+    assert [r["faults/restarts"] for r in rows] == [0, 0, 1, 1, 1]
+    assert math.isfinite(rows[2]["policy_loss"]) and math.isfinite(rows[3]["policy_loss"])
+    assert [r["prompts_position"] for r in rows] == [8 * i for i in range(5)]
+    prompts = read_metrics(tmp_path, "prompts.jsonl")
+    assert [r["iteration"] for r in prompts] == [1, 2, 3, 4, 5]

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.stages import checkpoint as ckpt
+from rlhf_ray.tracking import MetricsWriter, truncate_jsonl
 
 
 def _fake_learners(tmp: Path) -> None:
@@ -54,30 +55,53 @@ def test_failed_writer_leaves_no_checkpoint(tmp_path):
 def test_truncate_jsonl_drops_lines_past_the_checkpoint(tmp_path):
     log = tmp_path / "metrics.jsonl"
     log.write_text("".join(json.dumps({"iteration": i}) + "\n" for i in range(1, 6)) + '{"iteration": 6, "rew')
-    assert ckpt.truncate_jsonl(log, 3) == 3
+    assert truncate_jsonl(log, 3) == 3
     assert [json.loads(x)["iteration"] for x in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of ``tag`` as TensorBoard shows them, read from every event file of the run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_rewound_metrics_show_each_step_once_in_tensorboard(tmp_path):
+    """A run logs steps 1-5 and dies; its successor resumes from step 3 and logs 4-6."""
+    first = MetricsWriter(tmp_path, tensorboard_step="iteration")
+    first.write_many([{"iteration": i, "reward_mean": float(i)} for i in range(1, 6)])
+    second = MetricsWriter(tmp_path, tensorboard_step="iteration")
+    assert second.rewind(3) == 2
+    second.write_many([{"iteration": i, "reward_mean": 10.0 * i} for i in range(4, 7)])
+    assert tensorboard_scalars(tmp_path, "reward_mean") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0),
+                                                            (6, 60.0)]
 
 
 # --- a real driver, killed with SIGKILL mid-run, then resumed ----------------------------------
 
 ITERATIONS, PROMPTS = 6, 16
+TOKEN_ENV = "RLHF_RAY_TEST_REWARD_TOKEN"
 
 
-def _overrides(run_dir: Path) -> list[str]:
+def _overrides(run_dir: Path, reward_url: str) -> list[str]:
+    """The reward is a remote HTTP endpoint that wants a bearer token."""
     return [f"run_dir={run_dir}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",
-            "scorers.use_task_gold_as_reward=false", "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
+            "scorers.use_task_gold_as_reward=false", f"scorers.http.urls=[{reward_url}]",
+            f"scorers.http.token_env={TOKEN_ENV}",
             "rollout.max_new_tokens=8", "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05",
             "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1", "policy.micro_batch_size=16",
             "critic.micro_batch_size=16", f"ppo.prompts_per_iteration={PROMPTS}", f"ppo.iterations={ITERATIONS}",
-            "ppo.kl_controller=proportional", "policy.lr=3e-3", "critic.lr=3e-3", "logging.tensorboard=false",
+            "ppo.kl_controller=proportional", "policy.lr=3e-3", "critic.lr=3e-3",
             "checkpoint.every=2", "checkpoint.resume=auto"]
 
 
-def _driver(run_dir: Path, log: Path) -> subprocess.Popen:
+def _driver(run_dir: Path, log: Path, server) -> subprocess.Popen:
     """``rlhf-ray ppo`` in its own process (and session), with its own local Ray."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", TOKEN_ENV: server.token}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "ppo", *_overrides(run_dir)],
+    return subprocess.Popen([sys.executable, "-m", "rlhf_ray.cli", "ppo", *_overrides(run_dir, server.url())],
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, start_new_session=True,
                             cwd=Path(__file__).resolve().parents[1])
 
@@ -87,6 +111,23 @@ def _iterations(run_dir: Path) -> list[int]:
     if not path.exists():
         return []
     return [json.loads(x)["iteration"] for x in path.read_text().splitlines() if x.strip().endswith("}")]
+
+
+def _dashboard_http(session: int) -> tuple[list[str], list[str]] | None:
+    """(its command line, the addresses it listens on for HTTP) of the Ray dashboard of a process
+    session; None if it has none. (Ray's internal gRPC ports are not the dashboard's API.)"""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = p.info["cmdline"] or []
+            if os.getsid(p.pid) == session and any("dashboard/dashboard.py" in a for a in cmdline):
+                port = int(next(a.split("=", 1)[1] for a in cmdline if a.startswith("--port=")))
+                return cmdline, [c.laddr.ip for c in p.net_connections(kind="inet")
+                                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        except (psutil.Error, OSError):
+            continue
+    return None
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
@@ -99,18 +140,24 @@ def _kill_session(proc: subprocess.Popen) -> None:
 
 
 @pytest.mark.slow
-def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path):
+def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_server):
     from rlhf_ray.config import load_config
     from rlhf_ray.data.prompts import PromptStream, load_prompts
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = tmp_path / "run"
-    first = _driver(run_dir, tmp_path / "first.log")
+    first = _driver(run_dir, tmp_path / "first.log", reward_server)
     deadline = time.time() + 240
     # Kill once iteration 3 is logged: checkpoint 2 exists, and line 3 lies beyond it.
+    dashboard = None
     while 3 not in _iterations(run_dir):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
         assert time.time() < deadline, "the first driver never reached iteration 3"
+        if dashboard is None and _iterations(run_dir):  # Ray is up: look once, while waiting
+            dashboard = _dashboard_http(first.pid)
+            # The local Ray the driver started serves no dashboard beyond the loopback interface.
+            assert dashboard is not None and "--host=127.0.0.1" in dashboard[0], dashboard
+            assert set(dashboard[1]) <= {"127.0.0.1", "::1"}, dashboard
         time.sleep(0.05)
     os.kill(first.pid, signal.SIGKILL)
     assert first.wait(30) == -signal.SIGKILL
@@ -122,7 +169,7 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path):
     assert killed_at > resume_from  # the killed run logged an iteration the checkpoint lacks
     (ckpt.checkpoint_root(run_dir) / "iter-000099").mkdir()  # newest, but incomplete
 
-    second = _driver(run_dir, tmp_path / "second.log")
+    second = _driver(run_dir, tmp_path / "second.log", reward_server)
     try:
         rc = second.wait(300)
     finally:
@@ -135,7 +182,7 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path):
     # Metrics: every iteration exactly once, in order.
     assert _iterations(run_dir) == list(range(1, ITERATIONS + 1))
     # Data: each iteration used the next prompts of the one seeded stream, none skipped or repeated.
-    cfg = load_config(None, _overrides(run_dir))
+    cfg = load_config(None, _overrides(run_dir, reward_server.url()))
     tokenizer = load_tokenizer(str(run_dir / "base_model"))
     stream = PromptStream(load_prompts(cfg.data, cfg.seed, tokenizer), cfg.seed, cfg.data.shuffle)
     logged = [json.loads(x) for x in (run_dir / "prompts.jsonl").read_text().splitlines()]
@@ -145,8 +192,20 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path):
         assert row["prompts"] == stream.next_batch(PROMPTS), f"iteration {it}"
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["prompts_position"] for r in rows] == [i * PROMPTS for i in range(ITERATIONS)]
+    # The endpoint paid every iteration; the token travelled in each request's header and nowhere else.
+    assert all("reward/http_mean" in r for r in rows)
+    assert len(reward_server.seen) >= ITERATIONS
+    assert {auth for _, auth in reward_server.seen} == {f"Bearer {reward_server.token}"}
+    secret = reward_server.token.encode()
+    leaks = [p for p in [*run_dir.rglob("*"), tmp_path / "first.log", tmp_path / "second.log"]
+             if p.is_file() and secret in p.read_bytes()]
+    assert leaks == []
     samples = {json.loads(x)["iteration"] for x in (run_dir / "samples.jsonl").read_text().splitlines()}
     assert samples == set(range(1, ITERATIONS + 1))
+    # TensorBoard: the killed run's event file holds steps past the checkpoint; the resumed run's
+    # purge step hides them, so every step shows once.
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 2
+    assert [step for step, _ in tensorboard_scalars(run_dir, "reward_mean")] == list(range(1, ITERATIONS + 1))
     # The end of the run leaves a complete final checkpoint and the HF policy.
     assert ckpt.latest_checkpoint(run_dir).name == f"iter-{ITERATIONS:06d}"
     assert (run_dir / "policy" / "model.safetensors").exists()

@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf_ray.actors.learner import CriticLearnerActor, LearnerSpec, PolicyLearnerActor
 from rlhf_ray.actors.rollout import RolloutActor
 from rlhf_ray.actors.scorers import ReferenceActor, RewardActor
+from rlhf_ray.engines.http_reward import client_for
 from rlhf_ray.sync.group import free_port
 
 
@@ -93,7 +94,7 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     reward = ray.remote(RewardActor).options(
         **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, rew_bundle)
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
-             sc.micro_batch_size)
+             sc.micro_batch_size, http=client_for(sc.http), http_weight=sc.http.weight)
 
     rollout = [start_rollout_engine(cfg, groups["rollout"], i, engine_kwargs) for i in range(ro.num_engines)]
     policy = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol.num_ranks,

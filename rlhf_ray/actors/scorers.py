@@ -13,6 +13,7 @@ import torch
 
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
+from rlhf_ray.engines.http_reward import HttpRewardClient
 from rlhf_ray.platform import detect
 
 
@@ -45,14 +46,16 @@ class ReferenceActor:
 
 
 class RewardActor:
-    """Reward models (an ensemble, combined by mean or min) plus rule functions, weighted.
+    """Reward models (an ensemble, combined by mean or min) plus rule functions and a remote HTTP
+    endpoint, weighted.
 
     ``score`` returns the combined score per response and each component's scores, so metrics
     can show what the policy is actually being paid for.
     """
 
     def __init__(self, reward_model_paths: list[str], combine: str, functions: list[str],
-                 function_weights: list[float], backend: str, micro_batch_size: int):
+                 function_weights: list[float], backend: str, micro_batch_size: int,
+                 http: HttpRewardClient | None = None, http_weight: float = 1.0):
         from rlhf_ray.models.heads import RewardModel
         from rlhf_ray.tasks.rewards import load_reward_function
 
@@ -64,6 +67,7 @@ class RewardActor:
         self.functions = [(spec, load_reward_function(spec)) for spec in functions]
         self.weights = function_weights or [1.0] * len(functions)
         self.micro_batch_size = micro_batch_size
+        self.http, self.http_weight = http, http_weight
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
@@ -82,6 +86,10 @@ class RewardActor:
             s = torch.tensor(values, dtype=torch.float32)
             components[spec.rpartition(":")[2]] = s
             total += weight * s
+        if self.http is not None:
+            s = torch.tensor(self.http.score(prompts, responses), dtype=torch.float32)
+            components["http"] = s
+            total += self.http_weight * s
         return {"score": total, **{f"reward/{k}": v for k, v in components.items()}}
 
     def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:

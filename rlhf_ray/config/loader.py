@@ -17,7 +17,12 @@ import yaml
 from rlhf_ray.config.schema import RunConfig
 
 
-class ConfigError(ValueError):
+class BadInputError(ValueError):
+    """Something the user gave (config, data, model path, checkpoint) is unusable. The CLI prints
+    the message alone: it names the file, row, key or path and what is wrong."""
+
+
+class ConfigError(BadInputError):
     pass
 
 

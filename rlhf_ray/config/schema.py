@@ -104,6 +104,19 @@ class LearnerConfig:
 
 
 @dataclass
+class HttpRewardConfig:
+    """A remote reward endpoint (rlhf_ray/engines/http_reward.py has the wire format); off while urls is empty."""
+
+    urls: list[str] = field(default_factory=list)  # POST endpoints; retries rotate over them
+    weight: float = 1.0  # weight of its score in the total reward
+    timeout_s: float = 10.0  # per request
+    retries: int = 3  # after the first attempt, on timeouts, connection errors, 5xx and 429
+    backoff_s: float = 0.5  # wait before retry k is backoff_s * 2**k
+    max_response_bytes: int = 1 << 20  # larger answers are refused
+    token_env: str = ""  # NAME of the environment variable holding a bearer token (the token never goes in a config)
+
+
+@dataclass
 class ScorerConfig:
     """Frozen scorers: the reference policy and the reward models."""
 
@@ -115,6 +128,7 @@ class ScorerConfig:
     reward_functions: list[str] = field(default_factory=list)  # "module:function" rule rewards
     reward_function_weights: list[float] = field(default_factory=list)  # default 1.0 each
     use_task_gold_as_reward: bool = True  # built-in task: its gold scorer is a rule reward
+    http: HttpRewardConfig = field(default_factory=HttpRewardConfig)  # a remote reward endpoint
 
 
 @dataclass
@@ -349,7 +363,18 @@ class RunConfig:
              "scorers.reward_function_weights", "needs one weight per entry of scorers.reward_functions")
         for i, spec in enumerate(self.scorers.reward_functions):
             need(":" in spec, f"scorers.reward_functions[{i}]", f"{spec!r} is not of the form module:function")
-        has_reward = bool(self.model.reward or self.scorers.reward_functions
+        http = self.scorers.http
+        for i, url in enumerate(http.urls):
+            scheme, _, rest = url.partition("://")
+            host = rest.split("/")[0].rsplit(":", 1)[0].strip("[]")
+            need(scheme in ("http", "https") and host, f"scorers.http.urls[{i}]", f"{url!r} is not an http(s) URL")
+            need(scheme == "https" or not http.token_env or host in ("127.0.0.1", "localhost", "::1"),
+                 f"scorers.http.urls[{i}]", "a token must not travel in clear text: use https (or a loopback host)")
+        need(http.timeout_s > 0, "scorers.http.timeout_s", "must be > 0")
+        need(http.retries >= 0, "scorers.http.retries", "must be >= 0")
+        need(http.backoff_s >= 0, "scorers.http.backoff_s", "must be >= 0")
+        need(http.max_response_bytes >= 1, "scorers.http.max_response_bytes", "must be >= 1")
+        has_reward = bool(self.model.reward or self.scorers.reward_functions or http.urls
                           or (self.data.task and self.scorers.use_task_gold_as_reward))
         need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
         return problems + plan_problems(self)

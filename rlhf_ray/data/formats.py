@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhf_ray.config.loader import BadInputError
 from rlhf_ray.config.schema import REMAPPABLE_FIELDS
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -53,7 +54,7 @@ HH_ASSISTANT = "\n\nAssistant:"
 OnBadRow = Literal["error", "skip"]
 
 
-class DataError(ValueError):
+class DataError(BadInputError):
     """A bad data row (or an unusable source): ``"prefs.jsonl row 7, field 'chosen': empty text"``.
 
     ``row`` is 1-based: the line number for JSONL files, the record index for JSON, Parquet and hub

@@ -198,7 +198,7 @@ class DeepSpeedStrategy:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {ckpt_dir}")
         rng_file = os.path.join(ckpt_dir, f"rng_rank{self.rank}.pt")
         if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=False))
+            set_rng_state(torch.load(rng_file, weights_only=True))
         self.barrier()
 
     # ---- metrics ------------------------------------------------------------------------------
@@ -215,15 +215,19 @@ class DeepSpeedStrategy:
 
 
 def rng_state() -> dict:
-    """Python, NumPy and torch RNG states of this process."""
+    """Python, NumPy and torch RNG states of this process, as tensors and plain values (so that
+    ``torch.load(weights_only=True)`` reads them back)."""
     import numpy as np
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, keys, *rest = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])

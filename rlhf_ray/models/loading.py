@@ -10,7 +10,14 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.config import BadInputError
+
 CONFIG_FILE = "config.json"
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # torch pickles: loading one may run code
+
+
+class UnsafeWeightsError(BadInputError):
+    """A model folder whose weights exist only as pickles (no safetensors)."""
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -31,12 +38,20 @@ def _looks_local(path: str) -> bool:
 def check_model_path(path: str | os.PathLike) -> str:
     """Returns ``path`` as a string; raises an error naming it if it cannot be a model folder.
 
-    Names that may be hub ids and do not exist locally pass through to transformers.
+    Names that may be hub ids and do not exist locally pass through to transformers. A folder
+    whose weights are only pickles (``pytorch_model.bin``) is refused: safetensors only.
     """
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
             raise FileNotFoundError(f"{path!r} is not a model folder: it has no {CONFIG_FILE}")
+        names = os.listdir(path)
+        pickles = sorted(n for n in names if n.endswith(PICKLE_WEIGHTS))
+        if pickles and not any(n.endswith(".safetensors") for n in names):
+            raise UnsafeWeightsError(
+                f"model folder {path!r} has weights only as pickles ({', '.join(pickles)}), which can run code "
+                f"when loaded; convert them to safetensors (transformers: save_pretrained(..., "
+                f"safe_serialization=True)) and remove the pickles")
     elif os.path.exists(path):
         raise NotADirectoryError(f"model path {path!r} is a file, expected a model folder")
     elif _looks_local(path):

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.config import BadInputError
 from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
 
 COMPLETE = "COMPLETE"
@@ -35,8 +36,19 @@ TRAINER_STATE = "trainer.pt"
 _NAME = re.compile(r"^iter-(\d+)$")
 
 
+# Config keys a resumed run must share with its checkpoint: the learners' shapes and shards, the
+# data order. Other keys (iterations, logging, fault limits, ...) may change between runs.
+RESUME_MUST_MATCH = ("seed", "model.", "data.", "policy.num_ranks", "policy.zero_stage", "critic.num_ranks",
+                     "critic.zero_stage", "ppo.advantage_estimator", "ppo.prompts_per_iteration",
+                     "rollout.samples_per_prompt")
+
+
 class IncompleteCheckpointWarning(RuntimeWarning):
     pass
+
+
+class CheckpointError(BadInputError):
+    """A checkpoint cannot be resumed; the message names the checkpoint and what is wrong."""
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -96,32 +108,48 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1] if found else None
 
 
+def read_trainer_state(path: Path) -> dict:
+    """The driver's state saved in a checkpoint (tensors and plain values only: never unpickles code)."""
+    try:
+        return torch.load(path / TRAINER_STATE, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem for the user
+        raise CheckpointError(f"checkpoint {path}: {TRAINER_STATE} is unreadable ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); delete the checkpoint folder "
+                              f"to resume from an older one") from None
+
+
 def load_trainer_state(path: Path) -> dict:
     """The driver's state of a checkpoint; also restores the driver's RNG states."""
-    state = torch.load(path / TRAINER_STATE, weights_only=False)
+    state = read_trainer_state(path)
     set_rng_state(state.pop("rng"))
     return state
 
 
-def truncate_jsonl(path: Path, iteration: int, key: str = "iteration") -> int:
-    """Drops lines of a JSON-lines log past ``iteration`` (written after the checkpoint by a run
-    that then died), atomically. Returns the number of lines dropped."""
-    if not path.exists():
-        return 0
-    lines = path.read_text().splitlines(keepends=True)
-    kept = []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            if json.loads(line).get(key, 0) <= iteration:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except json.JSONDecodeError:  # a line cut short by the kill
-            continue
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
-    return len(lines) - len(kept)
+def check_resumable(path: Path, config: dict) -> None:
+    """Raises ``CheckpointError`` unless a run with ``config`` (a nested dict) can resume from the
+    checkpoint at ``path``: its trainer state loads and the keys of ``RESUME_MUST_MATCH`` agree.
+    Cheap: run before any actor starts."""
+    import yaml
+
+    read_trainer_state(path)
+    saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    now = _flatten(config)
+    differ = [k for k in sorted(set(saved) | set(now))
+              if k.startswith(RESUME_MUST_MATCH) and saved.get(k) != now.get(k)]
+    if differ:
+        lines = "\n".join(f"  {k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+        raise CheckpointError(f"cannot resume from {path}: the config differs in keys a resumed run must "
+                              f"keep:\n{lines}\nrestore them, or start a new run_dir")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "fields":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _problem(path: Path) -> str:

@@ -30,6 +30,26 @@ def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
     return str(build_tiny_model(run_dir / "base_model", spec))
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """Model folders and secrets the run needs, each checked before any actor starts; the error
+    names the config key."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.loading import check_model_path
+
+    paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
+             ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward))]
+    for key, path in paths:
+        if path:
+            try:
+                check_model_path(path)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{key}: {e}") from None
+    token = cfg.scorers.http.token_env
+    if cfg.scorers.http.urls and token and not os.environ.get(token):
+        raise ConfigError(f"scorers.http.token_env: the environment variable {token} (the reward endpoint's "
+                          f"token) is not set")
+
+
 def check_model_fits(cfg: RunConfig, model_path: str) -> None:
     """Rejects a rollout plan the model's shape cannot take, before any actor starts."""
     from rlhf_ray.config import ConfigError
@@ -79,5 +99,5 @@ def init_ray(cfg: RunConfig, log_to_driver: bool = True) -> None:
         # platform's environment itself (``Platform.apply_env``) before importing its engine.
         ray.init(address=cfg.ray_address, log_to_driver=log_to_driver)
     else:
-        ray.init(include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=log_to_driver,
+        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, log_to_driver=log_to_driver,
                  num_cpus=max(8, os.cpu_count() or 1))  # logical slots: roles mostly wait on each other

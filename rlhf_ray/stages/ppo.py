@@ -16,11 +16,12 @@ from tqdm import tqdm
 
 from rlhf_ray import algo
 from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles, start_rollout_engine
-from rlhf_ray.config import RunConfig, dump_config
+from rlhf_ray.config import RunConfig, config_to_dict, dump_config
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.platform import detect
 from rlhf_ray.stages import checkpoint as ckpt
 from rlhf_ray.stages.common import (
+    check_inputs,
     check_model_fits,
     init_ray,
     prepare_run,
@@ -49,6 +50,7 @@ class PPOTrainer:
 
         self.cfg = cfg
         self.platform = detect(cfg.backend)
+        check_inputs(cfg)
         self.run_dir = prepare_run(cfg)
         self.policy_path = resolve_policy_path(cfg, self.run_dir)
         check_model_fits(cfg, self.policy_path)
@@ -67,9 +69,13 @@ class PPOTrainer:
                               "logprobs_mode": "processed_logprobs"}
         self._reset_state()
         self.restarts = 0  # learner/scorer failures survived by this process (not rolled back by resume)
+        self._parity_probe: RolloutBatch | None = None  # a few rollouts of the last generate phase
+        resume = cfg.checkpoint.resume == "auto"
+        resume_from = self._resume_point() if resume else None  # a bad checkpoint fails before actors start
+        init_ray(cfg)  # only once every input is known good
         self._launch()
-        if cfg.checkpoint.resume == "auto":
-            self.resume()
+        if resume:
+            self.resume(resume_from)
 
     def _reset_state(self) -> None:
         """The driver's state at iteration 0 (a checkpoint replaces all of it)."""
@@ -260,11 +266,28 @@ class PPOTrainer:
             for g in done[offset]:
                 g.prompt_index += offset
                 out.append(g)
+        self._parity_probe = RolloutBatch.from_token_lists([g.prompt_ids for g in out[:4]],
+                                                           [g.response_ids for g in out[:4]],
+                                                           self.tokenizer.pad_token_id)
         if dead:
-            self._replace_engines(sorted(dead), out)
+            self._replace_engines(sorted(dead))
         return out
 
-    def _replace_engines(self, dead: list[int], generations) -> None:
+    def _dead_engines(self, timeout_s: float = 30.0) -> list[int]:
+        """Rollout engines whose actor has died (a ping answered by Ray with ``RayActorError``)."""
+        pings = [e.ready.remote() for e in self.roles.rollout]
+        ray.wait(pings, num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for i, ping in enumerate(pings):
+            try:
+                ray.get(ping, timeout=0)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+            except ray.exceptions.GetTimeoutError:  # busy, not dead
+                pass
+        return dead
+
+    def _replace_engines(self, dead: list[int]) -> None:
         """New engines in the dead ones' bundles; every engine joins a fresh sync group (the old one
         lost members), gets the current weights, and the new ones must pass the parity check."""
         f, limit = self.faults, self.cfg.faults.max_engine_replacements
@@ -274,12 +297,11 @@ class PPOTrainer:
         for i in dead:
             self.roles.rollout[i] = start_rollout_engine(self.cfg, self.roles.rollout_group, i, self.engine_kwargs)
         ray.get([self.roles.rollout[i].ready.remote() for i in dead])
-        self._open_weight_sync()
-        self._sync_weights()
-        probe = RolloutBatch.from_token_lists([g.prompt_ids for g in generations[:4]],
-                                              [g.response_ids for g in generations[:4]], self.tokenizer.pad_token_id)
-        self.check_sync_parity(probe, engines=dead)
         f["engine_replacements"] += len(dead)
+        self._open_weight_sync()
+        self._broadcast_weights()
+        if self._parity_probe is not None:  # None only before the first generate phase
+            self.check_sync_parity(self._parity_probe, engines=dead)
         print(f"ppo: replaced rollout engine(s) {dead}; weights synced and parity checked")
 
     def _sampling_spec(self):
@@ -322,6 +344,17 @@ class PPOTrainer:
                          self.platform.dist_backend)
 
     def _sync_weights(self) -> None:
+        """The learner's weights to every engine. An engine that died since its last call (while
+        the learners trained, say) is replaced first, which syncs all engines itself. One that dies
+        during the broadcast leaves the learner inside a collective: that is a restart."""
+        dead = self._dead_engines()
+        if dead:
+            print(f"ppo: rollout engine(s) {dead} died before the sync of iteration {self.iteration + 1}")
+            self._replace_engines(dead)
+        else:
+            self._broadcast_weights()
+
+    def _broadcast_weights(self) -> None:
         # Senders (every rank joins the ZeRO-3 gather) and receivers run at the same time.
         refs = [a.send_weights.remote(self.weight_manifest) for a in self.roles.policy]
         refs += [e.receive_weights.remote(self.weight_manifest) for e in self.roles.rollout]
@@ -339,8 +372,13 @@ class PPOTrainer:
             if engines is not None and i not in engines:
                 continue
             what = f"rollout engine {i} after the sync of iteration {self.iteration}"
-            engine_lp = _pad_rows(ray.get(engine.score.remote(prompts, responses)), probe.response_mask.shape[1])
-            greedy = ray.get(engine.greedy.remote(prompts, self.cfg.rollout.max_new_tokens))
+            try:
+                engine_lp = _pad_rows(ray.get(engine.score.remote(prompts, responses)), probe.response_mask.shape[1])
+                greedy = ray.get(engine.greedy.remote(prompts, self.cfg.rollout.max_new_tokens))
+            except ray.exceptions.RayActorError:
+                print(f"ppo: rollout engine {i} died during the parity check of iteration {self.iteration}")
+                self._replace_engines([i])  # the new engine is synced and parity-checked
+                continue
             greedy_batch = RolloutBatch.from_token_lists(prompts, greedy, self.tokenizer.pad_token_id)
             learner_greedy = torch.cat(ray.get([a.greedy_tokens.remote(s) for a, s in zip(
                 self.roles.policy, greedy_batch.chunk(len(self.roles.policy)))]))
@@ -401,10 +439,17 @@ class PPOTrainer:
         return ckpt.save_checkpoint(self.run_dir, self.iteration, state, dump_config(self.cfg), write_learners,
                                     self.cfg.checkpoint.keep_last)
 
-    def resume(self) -> bool:
-        """Continues from the newest complete checkpoint, if any (incomplete ones are skipped with
-        a warning). Logs written after it by a run that died are cut back to it."""
+    def _resume_point(self) -> Path | None:
+        """The newest complete checkpoint (incomplete ones are skipped with a warning), checked to
+        be resumable by this config; None when there is none."""
         path = ckpt.latest_checkpoint(self.run_dir)
+        if path is not None:
+            ckpt.check_resumable(path, config_to_dict(self.cfg))
+        return path
+
+    def resume(self, path: Path | None) -> bool:
+        """Continues from the checkpoint at ``path`` (from ``_resume_point``), or from iteration 0.
+        Logs written after it by a run that died are cut back to it."""
         if path is None:
             print(f"ppo: no complete checkpoint in {self.run_dir}, starting at iteration 0")
             self._restore(None)
@@ -414,6 +459,8 @@ class PPOTrainer:
         return True
 
     def _restore(self, path: Path | None) -> None:
+        # Engines replaced since the checkpoint stay counted: the limit is on replacements, not iterations.
+        replaced = self.faults["engine_replacements"]
         self._reset_state()
         if path is not None:
             refs = [a.load_checkpoint.remote(str(path / "policy")) for a in self.roles.policy]
@@ -426,8 +473,9 @@ class PPOTrainer:
             self.guards.load_state_dict(state["guards"])
             self.faults.update(state["faults"])
             self._sync_weights()  # the engines started from the initial policy
+        self.faults["engine_replacements"] = max(replaced, self.faults["engine_replacements"])
         for log in (self.metrics, self.samples, self.prompt_log):
-            ckpt.truncate_jsonl(log.path, self.iteration)
+            log.rewind(self.iteration)
 
     def restart_after_failure(self, error: Exception) -> None:
         """A learner or scorer died: every actor is replaced and the run goes on from the newest
@@ -440,8 +488,9 @@ class PPOTrainer:
         print(f"ppo: an actor died during iteration {self.iteration + 1} ({type(error).__name__}); "
               f"restart {self.restarts} of {limit} from the last checkpoint")
         shutdown_roles(self.roles)
+        path = self._resume_point()
         self._launch()
-        self.resume()
+        self.resume(path)
 
     def close(self) -> None:
         shutdown_roles(self.roles)
@@ -514,7 +563,6 @@ def nonfinite_phase(mask: torch.Tensor, **phases: list[torch.Tensor | None]) -> 
 
 
 def run_ppo(cfg: RunConfig) -> list[dict]:
-    init_ray(cfg)
     trainer = PPOTrainer(cfg)
     try:
         history = trainer.fit()

@@ -1,0 +1,155 @@
+"""Bad input stops ``rlhf-ray ppo`` with one clear message, before Ray or any actor starts.
+
+Each case runs the real CLI entry in-process and reads what a user sees on stderr. Ray's start
+and the actors' launch are replaced by tripwires: reaching them fails the test.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_ray.cli import main
+from rlhf_ray.config import dump_config, load_config
+from rlhf_ray.stages import checkpoint as ckpt
+from rlhf_ray.stages import ppo
+
+BASE = ["model.tiny_hidden_size=32", "model.tiny_layers=1", "data.num_prompts=16"]
+
+
+@pytest.fixture
+def no_expensive_work(monkeypatch):
+    def tripwire(*args, **kwargs):
+        raise AssertionError("bad input was not caught before Ray or the actors started")
+
+    monkeypatch.setattr(ppo, "init_ray", tripwire)
+    monkeypatch.setattr(ppo, "launch_roles", tripwire)
+
+
+def _ppo_error(capsys, run_dir: Path, *overrides: str, resume: bool = False) -> str:
+    """Runs ``rlhf-ray ppo`` and returns its one-message stderr (exit status 2, no traceback)."""
+    argv = ["ppo", *(["--resume"] if resume else []), f"run_dir={run_dir}", *BASE, *overrides]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("rlhf-ray: ") == 1 and "Traceback" not in err, err
+    return err[err.index("rlhf-ray: "):].strip()  # after any progress bar of the tiny model's build
+
+
+def _model_folder(path: Path, weights: str) -> Path:
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (path / weights).write_bytes(b"\0" * 16)
+    return path
+
+
+MODEL_PATH_CASES = {
+    "missing": (lambda t: [f"model.policy={t / 'missing'}"],
+                r"^rlhf-ray: model\.policy: model path '.*/missing' does not exist$"),
+    "no config.json": (lambda t: [f"model.policy={t / 'empty'}"],
+                       r"^rlhf-ray: model\.policy: '.*/empty' is not a model folder: it has no config\.json$"),
+    "a file": (lambda t: [f"model.policy={t / 'weights.safetensors'}"],
+               r"^rlhf-ray: model\.policy: model path '.*weights\.safetensors' is a file, expected a model folder$"),
+    "pickle weights only": (lambda t: [f"model.policy={t / 'pickled'}"],
+                            r"^rlhf-ray: model\.policy: model folder '.*/pickled' has weights only as pickles "
+                            r"\(pytorch_model\.bin\), .* convert them to safetensors"),
+    "reward model missing": (lambda t: [f"model.reward=[{t / 'rm-missing'}]"],
+                             r"^rlhf-ray: model\.reward\[0\]: model path '.*rm-missing' does not exist$"),
+    "critic not a model": (lambda t: [f"model.critic={t / 'empty'}"],
+                           r"^rlhf-ray: model\.critic: '.*/empty' is not a model folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_PATH_CASES))
+def test_bad_model_paths_name_the_key_and_the_problem(case, tmp_path, capsys, no_expensive_work):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"\0")
+    _model_folder(tmp_path / "pickled", "pytorch_model.bin")
+    overrides, expected = MODEL_PATH_CASES[case]
+    err = _ppo_error(capsys, tmp_path / "run", *overrides(tmp_path))
+    assert re.search(expected, err), err
+
+
+def test_safetensors_beside_a_stray_pickle_pass_the_model_check(tmp_path):
+    from rlhf_ray.models.loading import check_model_path
+
+    folder = _model_folder(tmp_path / "m", "pytorch_model.bin")
+    (folder / "model.safetensors").write_bytes(b"\0")
+    assert check_model_path(folder) == str(folder)
+
+
+def test_bad_data_config_and_secrets_name_what_is_wrong(tmp_path, capsys, no_expensive_work):
+    run = tmp_path / "run"
+    assert re.search(r"^rlhf-ray: data file .*/missing\.jsonl does not exist$",
+                     _ppo_error(capsys, run, f"data.prompts={tmp_path / 'missing.jsonl'}"))
+    rows = tmp_path / "prompts.jsonl"
+    rows.write_text('{"prompt": "1+1="}\n{"prompt": ""}\n')
+    assert "prompts.jsonl row 2, field 'prompt': empty text" in _ppo_error(capsys, run, f"data.prompts={rows}")
+    assert re.search(r"^rlhf-ray: invalid config \(defaults\):\n  ppo\.kl_coef: must be >= 0$",
+                     _ppo_error(capsys, run, "ppo.kl_coef=-1"))
+    assert "ppo.kl_cof" in _ppo_error(capsys, run, "ppo.kl_cof=0.1")  # a typo, named with its fix
+    endpoint = ["scorers.http.urls=[http://127.0.0.1:9/score]", "scorers.http.token_env=RLHF_RAY_TEST_UNSET_TOKEN"]
+    assert _ppo_error(capsys, run, *endpoint) == (
+        "rlhf-ray: scorers.http.token_env: the environment variable RLHF_RAY_TEST_UNSET_TOKEN (the reward "
+        "endpoint's token) is not set")
+    assert "scorers.http.urls[0]: a token must not travel in clear text: use https" in _ppo_error(
+        capsys, run, "scorers.http.urls=[http://rewards.example.com/score]", "scorers.http.token_env=T")
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+def _fake_learners(tmp: Path) -> None:
+    (tmp / "policy").mkdir()
+    (tmp / "policy" / "shard.pt").write_bytes(b"x" * 10)
+
+
+def _checkpoint(run_dir: Path, *overrides: str) -> Path:
+    """A complete checkpoint at iteration 2 written by a run with these overrides."""
+    cfg = load_config(None, [f"run_dir={run_dir}", *BASE, *overrides])
+    state = {"iteration": 2, "prompts_position": 64, "kl_controller": {"kl_coef": 0.05},
+             "guards": {"overopt": {"proxy": [], "gold": []}}, "faults": {}}
+    return ckpt.save_checkpoint(run_dir, 2, state, dump_config(cfg), _fake_learners)
+
+
+def test_bad_checkpoints_stop_the_resume_with_the_reason(tmp_path, capsys, no_expensive_work):
+    run = tmp_path / "run"
+    path = _checkpoint(run, "policy.num_ranks=1", "data.num_prompts=32")
+    err = _ppo_error(capsys, run, resume=True)
+    assert f"rlhf-ray: cannot resume from {path}: the config differs in keys a resumed run must keep:" in err
+    assert "  data.num_prompts: checkpoint 32, now 16" in err and "  policy.num_ranks: checkpoint 1, now 2" in err
+    assert "ppo.iterations" not in err  # keys a resumed run may change are no problem
+
+    path = _checkpoint(run)
+    state = path / ckpt.TRAINER_STATE
+    state.write_bytes(b"\x00" * state.stat().st_size)  # right size, garbage: the manifest cannot tell
+    err = _ppo_error(capsys, run, resume=True)
+    assert re.search(rf"^rlhf-ray: checkpoint {re.escape(str(path))}: trainer\.pt is unreadable \(.*\); delete the "
+                     rf"checkpoint folder to resume from an older one$", err), err
+
+
+def test_a_checkpoint_without_trainer_state_is_skipped_with_a_warning(tmp_path):
+    older = _checkpoint(tmp_path)
+    newer = ckpt.save_checkpoint(tmp_path, 4, {"iteration": 4}, "", _fake_learners)
+    (newer / ckpt.TRAINER_STATE).unlink()
+    with pytest.warns(ckpt.IncompleteCheckpointWarning, match=r"iter-000004: trainer\.pt is missing"):
+        assert ckpt.latest_checkpoint(tmp_path) == older
+
+
+def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
+    """torch.load(weights_only=True): a pickle that would run code on load is an error instead."""
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return exec, (f"open({str(marker)!r}, 'w').write('ran')",)
+
+    path = _checkpoint(tmp_path)
+    torch.save({"iteration": 2, "rng": Payload()}, path / ckpt.TRAINER_STATE)
+    with pytest.raises(ckpt.CheckpointError, match=r"trainer\.pt is unreadable \(UnpicklingError"):
+        ckpt.load_trainer_state(path)
+    assert not marker.exists()
+    torch.load(path / ckpt.TRAINER_STATE, weights_only=False)  # the same file, loaded unsafely,
+    assert marker.exists()  # does run the code: the refusal above is what protects

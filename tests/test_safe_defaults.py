@@ -1,0 +1,132 @@
+"""Safe defaults: the remote reward endpoint (timeouts, retries, a size limit, a token that never
+leaks), torch.load with weights_only=True, no remote code unless asked. (The local Ray's dashboard
+on loopback only: tests/test_resume.py checks the driver it starts.)"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_ray.config import dump_config, load_config
+from rlhf_ray.engines.http_reward import HttpRewardClient, RewardEndpointError
+
+TOKEN_ENV = "RLHF_RAY_TEST_REWARD_TOKEN"
+PROMPTS, RESPONSES = ["1+1=", "2+3=", "9-4="], ["2", "five", "5 5"]
+
+
+def _client(server, *paths: str, **kwargs) -> HttpRewardClient:
+    kwargs = {"timeout_s": 5.0, "retries": 2, "backoff_s": 0.01, "token_env": TOKEN_ENV, **kwargs}
+    return HttpRewardClient(tuple(server.url(p) for p in paths), **kwargs)
+
+
+def test_the_reward_actor_scores_through_the_endpoint_with_the_token(reward_server, monkeypatch):
+    from rlhf_ray.actors.scorers import RewardActor
+    from rlhf_ray.data.batch import RolloutBatch
+
+    monkeypatch.setenv(TOKEN_ENV, reward_server.token)
+    actor = RewardActor([], "mean", [], [], "cpu", 8, http=_client(reward_server, "/score"), http_weight=2.0)
+    batch = RolloutBatch.from_token_lists([[1], [1], [1]], [[2], [3], [4]], 0)
+    out = actor.score(batch, PROMPTS, RESPONSES)
+    assert out["reward/http"].tolist() == pytest.approx([1.0, 0.0, 2 / 3])
+    assert out["score"].tolist() == pytest.approx([2.0, 0.0, 4 / 3])
+    assert reward_server.seen == [("/score", f"Bearer {reward_server.token}")]
+
+
+def test_a_timeout_or_a_dead_url_is_retried_and_a_refusal_is_not(reward_server, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, reward_server.token)
+    start = time.perf_counter()
+    assert _client(reward_server, "/slow-first", timeout_s=0.3).score(PROMPTS, RESPONSES)[0] == 1.0
+    assert time.perf_counter() - start < 0.9  # gave up on the stalled answer (1 s) at its timeout
+    assert [p for p, _ in reward_server.seen] == ["/slow-first", "/slow-first"]
+    # Retries rotate over the URLs: a failing one is followed by the next.
+    assert _client(reward_server, "/down", "/score").score(PROMPTS, RESPONSES)[1] == 0.0
+    with pytest.raises(RewardEndpointError, match=r"failed 3 times \(retries=2\): .*/down: HTTP 503"):
+        _client(reward_server, "/down").score(PROMPTS, RESPONSES)
+    monkeypatch.setenv(TOKEN_ENV, "a-wrong-token")
+    reward_server.seen.clear()
+    with pytest.raises(RewardEndpointError, match=r"answered HTTP 401") as refused:
+        _client(reward_server, "/score").score(PROMPTS, RESPONSES)
+    assert len(reward_server.seen) == 1 and "a-wrong-token" not in str(refused.value)
+
+
+@pytest.mark.parametrize("path", ["/big", "/big-unsized"])
+def test_an_oversized_answer_is_refused(reward_server, monkeypatch, path):
+    monkeypatch.setenv(TOKEN_ENV, reward_server.token)
+    with pytest.raises(RewardEndpointError, match=r"answer of \d+ bytes or more, over "
+                                                  r"scorers\.http\.max_response_bytes=1000"):
+        _client(reward_server, path, max_response_bytes=1000).score(PROMPTS, RESPONSES)
+    assert len(reward_server.seen) == 1  # not retried: a bigger answer will not get smaller
+
+
+def test_the_token_is_never_logged_or_written(reward_server, monkeypatch, tmp_path, capsys, caplog):
+    from rlhf_ray.stages.common import prepare_run
+
+    monkeypatch.setenv(TOKEN_ENV, reward_server.token)
+    caplog.set_level(logging.DEBUG)
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"scorers.http.urls=[{reward_server.url()}]",
+                             f"scorers.http.token_env={TOKEN_ENV}"])
+    prepare_run(cfg)
+    from rlhf_ray.engines.http_reward import client_for
+
+    client = client_for(cfg.scorers.http)
+    client.score(PROMPTS, RESPONSES)
+    with pytest.raises(RewardEndpointError) as failed:
+        HttpRewardClient((reward_server.url("/down"),), retries=0, token_env=TOKEN_ENV).score(PROMPTS, RESPONSES)
+    assert reward_server.seen[0][1] == f"Bearer {reward_server.token}"  # it did travel, in the header
+    out = capsys.readouterr()
+    texts = [dump_config(cfg), repr(client), str(failed.value), out.out, out.err, caplog.text,
+             *(p.read_text() for p in (tmp_path / "run").rglob("*") if p.is_file())]
+    assert TOKEN_ENV in dump_config(cfg)  # the config holds the variable's name ...
+    assert not [t for t in texts if reward_server.token in t]  # ... and the token is nowhere
+
+
+def test_torch_load_is_always_weights_only():
+    """Every torch.load in the package passes weights_only=True (test_bad_input shows a checkpoint
+    holding code is refused by the driver's load)."""
+    root = Path(__file__).resolve().parents[1] / "rlhf_ray"
+    calls = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                           for k in node.keywords)
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", safe))
+    assert calls and [c for c, safe in calls if not safe] == []
+
+
+def test_rank_rng_states_load_with_weights_only(tmp_path):
+    """The learner's per-rank RNG file round-trips through torch.load(weights_only=True)."""
+    import random
+
+    from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
+
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = (random.random(), torch.rand(1).item(), __import__("numpy").random.rand())
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), torch.rand(1).item(), __import__("numpy").random.rand()) == expected
+
+
+def test_remote_code_runs_only_when_the_config_asks(tmp_path):
+    """A model folder that ships its own modelling code: by default the code is not imported."""
+    from rlhf_ray.models.loading import load_causal_lm
+    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+
+    assert load_config().model.trust_remote_code is False
+    folder = build_tiny_model(tmp_path / "m", TinyModelSpec.of_width(32, 1))
+    marker = tmp_path / "remote-code-ran"
+    (folder / "evil_modeling.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import LlamaForCausalLM as EvilForCausalLM\n")
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    load_causal_lm(folder)
+    assert not marker.exists()
+    load_causal_lm(folder, trust_remote_code=True)
+    assert marker.exists()  # the same folder with the flag on does run it: the default is what protects
