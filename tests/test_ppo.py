@@ -32,6 +32,17 @@ def _config(tmp_path, *overrides):
     ])
 
 
+def _fit(cfg):
+    """A whole PPO run; the trainer (closed) and its history."""
+    from rlhf_ray.stages.ppo import PPOTrainer
+
+    trainer = PPOTrainer(cfg)
+    try:
+        return trainer, trainer.fit()
+    finally:
+        trainer.close()
+
+
 @pytest.fixture(scope="module")
 def gae_run(ray_session, tmp_path_factory):
     """2 engines, 2 ZeRO-2 policy ranks and 2 critic ranks, 16 iterations on a dense rule reward."""
@@ -95,18 +106,33 @@ def test_stale_engine_weights_fail_the_parity_check(gae_run):
 
 
 def test_grpo_with_zero3_runs_and_keeps_parity(ray_session, tmp_path):
-    from rlhf_ray.stages.ppo import PPOTrainer
-
     cfg = _config(tmp_path, "ppo.iterations=2", "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
                   "ppo.prompts_per_iteration=8", "rollout.num_engines=1", "policy.num_ranks=2",
                   "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto",
                   "checkpoint.save_final=false")
-    trainer = PPOTrainer(cfg)
-    try:
-        history = trainer.fit()
-    finally:
-        trainer.close()
+    trainer, history = _fit(cfg)
     assert not trainer.roles.critic
     assert trainer.weight_layout.uses_shm == [True]  # auto, one node: the weights went through shared memory
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     assert "value_loss" not in history[0]
+
+
+def test_lora_gae_syncs_merged_weights_with_parity_and_saves_a_loadable_policy(ray_session, tmp_path):
+    """Policy and critic train LoRA adapters only; vLLM (no LoRA support asked) gets merged weights
+    under the base names, and every sync passes the parity check."""
+    from rlhf_ray.models.loading import load_causal_lm
+
+    cfg = _config(tmp_path, "ppo.iterations=2", "ppo.prompts_per_iteration=16", "rollout.num_engines=1",
+                  "policy.num_ranks=1", "critic.num_ranks=1", "policy.lr=2e-2", "critic.lr=2e-2",
+                  "policy.lora.rank=4", "policy.lora.alpha=8", "critic.lora.rank=4", "sync.parity_every=1")
+    trainer, history = _fit(cfg)
+    assert len(history) == 2 and all(math.isfinite(r["value_loss"]) for r in history)
+    assert max(r["logprob_gap_vllm_learner"] for r in history) < 1e-2
+    # policy/ holds the merged model (what eval and later stages load) and the peft adapter.
+    policy_dir = trainer.run_dir / "policy"
+    assert (policy_dir / "adapter" / "adapter_config.json").exists()
+    merged = load_causal_lm(policy_dir).state_dict()
+    base = load_causal_lm(trainer.policy_path).state_dict()
+    assert merged.keys() == base.keys()
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed and all(k.endswith("proj.weight") for k in changed), changed

@@ -16,6 +16,7 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
+from rlhf_ray.models.lora import LoraSettings
 from rlhf_ray.platform import detect
 
 
@@ -37,6 +38,8 @@ class LearnerSpec:
     seed: int
     dtype: str = "float32"
     trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraSettings | None = None  # None: every parameter trains
 
 
 class _LearnerBase:
@@ -57,6 +60,8 @@ class _LearnerBase:
             micro_batch_size=spec.micro_batch_size,
             grad_accum_steps=spec.grad_accum_steps,
             bf16=spec.bf16,
+            gradient_checkpointing=spec.gradient_checkpointing,
+            lora=spec.lora,
             backend=spec.backend,
             seed=spec.seed,
         )
@@ -200,9 +205,8 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
     def weight_manifest(self, bucket_bytes: int) -> dict:
         from rlhf_ray.sync.manifest import build_manifest
 
-        # ZeRO-3 keeps only a shard locally; ds_shape is the full shape.
-        specs = [(n, p.dtype, getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()]
-        return build_manifest(specs, bucket_bytes)
+        # Base-model names and full shapes (merged weights under LoRA), as send_weights yields them.
+        return build_manifest(self.strategy.weight_specs(self.engine), bucket_bytes)
 
     def send_weights(self, manifest) -> None:
         tensors = self.strategy.full_named_parameters(self.engine)  # collective under ZeRO-3

@@ -17,6 +17,7 @@ from rlhf_ray.actors.learner import CriticLearnerActor, LearnerSpec, PolicyLearn
 from rlhf_ray.actors.rollout import RolloutActor
 from rlhf_ray.actors.scorers import ReferenceActor, RewardActor
 from rlhf_ray.engines.http_reward import client_for
+from rlhf_ray.models.lora import LoraSettings
 from rlhf_ray.sync.group import free_port
 
 
@@ -127,8 +128,17 @@ def learner_spec(cfg, lc, model_path: str, rows_per_step: int | None = None, lr:
         micro_batch_size=lc.micro_batch_size,
         grad_accum_steps=max(1, -(-rows_per_rank // lc.micro_batch_size)),
         bf16=lc.bf16, backend=cfg.backend, seed=cfg.seed + seed_offset, dtype=cfg.model.dtype,
-        trust_remote_code=cfg.model.trust_remote_code,
+        trust_remote_code=cfg.model.trust_remote_code, gradient_checkpointing=lc.gradient_checkpointing,
+        lora=lora_settings(lc.lora),
     )
+
+
+def lora_settings(lora) -> LoraSettings | None:
+    """The config's LoRA section as plain values for the learners; None when off."""
+    if lora.rank == 0:
+        return None
+    return LoraSettings(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout,
+                        target_modules=tuple(lora.target_modules), save_merged=lora.save_merged)
 
 
 def shutdown_roles(roles: Roles) -> None:

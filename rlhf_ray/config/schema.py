@@ -88,6 +88,21 @@ class RolloutConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (peft) on a learner: only adapters (and a critic's value head) train. Weight
+    sync sends merged weights under the base model's names, so rollout engines need no LoRA.
+    A saved model folder (e.g. ``<run_dir>/policy``) then holds the merged HF model, loadable by
+    transformers, vLLM, ``eval`` and the next stage, plus the peft adapter in ``adapter/``; with
+    save_merged off it holds only ``adapter/`` (load it with peft on top of the base model)."""
+
+    rank: int = 0  # adapter rank r; 0 = off (every parameter trains)
+    alpha: float = 16.0  # scaling = alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: list[str] = field(default_factory=list)  # module names, e.g. [q_proj, v_proj]; empty = every linear layer but the LM head
+    save_merged: bool = True  # final saves also write the merged model (downstream stages need it)
+
+
+@dataclass
 class LearnerConfig:
     num_ranks: int = 2  # DeepSpeed data-parallel ranks (Ray actors)
     zero_stage: int = 2
@@ -97,7 +112,9 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 8  # rows per forward on one rank
-    bf16: bool = False
+    bf16: bool = False  # bf16 mixed precision (fp32 master weights in the optimizer)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
+    lora: LoraConfig = field(default_factory=LoraConfig)
     num_cpus: float = 0.5  # per rank
     num_gpus: float = 0.0  # per rank
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
@@ -293,6 +310,11 @@ class RunConfig:
             need(lc.num_cpus >= 0 and lc.num_gpus >= 0, f"{name}.num_cpus", "resources must be >= 0")
             need(not lc.offload_params or lc.zero_stage == 3, f"{name}.offload_params",
                  "parameter offload needs zero_stage 3")
+            need(not lc.offload_optimizer or lc.zero_stage >= 1, f"{name}.offload_optimizer",
+                 "optimizer offload needs zero_stage >= 1")
+            need(lc.lora.rank >= 0, f"{name}.lora.rank", "must be >= 0 (0 = off)")
+            need(lc.lora.alpha > 0, f"{name}.lora.alpha", "must be > 0")
+            need(0 <= lc.lora.dropout < 1, f"{name}.lora.dropout", "must be in [0, 1)")
         need(self.model.tiny_hidden_size >= 32 and self.model.tiny_hidden_size % 32 == 0,
              "model.tiny_hidden_size", "must be a positive multiple of 32 (attention heads of size 32)")
         need(ppo.iterations >= 1, "ppo.iterations", "must be >= 1")

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.models.loading import atomic_dir
+from rlhf_ray.models.lora import ADAPTER_DIR, LoraSettings, apply_lora, base_name, exported_tensors, is_lora, save_adapter, unwrap
 from rlhf_ray.platform import Platform, detect
 
 
@@ -32,6 +33,8 @@ class DeepSpeedStrategy:
     micro_batch_size: int = 1  # rows per rank per forward/backward
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     bf16: bool = False
+    gradient_checkpointing: bool = False  # recompute activations in backward instead of keeping them
+    lora: LoraSettings | None = None  # train LoRA adapters only (None: every parameter)
     backend: str = "auto"  # auto | cpu | cuda
     seed: int = 42
 
@@ -118,9 +121,15 @@ class DeepSpeedStrategy:
         }
 
     def prepare(self, model: torch.nn.Module):
-        """Wraps ``model`` (trainable parameters get the optimizer) in a ``DeepSpeedEngine``."""
+        """Applies the memory savers asked for (gradient checkpointing, LoRA) to ``model`` and wraps
+        it in a ``DeepSpeedEngine``; only trainable parameters get the optimizer."""
         import deepspeed
 
+        if self.gradient_checkpointing:
+            # Non-reentrant: gradients reach the adapters even though the embeddings are frozen.
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.lora is not None:
+            model = apply_lora(model, self.lora)
         engine, *_ = deepspeed.initialize(
             model=model,
             model_parameters=[p for p in model.parameters() if p.requires_grad],
@@ -138,43 +147,64 @@ class DeepSpeedStrategy:
     # ---- full weights -------------------------------------------------------------------------
 
     def full_named_parameters(self, engine) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yields ``(name, full tensor)`` in HF checkpoint naming, one parameter at a time.
+        """Yields ``(name, full tensor)`` in HF checkpoint naming of the base model, one parameter
+        at a time; under LoRA the merged weights (base + scaled adapter delta), adapters unlisted.
 
         A collective under ZeRO-3: every rank must iterate it to the end, in step, since each
-        parameter is all-gathered as it is reached (so at most one full parameter is held beyond
-        the shards). A yielded tensor is only valid until the next one is requested: clone it to
-        keep it. Feeds weight sync into vLLM and :meth:`save_hf`.
+        parameter is all-gathered as it is reached (so at most one full parameter, with its
+        adapter, is held beyond the shards). A yielded tensor is only valid until the next one is
+        requested: clone it to keep it. Feeds weight sync into vLLM and :meth:`save_hf`.
         """
-        import deepspeed
+        for tensor in exported_tensors(engine.module):
+            with _gathered(tensor.params):
+                yield tensor.name, tensor.value()
 
-        for name, param in engine.module.named_parameters():
-            # ZeRO-3 parameters carry ds_id; elsewhere every rank holds them whole.
-            with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-                yield name, param.data
+    def weight_specs(self, engine) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """``(name, dtype, full shape)`` of what :meth:`full_named_parameters` yields, in order."""
+        return [(t.name, t.dtype, t.shape) for t in exported_tensors(engine.module)]
 
     def save_hf(self, engine, tokenizer, out_dir: str | os.PathLike) -> None:
         """Rank 0 writes an HF folder (safetensors, + tokenizer) atomically; a collective.
 
         The module's ``save_pretrained(dir, state_dict=...)`` does the writing, so HF models and
-        :mod:`rlhf_ray.models.heads` models both save in their own format.
+        :mod:`rlhf_ray.models.heads` models both save in their own format. Under LoRA the folder
+        holds the merged model (unless ``lora.save_merged`` is off) and the peft adapter in
+        ``adapter/``.
         """
         is_writer = self.rank == 0
+        module = engine.module
+        lora = self.lora is not None and is_lora(module)
+        merged = not lora or self.lora.save_merged
         state_dict = {}
-        for name, tensor in self.full_named_parameters(engine):
-            if is_writer:
-                state_dict[name] = tensor.detach().to("cpu", copy=True)
+        if merged:
+            for name, tensor in self.full_named_parameters(engine):
+                if is_writer:
+                    state_dict[name] = tensor.detach().to("cpu", copy=True)
+        adapter_state = self._gathered_adapter(engine) if lora else {}
         if is_writer:
-            module = engine.module
-            # Persistent buffers belong in the checkpoint too; DeepSpeed never shards them.
-            persistent = module.state_dict().keys()
-            for name, buf in module.named_buffers():
-                if name in persistent:
-                    state_dict[name] = buf.detach().to("cpu", copy=True)
             with atomic_dir(out_dir) as tmp:
-                module.save_pretrained(tmp, state_dict=state_dict)
+                if merged:
+                    # Persistent buffers belong in the checkpoint too; DeepSpeed never shards them.
+                    persistent = module.state_dict().keys()
+                    for name, buf in module.named_buffers():
+                        if name in persistent:
+                            state_dict[base_name(name)] = buf.detach().to("cpu", copy=True)
+                    unwrap(module).save_pretrained(tmp, state_dict=state_dict)
+                if lora:
+                    save_adapter(module, adapter_state, tmp / ADAPTER_DIR)
                 if tokenizer is not None:
                     tokenizer.save_pretrained(tmp)
         self.barrier()
+
+    def _gathered_adapter(self, engine) -> dict[str, torch.Tensor]:
+        """Full copies of the trainable tensors (adapters, heads) on rank 0; a collective."""
+        state = {}
+        for name, param in engine.module.named_parameters():
+            if param.requires_grad:
+                with _gathered([param]):
+                    if self.rank == 0:
+                        state[name] = param.data.detach().to("cpu", copy=True)
+        return state
 
     # ---- resumable training state ----------------------------------------------------------
 
@@ -212,6 +242,14 @@ class DeepSpeedStrategy:
                               device=self.platform.device)
         dist.all_reduce(values)
         return dict(zip(keys, (values / self.world_size).tolist()))
+
+
+def _gathered(params: list[torch.nn.Parameter]):
+    """Whole ``params`` inside the block: ZeRO-3 parameters (they carry ds_id) are all-gathered,
+    a collective; elsewhere every rank already holds them whole."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, enabled=any(hasattr(p, "ds_id") for p in params))
 
 
 def rng_state() -> dict:

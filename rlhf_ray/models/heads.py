@@ -17,6 +17,7 @@ from torch import nn
 
 from rlhf_ray.data.batch import position_ids_from_mask
 from rlhf_ray.models.loading import atomic_dir, check_model_path, load_backbone
+from rlhf_ray.models.lora import unwrap
 
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_CONFIG = "head.json"
@@ -83,14 +84,20 @@ class _HeadModel(nn.Module):
             state_dict = self.state_dict()
         backbone_sd = {k.removeprefix("backbone."): v for k, v in state_dict.items()
                        if k.startswith("backbone.")}
-        head_sd = {k.removeprefix("head."): v.detach().contiguous().cpu()
-                   for k, v in state_dict.items() if k.startswith("head.")}
         with atomic_dir(out_dir) as tmp:
-            self.backbone.save_pretrained(tmp, state_dict=backbone_sd)
-            save_file(head_sd, tmp / HEAD_WEIGHTS)
-            (tmp / HEAD_CONFIG).write_text(json.dumps({"kind": self.kind}))
+            # A LoRA backbone saves as its base model (the caller passes merged weights).
+            unwrap(self.backbone).save_pretrained(tmp, state_dict=backbone_sd)
+            save_head(self, state_dict, tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+
+
+def save_head(model: _HeadModel, state_dict: dict, out_dir: str | os.PathLike) -> None:
+    """Writes the head's weights (the ``head.`` entries of ``state_dict``) and kind into ``out_dir``."""
+    head_sd = {k.removeprefix("head."): v.detach().contiguous().cpu()
+               for k, v in state_dict.items() if k.startswith("head.")}
+    save_file(head_sd, Path(out_dir) / HEAD_WEIGHTS)
+    (Path(out_dir) / HEAD_CONFIG).write_text(json.dumps({"kind": model.kind}))
 
 
 class ValueModel(_HeadModel):
