@@ -1,16 +1,18 @@
 """Placement groups and actor creation for every role.
 
-Each role asks Ray for exactly what it needs: one bundle per rollout engine, one per learner
-rank, one per frozen scorer (or, colocated, a share of the policy's bundles). The driver calls
-``launch_roles`` once and gets handles back; actors never create or call each other.
+Each role asks Ray for exactly what it needs: one placement group per rollout engine (one
+bundle, so engines come and go alone: a replacement, or elastic rollout adding engines on new
+capacity and retiring those on draining nodes), one bundle per learner rank, one per frozen
+scorer (or, colocated, a share of the policy's bundles). The driver calls ``launch_roles`` once
+and gets handles back; actors never create or call each other.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.actors.learner import CriticLearnerActor, LearnerSpec, PolicyLearnerActor
@@ -28,8 +30,9 @@ class Roles:
     critic: list  # CriticLearnerActor handles; empty for critic-free estimators
     reference: object
     reward: object
-    placement_groups: list[PlacementGroup]
-    rollout_group: PlacementGroup | None = None  # engine i runs in bundle i (a replacement too)
+    placement_groups: list[PlacementGroup]  # learners' and scorers'
+    rollout_groups: list[PlacementGroup] = field(default_factory=list)  # engine i in rollout_groups[i] (a replacement too)
+    rollout_nodes: list[str] = field(default_factory=list)  # Ray node id (hex) where engine i's group was placed
 
 
 def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
@@ -76,16 +79,13 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     policy_bundles = [_bundle(pol.num_cpus + (extra_cpu if r == 0 else 0), pol.num_gpus + (extra_gpu if r == 0 else 0),
                               pol.ray_resources)
                       for r in range(pol.num_ranks)]
-    groups = {
-        "rollout": placement_group([_bundle(ro.num_cpus, ro.num_gpus * ro.tensor_parallel_size, ro.ray_resources)] * ro.num_engines,
-                                   strategy="PACK"),
-        "policy": placement_group(policy_bundles, strategy="PACK"),
-    }
+    rollout_groups = [placement_group([rollout_bundle(cfg)]) for _ in range(ro.num_engines)]
+    groups = {"policy": placement_group(policy_bundles, strategy="PACK")}
     if cfg.uses_critic:
         groups["critic"] = placement_group([_bundle(cri.num_cpus, cri.num_gpus, cri.ray_resources)] * cri.num_ranks, strategy="PACK")
     if not colocate:
         groups["scorers"] = placement_group([_bundle(sc.num_cpus, sc.num_gpus, sc.ray_resources)] * 2, strategy="PACK")
-    ray.get([pg.ready() for pg in groups.values()])
+    ray.get([pg.ready() for pg in [*rollout_groups, *groups.values()]])
 
     scorer_pg, ref_bundle, rew_bundle = (groups["policy"], 0, 0) if colocate else (groups["scorers"], 0, 1)
     scorer_opts = {"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus}
@@ -97,24 +97,87 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
              sc.micro_batch_size, http=client_for(sc.http), http_weight=sc.http.weight)
 
-    rollout = [start_rollout_engine(cfg, groups["rollout"], i, engine_kwargs) for i in range(ro.num_engines)]
+    rollout = [start_rollout_engine(cfg, pg, i, engine_kwargs) for i, pg in enumerate(rollout_groups)]
     policy = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol.num_ranks,
                                   pol.num_cpus, pol.num_gpus, groups["policy"])
     critic = []
     if cfg.uses_critic:
         critic = launch_learner_group(CriticLearnerActor, learner_spec(cfg, cri, critic_path), cri.num_ranks,
                                       cri.num_cpus, cri.num_gpus, groups["critic"])
-    return Roles(rollout, policy, critic, reference, reward, list(groups.values()), groups["rollout"])
+    return Roles(rollout, policy, critic, reference, reward, list(groups.values()), rollout_groups,
+                 [group_node(pg) for pg in rollout_groups])
+
+
+def rollout_bundle(cfg) -> dict:
+    """What one engine asks for: CPUs, its tensor-parallel workers' GPUs, the rollout group's resources."""
+    ro = cfg.rollout
+    return _bundle(ro.num_cpus, ro.num_gpus * ro.tensor_parallel_size, ro.ray_resources)
 
 
 def start_rollout_engine(cfg, pg: PlacementGroup, index: int, engine_kwargs: dict):
-    """Engine ``index`` in bundle ``index`` of the rollout group: at launch, or replacing a dead one
-    (whose bundle Ray freed when it died)."""
+    """Engine ``index`` in its own one-bundle group ``pg``: at launch, added by elastic rollout, or
+    replacing a dead one (whose bundle Ray freed when it died)."""
     ro = cfg.rollout
     return ray.remote(RolloutActor).options(
         num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size,
-        scheduling_strategy=_in_bundle(pg, index),
+        scheduling_strategy=_in_bundle(pg, 0),
     ).remote(**engine_kwargs, seed=cfg.seed + index)
+
+
+def group_node(pg: PlacementGroup) -> str | None:
+    """The node id (hex) Ray placed a ready one-bundle group on."""
+    return ray.util.placement_group_table(pg)["bundles_to_node_id"].get(0)
+
+
+@dataclass
+class RolloutCapacity:
+    """Ray's view of the cluster for rollout engines, at one moment."""
+
+    alive: set[str]  # node ids
+    draining: set[str]  # node ids the GCS has a drain request for (autoscaler or preemption)
+    free_slots: int  # engines that fit in the free resources of alive, non-draining nodes
+
+
+def rollout_capacity(cfg) -> RolloutCapacity:
+    """Alive and draining nodes from the GCS (the table Ray Serve and the autoscaler read) and how
+    many more engine bundles the free resources hold, node by node."""
+    from ray._private import state
+
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    draining = set(state.state.get_draining_nodes()) & alive
+    bundle = {k: v for k, v in rollout_bundle(cfg).items() if v > 0}
+    free = 0
+    for node, available in state.available_resources_per_node().items():
+        if node in alive and node not in draining:
+            free += int(min(available.get(k, 0.0) / v for k, v in bundle.items()) + 1e-9)
+    return RolloutCapacity(alive, draining, free)
+
+
+def add_rollout_engines(cfg, roles: Roles, count: int, engine_kwargs: dict, timeout_s: float = 60.0) -> list[int]:
+    """Up to ``count`` new engines, each in its own group; groups Ray cannot place within
+    ``timeout_s`` (the capacity seen was taken meanwhile) are given up. Returns the new indices;
+    the engines are starting (``ready`` them)."""
+    groups = [placement_group([rollout_bundle(cfg)]) for _ in range(count)]
+    refs = [pg.ready() for pg in groups]
+    ready, _ = ray.wait(refs, num_returns=count, timeout=timeout_s)
+    new = []
+    for pg, ref in zip(groups, refs):
+        if ref not in ready:
+            remove_placement_group(pg)
+            continue
+        new.append(len(roles.rollout))
+        roles.rollout.append(start_rollout_engine(cfg, pg, new[-1], engine_kwargs))
+        roles.rollout_groups.append(pg)
+        roles.rollout_nodes.append(group_node(pg))
+    return new
+
+
+def retire_rollout_engines(roles: Roles, indices: list[int]) -> None:
+    """Stops the engines (a no-op for dead ones) and frees their groups; later engines move down."""
+    for i in sorted(indices, reverse=True):
+        ray.kill(roles.rollout.pop(i))
+        remove_placement_group(roles.rollout_groups.pop(i))
+        roles.rollout_nodes.pop(i)
 
 
 def learner_spec(cfg, lc, model_path: str, rows_per_step: int | None = None, lr: float | None = None,
@@ -142,9 +205,7 @@ def lora_settings(lora) -> LoraSettings | None:
 
 
 def shutdown_roles(roles: Roles) -> None:
-    from ray.util.placement_group import remove_placement_group
-
     for handle in [*roles.rollout, *roles.policy, *roles.critic, roles.reference, roles.reward]:
         ray.kill(handle)  # a no-op for an actor that already died
-    for pg in roles.placement_groups:
+    for pg in [*roles.rollout_groups, *roles.placement_groups]:
         remove_placement_group(pg)

@@ -11,6 +11,7 @@ Imports nothing heavy (no Ray, torch or vLLM) until a command runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -19,7 +20,8 @@ import sys
 def add_cluster_commands(subparsers) -> None:
     from rlhf_ray.cluster.local import DEFAULT_STATE
 
-    cluster = subparsers.add_parser("cluster", help="a local multi-node Ray cluster (up, down, status, exec)")
+    cluster = subparsers.add_parser("cluster", help="a local multi-node Ray cluster (up, down, status, exec, add, "
+                                                    "remove)")
     sub = cluster.add_subparsers(dest="cluster_action", required=True)
 
     def with_state(p: argparse.ArgumentParser) -> None:
@@ -40,8 +42,22 @@ def add_cluster_commands(subparsers) -> None:
     with_state(up)
     down = sub.add_parser("down", help="stop what `cluster up` started (by its state file)")
     with_state(down)
-    st = sub.add_parser("status", help="the state file and the nodes Ray sees alive, as JSON")
+    st = sub.add_parser("status", help="the state file, the nodes Ray sees alive and where actors run, as JSON")
     with_state(st)
+    add = sub.add_parser("add", help="one more worker node joins the running cluster (a worker group scaling up)")
+    add.add_argument("--group", choices=("rollout", "learner"), default="rollout", help="its group (default rollout)")
+    add.add_argument("--cpus", type=int, default=None,
+                     help="its logical CPUs (default: 2 for rollout, 4 for learner, as `up`)")
+    with_state(add)
+    rm = sub.add_parser("remove", help="take a worker node away: drain it (`ray drain-node`, preemption) and stop "
+                                       "it once idle or at the deadline, or kill its raylet outright")
+    rm.add_argument("node", help="the node's name, e.g. rollout-1 (`cluster status` lists them)")
+    rm.add_argument("--kill", action="store_true", help="no drain: kill its raylet, as when a machine dies")
+    rm.add_argument("--deadline", type=int, default=120, help="seconds the drain may take (default 120)")
+    with_state(rm)
+    dash = sub.add_parser("dashboard", help="serve the head's Ray dashboard on 127.0.0.1 (like kubectl port-forward)")
+    dash.add_argument("--port", type=int, default=8265, help="local port (default 8265)")
+    with_state(dash)
     ex = sub.add_parser("exec", help="run a command on the head node (its namespace) with RAY_ADDRESS and "
                                      "auth set, e.g. `rlhf-ray cluster exec -- rlhf-ray ppo --config F "
                                      "ray_address=auto`")
@@ -69,6 +85,7 @@ def run_cluster_command(args: argparse.Namespace) -> int:
             print(f"cluster: submit jobs with `{exports} python launch/submit.py --address {state.dashboard} ...`")
             print(f"cluster: or run a driver on the head: `rlhf-ray cluster exec -- rlhf-ray ppo --config F "
                   f"ray_address=auto` (state {args.state})")
+            print("cluster: `rlhf-ray cluster dashboard` serves the dashboard on http://127.0.0.1:8265")
             return 0
         if action == "down":
             problems = local.down(args.state)
@@ -77,6 +94,17 @@ def run_cluster_command(args: argparse.Namespace) -> int:
             return 1 if problems else 0
         if action == "status":
             print(json.dumps(local.status(args.state), indent=2))
+            return 0
+        if action == "add":
+            cpus = args.cpus if args.cpus is not None else (2 if args.group == "rollout" else 4)
+            local.add_node(args.group, cpus, args.state)
+            return 0
+        if action == "remove":
+            local.remove_node(args.node, args.state, drain=not args.kill, deadline_s=args.deadline)
+            return 0
+        if action == "dashboard":
+            with contextlib.suppress(KeyboardInterrupt):
+                local.forward_dashboard(local.read_state(args.state), args.port)
             return 0
         if action == "exec":
             cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd

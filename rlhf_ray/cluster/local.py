@@ -18,6 +18,7 @@ ports, ``"auto"`` takes namespaces where they can be made.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -29,6 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -65,6 +67,8 @@ class ClusterState:
     client_env: dict[str, str]  # what a client needs on top of its environment (auth, RAY_ADDRESS)
     nodes: list[NodeState] = field(default_factory=list)
     network: dict | None = None  # netns.Network as a dict
+    node_env: dict[str, str] = field(default_factory=dict)  # `up --env` extras, for nodes added later too
+    object_store_mb: int = 200  # per node
 
     @property
     def head(self) -> NodeState:
@@ -132,6 +136,48 @@ def _spawn(cmd: list[str], env: dict[str, str], log: Path, ns: str | None) -> su
                                 start_new_session=True, close_fds=True)
 
 
+def _node_env(client_env: dict[str, str], namespaces: bool, extra: dict[str, str]) -> dict[str, str]:
+    """A node's environment: the caller's (less its Ray address and token), the cluster's auth, this
+    Python's bin first on PATH (jobs run this Python), then ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(client_env)
+    env["PATH"] = f"{Path(_ray_bin()).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if namespaces:
+        # gloo (weight sync, DeepSpeed on CPU) picks its interface by hostname otherwise, which
+        # resolves to no address inside a namespace and falls back to loopback.
+        env.setdefault("GLOO_SOCKET_IFNAME", netns.IFNAME)
+    env.update(extra)
+    return env
+
+
+def _start_node(state: ClusterState, name: str, group: str, cpus: float, resources: dict,
+                extra_args: list[str]) -> subprocess.Popen:
+    """``ray start --block`` for one node (in its namespace, if the cluster has them); records it in
+    ``state``. ``--node-name`` is the node's name, so Ray's node table names it too."""
+    net = netns.Network.from_dict(state.network) if state.network else None
+    ip = net.addresses[name] if net else "127.0.0.1"
+    ns = net.namespaces[name] if net else None
+    temp_dir = os.path.join(state.root, name)
+    os.makedirs(temp_dir)
+    log_path = os.path.join(state.root, f"{name}.log")
+    cmd = [_ray_bin(), "start", "--block", "--node-ip-address", ip, "--node-name", name, "--num-cpus",
+           str(int(cpus)), "--num-gpus", "0", "--temp-dir", temp_dir, "--object-store-memory",
+           str(state.object_store_mb << 20), "--disable-usage-stats", *_node_ports(), *extra_args]
+    if resources:
+        cmd += ["--resources", json.dumps(resources)]
+    env = _node_env({k: v for k, v in state.client_env.items() if k != "RAY_ADDRESS"}, net is not None,
+                    state.node_env)
+    proc = _spawn(cmd, env, Path(log_path), ns)
+    state.nodes.append(NodeState(name, group, ip, proc.pid, temp_dir, log_path, cpus, resources, ns))
+    return proc
+
+
+def _token(state: ClusterState) -> str | None:
+    path = state.client_env.get("RAY_AUTH_TOKEN_PATH")
+    return Path(path).read_text().strip() if path and Path(path).exists() else None
+
+
 def _http_ok(url: str, token: str | None) -> bool:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
@@ -186,34 +232,13 @@ def up(rollout_nodes: int = 1, learner_nodes: int = 1, *, rollout_cpus: int = 2,
 
     auth = (auth or os.environ.get("RAY_AUTH_MODE") or "token").lower()
     client_env, token = auth_env(auth, root)
-    ray_bin = _ray_bin()
-    node_env = {k: os.environ[k] for k in os.environ if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
-    node_env.update(client_env)
-    node_env["PATH"] = f"{Path(ray_bin).parent}{os.pathsep}{node_env.get('PATH', '')}"  # jobs run this Python
-    node_env.setdefault("PYTHONUNBUFFERED", "1")
-    if net is not None:
-        # gloo (weight sync, DeepSpeed on CPU) picks its interface by hostname otherwise, which
-        # resolves to no address inside a namespace and falls back to loopback.
-        node_env.setdefault("GLOO_SOCKET_IFNAME", netns.IFNAME)
-    node_env.update(env or {})
-
     state = ClusterState(cluster_id=cluster_id, root=root, mode="netns" if net else "loopback", gcs_address="",
-                         dashboard="", client_env=client_env, network=net.to_dict() if net else None)
+                         dashboard="", client_env=client_env, network=net.to_dict() if net else None,
+                         node_env=dict(env or {}), object_store_mb=object_store_mb)
     procs: list[subprocess.Popen] = []
 
     def start(name: str, group: str, cpus: float, resources: dict, extra: list[str]) -> None:
-        ip = net.addresses[name] if net else "127.0.0.1"
-        ns = net.namespaces[name] if net else None
-        temp_dir = os.path.join(root, name)
-        os.makedirs(temp_dir)
-        log_path = os.path.join(root, f"{name}.log")
-        cmd = [ray_bin, "start", "--block", "--node-ip-address", ip, "--num-cpus", str(int(cpus)), "--num-gpus", "0",
-               "--temp-dir", temp_dir, "--object-store-memory", str(object_store_mb << 20),
-               "--disable-usage-stats", *_node_ports(), *extra]
-        if resources:
-            cmd += ["--resources", json.dumps(resources)]
-        procs.append(_spawn(cmd, node_env, Path(log_path), ns))
-        state.nodes.append(NodeState(name, group, ip, procs[-1].pid, temp_dir, log_path, cpus, resources, ns))
+        procs.append(_start_node(state, name, group, cpus, resources, extra))
 
     try:
         gcs_port, dash_port, client_port = free_ports(3)
@@ -227,7 +252,7 @@ def up(rollout_nodes: int = 1, learner_nodes: int = 1, *, rollout_cpus: int = 2,
         _write_state(state_path, state)  # from here on `down` can clean up whatever happens
         deadline = time.monotonic() + timeout
         while not _http_ok(f"{state.dashboard}/api/version", token):
-            _check_running(procs, state)
+            _check_running(procs, state.nodes)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"head not up after {timeout:.0f}s:\n{_tail(state.head.log)}")
             time.sleep(0.5)
@@ -238,7 +263,7 @@ def up(rollout_nodes: int = 1, learner_nodes: int = 1, *, rollout_cpus: int = 2,
                   ["--address", state.gcs_address])
         _write_state(state_path, state)
         while True:
-            _check_running(procs, state)
+            _check_running(procs, state.nodes)
             alive = _alive_nodes(state.dashboard, token)
             if len(alive) >= len(names):
                 break
@@ -253,8 +278,16 @@ def up(rollout_nodes: int = 1, learner_nodes: int = 1, *, rollout_cpus: int = 2,
     return state
 
 
-def _check_running(procs: list[subprocess.Popen], state: ClusterState) -> None:
-    for proc, node in zip(procs, state.nodes):
+@contextmanager
+def _state_locked(state_path: Path):
+    """Serialises read-modify-write of the state file (nodes added and removed from other processes)."""
+    with open(state_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _check_running(procs: list[subprocess.Popen], nodes: list[NodeState]) -> None:
+    for proc, node in zip(procs, nodes):
         if proc.poll() is not None:
             raise RuntimeError(f"`ray start` of {node.name} exited with {proc.returncode}:\n{_tail(node.log)}")
 
@@ -349,13 +382,150 @@ def down(state_path: str | Path = DEFAULT_STATE, grace: float = 15.0, log=print)
     state = read_state(state_path)
     problems = _teardown(state, grace, log)
     state_path.unlink(missing_ok=True)
+    state_path.with_suffix(".lock").unlink(missing_ok=True)
     return problems
 
 
 def status(state_path: str | Path = DEFAULT_STATE) -> dict:
+    """The state file, the nodes Ray sees alive and the live actors (class, node) from Ray's state API."""
     state = read_state(state_path)
-    token_path = state.client_env.get("RAY_AUTH_TOKEN_PATH")
-    token = Path(token_path).read_text().strip() if token_path and Path(token_path).exists() else None
-    alive = _alive_nodes(state.dashboard, token)
-    return {"state": asdict(state), "alive_nodes": [{"node_id": a.get("node_id"), "ip": a.get("node_ip"),
-                                                     "resources": a.get("resources_total")} for a in alive]}
+    alive = _alive_nodes(state.dashboard, _token(state))
+    return {"state": asdict(state),
+            "alive_nodes": [{"node_id": a.get("node_id"), "name": a.get("node_name"), "ip": a.get("node_ip"),
+                             "resources": a.get("resources_total")} for a in alive],
+            "actors": alive_actors(state)}
+
+
+def alive_actors(state: ClusterState) -> list[dict]:
+    """Every live actor as {class_name, node_id, pid}, from the dashboard's state API."""
+    headers = {"Authorization": f"Bearer {t}"} if (t := _token(state)) else {}
+    req = urllib.request.Request(f"{state.dashboard}/api/v0/actors?limit=10000&detail=1&filter_keys=state"
+                                 f"&filter_predicates=%3D&filter_values=ALIVE", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            rows = json.loads(r.read())["data"]["result"]["result"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError):
+        return []
+    return [{"class_name": a.get("class_name"), "node_id": a.get("node_id"), "pid": a.get("pid")} for a in rows]
+
+
+def node_ids(state: ClusterState) -> dict[str, str]:
+    """Node name -> Ray node id of every node Ray sees alive."""
+    return {a["node_name"]: a["node_id"] for a in _alive_nodes(state.dashboard, _token(state))}
+
+
+def add_node(group: str, cpus: int, state_path: str | Path = DEFAULT_STATE, timeout: float = 120.0,
+             log=print) -> NodeState:
+    """One more ``rollout`` or ``learner`` node joining the running cluster (what a KubeRay worker
+    group scaling up does); returns once Ray sees it alive."""
+    if group not in ROLE_RESOURCES:
+        raise ValueError(f"group must be one of {', '.join(ROLE_RESOURCES)}, not {group!r}")
+    state_path = Path(state_path)
+    with _state_locked(state_path):
+        state = read_state(state_path)
+        taken = {n.name for n in state.nodes} | set((state.network or {}).get("namespaces", {}))
+        name = next(f"{group}-{i}" for i in range(1000) if f"{group}-{i}" not in taken)
+        if state.network:
+            net = netns.Network.from_dict(state.network)
+            netns.add_node(net, name)
+            state.network = net.to_dict()
+        proc = _start_node(state, name, group, cpus, ROLE_RESOURCES[group], ["--address", state.gcs_address])
+        _write_state(state_path, state)
+    deadline = time.monotonic() + timeout
+    while name not in node_ids(state):
+        _check_running([proc], state.nodes[-1:])
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{name} not alive after {timeout:.0f}s:\n{_tail(state.nodes[-1].log)}")
+        time.sleep(0.5)
+    log(f"cluster: {name} joined at {state.nodes[-1].ip}")
+    return state.nodes[-1]
+
+
+def request_drain(state: ClusterState, name: str, deadline_s: int = 120) -> None:
+    """``ray drain-node`` with the preemption reason (a request the raylet cannot refuse, unlike an
+    idle-termination one): the GCS lists the node as draining, schedules nothing new on it, and
+    its raylet exits on its own once idle. ``deadline_s`` tells drivers when it will be killed."""
+    ids = node_ids(state)
+    if name not in ids:
+        raise ValueError(f"Ray sees no live node named {name!r} (alive: {', '.join(sorted(ids))})")
+    r = subprocess.run([_ray_bin(), "drain-node", "--address", state.gcs_address, "--node-id", ids[name],
+                        "--reason", "DRAIN_NODE_REASON_PREEMPTION", "--reason-message",
+                        f"rlhf-ray cluster remove {name}", "--deadline-remaining-seconds", str(deadline_s)],
+                       env={**os.environ, **state.client_env}, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise RuntimeError(f"ray drain-node {name} failed: {r.stderr.strip()[-2000:]}")
+
+
+def remove_node(name: str, state_path: str | Path = DEFAULT_STATE, *, drain: bool = True, deadline_s: int = 120,
+                log=print) -> None:
+    """Takes one worker node away. ``drain``: ``request_drain`` (what a preemption notice or the
+    autoscaler sends; drivers see the node in the GCS's draining set), then wait until the raylet
+    leaves on its own once idle, at most ``deadline_s``; else (or then) the node's raylet is killed
+    outright, as when its pod or machine dies. Then its processes and namespace go."""
+    state_path = Path(state_path)
+    state = read_state(state_path)
+    node = next((n for n in state.nodes if n.name == name), None)
+    if node is None or node.group == "head":
+        raise ValueError(f"no worker node {name!r} in {state_path} (nodes: "
+                         f"{', '.join(n.name for n in state.nodes if n.group != 'head')})")
+    if drain and name in node_ids(state):
+        request_drain(state, name, deadline_s)
+        log(f"cluster: {name} draining (deadline {deadline_s}s)")
+        until = time.monotonic() + deadline_s
+        while name in node_ids(state) and time.monotonic() < until:
+            time.sleep(1)
+    ours = node.temp_dir + os.sep  # rollout-1/ is not rollout-10/
+    for pid in processes_of(ours):  # the raylet first: a node that dies, not one that stops
+        if "/raylet/raylet" in _cmdline(pid):
+            os.kill(pid, signal.SIGKILL)
+    _signal_group(node.pid, signal.SIGKILL)
+    _wait_gone([node.pid], 10)
+    for pid in processes_of(ours):
+        os.kill(pid, signal.SIGKILL)
+    with _state_locked(state_path):
+        state = read_state(state_path)  # another add/remove may have written it meanwhile
+        if state.network and name in state.network["namespaces"]:
+            net = netns.Network.from_dict(state.network)
+            netns.remove_node(net, name)
+            state.network = net.to_dict()
+        state.nodes = [n for n in state.nodes if n.name != name]
+        _write_state(state_path, state)
+    shutil.rmtree(node.temp_dir, ignore_errors=True)
+    log(f"cluster: {name} removed" + (" after draining" if drain else " (raylet killed)"))
+
+
+def forward_dashboard(state: ClusterState, port: int = 8265, ready=print) -> None:
+    """Serves the head's dashboard on 127.0.0.1:``port`` until interrupted (``kubectl
+    port-forward`` for the local cluster): with namespaces the head listens on its own address,
+    reachable from this host only, and the browser gets a loopback URL like on a laptop."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    target = urlparse(state.dashboard)
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    with socket.create_server(("127.0.0.1", port)) as server:
+        ready(f"cluster: dashboard {state.dashboard} on http://127.0.0.1:{port} (Ctrl-C stops)")
+        while True:
+            client, _ = server.accept()
+            try:
+                upstream = socket.create_connection((target.hostname, target.port), timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()

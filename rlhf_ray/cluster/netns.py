@@ -88,28 +88,64 @@ def create(cluster_id: str, node_names: list[str]) -> Network:
     if why:
         raise NetnsUnavailable(why)
     subnet = pick_subnet(cluster_id)
-    hosts = list(subnet.hosts())
-    net = Network(cluster_id=cluster_id, subnet=str(subnet), bridge=f"rlbr{cluster_id}", host_ip=str(hosts[0]))
+    net = Network(cluster_id=cluster_id, subnet=str(subnet), bridge=f"rlbr{cluster_id}",
+                  host_ip=str(next(subnet.hosts())))
     try:
         _ip("link", "add", net.bridge, "type", "bridge")
         _ip("addr", "add", f"{net.host_ip}/{subnet.prefixlen}", "dev", net.bridge)
         _ip("link", "set", net.bridge, "up")
-        for i, name in enumerate(node_names):
-            ns, veth, addr = f"rlhf-{cluster_id}-{name}", f"rlv{cluster_id}{i}", str(hosts[i + 1])
-            _ip("netns", "add", ns)
-            net.namespaces[name] = ns
-            _ip("link", "add", veth, "type", "veth", "peer", "name", IFNAME, "netns", ns)
-            net.host_veths.append(veth)
-            _ip("link", "set", veth, "master", net.bridge, "up")
-            _ip("-n", ns, "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", IFNAME)
-            _ip("-n", ns, "link", "set", IFNAME, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "route", "add", "default", "via", net.host_ip)
-            net.addresses[name] = addr
+        for name in node_names:
+            _attach(net, name)
     except subprocess.CalledProcessError as e:
         destroy(net)
         raise NetnsUnavailable(f"{' '.join(e.cmd)}: {e.stderr.strip()}") from None
     return net
+
+
+def _attach(net: Network, name: str) -> None:
+    """A namespace for node ``name`` on the bridge, with the lowest address not yet handed out."""
+    subnet = ipaddress.ip_network(net.subnet)
+    taken = {net.host_ip, *net.addresses.values()}
+    i, addr = next((i, str(a)) for i, a in enumerate(subnet.hosts()) if str(a) not in taken)
+    ns, veth = f"rlhf-{net.cluster_id}-{name}", f"rlv{net.cluster_id}{i}"
+    _ip("netns", "add", ns)
+    net.namespaces[name] = ns
+    _ip("link", "add", veth, "type", "veth", "peer", "name", IFNAME, "netns", ns)
+    net.host_veths.append(veth)
+    _ip("link", "set", veth, "master", net.bridge, "up")
+    _ip("-n", ns, "addr", "add", f"{addr}/{subnet.prefixlen}", "dev", IFNAME)
+    _ip("-n", ns, "link", "set", IFNAME, "up")
+    _ip("-n", ns, "link", "set", "lo", "up")
+    _ip("-n", ns, "route", "add", "default", "via", net.host_ip)
+    net.addresses[name] = addr
+
+
+def add_node(net: Network, name: str) -> None:
+    """One more namespace on an existing cluster's bridge (a node joining later)."""
+    try:
+        _attach(net, name)
+    except subprocess.CalledProcessError as e:
+        remove_node(net, name)
+        raise NetnsUnavailable(f"{' '.join(e.cmd)}: {e.stderr.strip()}") from None
+
+
+def remove_node(net: Network, name: str) -> list[str]:
+    """Kills whatever runs in the node's namespace and removes it (its veth goes with it)."""
+    ns = net.namespaces.pop(name, None)
+    net.addresses.pop(name, None)
+    return _remove_namespace(ns) if ns else []
+
+
+def _remove_namespace(ns: str) -> list[str]:
+    for pid in pids_in(ns):  # everything in our namespace is ours
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    r = _ip("netns", "del", ns, check=False)
+    if r.returncode != 0 and "No such file" not in r.stderr:
+        return [f"netns del {ns}: {r.stderr.strip()}"]
+    return []
 
 
 def pids_in(ns: str) -> list[int]:
@@ -120,16 +156,7 @@ def pids_in(ns: str) -> list[int]:
 def destroy(net: Network) -> list[str]:
     """Kills whatever still runs in the namespaces, removes them, the veths and the bridge.
     Returns the problems met (empty when all went)."""
-    problems = []
-    for ns in net.namespaces.values():
-        for pid in pids_in(ns):  # everything in our namespace is ours
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        r = _ip("netns", "del", ns, check=False)
-        if r.returncode != 0 and "No such file" not in r.stderr:
-            problems.append(f"netns del {ns}: {r.stderr.strip()}")
+    problems = [p for ns in net.namespaces.values() for p in _remove_namespace(ns)]
     for veth in net.host_veths:  # gone with their namespace's end; left over only if that failed
         _ip("link", "del", veth, check=False)
     r = _ip("link", "del", net.bridge, check=False)

@@ -5,7 +5,9 @@ pid) and checks that against Ray's state API (``list_actors``) and node table (`
 
 ``python -m rlhf_ray.cluster.placement --out report.json [section.key=value ...]`` runs a short
 PPO stage as a driver on the cluster named by ``ray_address`` and writes: the metrics history,
-the placement of every role, the nodes, the weight-sync address, and timed weight syncs.
+the placement of every role and the nodes at launch (``placement``, ``nodes``) and after the run
+(``placement_end``, ``nodes_end``: elastic rollout may have moved engines), the weight-sync
+address, and timed weight syncs.
 """
 
 from __future__ import annotations
@@ -25,13 +27,14 @@ def _where(_actor_self) -> dict:
 
 
 def nodes_view() -> dict[str, dict]:
-    """node id -> {ip, resources, head, alive} from ``ray.nodes()``."""
+    """node id -> {ip, name, resources, head, alive} from ``ray.nodes()``."""
     import ray
 
     out = {}
     for n in ray.nodes():
         res = n.get("Resources", {})
-        out[n["NodeID"]] = {"ip": n["NodeManagerAddress"], "alive": n["Alive"], "head": "node:__internal_head__" in res,
+        out[n["NodeID"]] = {"ip": n["NodeManagerAddress"], "name": n.get("NodeName"), "alive": n["Alive"],
+                            "head": "node:__internal_head__" in res,
                             "resources": {k: v for k, v in res.items() if not k.startswith("node:")}}
     return out
 
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     trainer = PPOTrainer(cfg)
     launch_s = time.perf_counter() - t0
+    placement, nodes = role_placement(trainer.roles), nodes_view()
     try:
         t0 = time.perf_counter()
         history = trainer.fit()
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             "history": history, "launch_s": launch_s, "fit_s": fit_s, "sync_s": sync_s,
             "sync_address": sync_address, "driver": {"node_id": ray.get_runtime_context().get_node_id(),
                                                       "ip": ray.util.get_node_ip_address()},
-            "placement": role_placement(trainer.roles), "nodes": nodes_view(),
+            "placement": placement, "nodes": nodes,
+            "placement_end": role_placement(trainer.roles), "nodes_end": nodes_view(),
             "weight_bytes": trainer.weight_manifest.get("total_bytes"),
             "run_dir": str(trainer.run_dir),
         }

@@ -85,6 +85,11 @@ class RolloutConfig:
     num_cpus: float = 1.0  # per engine
     num_gpus: float = 0.0  # per tensor-parallel worker
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per engine, e.g. {rollout: 1}
+    # Elastic rollout: at each iteration boundary engines start on free rollout capacity (up to
+    # max_engines) and engines on draining or dead nodes retire (a draining one down to min_engines).
+    elastic: bool = False
+    min_engines: int = 1  # elastic only: never retire a draining node's engine below this
+    max_engines: int = 8  # elastic only: never start engines beyond this
 
 
 @dataclass
@@ -302,6 +307,11 @@ class RunConfig:
         need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
         need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
         need(r.max_model_len > r.max_new_tokens, "rollout.max_model_len", "must exceed rollout.max_new_tokens")
+        if r.elastic:
+            need(1 <= r.min_engines <= r.num_engines, "rollout.min_engines",
+                 f"must be in [1, rollout.num_engines={r.num_engines}] when rollout.elastic is on")
+            need(r.max_engines >= r.num_engines, "rollout.max_engines",
+                 f"must be >= rollout.num_engines={r.num_engines} when rollout.elastic is on")
         for name, lc in (("policy", p), ("critic", c)):
             need(lc.num_ranks >= 1, f"{name}.num_ranks", "must be >= 1")
             need(lc.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")

@@ -15,7 +15,15 @@ import torch
 from tqdm import tqdm
 
 from rlhf_ray import algo
-from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles, start_rollout_engine
+from rlhf_ray.actors.placement import (
+    Roles,
+    add_rollout_engines,
+    launch_roles,
+    retire_rollout_engines,
+    rollout_capacity,
+    shutdown_roles,
+    start_rollout_engine,
+)
 from rlhf_ray.config import RunConfig, config_to_dict, dump_config
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.platform import detect
@@ -98,6 +106,7 @@ class PPOTrainer:
         cfg, ppo, roles = self.cfg, self.cfg.ppo, self.roles
         timer = PhaseTimer()
         temperature = cfg.rollout.temperature
+        n_engines = self._follow_cluster()
 
         with timer("generate"):
             position = self.prompts.position
@@ -182,6 +191,7 @@ class PPOTrainer:
             **guard_metrics,
             "logprob_gap_vllm_learner": algo.masked_mean((rollout_logprobs - old_logprobs).abs(), mask).item(),
             "generated_tokens": n_tokens,
+            "rollout/engines": n_engines,
             **{f"time/{k}_s": v for k, v in timer.seconds.items()},
             **{f"throughput/{k}_tokens_per_s": n_tokens / v for k, v in timer.seconds.items() if v > 0},
             "time/iteration_s": sum(timer.seconds.values()),
@@ -269,8 +279,9 @@ class PPOTrainer:
         self._parity_probe = RolloutBatch.from_token_lists([g.prompt_ids for g in out[:4]],
                                                            [g.response_ids for g in out[:4]],
                                                            self.tokenizer.pad_token_id)
+        dead = self._retire_lost_engines(sorted(dead))
         if dead:
-            self._replace_engines(sorted(dead))
+            self._replace_engines(dead)
         return out
 
     def _dead_engines(self, timeout_s: float = 30.0) -> list[int]:
@@ -295,14 +306,71 @@ class PPOTrainer:
             raise ActorFailureError(f"rollout engine(s) {dead} died at iteration {self.iteration + 1} and "
                                     f"faults.max_engine_replacements={limit} is used up")
         for i in dead:
-            self.roles.rollout[i] = start_rollout_engine(self.cfg, self.roles.rollout_group, i, self.engine_kwargs)
-        ray.get([self.roles.rollout[i].ready.remote() for i in dead])
+            self.roles.rollout[i] = start_rollout_engine(self.cfg, self.roles.rollout_groups[i], i, self.engine_kwargs)
         f["engine_replacements"] += len(dead)
+        self._admit_engines(dead)
+        print(f"ppo: replaced rollout engine(s) {dead}; weights synced and parity checked")
+
+    def _admit_engines(self, new: list[int]) -> None:
+        """Started engines join a fresh sync group with all others (its membership changed), get
+        the current weights and must pass the parity check before they serve a prompt. The probe is
+        a few rollouts of the last generate phase; before the first, the first new engine's greedy
+        answers to a few dataset prompts."""
+        ray.get([self.roles.rollout[i].ready.remote() for i in new])
         self._open_weight_sync()
         self._broadcast_weights()
-        if self._parity_probe is not None:  # None only before the first generate phase
-            self.check_sync_parity(self._parity_probe, engines=dead)
-        print(f"ppo: replaced rollout engine(s) {dead}; weights synced and parity checked")
+        probe = self._parity_probe
+        if probe is None:
+            prompts = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.cfg.data.max_prompt_tokens:]
+                       for p in self.prompts.prompts[:4]]
+            responses = ray.get(self.roles.rollout[new[0]].greedy.remote(prompts, self.cfg.rollout.max_new_tokens))
+            probe = RolloutBatch.from_token_lists(prompts, responses, self.tokenizer.pad_token_id)
+        self.check_sync_parity(probe, engines=new)
+
+    # --- elastic rollout (rollout.elastic) ----------------------------------------------------
+    def _follow_cluster(self) -> int:
+        """At an iteration boundary: engines whose node is gone or draining retire (a draining one
+        only while more than ``rollout.min_engines`` remain), and engines start on free rollout
+        capacity up to ``rollout.max_engines``, admitted as replacements are. Returns the count."""
+        ro, roles = self.cfg.rollout, self.roles
+        if not ro.elastic:
+            return len(roles.rollout)
+        cap = rollout_capacity(self.cfg)
+        gone = [i for i, node in enumerate(roles.rollout_nodes) if node not in cap.alive]
+        draining = [i for i, node in enumerate(roles.rollout_nodes) if node in cap.draining and i not in gone]
+        healthy = len(roles.rollout) - len(gone) - len(draining)
+        n_add = max(0, min(cap.free_slots, ro.max_engines - healthy))
+        keep = max(0, ro.min_engines - healthy - n_add)  # draining engines that serve until replaced
+        self._retire_engines(gone + draining[keep:], f"node gone {gone}, draining {draining[keep:]}")
+        new = add_rollout_engines(self.cfg, roles, n_add, self.engine_kwargs) if n_add else []
+        if new:
+            self._admit_engines(new)
+            print(f"ppo: iteration {self.iteration + 1}: started rollout engine(s) {new} on new capacity; "
+                  f"weights synced and parity checked ({len(roles.rollout)} engines)")
+        if not roles.rollout:
+            raise ActorFailureError(f"no rollout engine left at iteration {self.iteration + 1} and no free "
+                                    f"rollout capacity (rollout.ray_resources={ro.ray_resources})")
+        return len(roles.rollout)
+
+    def _retire_lost_engines(self, dead: list[int]) -> list[int]:
+        """Engines that died mid-iteration: with elastic rollout, those whose node is gone or draining
+        retire (the next boundary starts engines where there is capacity); the rest, to be replaced
+        in place, are returned with their indices after the retirement."""
+        if not dead or not self.cfg.rollout.elastic:
+            return dead
+        cap = rollout_capacity(self.cfg)
+        lost = [i for i in dead if self.roles.rollout_nodes[i] not in cap.alive - cap.draining]
+        self._retire_engines(lost, "their node is gone or draining")
+        return [i - sum(j < i for j in lost) for i in dead if i not in lost]
+
+    def _retire_engines(self, indices: list[int], why: str) -> None:
+        if not indices:
+            return
+        retire_rollout_engines(self.roles, indices)
+        print(f"ppo: iteration {self.iteration + 1}: retired rollout engine(s) {indices} ({why}); "
+              f"{len(self.roles.rollout)} left")
+        if self.roles.rollout:
+            self._open_weight_sync()  # the old group lost members
 
     def _sampling_spec(self):
         from rlhf_ray.engines.vllm_engine import SamplingSpec
@@ -347,7 +415,7 @@ class PPOTrainer:
         """The learner's weights to every engine. An engine that died since its last call (while
         the learners trained, say) is replaced first, which syncs all engines itself. One that dies
         during the broadcast leaves the learner inside a collective: that is a restart."""
-        dead = self._dead_engines()
+        dead = self._retire_lost_engines(self._dead_engines())
         if dead:
             print(f"ppo: rollout engine(s) {dead} died before the sync of iteration {self.iteration + 1}")
             self._replace_engines(dead)
