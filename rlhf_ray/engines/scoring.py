@@ -42,19 +42,40 @@ def response_values(value_model, batch: RolloutBatch) -> torch.Tensor:
     return values[:, P - 1 : -1].float() * batch.response_mask
 
 
+def _by_sorted_micro_batches(forward, batch: RolloutBatch, micro_batch_size: int) -> list[torch.Tensor]:
+    """``forward`` (a tuple of ``[b, r]`` per-token or ``[b]`` per-sequence tensors) over
+    length-sorted, padding-trimmed micro-batches, put back in row order: per-token outputs are
+    ``[B, R]`` with zeros past each micro-batch's width, as the full-width pass gives on padding."""
+    outputs: list[torch.Tensor] = []
+    for rows, mb in batch.length_sorted_micro_batches(micro_batch_size):
+        for k, part in enumerate(forward(mb)):
+            if len(outputs) == k:
+                shape = (batch.size, batch.response_mask.shape[1]) if part.dim() == 2 else (batch.size,)
+                outputs.append(part.new_zeros(shape))
+            if part.dim() == 2:
+                outputs[k][rows, : part.shape[1]] = part
+            else:
+                outputs[k][rows] = part
+    return outputs
+
+
 @torch.no_grad()
 def batched_logprobs(model, batch: RolloutBatch, micro_batch_size: int, temperature: float = 1.0):
     """(log-probs, entropy) ``[B, R]`` each, computed in micro-batches without gradients."""
-    parts = [
-        response_logprobs(model, batch.select(slice(i, i + micro_batch_size)), temperature, with_entropy=True)
-        for i in range(0, batch.size, micro_batch_size)
-    ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    logprobs, entropy = _by_sorted_micro_batches(
+        lambda mb: response_logprobs(model, mb, temperature, with_entropy=True), batch, micro_batch_size)
+    return logprobs, entropy
 
 
 @torch.no_grad()
 def batched_values(value_model, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
-    return torch.cat([
-        response_values(value_model, batch.select(slice(i, i + micro_batch_size)))
-        for i in range(0, batch.size, micro_batch_size)
-    ])
+    return _by_sorted_micro_batches(lambda mb: (response_values(value_model, mb),), batch, micro_batch_size)[0]
+
+
+@torch.no_grad()
+def batched_scores(reward_model, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+    """One scalar per row ``[B]`` from a ``RewardModel`` (read at each row's last real token)."""
+    return _by_sorted_micro_batches(
+        lambda mb: (reward_model(input_ids=mb.sequences, attention_mask=mb.attention_mask,
+                                 position_ids=mb.position_ids()).float(),),
+        batch, micro_batch_size)[0]
