@@ -14,8 +14,10 @@ optimiser step = per micro-batch of ``--micro-batch-size`` rows: forward, token 
 response (``engines/scoring.py``), the PPO policy loss, backward; then the gradient all-reduce
 (gloo, when 2 ranks), AdamW. After each step, a scoring pass (forward only, with entropy) over
 the same rows. ``--batching``: ``padded`` keeps every micro-batch at the batch's full width (as
-before issue #11's padding work); ``trimmed`` is what the learners and scorers do now: training
-micro-batches drop their all-padding columns, scoring micro-batches are length-sorted first.
+before issue #11's padding work); ``trimmed`` drops each micro-batch's all-padding columns
+(scoring micro-batches are length-sorted first); ``packed`` (what the learners and scorers do)
+also puts each micro-batch's real tokens into one row, positions restarting at every sequence, so
+no padding is computed at all (``engines/scoring.py``).
 
 Each layout ``PROCSxTHREADS`` runs PROCS ranks (processes; the batch is split between them like
 the learner ranks' shards) with ``torch.set_num_threads(THREADS)`` each, at the same time. Every
@@ -146,6 +148,8 @@ def worker(rank: int, world: int, threads: int, dtype: str, model_dir: str, batc
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.train()
+    if batching != "packed":
+        scoring.disable_packing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     shard = rank_shard(batch, rank, world)
     micro = train_micro_batches(shard, micro_batch_size, batching)
@@ -188,10 +192,12 @@ def worker(rank: int, world: int, threads: int, dtype: str, model_dir: str, batc
 
 def positions(batch: dict, procs: int, micro_batch_size: int, batching: str) -> dict:
     """Positions the forward passes compute (real + padding) for training and scoring."""
+    real = batch["real_tokens"]
     shards = [rank_shard(batch, r, procs) for r in range(procs)]
     train = sum(mb.sequences.numel() for s in shards for mb in train_micro_batches(s, micro_batch_size, batching))
     score = sum(mb.sequences.numel() for s in shards for mb in score_micro_batches(s, micro_batch_size, batching))
-    real = batch["real_tokens"]
+    if batching == "packed":  # one row of real tokens per micro-batch
+        train = score = real
     return {"train_positions": train, "score_positions": score,
             "train_padding": 1 - real / train, "score_padding": 1 - real / score}
 
@@ -265,8 +271,9 @@ def main() -> None:
     parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
     parser.add_argument("--micro-batch-size", type=int, default=16, help="rows per forward on one rank")
     parser.add_argument("--uneven", action="store_true", help="response lengths drawn from 1..--response-tokens")
-    parser.add_argument("--batching", default="trimmed",
-                        help="padded (full-width micro-batches), trimmed (the learners' and scorers' way), or both")
+    parser.add_argument("--batching", default="packed",
+                        help="comma-separated: padded (full-width micro-batches), trimmed (all-padding columns "
+                             "dropped, scoring rows length-sorted), packed (the learners' and scorers' default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
