@@ -410,6 +410,12 @@ def main() -> None:
                     "ylabel": "%",
                     "hline": (100 * args.goal, f"goal {100 * args.goal:.0f}%"),
                 },
+                {
+                    "title": "scoring tokens/s (forward only)",
+                    "labels": labels,
+                    "series": {"tokens/s": [r["score_tokens_per_s"] for r in runs]},
+                    "ylabel": "tokens/s",
+                },
             ],
             f"bench_learner {facts['date']}",
         )

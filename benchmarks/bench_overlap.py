@@ -38,6 +38,7 @@ from bench_ppo import VARIANTS as PPO_VARIANTS
 # learning rate at which the reward moves within 10 iterations (tests/test_ppo.py's).
 JOB = [*BASE, *PPO_VARIANTS["grpo"], "ppo.prompts_per_iteration=16", "policy.lr=3e-3", "ppo.kl_coef=0.01",
        "logging.tensorboard=false"]
+PHASES = ("generate", "score", "train", "overlap_wait", "sync")
 VARIANTS = {"off": ["ppo.overlap=false"], "on": ["ppo.overlap=true"], "on-notis": ["ppo.overlap=true", "ppo.tis_cap=0"]}
 
 
@@ -57,7 +58,7 @@ def run_variant(variant: str, args, root: str) -> dict:
             step_s.append(time.perf_counter() - t0)
             r = records[-1]
             print(f"   {variant} iteration {r['iteration']}: {step_s[-1]:.2f} s, reward {r['reward_mean']:.3f}, "
-                  f"lag {r.get('policy_lag')}, gap {r.get('logprob_gap_vllm_learner', float('nan')):.4f}", flush=True)
+                  f"lag {r.get('policy_lag')}, gap {r.get('logprob_gap_vllm_learner', float('nan')):.2e}", flush=True)
     finally:
         trainer.close()
     return {"variant": variant, "overrides": overrides, "step_s": step_s, "records": records,
@@ -123,13 +124,16 @@ def main() -> None:
     off = next((r for r in results if r["variant"] == "off"), results[0])
     print()
     table = print_table(
-        ["variant", "median s/it", "vs off", "reward first 3", "reward last 3", "gap (lag 1)", "tis weight"],
+        ["variant", "median s/it", "vs off", *[f"{p} s" for p in PHASES], "reward first 3", "reward last 3",
+         "gap (lag 1)", "tis weight"],
         [[r["variant"], r["median_step_s"], r["median_step_s"] / off["median_step_s"],
+          *[median([x.get(f"time/{p}_s", 0.0) for x in r["records"][1:]]) for p in PHASES],
           sum(r["rewards"][:3]) / 3, sum(r["rewards"][-3:]) / 3,
           median([x["logprob_gap_vllm_learner"] for x in r["records"] if x.get("policy_lag") == 1]),
           median([x.get("tis/weight_mean") for x in r["records"]])] for r in results],
         title=f"{args.iterations} iterations per variant, {args.hidden}x{args.layers} tiny Llama, seed {args.seed}; "
-              "s/it = wall-clock step(), median after the first",
+              "s/it = wall-clock step(), phases = the driver's wait in each (medians after the first); "
+              "gap = mean |sampler - learner| token log-prob",
     )
     print("\nreward per iteration:")
     trajectories = print_table(["variant", *[str(i + 1) for i in range(args.iterations)]],
