@@ -23,7 +23,7 @@ def _response_outputs(forward, model, batch: RolloutBatch) -> torch.Tensor:
     prompt_lengths = batch.attention_mask[:, :P].sum(-1)
     # Row i starts at sum(lengths[:i]); its first response token is predicted at its last prompt token.
     first = lengths.cumsum(0) - lengths + prompt_lengths - 1
-    index = first[:, None] + torch.arange(R)
+    index = first[:, None] + torch.arange(R, device=first.device)
     return out[torch.where(batch.response_mask.bool(), index, 0)]
 
 
