@@ -91,6 +91,28 @@ def save_figure(json_path, results: list[dict], title: str):
     return png
 
 
+def print_report(results: list[dict], args) -> tuple[str, str]:
+    """The comparison table and the reward trajectories, printed and returned as text."""
+    off = next((r for r in results if r["variant"] == "off"), results[0])
+    print()
+    table = print_table(
+        ["variant", "median s/it", "vs off", *[f"{p} s" for p in PHASES], "reward first 3", "reward last 3",
+         "gap (lag 1)", "tis weight"],
+        [[r["variant"], r["median_step_s"], r["median_step_s"] / off["median_step_s"],
+          *[median([x.get(f"time/{p}_s", 0.0) for x in r["records"][1:]]) for p in PHASES],
+          sum(r["rewards"][:3]) / 3, sum(r["rewards"][-3:]) / 3,
+          median([x["logprob_gap_vllm_learner"] for x in r["records"] if x.get("policy_lag") == 1]),
+          median([x.get("tis/weight_mean") for x in r["records"]])] for r in results],
+        title=f"{args.iterations} iterations per variant, {args.hidden}x{args.layers} tiny Llama, seed {args.seed}; "
+              "s/it = wall-clock step(), phases = the driver's wait in each (medians after the first); "
+              "gap = mean |sampler - learner| token log-prob",
+    )
+    print("\nreward per iteration:")
+    trajectories = print_table(["variant", *[str(i + 1) for i in range(args.iterations)]],
+                               [[r["variant"], *r["rewards"]] for r in results])
+    return table, trajectories
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHARED_NOTE)
@@ -121,23 +143,7 @@ def main() -> None:
             results.append(run_variant(variant, args, root))
     ray.shutdown()
 
-    off = next((r for r in results if r["variant"] == "off"), results[0])
-    print()
-    table = print_table(
-        ["variant", "median s/it", "vs off", *[f"{p} s" for p in PHASES], "reward first 3", "reward last 3",
-         "gap (lag 1)", "tis weight"],
-        [[r["variant"], r["median_step_s"], r["median_step_s"] / off["median_step_s"],
-          *[median([x.get(f"time/{p}_s", 0.0) for x in r["records"][1:]]) for p in PHASES],
-          sum(r["rewards"][:3]) / 3, sum(r["rewards"][-3:]) / 3,
-          median([x["logprob_gap_vllm_learner"] for x in r["records"] if x.get("policy_lag") == 1]),
-          median([x.get("tis/weight_mean") for x in r["records"]])] for r in results],
-        title=f"{args.iterations} iterations per variant, {args.hidden}x{args.layers} tiny Llama, seed {args.seed}; "
-              "s/it = wall-clock step(), phases = the driver's wait in each (medians after the first); "
-              "gap = mean |sampler - learner| token log-prob",
-    )
-    print("\nreward per iteration:")
-    trajectories = print_table(["variant", *[str(i + 1) for i in range(args.iterations)]],
-                               [[r["variant"], *r["rewards"]] for r in results])
+    table, trajectories = print_report(results, args)
     print(f"\n{SHARED_NOTE}")
     if not args.no_json:
         path = write_results("bench_overlap", {"machine": facts, "args": vars(args), "table": table,
