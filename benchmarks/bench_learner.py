@@ -3,13 +3,21 @@
     python benchmarks/bench_learner.py [--hidden 512 --layers 6 --intermediate 1024]
                                        [--rows 32 --response-tokens 16] [--steps 4]
                                        [--layouts 1x1,1x2,2x1,2x2] [--dtypes float32,bfloat16]
+                                       [--uneven] [--batching padded,trimmed] [--micro-batch-size 16]
 
 The PPO policy update without Ray, vLLM or DeepSpeed around it, so that only the arithmetic and
 the thread layout vary: the offline tiny Llama (default 512 x 6, MLP 1024: bench_ppo.py's 512x6,
 15.8M parameters), a batch of ``--rows`` real arithmetic-task prompts tokenised and left-padded to
 the widest (as ``RolloutBatch.from_token_lists`` lays them out) plus ``--response-tokens``
-response tokens per row, and one optimiser step = forward, token log-probs of the response,
-a policy-gradient loss, backward, gradient all-reduce (gloo, when 2 ranks), AdamW.
+response tokens per row (``--uneven``: lengths drawn from 1..R, as when EOS comes early), and one
+optimiser step = per micro-batch of ``--micro-batch-size`` rows: forward, token log-probs of the
+response (``engines/scoring.py``), the PPO policy loss, backward; then the gradient all-reduce
+(gloo, when 2 ranks), AdamW. After each step, a scoring pass (forward only, with entropy) over
+the same rows. ``--batching``: ``padded`` keeps every micro-batch at the batch's full width (as
+before issue #11's padding work); ``trimmed`` drops each micro-batch's all-padding columns
+(scoring micro-batches are length-sorted first); ``packed`` (what the learners and scorers do)
+also puts each micro-batch's real tokens into one row, positions restarting at every sequence, so
+no padding is computed at all (``engines/scoring.py``).
 
 Each layout ``PROCSxTHREADS`` runs PROCS ranks (processes; the batch is split between them like
 the learner ranks' shards) with ``torch.set_num_threads(THREADS)`` each, at the same time. Every
@@ -24,8 +32,9 @@ Figures:
 * MFU = model FLOPs / step seconds / peak, given against the layout's own peak and against the
   machine's peak (the best 2-core figure measured in this run for that dtype). The goal in issue
   #11 is 30% of the measured peak;
-* padding = padded positions / all positions of the batch (prompt padding from the tokeniser;
-  this benchmark's responses are all full length, bench_ppo.py measures response padding).
+* padding = padded positions / all positions of the batch (prompt padding from the tokeniser,
+  response padding with ``--uneven``); "train pad" and "score pad" count the positions that the
+  micro-batches of each ``--batching`` mode actually compute.
 
 Prints figures, asserts nothing; results to ``benchmarks/results/bench_learner-<time>.{json,png}``.
 """
@@ -59,8 +68,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def build_batch(model_dir: str, rows: int, response_tokens: int, seed: int):
-    """Token ids [rows, P+R], attention mask, response mask, and the padding figures."""
+def build_batch(model_dir: str, rows: int, response_tokens: int, seed: int, uneven: bool = False):
+    """Token ids [rows, P+R], attention mask, response mask, and the padding figures. With
+    ``uneven`` each row's response length is drawn from 1..R (EOS came early), else all are R."""
     import torch
     from transformers import AutoTokenizer
 
@@ -73,14 +83,18 @@ def build_batch(model_dir: str, rows: int, response_tokens: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     seq = torch.full((rows, P + R), tok.pad_token_id or 0, dtype=torch.long)
     attn = torch.zeros((rows, P + R), dtype=torch.long)
-    for r, p in enumerate(ids):
+    resp_mask = torch.zeros((rows, R))
+    lengths = torch.randint(1, R + 1, (rows,), generator=g).tolist() if uneven else [R] * rows
+    for r, (p, n) in enumerate(zip(ids, lengths)):
         seq[r, P - len(p) : P] = torch.tensor(p)
-        seq[r, P:] = torch.randint(0, len(tok), (R,), generator=g)
-        attn[r, P - len(p) :] = 1
+        seq[r, P : P + n] = torch.randint(0, len(tok), (n,), generator=g)
+        attn[r, P - len(p) : P + n] = 1
+        resp_mask[r, :n] = 1
     real = int(attn.sum())
     return {
         "sequences": seq,
         "attention_mask": attn,
+        "response_mask": resp_mask,
         "prompt_width": P,
         "prompt_lengths": [len(i) for i in ids],
         "real_tokens": real,
@@ -89,12 +103,39 @@ def build_batch(model_dir: str, rows: int, response_tokens: int, seed: int):
     }
 
 
-def worker(
-    rank: int, world: int, threads: int, dtype: str, model_dir: str, batch: dict, steps: int, port: int, out
-) -> None:
+def rank_shard(batch: dict, rank: int, world: int):
+    """This rank's rows as a ``RolloutBatch`` (the driver's ``chunk`` split), with an advantage per row."""
+    import torch
+
+    from rlhf_ray.data.batch import RolloutBatch
+
+    full = RolloutBatch(batch["sequences"], batch["attention_mask"], batch["response_mask"], batch["prompt_width"])
+    shard = full.chunk(world)[rank]
+    return shard.with_extras(advantages=torch.randn(shard.size, generator=torch.Generator().manual_seed(rank)))
+
+
+def train_micro_batches(shard, micro_batch_size: int, batching: str) -> list:
+    """The learner's split (``_LearnerBase._train_on``): ceil(rows / micro) contiguous pieces,
+    trimmed of all-padding columns unless ``batching`` is ``padded``."""
+    micro = shard.chunk(max(1, -(-shard.size // micro_batch_size)))
+    return micro if batching == "padded" else [mb.trimmed() for mb in micro]
+
+
+def score_micro_batches(shard, micro_batch_size: int, batching: str) -> list:
+    """The scoring split (``engines/scoring.py``): length-sorted and trimmed unless ``padded``."""
+    if batching == "padded":
+        return [shard.select(slice(i, i + micro_batch_size)) for i in range(0, shard.size, micro_batch_size)]
+    return [mb for _, mb in shard.length_sorted_micro_batches(micro_batch_size)]
+
+
+def worker(rank: int, world: int, threads: int, dtype: str, model_dir: str, batch: dict, steps: int, port: int,
+           micro_batch_size: int, batching: str, out) -> None:
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
+
+    from rlhf_ray import algo
+    from rlhf_ray.engines import scoring
 
     torch.set_num_threads(threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -107,21 +148,21 @@ def worker(
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
     model.train()
+    if batching != "packed":
+        scoring.disable_packing(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
-    lo, hi = rank * batch["sequences"].shape[0] // world, (rank + 1) * batch["sequences"].shape[0] // world
-    seq, attn = batch["sequences"][lo:hi], batch["attention_mask"][lo:hi]
-    P = batch["prompt_width"]
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    adv = torch.randn(seq.shape[0], 1)
-    times = []
+    shard = rank_shard(batch, rank, world)
+    micro = train_micro_batches(shard, micro_batch_size, batching)
+    times, score_times = [], []
     for i in range(steps + 1):  # the first step allocates optimiser state: not counted
         if world > 1:
             dist.barrier()
         t0 = time.perf_counter()
-        logits = model(input_ids=seq, attention_mask=attn, position_ids=pos).logits[:, P - 1 : -1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, seq[:, P:, None]).squeeze(-1)
-        loss = -(logp * adv).mean()
-        loss.backward()
+        for mb in micro:  # gradient accumulation, as DeepSpeed does over the learner's micro-batches
+            logp = scoring.response_logprobs(model, mb)
+            adv = mb.extras["advantages"][:, None].expand_as(logp)
+            loss = algo.ppo_policy_loss(logp, logp.detach(), adv, mb.response_mask, 0.2, "token-mean").loss
+            (loss / len(micro)).backward()
         if world > 1:
             for p in model.parameters():
                 if p.grad is not None:
@@ -134,21 +175,43 @@ def worker(
             dist.barrier()
         if i:
             times.append(time.perf_counter() - t0)
+        # A scoring pass (old log-probs, reference): forward only, no gradients.
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for mb in score_micro_batches(shard, micro_batch_size, batching):
+                scoring.response_logprobs(model, mb, with_entropy=True)
+        if i:
+            score_times.append(time.perf_counter() - t0)
     emb = model.get_input_embeddings().weight.numel()
     params = sum(p.numel() for p in model.parameters())
-    out.put({"rank": rank, "peak": peak, "times": times, "params": params, "matmul_params": params - emb})
+    out.put({"rank": rank, "peak": peak, "times": times, "score_times": score_times, "params": params,
+             "matmul_params": params - emb})
     if world > 1:
         dist.destroy_process_group()
 
 
-def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict, steps: int) -> dict:
+def positions(batch: dict, procs: int, micro_batch_size: int, batching: str) -> dict:
+    """Positions the forward passes compute (real + padding) for training and scoring."""
+    real = batch["real_tokens"]
+    shards = [rank_shard(batch, r, procs) for r in range(procs)]
+    train = sum(mb.sequences.numel() for s in shards for mb in train_micro_batches(s, micro_batch_size, batching))
+    score = sum(mb.sequences.numel() for s in shards for mb in score_micro_batches(s, micro_batch_size, batching))
+    if batching == "packed":  # one row of real tokens per micro-batch
+        train = score = real
+    return {"train_positions": train, "score_positions": score,
+            "train_padding": 1 - real / train, "score_padding": 1 - real / score}
+
+
+def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict, steps: int,
+               micro_batch_size: int, batching: str) -> dict:
     import torch.multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     port = _free_port()
     ps = [
-        ctx.Process(target=worker, args=(r, procs, threads, dtype, model_dir, batch, steps, port, q))
+        ctx.Process(target=worker, args=(r, procs, threads, dtype, model_dir, batch, steps, port,
+                                         micro_batch_size, batching, q))
         for r in range(procs)
     ]
     env_before = os.environ.get("OMP_NUM_THREADS")
@@ -165,10 +228,15 @@ def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict
     results.sort(key=lambda r: r["rank"])
     # A step ends for all ranks at the closing barrier: the slowest rank's time is the step time.
     step_s = median([max(ts) for ts in zip(*(r["times"] for r in results))])
+    score_s = median([max(ts) for ts in zip(*(r["score_times"] for r in results))])
     n = results[0]["matmul_params"]
     flops = train_flops(n, batch["real_tokens"])
     return {
         "layout": f"{procs}x{threads}",
+        "batching": batching,
+        **positions(batch, procs, micro_batch_size, batching),
+        "score_s": score_s,
+        "score_tokens_per_s": batch["real_tokens"] / score_s,
         "procs": procs,
         "threads": threads,
         "dtype": dtype,
@@ -201,6 +269,11 @@ def main() -> None:
     parser.add_argument("--layouts", default="1x1,1x2,2x1,2x2", help="PROCSxTHREADS, comma-separated")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
+    parser.add_argument("--micro-batch-size", type=int, default=16, help="rows per forward on one rank")
+    parser.add_argument("--uneven", action="store_true", help="response lengths drawn from 1..--response-tokens")
+    parser.add_argument("--batching", default="packed",
+                        help="comma-separated: padded (full-width micro-batches), trimmed (all-padding columns "
+                             "dropped, scoring rows length-sorted), packed (the learners' and scorers' default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
@@ -224,7 +297,7 @@ def main() -> None:
             spec,
         )
     )
-    batch = build_batch(model_dir, args.rows, args.response_tokens, args.seed)
+    batch = build_batch(model_dir, args.rows, args.response_tokens, args.seed, args.uneven)
     print(
         f"batch: {args.rows} rows x ({batch['prompt_width']} prompt + {args.response_tokens} response) = "
         f"{batch['positions']} positions, {batch['real_tokens']} real tokens, padding "
@@ -235,9 +308,11 @@ def main() -> None:
     runs = []
     for dtype in args.dtypes.split(","):
         for layout in args.layouts.split(","):
-            procs, _, threads = layout.partition("x")
-            print(f"-- {dtype} {layout} ...", flush=True)
-            runs.append(run_layout(int(procs), int(threads or 1), dtype, model_dir, batch, args.steps))
+            for batching in args.batching.split(","):
+                procs, _, threads = layout.partition("x")
+                print(f"-- {dtype} {layout} {batching} ...", flush=True)
+                runs.append(run_layout(int(procs), int(threads or 1), dtype, model_dir, batch, args.steps,
+                                       args.micro_batch_size, batching))
     # The machine's peak per dtype: the best whole-machine (all ranks x threads = cpu count) layout.
     cores = facts["cpus"] or 2
     machine_peak = {}
@@ -253,19 +328,26 @@ def main() -> None:
             [
                 r["dtype"],
                 r["layout"],
+                r["batching"],
+                r["train_padding"],
                 r["step_s"],
                 r["tokens_per_s"],
                 r["achieved_flops"] / 1e9,
                 r["layout_peak_flops"] / 1e9,
                 f"{100 * r['mfu_layout']:.1f}%",
                 f"{100 * r['mfu_machine']:.1f}%",
+                r["score_padding"],
+                r["score_tokens_per_s"],
             ]
         )
     n = runs[0]["matmul_params"]
     title = (
         f"learner step, {args.hidden}x{args.layers} ({runs[0]['params'] / 1e6:.1f}M params, {n / 1e6:.1f}M in "
         f"matmuls), {args.rows} rows, {batch['real_tokens']} real tokens/step, padding "
-        f"{batch['padding_fraction']:.3f}; FLOPs = 6 x {n / 1e6:.1f}M x tokens; median of {args.steps} steps\n"
+        f"{batch['padding_fraction']:.3f} at full width; {args.micro_batch_size} rows per micro-batch per rank; "
+        f"FLOPs = 6 x {n / 1e6:.1f}M x tokens; median of {args.steps} steps\n"
+        f"pad = padded / computed positions of the train (contiguous micro-batches) and score (forward "
+        f"only; trimmed = length-sorted) passes\n"
         f"layout = ranks x torch threads per rank; MFU vs the layout's own peak and vs the machine's "
         f"(best {cores}-core peak measured in this run: "
         + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in machine_peak.items())
@@ -276,12 +358,16 @@ def main() -> None:
         [
             "dtype",
             "layout",
+            "batching",
+            "train pad",
             "step s",
             "train tok/s",
             "GFLOP/s",
             "peak GFLOP/s",
             "MFU (layout)",
             "MFU (machine)",
+            "score pad",
+            "score tok/s",
         ],
         rows,
         title=title,
@@ -307,7 +393,7 @@ def main() -> None:
             },
         )
         short = {"float32": "fp32", "bfloat16": "bf16"}
-        labels = [f"{short.get(r['dtype'], r['dtype'])} {r['layout']}" for r in runs]
+        labels = [f"{short.get(r['dtype'], r['dtype'])} {r['layout']} {r['batching']}" for r in runs]
         png = save_chart(
             path,
             [
@@ -323,6 +409,12 @@ def main() -> None:
                     "series": {"MFU %": [100 * r["mfu_machine"] for r in runs]},
                     "ylabel": "%",
                     "hline": (100 * args.goal, f"goal {100 * args.goal:.0f}%"),
+                },
+                {
+                    "title": "scoring tokens/s (forward only)",
+                    "labels": labels,
+                    "series": {"tokens/s": [r["score_tokens_per_s"] for r in runs]},
+                    "ylabel": "tokens/s",
                 },
             ],
             f"bench_learner {facts['date']}",

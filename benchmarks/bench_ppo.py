@@ -16,16 +16,18 @@ a raw gloo broadcast between two Ray actors and a memcpy of 64 MB buffers (the w
 upper bounds), and the best fp32/bf16 matmul FLOP/s with 1 and 2 torch threads (the learners'
 upper bound). The second table then gives, per run:
 
-* ``pad``: padded positions / all positions of the learner batches: the driver's rollout batch is
-  ``[prompt left-padded to the widest | response right-padded to the longest]`` for all rows of the
-  iteration (``RolloutBatch.from_token_lists``), and the learners' micro-batches keep that width. The
+* ``pad``: padded positions / all positions of the driver's rollout batch, ``[prompt left-padded
+  to the widest | response right-padded to the longest]`` for all rows of the iteration
+  (``RolloutBatch.from_token_lists``): what a padded forward pass computes in vain. The learners and
+  the reference pack their micro-batches (no padding computed) when the model passes
+  ``engines.scoring.packs_exactly``, so this is the waste packing removes. The
   prompt and response token counts are recorded by wrapping the trainer's ``_generate`` (exact, no
   re-tokenising).
 * ``train tok/s``: real (non-pad) prompt + response tokens x ``ppo.epochs`` / train seconds.
 * ``MFU``: 6 x N x real tokens x epochs x models trained (2 for GAE: policy and critic) / train
   seconds / the machine's 2-core matmul peak in the learners' dtype: the better of one process on
   2 threads and twice the 1-thread figure; N = parameters in matmuls
-  (the input embedding table, a lookup, excluded). Padded positions are computed but not counted.
+  (the input embedding table, a lookup, excluded). Padded positions (if computed) are not counted.
 * ``/bcast``, ``/memcpy``: the sync bandwidth as a fraction of those baselines.
 """
 

@@ -13,6 +13,7 @@ from rlhf_ray.algo import (
     ppo_policy_loss,
     ppo_value_loss,
     preference_accuracy,
+    truncated_is_weights,
 )
 
 AGGS = ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"]
@@ -237,3 +238,31 @@ def test_preference_accuracy_counts_ties_as_wrong():
     chosen = torch.tensor([1.0, 0.0, 2.0, -1.0])
     rejected = torch.tensor([0.0, 0.0, 3.0, -2.0])
     assert preference_accuracy(chosen, rejected).item() == pytest.approx(0.5)
+
+
+def test_truncated_is_weights_known_values():
+    # pi_train / pi_sampling per token: e^0 = 1, e^-1, e^0.5, e^2 (capped at 2), padding -> 0.
+    train = torch.tensor([[0.0, -1.0, 0.5], [2.0, float("nan"), 0.0]])
+    sampling = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    w = truncated_is_weights(train, sampling, mask, cap=2.0)
+    expected = torch.tensor([[1.0, math.exp(-1.0), math.exp(0.5)], [2.0, 0.0, 0.0]])
+    torch.testing.assert_close(w, expected)
+    assert not w.requires_grad
+
+
+def test_is_weights_scale_each_tokens_policy_loss_and_gradient():
+    torch.manual_seed(0)
+    logprobs = torch.randn(2, 4, requires_grad=True)
+    old, adv = torch.randn(2, 4), torch.randn(2, 4)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    weights = torch.tensor([[0.5, 2.0, 1.0, 9.0], [0.0, 1.5, 3.0, 3.0]])
+    weighted = ppo_policy_loss(logprobs, old, adv, mask, 0.2, "seq-mean-token-sum", token_weights=weights)
+    # The same loss by hand: per-token clipped surrogate times its weight, summed per row, row mean.
+    ratio = torch.exp(logprobs - old)
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(0.8, 1.2)) * weights * mask
+    torch.testing.assert_close(weighted.loss, per_token.sum(-1).mean())
+    (g_weighted,) = torch.autograd.grad(weighted.loss, logprobs)
+    (g_plain,) = torch.autograd.grad(ppo_policy_loss(logprobs, old, adv, mask, 0.2, "seq-mean-token-sum").loss,
+                                     logprobs)
+    torch.testing.assert_close(g_weighted, g_plain * weights * mask)

@@ -50,6 +50,7 @@ def test_override_beats_file(tmp_path):
     ("policy.num_ranks=64", "policy.num_ranks: 64 ranks cannot split a minibatch of 32 rows"),
     ("scorers.reward_functions=nocolon", "scorers.reward_functions[0]: 'nocolon' is not of the form"),
     ("policy.offload_params=true", "policy.offload_params: parameter offload needs zero_stage 3"),
+    ("ppo.tis_cap=0.5", "ppo.tis_cap: must be 0 (no correction) or >= 1"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as e:

@@ -136,3 +136,36 @@ def test_lora_gae_syncs_merged_weights_with_parity_and_saves_a_loadable_policy(r
     assert merged.keys() == base.keys()
     changed = {k for k in base if not torch.equal(merged[k], base[k])}
     assert changed and all(k.endswith("proj.weight") for k in changed), changed
+
+
+def test_overlap_trains_one_update_off_policy_with_tis(ray_session, tmp_path):
+    """ppo.overlap: batch k+1 is sampled while batch k trains, so from the second batch on every
+    sample comes from the weights one update behind; TIS weights apply and parity still holds."""
+    from rlhf_ray.stages import checkpoint as ckpt
+    from rlhf_ray.stages.ppo import PPOTrainer
+
+    cfg = _config(tmp_path, "ppo.iterations=3", "ppo.overlap=true", "ppo.advantage_estimator=grpo",
+                  "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1",
+                  "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.every=2",
+                  "checkpoint.save_final=false", "logging.tensorboard=false")
+    trainer = PPOTrainer(cfg)
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.close()
+    assert [r["policy_version"] for r in history] == [0, 0, 1]
+    assert [r["policy_lag"] for r in history] == [0, 1, 1]
+    assert [r["prompts_position"] for r in history] == [0, 8, 16]
+    for r in history:
+        for key in ("policy_loss", "approx_kl", "logprob_gap_vllm_learner", "tis/weight_mean", "reward_mean"):
+            assert math.isfinite(r[key]), (key, r)
+        assert 0 < r["tis/weight_mean"] <= 2.0 and 0 <= r["tis/capped_fraction"] <= 1
+    # The last iteration starts no batch ahead, so it has nothing to wait for.
+    assert ["time/overlap_wait_s" in r for r in history] == [True, True, False]
+    # Sampled by the weights before the last update: the learner's log-probs have moved away.
+    assert history[1]["logprob_gap_vllm_learner"] > 3 * history[0]["logprob_gap_vllm_learner"]
+    samples = read_metrics(trainer.run_dir, "samples.jsonl")
+    assert {(s["iteration"], s["policy_version"]) for s in samples} == {(1, 0), (2, 0), (3, 1)}
+    # The checkpoint after iteration 2 points at the prompts of the batch sampled ahead (not trained).
+    state = ckpt.load_trainer_state(ckpt.checkpoint_root(trainer.run_dir) / "iter-000002")
+    assert (state["iteration"], state["prompts_position"]) == (2, 16)

@@ -83,11 +83,15 @@ class _LearnerBase:
     def _train_on(self, shard: RolloutBatch | tuple[RolloutBatch, ...], loss_fn) -> dict[str, float]:
         """One optimiser step over the shard. Every rank runs exactly ``grad_accum_steps``
         backward passes, so the gradient all-reduce lines up across ranks even when shards
-        differ by a row. A tuple of batches (chosen, rejected) is split row-aligned."""
+        differ by a row. A tuple of batches (chosen, rejected) is split row-aligned. Each
+        micro-batch drops its all-padding columns first (exact: same loss, less compute)."""
         self.engine.train()
         totals: dict[str, float] = {}
         n = self.spec.grad_accum_steps
-        micro = list(zip(*(b.chunk(n) for b in shard))) if isinstance(shard, tuple) else shard.chunk(n)
+        if isinstance(shard, tuple):
+            micro = [tuple(b.trimmed() for b in mbs) for mbs in zip(*(b.chunk(n) for b in shard))]
+        else:
+            micro = [mb.trimmed() for mb in shard.chunk(n)]
         skipped_before = self.engine.skipped_steps
         for mb in micro:
             loss, stats = loss_fn(mb)
@@ -171,7 +175,7 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         def loss_fn(mb: RolloutBatch):
             logprobs, entropy = scoring.response_logprobs(self.engine, mb, temperature, with_entropy=True)
             out = algo.ppo_policy_loss(logprobs, mb.extras["old_logprobs"], mb.extras["advantages"],
-                                       mb.response_mask, clip_eps, loss_agg)
+                                       mb.response_mask, clip_eps, loss_agg, mb.extras.get("is_weights"))
             entropy_mean = algo.masked_mean(entropy, mb.response_mask)
             loss = out.loss - entropy_coef * entropy_mean
             return loss, {"policy_loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
@@ -272,8 +276,6 @@ class RewardLearnerActor(_LearnerBase):
 
         return self._train_on((chosen, rejected), loss_fn)
 
-    @torch.no_grad()
     def scores(self, batch: RolloutBatch) -> torch.Tensor:
         self.engine.eval()
-        n = self.spec.micro_batch_size
-        return torch.cat([self._scores(batch.select(slice(i, i + n))) for i in range(0, batch.size, n)])
+        return scoring.batched_scores(self.engine, batch, self.spec.micro_batch_size)

@@ -93,8 +93,4 @@ class RewardActor:
         return {"score": total, **{f"reward/{k}": v for k, v in components.items()}}
 
     def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:
-        return torch.cat([
-            model(input_ids=mb.sequences, attention_mask=mb.attention_mask).float()
-            for mb in (batch.select(slice(i, i + self.micro_batch_size))
-                       for i in range(0, batch.size, self.micro_batch_size))
-        ])
+        return scoring.batched_scores(model, batch, self.micro_batch_size)

@@ -29,6 +29,7 @@ from .losses import (
     ppo_policy_loss,
     ppo_value_loss,
     preference_accuracy,
+    truncated_is_weights,
 )
 from .masked import masked_mean, masked_sum, masked_var, whiten, zero_padding
 
@@ -59,6 +60,7 @@ __all__ = [
     "preference_accuracy",
     "shape_rewards",
     "token_logprobs",
+    "truncated_is_weights",
     "whiten",
     "zero_padding",
 ]

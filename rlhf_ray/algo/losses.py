@@ -48,6 +48,7 @@ def ppo_policy_loss(
     mask: torch.Tensor,
     clip_eps: float,
     agg: str,
+    token_weights: torch.Tensor | None = None,
 ) -> PolicyLossOutput:
     """PPO clipped surrogate (Schulman et al. 2017): max(-A * ratio, -A * clip(ratio, 1 +- eps)).
 
@@ -56,7 +57,8 @@ def ppo_policy_loss(
     larger) one, i.e. the clip binds and the token gets no gradient; CleanRL's looser
     |ratio - 1| > eps also counts tokens where the clip does not bind. ``approx_kl`` is the
     masked mean of k3 = (ratio - 1) - log(ratio), CleanRL's estimate of KL(old || new) on
-    tokens sampled from the old policy. Both diagnostics are detached.
+    tokens sampled from the old policy. Both diagnostics are detached. ``token_weights`` [B, T]
+    (e.g. ``truncated_is_weights``) scale each token's term before aggregation.
     """
     # Zeroed first so padding garbage cannot overflow exp() or turn gradients into NaN.
     logprobs, old_logprobs, advantages = (
@@ -65,7 +67,10 @@ def ppo_policy_loss(
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = aggregate_loss(torch.maximum(unclipped, clipped), mask, agg)
+    per_token = torch.maximum(unclipped, clipped)
+    if token_weights is not None:
+        per_token = per_token * zero_padding(token_weights, mask)
+    loss = aggregate_loss(per_token, mask, agg)
     with torch.no_grad():
         clip_fraction = masked_mean((clipped > unclipped).to(ratio.dtype), mask)
         approx_kl = masked_mean(kl_estimate(old_logprobs, logprobs, "k3"), mask)
@@ -115,3 +120,20 @@ def bradley_terry_loss(
 def preference_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
     """Share of pairs where the chosen response scores strictly higher (ties count as wrong)."""
     return (chosen > rejected).float().mean()
+
+
+def truncated_is_weights(
+    train_logprobs: torch.Tensor,
+    sampling_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    cap: float,
+) -> torch.Tensor:
+    """Truncated importance-sampling weights [B, T]: min(pi_train / pi_sampling, cap) per token.
+
+    For samples drawn by a policy other than the one PPO's ratio starts from (an older weight
+    version in overlapped generation, or the rollout engine's numerics): ``train_logprobs`` are
+    the learner's old log-probs, ``sampling_logprobs`` those the sampler returned. Capping at
+    ``cap`` bounds the variance (Ionides 2008; Yao et al. 2025). Detached; padding gets weight 0.
+    """
+    log_ratio = zero_padding(train_logprobs.detach() - sampling_logprobs.detach(), mask)
+    return zero_padding(torch.exp(log_ratio).clamp(max=cap), mask)

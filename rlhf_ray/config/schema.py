@@ -174,6 +174,8 @@ class PPOConfig:
     kl_horizon: int = 10000
     reward_clip: float = 10.0  # scores are clipped to +-reward_clip before shaping
     missing_eos_penalty: float = 0.0  # subtracted from the score of truncated responses
+    overlap: bool = False  # sample batch k+1 while training on batch k (one update off-policy)
+    tis_cap: float = 2.0  # overlap: per-token weight min(pi_learner / pi_sampler, tis_cap); 0 = none
 
 
 @dataclass
@@ -336,6 +338,7 @@ class RunConfig:
         need(0 <= ppo.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
         need(0 <= ppo.lam <= 1, "ppo.lam", "must be in [0, 1]")
         need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+        need(ppo.tis_cap == 0 or ppo.tis_cap >= 1, "ppo.tis_cap", "must be 0 (no correction) or >= 1")
         need(ppo.kl_target > 0, "ppo.kl_target", "must be > 0")
         need(ppo.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
         if ppo.advantage_estimator == "rloo":

@@ -55,6 +55,31 @@ class RolloutBatch:
         bounds = torch.linspace(0, self.size, n + 1).round().long().tolist()
         return [self.select(slice(a, b)) for a, b in itertools.pairwise(bounds)]
 
+    def trimmed(self) -> RolloutBatch:
+        """The same rows without the columns that are padding in every row (the left of the prompt
+        block, the right of the response block); per-token extras are cut to match. Forward passes
+        over it equal those over the full batch: positions count real tokens only and the cut
+        columns were masked out of attention."""
+        R = self.response_mask.shape[1]
+        P = max(1, int(self.attention_mask[:, : self.prompt_len].sum(-1).max()))
+        kept_r = max(1, int(self.response_mask.sum(-1).max()))
+        cols = slice(self.prompt_len - P, self.prompt_len + kept_r)
+        return RolloutBatch(
+            sequences=self.sequences[:, cols],
+            attention_mask=self.attention_mask[:, cols],
+            response_mask=self.response_mask[:, :kept_r],
+            prompt_len=P,
+            extras={k: v[:, :kept_r] if v.dim() == 2 and v.shape[1] == R else v for k, v in self.extras.items()},
+        )
+
+    def length_sorted_micro_batches(self, rows: int) -> list[tuple[torch.Tensor, RolloutBatch]]:
+        """(row indices, trimmed micro-batch) pairs of at most ``rows`` rows covering every row once.
+        Rows are sorted by real length so each micro-batch holds similar lengths and sheds most of
+        its padding. Always ``ceil(size / rows)`` micro-batches, as unsorted slicing gives: ZeRO-3
+        ranks must run the same number of forward passes."""
+        order = torch.argsort(self.attention_mask.sum(-1), stable=True)
+        return [(index, self.select(index).trimmed()) for index in order.split(rows)]
+
     @staticmethod
     def concat(batches: list[RolloutBatch]) -> RolloutBatch:
         first = batches[0]

@@ -9,17 +9,65 @@ from rlhf_ray.algo import entropy_from_logits, token_logprobs
 from rlhf_ray.data.batch import RolloutBatch
 
 
+def _response_outputs(forward, model, batch: RolloutBatch) -> torch.Tensor:
+    """``forward(input_ids, attention_mask, position_ids)``'s per-position outputs at the positions
+    that predict each response token, ``[B, R, ...]``. Packed (every row's real tokens in one row,
+    positions restarting at each sequence, no padding computed) when the model passed
+    ``packs_exactly``; else over the padded rows."""
+    P, R = batch.prompt_len, batch.response_mask.shape[1]
+    if not packs_exactly(model, forward):
+        return forward(batch.sequences, batch.attention_mask, batch.position_ids())[:, P - 1 : -1]
+    real = batch.attention_mask.bool()
+    out = forward(batch.sequences[real][None], None, batch.position_ids()[real][None])[0]
+    lengths = batch.attention_mask.sum(-1)
+    prompt_lengths = batch.attention_mask[:, :P].sum(-1)
+    # Row i starts at sum(lengths[:i]); its first response token is predicted at its last prompt token.
+    first = lengths.cumsum(0) - lengths + prompt_lengths - 1
+    index = first[:, None] + torch.arange(R, device=first.device)
+    return out[torch.where(batch.response_mask.bool(), index, 0)]
+
+
+def packs_exactly(model, forward) -> bool:
+    """Whether ``model`` computes packed sequences as it computes them padded: attention must read
+    the sequence boundaries from the position ids when no mask is given (transformers does for
+    Llama-like models with sdpa, eager and flash attention; custom code may not). Checked once per
+    model on a two-sequence probe; ``disable_packing`` turns it off."""
+    known = getattr(model, "_rlhf_ray_packs", None)
+    if known is None:
+        probe = RolloutBatch.from_token_lists([[1, 2, 3, 4, 5], [6, 7]], [[8, 9], [1, 2, 3]], pad_id=0)
+        real = probe.attention_mask.bool()
+        with torch.no_grad():
+            padded = forward(probe.sequences, probe.attention_mask, probe.position_ids())[real].float()
+            packed = forward(probe.sequences[real][None], None, probe.position_ids()[real][None])[0].float()
+        tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2  # half precision: looser
+        known = bool(torch.allclose(packed, padded, atol=tol * max(1.0, padded.abs().max().item()), rtol=0))
+        model._rlhf_ray_packs = known
+    return known
+
+
+def disable_packing(model) -> None:
+    """Forward passes of ``model`` run over padded rows from now on (for comparisons)."""
+    model._rlhf_ray_packs = False
+
+
+def _lm_forward(model):
+    def forward(ids, mask, pos):
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+    return forward
+
+
+def _value_forward(value_model):
+    def forward(ids, mask, pos):
+        return value_model(input_ids=ids, attention_mask=mask, position_ids=pos)
+
+    return forward
+
+
 def response_logits(model, batch: RolloutBatch, temperature: float = 1.0) -> torch.Tensor:
     """Logits that predict each response token: ``[B, R, V]``, divided by the sampling temperature
     so log-probs match those of the distribution vLLM sampled from."""
-    out = model(
-        input_ids=batch.sequences,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids(),
-        use_cache=False,
-    )
-    P = batch.prompt_len
-    logits = out.logits[:, P - 1 : -1].float()
+    logits = _response_outputs(_lm_forward(model), model, batch).float()
     return logits / temperature if temperature != 1.0 else logits
 
 
@@ -33,28 +81,43 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with
 
 def response_values(value_model, batch: RolloutBatch) -> torch.Tensor:
     """Values of the states before each response token: ``[B, R]``."""
-    values = value_model(
-        input_ids=batch.sequences,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids(),
-    )
-    P = batch.prompt_len
-    return values[:, P - 1 : -1].float() * batch.response_mask
+    return _response_outputs(_value_forward(value_model), value_model, batch).float() * batch.response_mask
+
+
+def _by_sorted_micro_batches(forward, batch: RolloutBatch, micro_batch_size: int) -> list[torch.Tensor]:
+    """``forward`` (a tuple of ``[b, r]`` per-token or ``[b]`` per-sequence tensors) over
+    length-sorted, padding-trimmed micro-batches, put back in row order: per-token outputs are
+    ``[B, R]`` with zeros past each micro-batch's width, as the full-width pass gives on padding."""
+    outputs: list[torch.Tensor] = []
+    for rows, mb in batch.length_sorted_micro_batches(micro_batch_size):
+        for k, part in enumerate(forward(mb)):
+            if len(outputs) == k:
+                shape = (batch.size, batch.response_mask.shape[1]) if part.dim() == 2 else (batch.size,)
+                outputs.append(part.new_zeros(shape))
+            if part.dim() == 2:
+                outputs[k][rows, : part.shape[1]] = part
+            else:
+                outputs[k][rows] = part
+    return outputs
 
 
 @torch.no_grad()
 def batched_logprobs(model, batch: RolloutBatch, micro_batch_size: int, temperature: float = 1.0):
     """(log-probs, entropy) ``[B, R]`` each, computed in micro-batches without gradients."""
-    parts = [
-        response_logprobs(model, batch.select(slice(i, i + micro_batch_size)), temperature, with_entropy=True)
-        for i in range(0, batch.size, micro_batch_size)
-    ]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    logprobs, entropy = _by_sorted_micro_batches(
+        lambda mb: response_logprobs(model, mb, temperature, with_entropy=True), batch, micro_batch_size)
+    return logprobs, entropy
 
 
 @torch.no_grad()
 def batched_values(value_model, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
-    return torch.cat([
-        response_values(value_model, batch.select(slice(i, i + micro_batch_size)))
-        for i in range(0, batch.size, micro_batch_size)
-    ])
+    return _by_sorted_micro_batches(lambda mb: (response_values(value_model, mb),), batch, micro_batch_size)[0]
+
+
+@torch.no_grad()
+def batched_scores(reward_model, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+    """One scalar per row ``[B]`` from a ``RewardModel`` (read at each row's last real token)."""
+    return _by_sorted_micro_batches(
+        lambda mb: (reward_model(input_ids=mb.sequences, attention_mask=mb.attention_mask,
+                                 position_ids=mb.position_ids()).float(),),
+        batch, micro_batch_size)[0]

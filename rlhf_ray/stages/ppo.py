@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -49,6 +50,23 @@ class NonFiniteError(RuntimeError):
 
 class ActorFailureError(RuntimeError):
     """An actor died and the run may not (or may no longer) restart or replace it."""
+
+
+@dataclass
+class PendingGeneration:
+    """A batch of prompts the rollout engines are sampling, started before it is needed."""
+
+    prompts: list[str]
+    policy_version: int  # the iteration whose weights the engines sample with
+    ids: list[list[int]]
+    spec: object  # SamplingSpec
+    calls: list  # ((engine, first row, end row), ObjectRef) in flight
+    position: int = -1  # the prompt stream's position at prompts[0], when drawn by the driver
+
+    def wait(self) -> None:
+        """Until every engine call has finished (results stay in Ray's object store)."""
+        refs = [ref for _, ref in self.calls]
+        ray.wait(refs, num_returns=len(refs))
 
 
 class PPOTrainer:
@@ -94,6 +112,7 @@ class PPOTrainer:
                                               cfg.ppo.kl_horizon)
         self.guards = RolloutGuards(cfg.safeguards)
         self.faults = {"nonfinite_batches": 0, "consecutive_nonfinite": 0, "engine_replacements": 0}
+        self._pending: PendingGeneration | None = None  # ppo.overlap: the next batch, being sampled
 
     def _launch(self) -> None:
         functions, weights = reward_sources(self.cfg)
@@ -109,9 +128,16 @@ class PPOTrainer:
         n_engines = self._follow_cluster()
 
         with timer("generate"):
-            position = self.prompts.position
-            prompts = self.prompts.next_batch(ppo.prompts_per_iteration)
-            generations = self._generate(prompts)
+            if self._pending is None:  # sampled now, with the weights of the last update
+                position, version = self.prompts.position, self.iteration
+                prompts = self.prompts.next_batch(ppo.prompts_per_iteration)
+                generations = self._generate(prompts)
+            else:  # ppo.overlap: started during the last iteration's training, one update behind
+                position, version, prompts = self._pending.position, self._pending.policy_version, self._pending.prompts
+                generations = self._finish_generation(self._pending)
+            # ppo.overlap: the engines sample the next batch while this one is scored and trained.
+            last = self.iteration + 1 >= ppo.iterations
+            self._pending = self._start_generation(self.iteration + 1) if ppo.overlap and not last else None
             batch = RolloutBatch.from_token_lists([g.prompt_ids for g in generations],
                                                   [g.response_ids for g in generations],
                                                   self.tokenizer.pad_token_id)
@@ -155,6 +181,14 @@ class PPOTrainer:
         if ppo.whiten_advantages:
             advantages = algo.whiten(advantages, mask)
         batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages)
+        offpolicy_metrics = {"policy_version": version, "policy_lag": self.iteration - version}
+        if ppo.overlap and ppo.tis_cap > 0:
+            # The samples came from older weights: reweight each token by pi_learner / pi_sampler.
+            is_weights = algo.truncated_is_weights(old_logprobs, rollout_logprobs, mask, ppo.tis_cap)
+            batch = batch.with_extras(is_weights=is_weights)
+            offpolicy_metrics |= {"tis/weight_mean": algo.masked_mean(is_weights, mask).item(),
+                                  "tis/capped_fraction": algo.masked_mean(
+                                      (is_weights >= ppo.tis_cap).float(), mask).item()}
         if cfg.uses_critic:
             batch = batch.with_extras(old_values=values, returns=returns)
         bad = nonfinite_phase(mask, advantages=[advantages, returns])
@@ -167,6 +201,9 @@ class PPOTrainer:
         self._count_nonfinite("loss" if train_stats.get("skipped_steps", 0) > 0
                               or not all(math.isfinite(v) for v in train_stats.values()) else None)
 
+        if self._pending is not None:
+            with timer("overlap_wait"):  # the engines take new weights only once the next batch is sampled
+                self._pending.wait()
         with timer("sync"):
             self._sync_weights()
             if cfg.sync.parity_every and (self.iteration + 1) % cfg.sync.parity_every == 0:
@@ -190,6 +227,7 @@ class PPOTrainer:
             "truncated_fraction": truncated.float().mean().item(),
             **guard_metrics,
             "logprob_gap_vllm_learner": algo.masked_mean((rollout_logprobs - old_logprobs).abs(), mask).item(),
+            **offpolicy_metrics,
             "generated_tokens": n_tokens,
             "rollout/engines": n_engines,
             **{f"time/{k}_s": v for k, v in timer.seconds.items()},
@@ -200,7 +238,7 @@ class PPOTrainer:
         }
         self.metrics.write(record)
         self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
-        self._write_samples(prompt_texts, response_texts, scores, rewards, kl_per_seq, truncated)
+        self._write_samples(prompt_texts, response_texts, scores, rewards, kl_per_seq, truncated, version)
         return record
 
     # --- non-finite batches -----------------------------------------------------------------
@@ -236,41 +274,61 @@ class PPOTrainer:
                 "faults/engine_replacements": self.faults["engine_replacements"],
                 "faults/restarts": self.restarts}
 
-    def _write_samples(self, prompts, responses, scores, rewards, kl_per_seq, truncated) -> None:
+    def _write_samples(self, prompts, responses, scores, rewards, kl_per_seq, truncated, version) -> None:
         """A fixed-size sample of this iteration's rollouts, for people to read (``rlhf-ray view``)."""
         n = min(self.cfg.logging.samples_per_iteration, len(responses))
         components = {k.removeprefix("reward/"): v for k, v in rewards.items() if k.startswith("reward/")}
         rows = [{"iteration": self.iteration, "prompt": prompts[i], "response": responses[i],
                  "reward": scores[i].item(), "components": {k: v[i].item() for k, v in components.items()},
-                 "kl": kl_per_seq[i].item(), "truncated": bool(truncated[i])} for i in range(n)]
+                 "kl": kl_per_seq[i].item(), "truncated": bool(truncated[i]), "policy_version": version}
+                for i in range(n)]
         self.samples.write_many(rows)
 
     # --- the steps, each a few remote calls -------------------------------------------------
     def _generate(self, prompts: list[str]):
-        """Spreads the prompts over all engines and returns generations in prompt order. An engine
-        that dies hands its unfinished prompts to the others and is replaced before the next phase."""
+        """Spreads the prompts over all engines and returns generations in prompt order."""
+        return self._finish_generation(self._submit_prompts(prompts, self.iteration))
+
+    def _start_generation(self, iteration: int) -> PendingGeneration:
+        """Draws the prompts of ``iteration`` and starts sampling them without waiting."""
+        position = self.prompts.position
+        pending = self._submit_prompts(self.prompts.next_batch(self.cfg.ppo.prompts_per_iteration), iteration)
+        pending.position = position
+        return pending
+
+    def _submit_prompts(self, prompts: list[str], iteration: int) -> PendingGeneration:
         ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.cfg.data.max_prompt_tokens:]
                for p in prompts]
         n_engines = len(self.roles.rollout)
         bounds = [round(i * len(ids) / n_engines) for i in range(n_engines + 1)]
-        pending = [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
-        spec = self._sampling_spec()
-        done, dead = {}, set()
-        while pending:
-            live = [i for i in range(n_engines) if i not in dead]
-            if not live:
-                raise ActorFailureError(f"every rollout engine died during iteration {self.iteration + 1}")
-            calls = [(live[k % len(live)], a, b) for k, (a, b) in enumerate(pending)]
-            refs = [self.roles.rollout[i].generate.remote(ids[a:b], spec) for i, a, b in calls]
-            pending = []
-            for (i, a, b), ref in zip(calls, refs):
+        pending = PendingGeneration(prompts, self.iteration, ids, self._sampling_spec(iteration), [])
+        pending.calls = self._call_engines(pending, [(a, b) for a, b in itertools.pairwise(bounds) if b > a],
+                                           list(range(n_engines)))
+        return pending
+
+    def _call_engines(self, pending: PendingGeneration, ranges: list[tuple[int, int]], engines: list[int]) -> list:
+        calls = [(engines[k % len(engines)], a, b) for k, (a, b) in enumerate(ranges)]
+        return [((i, a, b), self.roles.rollout[i].generate.remote(pending.ids[a:b], pending.spec))
+                for i, a, b in calls]
+
+    def _finish_generation(self, pending: PendingGeneration):
+        """The started batch's generations in prompt order. An engine that dies hands its
+        unfinished prompts to the others and is replaced before the next phase."""
+        done, dead, calls = {}, set(), pending.calls
+        while calls:
+            retry = []
+            for (i, a, b), ref in calls:
                 try:
                     done[a] = ray.get(ref)
                 except ray.exceptions.RayActorError as e:
                     print(f"ppo: rollout engine {i} died during iteration {self.iteration + 1} "
                           f"({type(e).__name__}); its {b - a} prompts go to the other engines")
                     dead.add(i)
-                    pending.append((a, b))
+                    retry.append((a, b))
+            live = [i for i in range(len(self.roles.rollout)) if i not in dead]
+            if retry and not live:
+                raise ActorFailureError(f"every rollout engine died during iteration {self.iteration + 1}")
+            calls = self._call_engines(pending, retry, live)
         out = []
         for offset in sorted(done):
             for g in done[offset]:
@@ -372,13 +430,13 @@ class PPOTrainer:
         if self.roles.rollout:
             self._open_weight_sync()  # the old group lost members
 
-    def _sampling_spec(self):
+    def _sampling_spec(self, iteration: int):
         from rlhf_ray.engines.vllm_engine import SamplingSpec
 
         r = self.cfg.rollout
         return SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                             n=r.samples_per_prompt, stop_token_ids=(self.tokenizer.eos_token_id,),
-                            seed=self.cfg.seed * 1_000_003 + self.iteration * 10_007)
+                            seed=self.cfg.seed * 1_000_003 + iteration * 10_007)
 
     def _train(self, batch: RolloutBatch, temperature: float) -> dict:
         """``ppo.epochs`` passes, each over ``ppo.minibatches`` shuffled minibatches; policy and
@@ -501,7 +559,9 @@ class PPOTrainer:
             refs += [a.save_checkpoint.remote(str(tmp / "critic")) for a in self.roles.critic]
             get_all(refs)
 
-        state = {"iteration": self.iteration, "prompts_position": self.prompts.position,
+        # A batch sampled ahead (ppo.overlap) is not trained yet: a resumed run samples it again.
+        position = self._pending.position if self._pending else self.prompts.position
+        state = {"iteration": self.iteration, "prompts_position": position,
                  "kl_controller": self.kl_ctl.state_dict(), "guards": self.guards.state_dict(),
                  "faults": dict(self.faults)}
         return ckpt.save_checkpoint(self.run_dir, self.iteration, state, dump_config(self.cfg), write_learners,
