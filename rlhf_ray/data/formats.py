@@ -319,7 +319,10 @@ def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBa
 
     A row with a non-null ``messages`` field is read as messages, any other as prompt/response.
     """
+    return _load(source, fields, on_bad_row, "SFT examples", _sft_parser(tokenizer))
 
+
+def _sft_parser(tokenizer) -> Callable[[_Row], SFTExample]:
     def parse(row: _Row) -> SFTExample:
         if row.has("messages") and not row.has("prompt"):
             context, response = row.split_last_assistant("messages", row.messages("messages"))
@@ -328,7 +331,7 @@ def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBa
             return SFTExample(render_prompt(context, tokenizer), response)
         return SFTExample(row.text("prompt"), row.text("response"))
 
-    return _load(source, fields, on_bad_row, "SFT examples", parse)
+    return parse
 
 
 def load_preferences(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
@@ -419,6 +422,35 @@ def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: 
         return row.text(logical)
 
     return _load(source, fields, on_bad_row, "prompts", parse)
+
+
+def load_texts(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
+               tokenizer=None) -> tuple[list[str], LoadReport]:
+    """Plain text for language modelling (the PPO pretraining mix, eval perplexity): a ``.txt`` file
+    holds one text per non-blank line; other sources hold rows with a ``text`` field or SFT rows
+    (prompt/response or messages), read as prompt followed by response."""
+    path = Path(source)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise DataError(source, None, None, EMPTY, "no non-blank line")
+        return texts, LoadReport(source=source, rows_read=len(texts), rows_kept=len(texts))
+    parse_sft = _sft_parser(tokenizer)
+
+    def parse(row: _Row) -> str:
+        if row.has("text"):
+            return row.text("text")
+        example = parse_sft(row)
+        return example.prompt + example.response
+
+    return _load(source, fields, on_bad_row, "texts", parse)
+
+
+def example_texts(examples: list[SFTExample]) -> list[str]:
+    """SFT examples as plain text: prompt followed by response."""
+    return [e.prompt + e.response for e in examples]
 
 
 # --- prompt length, holdout, task data ------------------------------------------------------------

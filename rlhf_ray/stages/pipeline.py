@@ -40,7 +40,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     if cfg.data.task:
         scores = compare_gold(cfg, {"base": base, "sft": sft["model"], "ppo": ppo_model})
         summary["held_out_gold_score"] = scores
-        print(format_table(scores))
+        print(format_table({"gold_score": scores}))
     summary["rm_held_out_accuracy"] = rm["held_out_accuracy"]
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"pipeline done: {root / 'summary.json'}")

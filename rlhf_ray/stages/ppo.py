@@ -28,6 +28,7 @@ from rlhf_ray.stages.common import (
     reward_sources,
 )
 from rlhf_ray.stages.guards import RolloutGuards
+from rlhf_ray.stages.sft import load_lm_texts
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
@@ -53,6 +54,9 @@ class PPOTrainer:
         check_model_fits(cfg, self.policy_path)
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
         self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed, self.tokenizer), cfg.seed, cfg.data.shuffle)
+        # Pretraining-mix text for the ptx loss (alignment-tax mitigation), read before any actor starts.
+        self.ptx_texts = (load_lm_texts(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
+                          if cfg.ppo.ptx_coef else [])
         self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
         self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
         self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
@@ -138,7 +142,7 @@ class PPOTrainer:
             advantages, returns = algo.broadcast_to_tokens(seq_adv, mask), None
         if ppo.whiten_advantages:
             advantages = algo.whiten(advantages, mask)
-        batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages)
+        batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
         if cfg.uses_critic:
             batch = batch.with_extras(old_values=values, returns=returns)
         bad = nonfinite_phase(mask, advantages=[advantages, returns])
@@ -299,8 +303,12 @@ class PPOTrainer:
             order = torch.randperm(batch.size, generator=generator)
             for mb_index in order.tensor_split(ppo.minibatches):
                 minibatch = batch.select(mb_index)
-                refs = [a.train_step.remote(s, ppo.clip_eps, ppo.entropy_coef, ppo.loss_agg, temperature)
-                        for a, s in zip(roles.policy, minibatch.chunk(len(roles.policy)))]
+                shards = minibatch.chunk(len(roles.policy))
+                ptx_shards = (self._ptx_minibatch(minibatch.size, generator).chunk(len(shards))
+                              if self.ptx_texts else [None] * len(shards))
+                refs = [a.train_step.remote(s, ppo.clip_eps, ppo.entropy_coef, ppo.loss_agg, temperature, ptx,
+                                            ppo.ptx_coef, ppo.distill_coef, ppo.distill_kl_estimator)
+                        for a, s, ptx in zip(roles.policy, shards, ptx_shards)]
                 if roles.critic:
                     refs += [a.train_step.remote(s, ppo.value_clip_eps, ppo.loss_agg)
                              for a, s in zip(roles.critic, minibatch.chunk(len(roles.critic)))]
@@ -311,6 +319,13 @@ class PPOTrainer:
                     merged.update(results[len(roles.policy)])
                 stats.append(merged)
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+    def _ptx_minibatch(self, rows: int, generator: torch.Generator) -> RolloutBatch:
+        """``rows`` pretraining-mix texts drawn at random (reproducible from the iteration's seed)."""
+        from rlhf_ray.data.tokenize import encode_texts
+
+        picks = torch.randint(len(self.ptx_texts), (rows,), generator=generator).tolist()
+        return encode_texts(self.tokenizer, [self.ptx_texts[i] for i in picks], self.cfg.data.max_seq_len)
 
     def _open_weight_sync(self) -> None:
         """One process group joins policy rank 0 and every worker of every engine."""
