@@ -424,11 +424,12 @@ def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: 
     return _load(source, fields, on_bad_row, "prompts", parse)
 
 
-def load_texts(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
-               tokenizer=None) -> tuple[list[str], LoadReport]:
-    """Plain text for language modelling (the PPO pretraining mix, eval perplexity): a ``.txt`` file
-    holds one text per non-blank line; other sources hold rows with a ``text`` field or SFT rows
-    (prompt/response or messages), read as prompt followed by response."""
+def load_lm_examples(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
+                     tokenizer=None) -> tuple[list[SFTExample], LoadReport]:
+    """Text for language modelling (the PPO pretraining mix, eval perplexity). A ``.txt`` file holds
+    one text per non-blank line; other sources hold rows with a ``text`` field or SFT rows (prompt/
+    response or messages). A plain text is an example with an empty prompt: every token counts;
+    an SFT row's response tokens count, given its prompt."""
     path = Path(source)
     if path.suffix.lower() == ".txt":
         if not path.is_file():
@@ -436,21 +437,14 @@ def load_texts(source: str, fields: dict[str, str] | None = None, on_bad_row: On
         texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not texts:
             raise DataError(source, None, None, EMPTY, "no non-blank line")
-        return texts, LoadReport(source=source, rows_read=len(texts), rows_kept=len(texts))
+        return [SFTExample("", t) for t in texts], LoadReport(source=source, rows_read=len(texts),
+                                                               rows_kept=len(texts))
     parse_sft = _sft_parser(tokenizer)
 
-    def parse(row: _Row) -> str:
-        if row.has("text"):
-            return row.text("text")
-        example = parse_sft(row)
-        return example.prompt + example.response
+    def parse(row: _Row) -> SFTExample:
+        return SFTExample("", row.text("text")) if row.has("text") else parse_sft(row)
 
-    return _load(source, fields, on_bad_row, "texts", parse)
-
-
-def example_texts(examples: list[SFTExample]) -> list[str]:
-    """SFT examples as plain text: prompt followed by response."""
-    return [e.prompt + e.response for e in examples]
+    return _load(source, fields, on_bad_row, "language-modelling texts", parse)
 
 
 # --- prompt length, holdout, task data ------------------------------------------------------------

@@ -45,19 +45,16 @@ def has_reward(cfg: RunConfig) -> bool:
     return bool(cfg.model.reward or cfg.scorers.criteria)
 
 
-def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], texts: list[str],
-             metrics: tuple[str, ...] = METRICS) -> dict[str, dict]:
-    """``{metric: {model name: value}}`` for those of ``metrics`` that apply: gold score (with a
-    task) and reward (with reward models or criteria) of greedy responses to ``prompts``,
-    perplexity on ``texts`` (when any)."""
-    from rlhf_ray.data.tokenize import encode_texts
+def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], references: list) -> dict[str, dict]:
+    """``{metric: {model name: value}}`` for the metrics that apply: gold score (with a task) and
+    reward (with reward models or criteria) of greedy responses to ``prompts``; perplexity of the
+    ``references`` (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
+    from rlhf_ray.data.tokenize import encode_pairs
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.tasks import GOLD_REWARD
     from rlhf_ray.tasks.rewards import load_reward_function
 
-    gold = (load_reward_function(GOLD_REWARD[cfg.data.task])
-            if "gold_score" in metrics and cfg.data.task and prompts else None)
-    texts = texts if "perplexity" in metrics else []
+    gold = load_reward_function(GOLD_REWARD[cfg.data.task]) if cfg.data.task and prompts else None
     ro, sc = cfg.rollout, cfg.scorers
     paths = list(dict.fromkeys(models.values()))  # a checkpoint named twice is evaluated once
     engines = {
@@ -68,7 +65,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], texts: 
         for path in paths
     }
     reward = None
-    if "reward" in metrics and has_reward(cfg) and prompts:
+    if has_reward(cfg) and prompts:
         reward = ray.remote(RewardActor).options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus).remote(
             cfg.model.reward, cfg.model.reward_combine, [], [], cfg.backend, sc.micro_batch_size,
             sc.criteria, sc.criteria_weights, sc.criteria_combine)
@@ -78,11 +75,12 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], texts: 
                       for path, tok in tokenizers.items()}
         greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens)
                   for path in paths if prompts}
-        # A text's prompt is its first token, so the response log-probs are all next-token log-probs.
-        text_batches = {path: encode_texts(tok, texts, min(cfg.data.max_seq_len, ro.max_model_len - 1))
-                        for path, tok in tokenizers.items() if texts}
-        text_logprobs = {path: engines[path].score.remote(b.prompt_token_lists(), b.response_token_lists())
-                         for path, b in text_batches.items()}
+        max_len = min(cfg.data.max_seq_len, ro.max_model_len - 1)
+        reference_batches = {path: encode_pairs(tok, [r.prompt for r in references], [r.response for r in references],
+                                                cfg.data.max_prompt_tokens, max_len)
+                             for path, tok in tokenizers.items() if references}
+        reference_logprobs = {path: engines[path].score.remote(b.prompt_token_lists(), b.response_token_lists())
+                              for path, b in reference_batches.items()}
         per_path: dict[str, dict[str, float]] = {path: {} for path in paths}
         for path, tok in tokenizers.items():
             out = per_path[path]
@@ -94,19 +92,14 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], texts: 
                 if reward is not None:
                     batch = RolloutBatch.from_token_lists(prompt_ids[path], response_ids, tok.pad_token_id)
                     out["reward"] = ray.get(reward.score.remote(batch, prompts, responses))["score"].mean().item()
-            if texts:
-                logprobs = torch.tensor([lp for row in ray.get(text_logprobs[path]) for lp in row])
+            if references:
+                logprobs = torch.tensor([lp for row in ray.get(reference_logprobs[path]) for lp in row])
                 out["perplexity"] = algo.language_model_loss(logprobs, torch.ones_like(logprobs)).exp().item()
     finally:
         for actor in [*engines.values(), *([reward] if reward is not None else [])]:
             ray.kill(actor)
     return {metric: {name: per_path[path][metric] for name, path in models.items()}
             for metric in METRICS if metric in per_path[paths[0]]}
-
-
-def compare_gold(cfg: RunConfig, models: dict[str, str]) -> dict[str, float]:
-    """Mean gold score of greedy responses of each checkpoint on the task's held-out prompts."""
-    return evaluate(cfg, models, held_out_prompts(cfg), [], metrics=("gold_score",))["gold_score"]
 
 
 def default_compare_to(names: list[str]) -> list[str]:
@@ -144,39 +137,60 @@ def format_table(results: dict[str, dict[str, float]], compare_to: list[str] | N
     return "\n".join(lines)
 
 
+def eval_data(cfg: RunConfig, tokenizer) -> tuple[list[str], list]:
+    """(held-out prompts, reference texts for perplexity), read before any engine starts so a bad
+    file stops the run early. Reference texts: eval.reference_text, else the held-out SFT data."""
+    from rlhf_ray.stages.sft import load_lm_examples
+
+    prompts = held_out_prompts(cfg, tokenizer)
+    references = []
+    if cfg.eval.reference_text or cfg.data.sft or cfg.data.task:
+        references = load_lm_examples(cfg, cfg.eval.reference_text, tokenizer, held_out=True)
+    references = references[: cfg.eval.max_reference_texts]
+    if not references and not (prompts and (cfg.data.task or has_reward(cfg))):
+        raise ValueError("eval has nothing to measure: give data.task (gold score), eval.reference_text "
+                         "(perplexity) or model.reward / scorers.criteria with eval.prompts (reward)")
+    return prompts, references
+
+
+def compare_checkpoints(cfg: RunConfig, models: dict[str, str], run_dir: Path, prompts: list[str],
+                        references: list) -> dict:
+    """Evaluates ``models``, prints the table and writes ``run_dir/eval.json``: per model its
+    checkpoint, each metric and each metric's % change vs eval.compare_to (default base and sft)."""
+    results = evaluate(cfg, models, prompts, references)
+    compare_to = cfg.eval.compare_to or default_compare_to(list(models))
+    pct = changes(results, compare_to)
+    report = {
+        "compare_to": compare_to, "held_out_prompts": len(prompts), "reference_texts": len(references),
+        "models": {name: {"checkpoint": path, **{m: v[name] for m, v in results.items()},
+                          "change_pct": {f"vs_{ref}": {m: pct[ref][m][name] for m in results} for ref in compare_to}}
+                   for name, path in models.items()},
+    }
+    (Path(run_dir) / "eval.json").write_text(json.dumps(report, indent=2))
+    print(format_table(results, compare_to))
+    return report
+
+
 def run_eval(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import check_model_path, load_tokenizer
-    from rlhf_ray.stages.sft import load_lm_texts
 
     if not cfg.eval.models:
         raise ValueError("eval.models is empty: name the checkpoints to compare, e.g. "
                          "eval.models='{base: path/a, sft: path/b, rlhf: path/c}'")
-    for name, path in cfg.eval.models.items():
+    # Every checkpoint, reward model and rm: criterion must exist before any engine starts.
+    paths = {**{f"eval.models.{name}": path for name, path in cfg.eval.models.items()},
+             **{f"model.reward[{i}]": path for i, path in enumerate(cfg.model.reward)},
+             **{f"scorers.criteria.{name}": judge.removeprefix("rm:")
+                for name, judge in cfg.scorers.criteria.items() if judge.startswith("rm:")}}
+    for key, path in paths.items():
         try:
             check_model_path(path)
         except (FileNotFoundError, NotADirectoryError) as e:
-            raise FileNotFoundError(f"eval.models.{name}: {e}") from None
-    # Data first: a bad file stops the run before any engine starts.
+            raise FileNotFoundError(f"{key}: {e}") from None
     tokenizer = load_tokenizer(next(iter(cfg.eval.models.values())), trust_remote_code=cfg.model.trust_remote_code)
-    prompts = held_out_prompts(cfg, tokenizer)
-    has_text = bool(cfg.eval.reference_text or cfg.data.sft or cfg.data.task)
-    texts = load_lm_texts(cfg, cfg.eval.reference_text, tokenizer, held_out=True)[
-        : cfg.eval.max_reference_texts] if has_text else []
-    if not texts and not (prompts and (cfg.data.task or has_reward(cfg))):
-        raise ValueError("eval has nothing to measure: give data.task (gold score), eval.reference_text "
-                         "(perplexity) or model.reward / scorers.criteria with eval.prompts (reward)")
+    prompts, references = eval_data(cfg, tokenizer)
     run_dir = prepare_run(cfg)
     init_ray(cfg)
-    results = evaluate(cfg, cfg.eval.models, prompts, texts)
-    compare_to = cfg.eval.compare_to or default_compare_to(list(cfg.eval.models))
-    pct = changes(results, compare_to)
-    report = {
-        "compare_to": compare_to, "held_out_prompts": len(prompts), "reference_texts": len(texts),
-        "models": {name: {"checkpoint": path, **{m: v[name] for m, v in results.items()},
-                          "change_pct": {f"vs_{ref}": {m: pct[ref][m][name] for m in results} for ref in compare_to}}
-                   for name, path in cfg.eval.models.items()},
-    }
-    (Path(run_dir) / "eval.json").write_text(json.dumps(report, indent=2))
-    print(format_table(results, compare_to))
+    report = compare_checkpoints(cfg, cfg.eval.models, run_dir, prompts, references)
     print(f"eval done: {Path(run_dir) / 'eval.json'}")
     return report

@@ -28,7 +28,7 @@ from rlhf_ray.stages.common import (
     reward_sources,
 )
 from rlhf_ray.stages.guards import RolloutGuards
-from rlhf_ray.stages.sft import load_lm_texts
+from rlhf_ray.stages.sft import load_lm_examples
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
@@ -55,8 +55,8 @@ class PPOTrainer:
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
         self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed, self.tokenizer), cfg.seed, cfg.data.shuffle)
         # Pretraining-mix text for the ptx loss (alignment-tax mitigation), read before any actor starts.
-        self.ptx_texts = (load_lm_texts(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
-                          if cfg.ppo.ptx_coef else [])
+        self.ptx_examples = (load_lm_examples(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
+                             if cfg.ppo.ptx_coef else [])
         self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
         self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
         self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
@@ -305,7 +305,7 @@ class PPOTrainer:
                 minibatch = batch.select(mb_index)
                 shards = minibatch.chunk(len(roles.policy))
                 ptx_shards = (self._ptx_minibatch(minibatch.size, generator).chunk(len(shards))
-                              if self.ptx_texts else [None] * len(shards))
+                              if self.ptx_examples else [None] * len(shards))
                 refs = [a.train_step.remote(s, ppo.clip_eps, ppo.entropy_coef, ppo.loss_agg, temperature, ptx,
                                             ppo.ptx_coef, ppo.distill_coef, ppo.distill_kl_estimator)
                         for a, s, ptx in zip(roles.policy, shards, ptx_shards)]
@@ -321,11 +321,12 @@ class PPOTrainer:
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
 
     def _ptx_minibatch(self, rows: int, generator: torch.Generator) -> RolloutBatch:
-        """``rows`` pretraining-mix texts drawn at random (reproducible from the iteration's seed)."""
-        from rlhf_ray.data.tokenize import encode_texts
+        """``rows`` pretraining-mix examples drawn at random (reproducible from the iteration's seed)."""
+        from rlhf_ray.data.tokenize import encode_pairs
 
-        picks = torch.randint(len(self.ptx_texts), (rows,), generator=generator).tolist()
-        return encode_texts(self.tokenizer, [self.ptx_texts[i] for i in picks], self.cfg.data.max_seq_len)
+        picks = [self.ptx_examples[i] for i in torch.randint(len(self.ptx_examples), (rows,), generator=generator)]
+        return encode_pairs(self.tokenizer, [e.prompt for e in picks], [e.response for e in picks],
+                            self.cfg.data.max_prompt_tokens, self.cfg.data.max_seq_len)
 
     def _open_weight_sync(self) -> None:
         """One process group joins policy rank 0 and every worker of every engine."""
