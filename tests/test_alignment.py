@@ -114,7 +114,7 @@ def aligned_run(ray_session, tmp_path_factory):
         "rollout.gpu_memory_utilization=0.05", f"scorers.criteria={CRITERIA}",
         "ppo.iterations=2", "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
         "ppo.prompts_per_iteration=8", "ppo.epochs=2", "ppo.minibatches=2", "policy.num_ranks=2",
-        "policy.micro_batch_size=16", "policy.lr=3e-3", "checkpoint.save_final=false",
+        "policy.zero_stage=3", "policy.micro_batch_size=16", "policy.lr=3e-3", "checkpoint.save_final=false",
         "ppo.ptx_coef=1.0", "ppo.distill_coef=0.1"])  # ptx data: the task's SFT demonstrations
     trainer = PPOTrainer(cfg)
     try:
