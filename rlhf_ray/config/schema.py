@@ -114,7 +114,7 @@ class ScorerConfig:
     micro_batch_size: int = 32
     reward_functions: list[str] = field(default_factory=list)  # "module:function" rule rewards
     reward_function_weights: list[float] = field(default_factory=list)  # default 1.0 each
-    use_task_gold_as_reward: bool = True  # built-in task: its gold scorer is a rule reward (unpaid with RMs or criteria)
+    use_task_gold_as_reward: bool = True  # built-in task: gold scorer as rule reward (only logged with RMs/criteria)
     # Multi-criteria (safety) rewards: criterion name -> judge, "module:function" or "rm:<reward model dir>",
     # e.g. {helpfulness: rm:runs/rm/reward_model-0, harmlessness: mypkg.rules:no_insults}; each logged.
     criteria: dict[str, str] = field(default_factory=dict)

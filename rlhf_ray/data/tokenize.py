@@ -20,4 +20,3 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt
             prompt.append(response.pop(0))
     response_ids = [r[: max(1, max_seq_len - len(p))] for p, r in zip(prompt_ids, response_ids)]
     return RolloutBatch.from_token_lists(prompt_ids, response_ids, tokenizer.pad_token_id)
-

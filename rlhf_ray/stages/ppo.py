@@ -324,7 +324,8 @@ class PPOTrainer:
         """``rows`` pretraining-mix examples drawn at random (reproducible from the iteration's seed)."""
         from rlhf_ray.data.tokenize import encode_pairs
 
-        picks = [self.ptx_examples[i] for i in torch.randint(len(self.ptx_examples), (rows,), generator=generator)]
+        picks = [self.ptx_examples[i]
+                 for i in torch.randint(len(self.ptx_examples), (rows,), generator=generator).tolist()]
         return encode_pairs(self.tokenizer, [e.prompt for e in picks], [e.response for e in picks],
                             self.cfg.data.max_prompt_tokens, self.cfg.data.max_seq_len)
 
