@@ -79,3 +79,13 @@ def test_criteria_config_is_checked_by_key():
     with pytest.raises(ConfigError, match="scorers.criteria_weights: weights are not used"):
         load_config(None, ["scorers.criteria={a: 'x:y'}", "scorers.criteria_weights={a: 2}",
                            "scorers.criteria_combine=min"])
+
+
+def test_task_gold_is_logged_but_not_paid_beside_criteria():
+    from rlhf_ray.stages.common import reward_sources
+
+    gold_only = reward_sources(load_config(None, ["data.task=arithmetic"]))
+    assert gold_only == (["rlhf_ray.tasks.arithmetic:gold_reward"], [1.0])
+    with_criteria = reward_sources(load_config(None, ["data.task=arithmetic",
+                                                      f"scorers.criteria={{a: '{CRITERIA['brevity']}'}}"]))
+    assert with_criteria == (["rlhf_ray.tasks.arithmetic:gold_reward"], [0.0])
