@@ -1,4 +1,5 @@
-"""PPO losses, loss aggregation and the Bradley-Terry loss against loop references."""
+"""PPO losses, loss aggregation, the alignment-tax terms and the Bradley-Terry loss against loop
+references and hand-worked answers."""
 
 import math
 
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 from rlhf_ray.algo import (
     aggregate_loss,
     bradley_terry_loss,
+    kl_penalty_loss,
+    language_model_loss,
     ppo_policy_loss,
     ppo_value_loss,
     preference_accuracy,
@@ -266,3 +269,49 @@ def test_is_weights_scale_each_tokens_policy_loss_and_gradient():
     (g_plain,) = torch.autograd.grad(ppo_policy_loss(logprobs, old, adv, mask, 0.2, "seq-mean-token-sum").loss,
                                      logprobs)
     torch.testing.assert_close(g_weighted, g_plain * weights * mask)
+
+
+def test_language_model_loss_is_mean_nll_over_real_tokens_and_exp_is_perplexity():
+    # Probabilities 1/2, 1/4 on row 0 and 1/8 on row 1; padding holds garbage.
+    logprobs = torch.log(torch.tensor([[0.5, 0.25, 7.0], [0.125, 1e-30, 3.0]]))
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    want = (math.log(2) + math.log(4) + math.log(8)) / 3  # = 2 ln 2
+    loss = language_model_loss(logprobs, mask)
+    assert loss.item() == pytest.approx(want)
+    assert loss.exp().item() == pytest.approx(4.0)  # perplexity: geometric mean of 2, 4, 8
+
+
+def test_kl_penalty_loss_hand_worked():
+    # One token: policy 1/2, reference 1/4. log_ratio = ln 2.
+    lp, ref = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.25]]))
+    mask = torch.ones(1, 1)
+    assert kl_penalty_loss(lp, ref, mask, "k2", "token-mean").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    # k3 = e^r - 1 - r with r = ln(1/4) - ln(1/2) = -ln 2: 1/2 - 1 + ln 2
+    assert kl_penalty_loss(lp, ref, mask, "k3", "token-mean").item() == pytest.approx(math.log(2) - 0.5)
+    same = kl_penalty_loss(lp, lp.clone(), mask, "k3", "token-mean")
+    assert same.item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["k2", "k3"])
+def test_kl_penalty_gradient_pulls_the_policy_towards_the_reference(kind):
+    lp = torch.log(torch.tensor([[0.5, 0.1, 0.3]], dtype=torch.float64)).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.4, 0.3]], dtype=torch.float64))
+    mask = torch.tensor([[1, 1, 0]])
+    (grad,) = torch.autograd.grad(kl_penalty_loss(lp, ref, mask, kind, "token-mean"), lp)
+    # Descending the loss lowers the log-prob where the policy is above the reference and raises
+    # it where it is below; the padded column gets no gradient.
+    assert grad[0, 0] > 0 and grad[0, 1] < 0 and grad[0, 2] == 0
+    # k2: d/dlp 0.5 (lp - ref)^2 = lp - ref, over 2 real tokens. k3: (1 - p_ref / p) / 2.
+    want = (lp - ref) / 2 if kind == "k2" else (1 - ref.exp() / lp.exp()) / 2
+    assert torch.allclose(grad[0, :2], want[0, :2].detach())
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_kl_penalty_loss_matches_loop_and_ignores_padding(agg):
+    lp, old, _adv, mask = random_batch(5)
+    lp, old = lp.clone(), old.clone()
+    lp[~mask.bool()] = float("nan")  # garbage in padding must not leak
+    loss = kl_penalty_loss(lp, old, mask, "k2", agg)
+    per_token = [[0.5 * (a - b) ** 2 for a, b in zip(ra, rb, strict=True)]
+                 for ra, rb in zip(lp.tolist(), old.tolist(), strict=True)]
+    assert loss.item() == pytest.approx(ref_aggregate(per_token, mask.tolist(), agg))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -41,6 +42,24 @@ def test_every_stage_writes_checkpoint_summary_and_metrics(pipeline_run):
     assert json.loads((root / "summary.json").read_text()) == summary
     assert set(summary["held_out_gold_score"]) == {"base", "sft", "ppo"}
     assert all(0.0 <= v <= 1.0 for v in summary["held_out_gold_score"].values())
+
+
+def test_eval_at_the_end_measures_the_alignment_tax(pipeline_run):
+    root, summary = pipeline_run
+    report = json.loads((root / "eval.json").read_text())
+    assert report == summary["eval"]
+    assert report["compare_to"] == ["base", "sft"] and report["reference_texts"] == 64  # held-out demos
+    models = report["models"]
+    assert list(models) == ["base", "sft", "ppo"]
+    for name, row in models.items():
+        assert set(row) == {"checkpoint", "gold_score", "perplexity", "reward", "change_pct"}, name
+        assert set(row["change_pct"]) == {"vs_base", "vs_sft"}
+        assert math.isfinite(row["perplexity"]) and row["perplexity"] >= 1.0 and math.isfinite(row["reward"])
+    assert models["base"]["change_pct"]["vs_base"]["perplexity"] == 0.0
+    # SFT trained on the demonstrations: held-out ones are far more likely than under the untrained
+    # base, whose perplexity is near the vocabulary size.
+    assert models["sft"]["perplexity"] < 0.5 * models["base"]["perplexity"], models
+    assert models["sft"]["change_pct"]["vs_base"]["perplexity"] < -50.0
 
 
 def test_sft_lowers_held_out_loss_and_its_checkpoint_loads(pipeline_run):

@@ -83,8 +83,9 @@ class _LearnerBase:
     def _train_on(self, shard: RolloutBatch | tuple[RolloutBatch, ...], loss_fn) -> dict[str, float]:
         """One optimiser step over the shard. Every rank runs exactly ``grad_accum_steps``
         backward passes, so the gradient all-reduce lines up across ranks even when shards
-        differ by a row. A tuple of batches (chosen, rejected) is split row-aligned. Each
-        micro-batch drops its all-padding columns first (exact: same loss, less compute)."""
+        differ by a row. A tuple of batches (chosen and rejected; rollouts and ptx text) is split
+        into micro-batches together, row-aligned. Each micro-batch drops its all-padding columns
+        first (exact: same loss, less compute)."""
         self.engine.train()
         totals: dict[str, float] = {}
         n = self.spec.grad_accum_steps
@@ -168,20 +169,37 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         return scoring.batched_logprobs(self.engine, shard, self.spec.micro_batch_size, temperature)
 
     def train_step(self, shard: RolloutBatch, clip_eps: float, entropy_coef: float, loss_agg: str,
-                   temperature: float) -> dict[str, float]:
+                   temperature: float, ptx: RolloutBatch | None = None, ptx_coef: float = 0.0,
+                   distill_coef: float = 0.0, distill_kl: str = "k2") -> dict[str, float]:
         """One optimiser step of the clipped PPO objective on this rank's shard of a minibatch.
-        The shard carries ``old_logprobs`` and ``advantages`` in its extras."""
+        The shard carries ``old_logprobs`` and ``advantages`` in its extras (and ``ref_logprobs``
+        for the distillation term). The alignment-tax terms, both optional: ``ptx_coef`` times the
+        language-model loss on ``ptx`` (text rows, as many as the shard's), ``distill_coef`` times
+        KL(policy || reference) on the shard's tokens."""
 
-        def loss_fn(mb: RolloutBatch):
+        def loss_fn(rows: RolloutBatch | tuple[RolloutBatch, RolloutBatch]):
+            mb, ptx_mb = rows if ptx is not None else (rows, None)
             logprobs, entropy = scoring.response_logprobs(self.engine, mb, temperature, with_entropy=True)
             out = algo.ppo_policy_loss(logprobs, mb.extras["old_logprobs"], mb.extras["advantages"],
                                        mb.response_mask, clip_eps, loss_agg, mb.extras.get("is_weights"))
             entropy_mean = algo.masked_mean(entropy, mb.response_mask)
             loss = out.loss - entropy_coef * entropy_mean
-            return loss, {"policy_loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
-                          "approx_kl": out.approx_kl.item(), "entropy": entropy_mean.item()}
+            stats = {"policy_loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
+                     "approx_kl": out.approx_kl.item(), "entropy": entropy_mean.item()}
+            if distill_coef:
+                distill = algo.kl_penalty_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask,
+                                               distill_kl, loss_agg)
+                loss = loss + distill_coef * distill
+                stats["distill_loss"] = distill.item()
+            if ptx_mb is not None:
+                # Plain language modelling: the model's own distribution, no sampling temperature.
+                ptx_loss = algo.language_model_loss(scoring.response_logprobs(self.engine, ptx_mb),
+                                                    ptx_mb.response_mask)
+                loss = loss + ptx_coef * ptx_loss
+                stats["ptx_loss"] = ptx_loss.item()
+            return loss, stats
 
-        return self._train_on(shard, loss_fn)
+        return self._train_on(shard if ptx is None else (shard, ptx), loss_fn)
 
     @torch.no_grad()
     def greedy_tokens(self, shard: RolloutBatch) -> torch.Tensor:
@@ -194,8 +212,7 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         """One optimiser step of next-token loss on the response tokens only (prompt masked)."""
 
         def loss_fn(mb: RolloutBatch):
-            logprobs = scoring.response_logprobs(self.engine, mb)
-            loss = -algo.masked_mean(logprobs, mb.response_mask)
+            loss = algo.language_model_loss(scoring.response_logprobs(self.engine, mb), mb.response_mask)
             return loss, {"sft_loss": loss.item()}
 
         return self._train_on(shard, loss_fn)

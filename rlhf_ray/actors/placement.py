@@ -95,7 +95,8 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     reward = ray.remote(RewardActor).options(
         **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, rew_bundle)
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
-             sc.micro_batch_size, http=client_for(sc.http), http_weight=sc.http.weight)
+             sc.micro_batch_size, sc.criteria, sc.criteria_weights, sc.criteria_combine,
+             http=client_for(sc.http), http_weight=sc.http.weight)
 
     rollout = [start_rollout_engine(cfg, pg, i, engine_kwargs) for i, pg in enumerate(rollout_groups)]
     policy = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol.num_ranks,

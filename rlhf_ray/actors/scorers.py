@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray import algo
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
 from rlhf_ray.engines.http_reward import HttpRewardClient
@@ -47,7 +48,8 @@ class ReferenceActor:
 
 class RewardActor:
     """Reward models (an ensemble, combined by mean or min) plus rule functions and a remote HTTP
-    endpoint, weighted.
+    endpoint, weighted, plus named criteria (each judged by a reward model or a rule function,
+    combined by weights or by their minimum).
 
     ``score`` returns the combined score per response and each component's scores, so metrics
     can show what the policy is actually being paid for.
@@ -55,6 +57,8 @@ class RewardActor:
 
     def __init__(self, reward_model_paths: list[str], combine: str, functions: list[str],
                  function_weights: list[float], backend: str, micro_batch_size: int,
+                 criteria: dict[str, str] | None = None, criteria_weights: dict[str, float] | None = None,
+                 criteria_combine: str = "weighted",
                  http: HttpRewardClient | None = None, http_weight: float = 1.0):
         from rlhf_ray.models.heads import RewardModel
         from rlhf_ray.tasks.rewards import load_reward_function
@@ -68,6 +72,9 @@ class RewardActor:
         self.weights = function_weights or [1.0] * len(functions)
         self.micro_batch_size = micro_batch_size
         self.http, self.http_weight = http, http_weight
+        self.criteria = {name: self._judge(spec) for name, spec in (criteria or {}).items()}
+        self.criteria_weights = [(criteria_weights or {}).get(name, 1.0) for name in self.criteria]
+        self.criteria_combine = criteria_combine
 
     @torch.no_grad()
     def score(self, batch: RolloutBatch, prompts: list[str], responses: list[str]) -> dict[str, torch.Tensor]:
@@ -78,19 +85,42 @@ class RewardActor:
                                      for m, (mean, std) in zip(self.models, self.norms)])
             for i, s in enumerate(per_model):
                 components[f"rm{i}"] = s
-            total += per_model.mean(0) if self.combine == "mean" else per_model.min(0).values
+            total += algo.combine_scores(per_model, [1 / len(self.models)] * len(self.models),
+                                         "weighted" if self.combine == "mean" else "min")
         for (spec, fn), weight in zip(self.functions, self.weights):
-            values = fn(prompts, responses)
-            if len(values) != batch.size:
-                raise ValueError(f"reward function {spec} returned {len(values)} scores for {batch.size} responses")
-            s = torch.tensor(values, dtype=torch.float32)
+            s = self._function_scores(spec, fn, prompts, responses)
             components[spec.rpartition(":")[2]] = s
             total += weight * s
         if self.http is not None:
             s = torch.tensor(self.http.score(prompts, responses), dtype=torch.float32)
             components["http"] = s
             total += self.http_weight * s
+        if self.criteria:
+            per_criterion = [judge(batch, prompts, responses) for judge in self.criteria.values()]
+            for name, s in zip(self.criteria, per_criterion):
+                components[f"criterion/{name}"] = s
+            total += algo.combine_scores(torch.stack(per_criterion), self.criteria_weights, self.criteria_combine)
         return {"score": total, **{f"reward/{k}": v for k, v in components.items()}}
+
+    def _judge(self, spec: str):
+        """A criterion's judge, ``(batch, prompts, responses) -> scores [B]``, from
+        ``rm:<reward model dir>`` (calibrated like the reward models) or ``module:function``."""
+        from rlhf_ray.models.heads import RewardModel
+        from rlhf_ray.tasks.rewards import load_reward_function
+
+        if spec.startswith("rm:"):
+            path = spec.removeprefix("rm:")
+            model, (mean, std) = RewardModel.from_pretrained(path).eval(), _reward_norm(path)
+            return lambda batch, prompts, responses: (self._model_scores(model, batch) - mean) / std
+        fn = load_reward_function(spec)
+        return lambda batch, prompts, responses: self._function_scores(spec, fn, prompts, responses)
+
+    @staticmethod
+    def _function_scores(spec: str, fn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        values = fn(prompts, responses)
+        if len(values) != len(responses):
+            raise ValueError(f"reward function {spec} returned {len(values)} scores for {len(responses)} responses")
+        return torch.tensor(values, dtype=torch.float32)
 
     def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:
         return scoring.batched_scores(model, batch, self.micro_batch_size)

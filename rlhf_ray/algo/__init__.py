@@ -26,15 +26,19 @@ from .losses import (
     ValueLossOutput,
     aggregate_loss,
     bradley_terry_loss,
+    kl_penalty_loss,
+    language_model_loss,
     ppo_policy_loss,
     ppo_value_loss,
     preference_accuracy,
     truncated_is_weights,
 )
 from .masked import masked_mean, masked_sum, masked_var, whiten, zero_padding
+from .rewards import COMBINE_MODES, combine_scores
 
 __all__ = [
     "AGG_MODES",
+    "COMBINE_MODES",
     "GROUP_ADVANTAGE_KINDS",
     "KL_CONTROLLER_KINDS",
     "KL_KINDS",
@@ -47,10 +51,13 @@ __all__ = [
     "aggregate_loss",
     "bradley_terry_loss",
     "broadcast_to_tokens",
+    "combine_scores",
     "entropy_from_logits",
     "gae",
     "group_advantages",
     "kl_estimate",
+    "kl_penalty_loss",
+    "language_model_loss",
     "make_kl_controller",
     "masked_mean",
     "masked_sum",

@@ -1,4 +1,5 @@
-"""PPO policy and value losses, loss aggregation, and the Bradley-Terry reward-model loss."""
+"""PPO policy and value losses, loss aggregation, the alignment-tax terms (language-model loss
+for the pretraining mix, KL to the reference), and the Bradley-Terry reward-model loss."""
 
 from __future__ import annotations
 
@@ -99,6 +100,36 @@ def ppo_value_loss(
     with torch.no_grad():
         clip_fraction = masked_mean((clipped_loss > unclipped_loss).to(values.dtype), mask)
     return ValueLossOutput(loss, clip_fraction)
+
+
+def language_model_loss(logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token loss: mean negative log-likelihood over the real tokens of [B, T] log-probs.
+
+    The SFT objective, and the pretraining-mix (ptx) term of PPO-ptx (Ouyang et al. 2022,
+    InstructGPT), which keeps the policy a good language model on text outside the reward.
+    ``exp`` of it is the perplexity of the tokens.
+    """
+    return -masked_mean(logprobs, mask)
+
+
+def kl_penalty_loss(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kind: str,
+    agg: str,
+) -> torch.Tensor:
+    """KL(policy || reference) estimated on sampled tokens [B, T], as a differentiable loss term.
+
+    The distillation-to-base mitigation of the alignment tax (GRPO's KL loss, verl's
+    ``use_kl_loss``): unlike the KL penalty folded into the rewards, its gradient flows straight
+    into the policy. On tokens sampled from the policy, k2's gradient (log p - log p_ref) * grad
+    log p is in expectation the exact gradient of KL(policy || ref); k3's (GRPO's choice) is that
+    of the reverse KL(ref || policy), with lower variance; k1's expected gradient is 0, so it is
+    no use as a loss. Both k2 and k3 are >= 0 and 0 only where policy and reference agree.
+    """
+    logprobs, ref_logprobs = (zero_padding(x, mask) for x in (logprobs, ref_logprobs))
+    return aggregate_loss(kl_estimate(logprobs, ref_logprobs, kind), mask, agg)
 
 
 def bradley_terry_loss(

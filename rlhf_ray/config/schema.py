@@ -12,7 +12,7 @@ from typing import Literal
 from rlhf_ray.config.cluster_fit import plan_problems
 
 # Logical dataset fields a config may rename with data.fields (data/formats.py reads them).
-REMAPPABLE_FIELDS = ("prompt", "response", "messages", "chosen", "rejected")
+REMAPPABLE_FIELDS = ("prompt", "response", "messages", "chosen", "rejected", "text")
 
 
 @dataclass
@@ -149,7 +149,12 @@ class ScorerConfig:
     micro_batch_size: int = 32
     reward_functions: list[str] = field(default_factory=list)  # "module:function" rule rewards
     reward_function_weights: list[float] = field(default_factory=list)  # default 1.0 each
-    use_task_gold_as_reward: bool = True  # built-in task: its gold scorer is a rule reward
+    use_task_gold_as_reward: bool = True  # built-in task: gold scorer as rule reward (only logged with RMs/criteria)
+    # Multi-criteria (safety) rewards: criterion name -> judge, "module:function" or "rm:<reward model dir>",
+    # e.g. {helpfulness: rm:runs/rm/reward_model-0, harmlessness: mypkg.rules:no_insults}; each logged.
+    criteria: dict[str, str] = field(default_factory=dict)
+    criteria_weights: dict[str, float] = field(default_factory=dict)  # weighted mode; default 1.0 each
+    criteria_combine: Literal["weighted", "min"] = "weighted"  # min: worst criterion (constitutional-style)
     http: HttpRewardConfig = field(default_factory=HttpRewardConfig)  # a remote reward endpoint
 
 
@@ -176,6 +181,11 @@ class PPOConfig:
     missing_eos_penalty: float = 0.0  # subtracted from the score of truncated responses
     overlap: bool = False  # sample batch k+1 while training on batch k (one update off-policy)
     tis_cap: float = 2.0  # overlap: per-token weight min(pi_learner / pi_sampler, tis_cap); 0 = none
+    # Alignment-tax mitigations (off at 0): the policy loss adds coef * term.
+    ptx_coef: float = 0.0  # language-model loss on ptx_data (InstructGPT's PPO-ptx), one minibatch per step
+    ptx_data: str = ""  # .txt (a text per line) or JSONL/JSON/Parquet text or prompt/response rows; "" = SFT data
+    distill_coef: float = 0.0  # KL(policy || reference) on the rollout tokens, a loss with its own gradient
+    distill_kl_estimator: Literal["k2", "k3"] = "k2"  # k2: gradient of KL(policy||ref); k3: of KL(ref||policy)
 
 
 @dataclass
@@ -245,10 +255,15 @@ class CollectConfig:
 
 @dataclass
 class EvalConfig:
-    """``rlhf-ray eval``: checkpoints compared on held-out prompts of the task."""
+    """``rlhf-ray eval``: checkpoints compared on held-out data (the alignment tax): the task's gold
+    score, perplexity on reference text, the reward models' (and criteria's) score."""
 
     models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint, e.g. {sft: runs/x/sft/model}
     max_new_tokens: int = 8
+    compare_to: list[str] = field(default_factory=list)  # % change vs these models; [] = base and sft if named
+    prompts: str = ""  # held-out prompts (JSONL/JSON/Parquet); "" = the task's held-out prompts
+    reference_text: str = ""  # perplexity text, as ppo.ptx_data; "" = held-out SFT demonstrations
+    max_reference_texts: int = 200  # perplexity on at most this many texts
 
 
 @dataclass
@@ -393,6 +408,21 @@ class RunConfig:
         need(self.faults.max_restarts >= 0, "faults.max_restarts", "must be >= 0")
         need(self.faults.max_restarts == 0 or self.checkpoint.every > 0, "faults.max_restarts",
              "restarts resume from a checkpoint: set checkpoint.every > 0")
+        need(ppo.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0")
+        need(ppo.distill_coef >= 0, "ppo.distill_coef", "must be >= 0")
+        need(not ppo.ptx_coef or bool(ppo.ptx_data or self.data.sft or self.data.task), "ppo.ptx_data",
+             "ppo.ptx_coef > 0 needs text: give ppo.ptx_data, data.sft or data.task")
+        for name in self.eval.compare_to:
+            need(name in self.eval.models, "eval.compare_to", f"{name!r} is not one of eval.models")
+        need(self.eval.max_reference_texts >= 1, "eval.max_reference_texts", "must be >= 1")
+        sc = self.scorers
+        for name, judge in sc.criteria.items():
+            need(bool(judge.removeprefix("rm:")) and (judge.startswith("rm:") or ":" in judge),
+                 f"scorers.criteria.{name}", f"{judge!r}: use module:function or rm:<reward model dir>")
+        for name in sc.criteria_weights:
+            need(name in sc.criteria, f"scorers.criteria_weights.{name}", "not a criterion in scorers.criteria")
+        need(not (sc.criteria_weights and sc.criteria_combine == "min"), "scorers.criteria_weights",
+             "weights are not used when scorers.criteria_combine=min")
         weights = self.scorers.reward_function_weights
         need(not weights or len(weights) == len(self.scorers.reward_functions),
              "scorers.reward_function_weights", "needs one weight per entry of scorers.reward_functions")
@@ -409,7 +439,7 @@ class RunConfig:
         need(http.retries >= 0, "scorers.http.retries", "must be >= 0")
         need(http.backoff_s >= 0, "scorers.http.backoff_s", "must be >= 0")
         need(http.max_response_bytes >= 1, "scorers.http.max_response_bytes", "must be >= 1")
-        has_reward = bool(self.model.reward or self.scorers.reward_functions or http.urls
+        has_reward = bool(self.model.reward or self.scorers.reward_functions or http.urls or self.scorers.criteria
                           or (self.data.task and self.scorers.use_task_gold_as_reward))
         need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
         return problems + plan_problems(self)

@@ -320,7 +320,10 @@ def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBa
 
     A row with a non-null ``messages`` field is read as messages, any other as prompt/response.
     """
+    return _load(source, fields, on_bad_row, "SFT examples", _sft_parser(tokenizer))
 
+
+def _sft_parser(tokenizer) -> Callable[[_Row], SFTExample]:
     def parse(row: _Row) -> SFTExample:
         if row.has("messages") and not row.has("prompt"):
             context, response = row.split_last_assistant("messages", row.messages("messages"))
@@ -329,7 +332,7 @@ def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBa
             return SFTExample(render_prompt(context, tokenizer), response)
         return SFTExample(row.text("prompt"), row.text("response"))
 
-    return _load(source, fields, on_bad_row, "SFT examples", parse)
+    return parse
 
 
 def load_preferences(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
@@ -420,6 +423,29 @@ def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: 
         return row.text(logical)
 
     return _load(source, fields, on_bad_row, "prompts", parse)
+
+
+def load_lm_examples(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
+                     tokenizer=None) -> tuple[list[SFTExample], LoadReport]:
+    """Text for language modelling (the PPO pretraining mix, eval perplexity). A ``.txt`` file holds
+    one text per non-blank line; other sources hold rows with a ``text`` field or SFT rows (prompt/
+    response or messages). A plain text is an example with an empty prompt: every token counts;
+    an SFT row's response tokens count, given its prompt."""
+    path = Path(source)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise DataError(source, None, None, EMPTY, "no non-blank line")
+        return [SFTExample("", t) for t in texts], LoadReport(source=source, rows_read=len(texts),
+                                                               rows_kept=len(texts))
+    parse_sft = _sft_parser(tokenizer)
+
+    def parse(row: _Row) -> SFTExample:
+        return SFTExample("", row.text("text")) if row.has("text") else parse_sft(row)
+
+    return _load(source, fields, on_bad_row, "language-modelling texts", parse)
 
 
 # --- prompt length, holdout, task data ------------------------------------------------------------

@@ -8,10 +8,15 @@ from rlhf_ray.data.batch import RolloutBatch
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int,
                  max_seq_len: int, add_eos: bool = True) -> RolloutBatch:
     """Prompts keep their last ``max_prompt_tokens`` tokens (the part nearest the response);
-    responses end with EOS (the model must learn to stop) and are cut to fit ``max_seq_len``."""
+    responses end with EOS (the model must learn to stop) and are cut to fit ``max_seq_len``.
+    An empty prompt (plain text, with a tokenizer that adds no BOS) takes the response's first
+    token: every predicted token needs one before it."""
     prompt_ids = [ids[-max_prompt_tokens:] for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     if add_eos:
         response_ids = [ids + [tokenizer.eos_token_id] for ids in response_ids]
+    for prompt, response in zip(prompt_ids, response_ids):
+        if not prompt and response:
+            prompt.append(response.pop(0))
     response_ids = [r[: max(1, max_seq_len - len(p))] for p, r in zip(prompt_ids, response_ids)]
     return RolloutBatch.from_token_lists(prompt_ids, response_ids, tokenizer.pad_token_id)

@@ -68,9 +68,9 @@ def reward_sources(cfg: RunConfig) -> tuple[list[str], list[float]]:
     functions = list(cfg.scorers.reward_functions)
     weights = list(cfg.scorers.reward_function_weights) or [1.0] * len(functions)
     if cfg.data.task:
-        # With reward models, the gold scorer is logged beside the proxy reward (weight 0),
-        # so over-optimisation of the learned reward shows up in the metrics.
-        paid = cfg.scorers.use_task_gold_as_reward and not cfg.model.reward
+        # With reward models or criteria, the gold scorer is logged beside the proxy reward
+        # (weight 0), so over-optimisation of the learned reward shows up in the metrics.
+        paid = cfg.scorers.use_task_gold_as_reward and not cfg.model.reward and not cfg.scorers.criteria
         functions.append(GOLD_REWARD[cfg.data.task])
         weights.append(1.0 if paid else 0.0)
     return functions, weights

@@ -1,79 +1,196 @@
-"""Checkpoints compared by the task's gold scorer on held-out prompts (greedy decoding in vLLM).
+"""Checkpoints compared on held-out data: the alignment tax of RLHF, measured.
 
-The gold scorer, not a reward model, says whether training made the model better: this is how
-the pipeline shows true progress apart from what the learned reward pays for.
+For each model (base, SFT, RLHF, ...): the task's gold score of its greedy responses to held-out
+prompts (true progress, not what a learned reward pays for), its perplexity on reference text (what
+fine-tuning cost the language model) and the configured reward's score of the same responses, each
+with its percentage change vs the base and SFT models. Printed as a table and written to
+``<run_dir>/eval.json``. Greedy decoding and perplexity run in one vLLM engine per checkpoint, all
+started at once; the reward in one frozen reward actor.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import ray
+import torch
 
+from rlhf_ray import algo
 from rlhf_ray.actors.rollout import RolloutActor
+from rlhf_ray.actors.scorers import RewardActor
 from rlhf_ray.config import RunConfig
+from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.stages.common import init_ray, prepare_run
 
+METRICS = ("gold_score", "perplexity", "reward")  # perplexity: lower is better
 
-def held_out_prompts(cfg: RunConfig) -> list[str]:
+
+def held_out_prompts(cfg: RunConfig, tokenizer=None) -> list[str]:
+    """eval.prompts (read like data.prompts) or the task's held-out prompts; empty when neither."""
+    if cfg.eval.prompts:
+        from rlhf_ray.data.prompts import load_prompts
+
+        return load_prompts(replace(cfg.data, prompts=cfg.eval.prompts), cfg.seed, tokenizer)[
+            : cfg.data.num_eval_prompts]
+    if not cfg.data.task:
+        return []
     from rlhf_ray.tasks import get_task
 
     return get_task(cfg.data.task, cfg.seed).prompts(cfg.data.num_eval_prompts, split="eval")
 
 
-def compare_gold(cfg: RunConfig, models: dict[str, str]) -> dict[str, float]:
-    """Mean gold score of greedy responses of each checkpoint on the held-out prompts; one vLLM
-    engine per checkpoint, all started at once."""
+def has_reward(cfg: RunConfig) -> bool:
+    return bool(cfg.model.reward or cfg.scorers.criteria)
+
+
+def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], references: list) -> dict[str, dict]:
+    """``{metric: {model name: value}}`` for the metrics that apply: gold score (with a task) and
+    reward (with reward models or criteria) of greedy responses to ``prompts``; perplexity of the
+    ``references`` (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
+    from rlhf_ray.data.tokenize import encode_pairs
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.tasks import GOLD_REWARD
     from rlhf_ray.tasks.rewards import load_reward_function
 
-    prompts = held_out_prompts(cfg)
-    gold = load_reward_function(GOLD_REWARD[cfg.data.task])
-    ro = cfg.rollout
+    gold = load_reward_function(GOLD_REWARD[cfg.data.task]) if cfg.data.task and prompts else None
+    ro, sc = cfg.rollout, cfg.scorers
+    paths = list(dict.fromkeys(models.values()))  # a checkpoint named twice is evaluated once
     engines = {
-        name: ray.remote(RolloutActor).options(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size)
+        path: ray.remote(RolloutActor).options(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size)
         .remote(path, backend=cfg.backend, tensor_parallel_size=ro.tensor_parallel_size, dtype=cfg.model.dtype,
                 max_model_len=ro.max_model_len, gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed,
                 trust_remote_code=cfg.model.trust_remote_code)
-        for name, path in models.items()
+        for path in paths
     }
+    reward = None
+    if has_reward(cfg) and prompts:
+        reward = ray.remote(RewardActor).options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus).remote(
+            cfg.model.reward, cfg.model.reward_combine, [], [], cfg.backend, sc.micro_batch_size,
+            sc.criteria, sc.criteria_weights, sc.criteria_combine)
     try:
-        tokenizers = {name: load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code)
-                      for name, path in models.items()}
-        refs = {name: engines[name].greedy.remote(
-                    [tok(p)["input_ids"][-cfg.data.max_prompt_tokens:] for p in prompts], cfg.eval.max_new_tokens)
-                for name, tok in tokenizers.items()}
-        scores = {}
-        for name, ref in refs.items():
-            responses = tokenizers[name].batch_decode(ray.get(ref), skip_special_tokens=True)
-            values = gold(prompts, responses)
-            scores[name] = sum(values) / len(values)
-        return scores
+        tokenizers = {path: load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code) for path in paths}
+        prompt_ids = {path: [tok(p)["input_ids"][-cfg.data.max_prompt_tokens:] for p in prompts]
+                      for path, tok in tokenizers.items()}
+        greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens)
+                  for path in paths if prompts}
+        max_len = min(cfg.data.max_seq_len, ro.max_model_len - 1)
+        reference_batches = {path: encode_pairs(tok, [r.prompt for r in references], [r.response for r in references],
+                                                cfg.data.max_prompt_tokens, max_len)
+                             for path, tok in tokenizers.items() if references}
+        reference_logprobs = {path: engines[path].score.remote(b.prompt_token_lists(), b.response_token_lists())
+                              for path, b in reference_batches.items()}
+        per_path: dict[str, dict[str, float]] = {path: {} for path in paths}
+        for path, tok in tokenizers.items():
+            out = per_path[path]
+            if prompts:
+                response_ids = ray.get(greedy[path])
+                responses = tok.batch_decode(response_ids, skip_special_tokens=True)
+                if gold is not None:
+                    out["gold_score"] = sum(gold(prompts, responses)) / len(prompts)
+                if reward is not None:
+                    batch = RolloutBatch.from_token_lists(prompt_ids[path], response_ids, tok.pad_token_id)
+                    out["reward"] = ray.get(reward.score.remote(batch, prompts, responses))["score"].mean().item()
+            if references:
+                logprobs = torch.tensor([lp for row in ray.get(reference_logprobs[path]) for lp in row])
+                out["perplexity"] = algo.language_model_loss(logprobs, torch.ones_like(logprobs)).exp().item()
     finally:
-        for engine in engines.values():
-            ray.kill(engine)
+        for actor in [*engines.values(), *([reward] if reward is not None else [])]:
+            ray.kill(actor)
+    return {metric: {name: per_path[path][metric] for name, path in models.items()}
+            for metric in METRICS if metric in per_path[paths[0]]}
 
 
-def format_table(scores: dict[str, float]) -> str:
-    baseline = next(iter(scores.values()))
-    lines = [f"{'model':<10} {'gold score':>10} {'change':>9}"]  # change relative to the first model
-    for name, value in scores.items():
-        change = f"{(value - baseline) / abs(baseline) * 100:>8.1f}%" if baseline else f"{'n/a':>9}"
-        lines.append(f"{name:<10} {value:>10.3f} {change}")
+def default_compare_to(names: list[str]) -> list[str]:
+    return [n for n in ("base", "sft") if n in names] or names[:1]
+
+
+def percent_change(value: float, baseline: float) -> float | None:
+    """(value - baseline) / |baseline| in percent; None when the baseline is 0."""
+    return (value - baseline) / abs(baseline) * 100 if baseline else None
+
+
+def changes(results: dict[str, dict[str, float]], compare_to: list[str]) -> dict[str, dict[str, dict]]:
+    """``{reference model: {metric: {model: % change}}}``."""
+    return {ref: {metric: {name: percent_change(v, values[ref]) for name, v in values.items()}
+                  for metric, values in results.items()}
+            for ref in compare_to}
+
+
+def format_table(results: dict[str, dict[str, float]], compare_to: list[str] | None = None) -> str:
+    """One row per model: each metric's value, then its % change vs each of ``compare_to``."""
+    names = list(next(iter(results.values())))
+    compare_to = compare_to or default_compare_to(names)
+    pct = changes(results, compare_to)
+    header = [f"{'model':<10}"]
+    for metric in results:
+        header += [f"{metric:>12}", *(f"{'vs ' + ref:>10}" for ref in compare_to)]
+    lines = [" ".join(header)]
+    for name in names:
+        row = [f"{name:<10}"]
+        for metric, values in results.items():
+            row.append(f"{values[name]:>12.3f}")
+            row += [f"{c:>+9.1f}%" if c is not None else f"{'n/a':>10}"
+                    for c in (pct[ref][metric][name] for ref in compare_to)]
+        lines.append(" ".join(row))
     return "\n".join(lines)
 
 
-def run_eval(cfg: RunConfig) -> dict[str, float]:
+def eval_data(cfg: RunConfig, tokenizer) -> tuple[list[str], list]:
+    """(held-out prompts, reference texts for perplexity), read before any engine starts so a bad
+    file stops the run early. Reference texts: eval.reference_text, else the held-out SFT data."""
+    from rlhf_ray.stages.sft import load_lm_examples
+
+    prompts = held_out_prompts(cfg, tokenizer)
+    references = []
+    if cfg.eval.reference_text or cfg.data.sft or cfg.data.task:
+        references = load_lm_examples(cfg, cfg.eval.reference_text, tokenizer, held_out=True)
+    references = references[: cfg.eval.max_reference_texts]
+    if not references and not (prompts and (cfg.data.task or has_reward(cfg))):
+        raise ValueError("eval has nothing to measure: give data.task (gold score), eval.reference_text "
+                         "(perplexity) or model.reward / scorers.criteria with eval.prompts (reward)")
+    return prompts, references
+
+
+def compare_checkpoints(cfg: RunConfig, models: dict[str, str], run_dir: Path, prompts: list[str],
+                        references: list) -> dict:
+    """Evaluates ``models``, prints the table and writes ``run_dir/eval.json``: per model its
+    checkpoint, each metric and each metric's % change vs eval.compare_to (default base and sft)."""
+    results = evaluate(cfg, models, prompts, references)
+    compare_to = cfg.eval.compare_to or default_compare_to(list(models))
+    pct = changes(results, compare_to)
+    report = {
+        "compare_to": compare_to, "held_out_prompts": len(prompts), "reference_texts": len(references),
+        "models": {name: {"checkpoint": path, **{m: v[name] for m, v in results.items()},
+                          "change_pct": {f"vs_{ref}": {m: pct[ref][m][name] for m in results} for ref in compare_to}}
+                   for name, path in models.items()},
+    }
+    (Path(run_dir) / "eval.json").write_text(json.dumps(report, indent=2))
+    print(format_table(results, compare_to))
+    return report
+
+
+def run_eval(cfg: RunConfig) -> dict:
+    from rlhf_ray.models.loading import check_model_path, load_tokenizer
+
     if not cfg.eval.models:
         raise ValueError("eval.models is empty: name the checkpoints to compare, e.g. "
-                         "eval.models='{base: path/a, rlhf: path/b}'")
-    if not cfg.data.task:
-        raise ValueError("eval needs data.task: its gold scorer grades the responses")
+                         "eval.models='{base: path/a, sft: path/b, rlhf: path/c}'")
+    # Every checkpoint, reward model and rm: criterion must exist before any engine starts.
+    paths = {**{f"eval.models.{name}": path for name, path in cfg.eval.models.items()},
+             **{f"model.reward[{i}]": path for i, path in enumerate(cfg.model.reward)},
+             **{f"scorers.criteria.{name}": judge.removeprefix("rm:")
+                for name, judge in cfg.scorers.criteria.items() if judge.startswith("rm:")}}
+    for key, path in paths.items():
+        try:
+            check_model_path(path)
+        except (FileNotFoundError, NotADirectoryError) as e:
+            raise FileNotFoundError(f"{key}: {e}") from None
+    tokenizer = load_tokenizer(next(iter(cfg.eval.models.values())), trust_remote_code=cfg.model.trust_remote_code)
+    prompts, references = eval_data(cfg, tokenizer)
     run_dir = prepare_run(cfg)
     init_ray(cfg)
-    scores = compare_gold(cfg, cfg.eval.models)
-    (Path(run_dir) / "eval.json").write_text(json.dumps({"gold_score": scores}, indent=2))
-    print(format_table(scores))
-    return scores
+    report = compare_checkpoints(cfg, cfg.eval.models, run_dir, prompts, references)
+    print(f"eval done: {Path(run_dir) / 'eval.json'}")
+    return report

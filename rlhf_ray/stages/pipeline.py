@@ -1,7 +1,8 @@
 """The three-stage pipeline: SFT, then the reward model, then PPO, each reading the previous
-stage's output, with the gold score of base, SFT and PPO models on held-out prompts at the end.
+stage's output, with base, SFT and PPO models compared at the end (held-out gold score, perplexity
+on held-out demonstrations, the trained reward model's score: the alignment tax).
 
-Layout: ``<run_dir>/{base_model,sft,rm,ppo}/`` and ``<run_dir>/summary.json``.
+Layout: ``<run_dir>/{base_model,sft,rm,ppo}/``, ``<run_dir>/eval.json`` and ``<run_dir>/summary.json``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
-    from rlhf_ray.stages.eval import compare_gold, format_table
+    from rlhf_ray.models.loading import load_tokenizer
+    from rlhf_ray.stages.eval import compare_checkpoints, eval_data
     from rlhf_ray.stages.ppo import run_ppo
     from rlhf_ray.stages.rm import run_rm
     from rlhf_ray.stages.sft import run_sft
 
     root = prepare_run(cfg)
     base = resolve_policy_path(cfg, root)
+    # The eval's data first: a bad file stops the pipeline before any training.
+    eval_inputs = (eval_data(cfg, load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code))
+                   if cfg.data.task else None)
     init_ray(cfg)
 
     def stage(name: str, **model_changes) -> RunConfig:
@@ -37,10 +42,12 @@ def run_pipeline(cfg: RunConfig) -> dict:
                      "ppo": {"model": ppo_model, "iterations": len(history),
                              "reward_first": history[0]["reward_mean"], "reward_last": history[-1]["reward_mean"],
                              "kl_last": history[-1]["kl_to_ref"]}}
-    if cfg.data.task:
-        scores = compare_gold(cfg, {"base": base, "sft": sft["model"], "ppo": ppo_model})
-        summary["held_out_gold_score"] = scores
-        print(format_table(scores))
+    if eval_inputs is not None:
+        eval_cfg = replace(cfg, model=replace(cfg.model, reward=rm["models"]))
+        report = compare_checkpoints(eval_cfg, {"base": base, "sft": sft["model"], "ppo": ppo_model}, root,
+                                     *eval_inputs)
+        summary["held_out_gold_score"] = {name: row["gold_score"] for name, row in report["models"].items()}
+        summary["eval"] = report
     summary["rm_held_out_accuracy"] = rm["held_out_accuracy"]
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"pipeline done: {root / 'summary.json'}")

@@ -39,6 +39,7 @@ from rlhf_ray.stages.common import (
 )
 from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.sync.group import SyncLayout, plan_sync
+from rlhf_ray.stages.sft import load_lm_examples
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
@@ -82,6 +83,9 @@ class PPOTrainer:
         check_model_fits(cfg, self.policy_path)
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
         self.prompts = PromptStream(load_prompts(cfg.data, cfg.seed, self.tokenizer), cfg.seed, cfg.data.shuffle)
+        # Pretraining-mix text for the ptx loss (alignment-tax mitigation), read before any actor starts.
+        self.ptx_examples = (load_lm_examples(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
+                             if cfg.ppo.ptx_coef else [])
         self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
         self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
         self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
@@ -180,7 +184,7 @@ class PPOTrainer:
             advantages, returns = algo.broadcast_to_tokens(seq_adv, mask), None
         if ppo.whiten_advantages:
             advantages = algo.whiten(advantages, mask)
-        batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages)
+        batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
         offpolicy_metrics = {"policy_version": version, "policy_lag": self.iteration - version}
         if ppo.overlap and ppo.tis_cap > 0:
             # The samples came from older weights: reweight each token by pi_learner / pi_sampler.
@@ -448,8 +452,12 @@ class PPOTrainer:
             order = torch.randperm(batch.size, generator=generator)
             for mb_index in order.tensor_split(ppo.minibatches):
                 minibatch = batch.select(mb_index)
-                refs = [a.train_step.remote(s, ppo.clip_eps, ppo.entropy_coef, ppo.loss_agg, temperature)
-                        for a, s in zip(roles.policy, minibatch.chunk(len(roles.policy)))]
+                shards = minibatch.chunk(len(roles.policy))
+                ptx_shards = (self._ptx_minibatch(minibatch.size, generator).chunk(len(shards))
+                              if self.ptx_examples else [None] * len(shards))
+                refs = [a.train_step.remote(s, ppo.clip_eps, ppo.entropy_coef, ppo.loss_agg, temperature, ptx,
+                                            ppo.ptx_coef, ppo.distill_coef, ppo.distill_kl_estimator)
+                        for a, s, ptx in zip(roles.policy, shards, ptx_shards)]
                 if roles.critic:
                     refs += [a.train_step.remote(s, ppo.value_clip_eps, ppo.loss_agg)
                              for a, s in zip(roles.critic, minibatch.chunk(len(roles.critic)))]
@@ -460,6 +468,15 @@ class PPOTrainer:
                     merged.update(results[len(roles.policy)])
                 stats.append(merged)
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
+
+    def _ptx_minibatch(self, rows: int, generator: torch.Generator) -> RolloutBatch:
+        """``rows`` pretraining-mix examples drawn at random (reproducible from the iteration's seed)."""
+        from rlhf_ray.data.tokenize import encode_pairs
+
+        picks = [self.ptx_examples[i]
+                 for i in torch.randint(len(self.ptx_examples), (rows,), generator=generator).tolist()]
+        return encode_pairs(self.tokenizer, [e.prompt for e in picks], [e.response for e in picks],
+                            self.cfg.data.max_prompt_tokens, self.cfg.data.max_seq_len)
 
     def _open_weight_sync(self) -> None:
         """Policy rank 0 and every worker of every engine, over the transport that ``sync.transport`` picks."""

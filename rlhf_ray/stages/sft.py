@@ -37,6 +37,25 @@ def load_sft_data(cfg: RunConfig, tokenizer):
     return formats.split_holdout(examples, cfg.data.eval_fraction, cfg.seed)
 
 
+def load_lm_examples(cfg: RunConfig, source: str, tokenizer, held_out: bool):
+    """Language-modelling text (the PPO pretraining mix, eval perplexity) as ``SFTExample``s:
+    ``source`` when given, else the SFT data (data.sft or the task's demonstrations), its train or
+    held-out split."""
+    from rlhf_ray.data import formats
+
+    if source:
+        examples, report = formats.load_lm_examples(source, cfg.data.fields, cfg.data.on_bad_row, tokenizer)
+        if report.eventful:
+            print(report.summary())
+        return examples
+    train, held = load_sft_data(cfg, tokenizer)
+    examples = held if held_out else train
+    if not examples:
+        raise ValueError("no held-out SFT demonstrations for perplexity (data.eval_fraction=0): "
+                         "raise data.eval_fraction or give eval.reference_text")
+    return examples
+
+
 def run_sft(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
