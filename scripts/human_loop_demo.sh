@@ -14,6 +14,7 @@ RLHF_RAY=${RLHF_RAY:-rlhf-ray}
 PYTHON=${PYTHON:-python}
 SHOTS=${SHOTS:-$OUT/screenshots}
 mkdir -p "$OUT" "$SHOTS"
+rm -rf "$OUT"/{sft,collect,rm,ppo} "$OUT"/labels.db*  # a fresh walkthrough each time
 # The tiny Llama on small-number addition, every role on CPU in one local Ray per command.
 TINY=(model.tiny_hidden_size=64 data.task=arithmetic rollout.num_engines=1 rollout.max_new_tokens=4
       rollout.max_model_len=64 rollout.gpu_memory_utilization=0.05 policy.num_ranks=1 critic.num_ranks=1)
@@ -23,12 +24,11 @@ SECONDS=0
 step "1. sft: a policy that answers with numbers"
 $RLHF_RAY sft "${TINY[@]}" run_dir="$OUT/sft" data.num_sft_examples=640 sft.epochs=3 sft.lr=3e-3
 
-step "2. collect: 4 answers to each of 40 prompts, for people to judge (collect.judge=none)"
+step "2. collect: 4 answers to each of 160 prompts, for people to judge (collect.judge=none)"
 $RLHF_RAY collect "${TINY[@]}" run_dir="$OUT/collect" model.policy="$OUT/sft/model" collect.judge=none \
-    collect.num_prompts=40 collect.responses_per_prompt=4
+    collect.num_prompts=160 collect.responses_per_prompt=4
 
 step "3. label: two annotators, every item shown to both (--overlap 1)"
-rm -f "$OUT/labels.db"*
 $RLHF_RAY annotate serve --pairs "$OUT/collect/responses.jsonl" --db "$OUT/labels.db" --annotators alice,bob \
     --overlap 1 --overlap-k 2 --guidelines docs/studio_guidelines.md --port 0 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
@@ -50,7 +50,7 @@ $RLHF_RAY annotate export --db "$OUT/labels.db" --out "$OUT/human_prefs.jsonl" -
 
 step "6. rm: a reward model on the export"
 $RLHF_RAY rm "${TINY[@]}" run_dir="$OUT/rm" model.policy="$OUT/sft/model" data.preferences="$OUT/human_prefs.jsonl" \
-    data.eval_fraction=0.2 rm.epochs=3 rm.lr=1e-3 rm.batch_size=8
+    data.eval_fraction=0.2 rm.epochs=5 rm.lr=1e-3 rm.batch_size=16
 
 step "7. ppo: the policy against the human-trained reward model (the task's gold score is only logged)"
 $RLHF_RAY ppo "${TINY[@]}" run_dir="$OUT/ppo" model.policy="$OUT/sft/model" model.reward="[$OUT/rm/reward_model-0]" \

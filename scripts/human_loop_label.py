@@ -26,6 +26,8 @@ def links(log: str, *names: str, timeout: float = 120) -> dict[str, str]:
     deadline = time.time() + timeout
     while time.time() < deadline:
         text = Path(log).read_text() if Path(log).exists() else ""
+        if error := re.search(r"^rlhf-ray: .*$", text, re.MULTILINE):
+            raise SystemExit(f"{log}: the server did not start: {error.group(0)}")
         found = dict(re.findall(r"^\s*([\w ]+): (http://\S+)$", text, re.MULTILINE))
         if all(n in found for n in names):
             return found
@@ -116,6 +118,26 @@ def screenshot(link: str, ready: str, out: Path) -> None:
     print(f"screenshot: {out}")
 
 
+def view_screenshots(link: str, out: Path) -> None:
+    """The viewer's top (curves, timeline, the last iteration's samples) and the comparison of the
+    first and the last iteration's answers to one prompt (OUT with a _compare suffix)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = browser(p)
+        page = b.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(link)
+        page.wait_for_selector("#samples tr[data-id]")
+        page.locator("#timeline button[data-iteration]").last.click()
+        page.screenshot(path=str(out))
+        compare = out.with_name(f"{out.stem}_compare{out.suffix}")
+        top, bottom = page.locator(".page > h2").last.bounding_box(), page.locator(".compare").bounding_box()
+        page.screenshot(path=str(compare), full_page=True, clip={
+            "x": 0, "y": top["y"] - 8, "width": 1280, "height": bottom["y"] + bottom["height"] - top["y"] + 16})
+        b.close()
+    print(f"screenshots: {out} {compare}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="action", required=True)
@@ -126,8 +148,7 @@ def main() -> None:
     view = sub.add_parser("view", help="screenshot of the run viewer")
     view.add_argument("log", help="the output of `rlhf-ray view` (its link)")
     view.add_argument("--out", type=Path, required=True)
-    view.set_defaults(fn=lambda a: screenshot(links(a.log, "run viewer")["run viewer"], "#samples tr[data-id]",
-                                              a.out))
+    view.set_defaults(fn=lambda a: view_screenshots(links(a.log, "run viewer")["run viewer"], a.out))
     args = parser.parse_args()
     args.fn(args)
 

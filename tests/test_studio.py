@@ -55,7 +55,7 @@ def label_all(store: Store, name: str, labels: dict[int, str]) -> None:
 def test_collect_rows_become_adjacent_or_all_pairs(tmp_path):
     src = write_jsonl(tmp_path / "collected.jsonl", [
         {"prompt": "p1", "responses": ["a", "b", "c", "a"], "scores": [1, 2, 3, 1]},  # repeated "a" dropped
-        {"prompt": [{"role": "user", "content": "hi"}], "responses": ["x", "y"]},
+        {"prompt": [{"role": "user", "content": "hi"}], "responses": ["x", " ", "y"]},  # empty answer dropped
     ])
     adj, report = load_pairs(str(src))
     assert [(p.response_1, p.response_2) for p in adj] == [("a", "b"), ("b", "c"), ("x", "y")]

@@ -197,7 +197,7 @@ def test_run_viewer_on_a_real_ppo_run(page, short_ppo_run, tmp_path):
         for side, it in (("#c-left", 1), ("#c-right", 2)):
             shown = page.text_content(side)
             assert shown.startswith(f"iteration {it}") and all(s["response"] in shown for s in at[it])
-        page.screenshot(path=str(SHOTS / "view.png"), full_page=True)
+        page.screenshot(path=str(SHOTS / "view.png"))  # the top: curves, timeline, first rows
 
         # Send one response of that prompt from each iteration to the annotation set ...
         first = next(s for s in at[1] if s["response"].strip())
