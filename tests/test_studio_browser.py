@@ -142,6 +142,7 @@ def test_model_output_is_shown_as_text_and_runs_nothing(page, tmp_path):
         server.server_close()
 
 
+@pytest.mark.slow
 def test_run_viewer_on_a_real_ppo_run(page, short_ppo_run, tmp_path):
     """The run directory of the session's short PPO run: curves, timeline, filters, one prompt at two
     iterations, and samples sent to an annotation set that ``annotate serve`` then serves."""
@@ -258,6 +259,7 @@ def load_script(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_two_annotators_agree_and_their_export_trains_a_reward_model(page, ray_session, tiny_model_dir, tmp_path):
     """The middle of the human loop (scripts/human_loop_demo.sh runs all of it, collect and PPO too):
     answers in the format `rlhf-ray collect` writes -> `annotate serve` -> alice labels through the
