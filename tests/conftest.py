@@ -99,3 +99,30 @@ def reward_server():
     server = RewardServer(token="s3cret-token-for-tests")
     yield server
     server.close()
+
+
+@pytest.fixture(scope="session")
+def short_ppo_run(ray_session, tmp_path_factory):
+    """One short real PPO run per session, shared by tests/test_ppo.py and the run viewer's browser
+    test: GRPO with a ZeRO-3 policy on 2 ranks, 2 iterations over the same 8 arithmetic prompts
+    (so the viewer can compare one prompt at two iterations), every rollout in samples.jsonl.
+    Returns the closed trainer (its ``run_dir`` stays) and the history."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.ppo import PPOTrainer
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path_factory.mktemp('short_ppo')}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64",
+        "data.task=arithmetic", "data.num_prompts=8", "scorers.use_task_gold_as_reward=false",
+        "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction", "rollout.max_new_tokens=8",
+        "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16",
+        "critic.micro_batch_size=16", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
+        "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1", "policy.num_ranks=2",
+        "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto", "checkpoint.save_final=false",
+        "logging.samples_per_iteration=32",
+    ])
+    trainer = PPOTrainer(cfg)
+    try:
+        history = trainer.fit()
+    finally:
+        trainer.close()
+    return trainer, history

@@ -105,12 +105,9 @@ def test_stale_engine_weights_fail_the_parity_check(gae_run):
         trainer.check_sync_parity(batch)
 
 
-def test_grpo_with_zero3_runs_and_keeps_parity(ray_session, tmp_path):
-    cfg = _config(tmp_path, "ppo.iterations=2", "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
-                  "ppo.prompts_per_iteration=8", "rollout.num_engines=1", "policy.num_ranks=2",
-                  "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto",
-                  "checkpoint.save_final=false")
-    trainer, history = _fit(cfg)
+def test_grpo_with_zero3_runs_and_keeps_parity(short_ppo_run):
+    trainer, history = short_ppo_run  # GRPO, ZeRO-3 policy on 2 ranks, parity checked every iteration
+    assert trainer.cfg.ppo.advantage_estimator == "grpo" and trainer.cfg.policy.zero_stage == 3
     assert not trainer.roles.critic
     assert trainer.weight_layout.uses_shm == [True]  # auto, one node: the weights went through shared memory
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)

@@ -55,7 +55,7 @@ def label_all(store: Store, name: str, labels: dict[int, str]) -> None:
 def test_collect_rows_become_adjacent_or_all_pairs(tmp_path):
     src = write_jsonl(tmp_path / "collected.jsonl", [
         {"prompt": "p1", "responses": ["a", "b", "c", "a"], "scores": [1, 2, 3, 1]},  # repeated "a" dropped
-        {"prompt": [{"role": "user", "content": "hi"}], "responses": ["x", "y"]},
+        {"prompt": [{"role": "user", "content": "hi"}], "responses": ["x", " ", "y"]},  # empty answer dropped
     ])
     adj, report = load_pairs(str(src))
     assert [(p.response_1, p.response_2) for p in adj] == [("a", "b"), ("b", "c"), ("x", "y")]
@@ -241,12 +241,15 @@ def test_refuses_non_loopback_unless_asked(tmp_path):
 
 # --- kill and restart -----------------------------------------------------------------------------
 
-def start_server(db: Path, pairs: Path) -> tuple[subprocess.Popen, str, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.studio", "annotate", "serve", "--pairs", str(pairs),
-                             "--db", str(db), "--annotators", "alice", "--port", "0"],
+def start_server(db: Path, *args: str, annotators: str = "alice") -> tuple[subprocess.Popen, str, str]:
+    """``annotate serve --db DB ARGS`` in a subprocess; returns it, its base URL and the first
+    annotator's token."""
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.studio", "annotate", "serve", "--db", str(db), *args,
+                             "--annotators", annotators, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+    first = annotators.split(",")[0]
     for line in proc.stdout:
-        if line.strip().startswith("alice:"):
+        if line.strip().startswith(f"{first}:"):
             link = line.split(": ", 1)[1].strip()
             return proc, link.split("/?token=")[0], link.split("token=")[1]
     raise AssertionError(f"server did not start: rc={proc.wait()}")
@@ -256,7 +259,7 @@ def test_sigkill_loses_no_judgement_and_restart_resumes(tmp_path):
     pairs = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"p{i}", "responses": [f"a{i}", f"b{i}"]}
                                                 for i in range(12)])
     db = tmp_path / "a.db"
-    proc, base, token = start_server(db, pairs)
+    proc, base, token = start_server(db, "--pairs", str(pairs))
     judged = []
     try:
         for k in range(6):
@@ -269,7 +272,7 @@ def test_sigkill_loses_no_judgement_and_restart_resumes(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert Counter(j["item_id"] for j in Store(db).judgements()) == Counter(judged)
-    proc, base, token2 = start_server(db, pairs)
+    proc, base, token2 = start_server(db, "--pairs", str(pairs))
     try:
         assert token2 == token
         _, nxt = request(base + "/api/next", token)

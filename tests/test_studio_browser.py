@@ -7,7 +7,9 @@ Screenshots go to a temp folder, or to $RLHF_RAY_SCREENSHOTS (docs/screenshots/ 
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import os
 import re
 import shutil
@@ -15,12 +17,16 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from test_studio import start_server  # tests/ is on sys.path under pytest
 
 from rlhf_ray.studio.db import Store
 from rlhf_ray.studio.pairs import Pair
 from rlhf_ray.studio.server import StudioApp, make_server, serve_in_thread, url_of
+from rlhf_ray.studio.stats import compute_stats, export_preferences
+from rlhf_ray.tracking import read_metrics
 
 # Screenshots land in a temp folder; RLHF_RAY_SCREENSHOTS=docs/screenshots refreshes the docs' copies.
+REPO = Path(__file__).resolve().parents[1]
 SHOTS = Path(os.environ.get("RLHF_RAY_SCREENSHOTS") or tempfile.mkdtemp(prefix="studio-shots-")).resolve()
 CHROMIUM = os.environ.get("CHROMIUM") or next(
     (p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
@@ -136,66 +142,176 @@ def test_model_output_is_shown_as_text_and_runs_nothing(page, tmp_path):
         server.server_close()
 
 
-def write_run(run: Path) -> None:
-    """A small run directory in the format rlhf_ray.stages.ppo writes."""
-    run.mkdir()
-    with (run / "metrics.jsonl").open("w") as f:
-        for it in range(1, 5):
-            f.write(json.dumps({"iteration": it, "reward_mean": 0.2 * it, "kl_to_ref": 0.01 * it * it,
-                                "entropy": 2.0 - 0.1 * it, "response_length_mean": 20 + it,
-                                "reward/correct_mean": 0.15 * it, "reward/format_mean": 0.05 * it}) + "\n")
-    with (run / "samples.jsonl").open("w") as f:
-        for it in range(1, 5):
-            for k, prompt in enumerate(["What is 12+7?", "What is 3*4?"]):
-                row = {"iteration": it, "prompt": prompt,
-                       "response": f"iteration {it} answer {k}" + (" <script>window.__pwned=1</script>" if it == 2 else ""),
-                       "reward": round(0.25 * it - 0.1 * k, 3), "components": {"correct": 0.2 * it, "format": 0.1},
-                       "kl": 0.01 * it, "truncated": it == 3 and k == 1}
-                if it == 4:
-                    row["flags"] = {"repetition": k == 0}
-                f.write(json.dumps(row) + "\n")
-
-
-def test_run_viewer_shows_samples_filters_compares_and_sends(page, tmp_path):
-    run = tmp_path / "run"
-    write_run(run)
-    store = Store(tmp_path / "a.db")
-    app = StudioApp(store=store, run_dir=str(run))
+@pytest.mark.slow
+def test_run_viewer_on_a_real_ppo_run(page, short_ppo_run, tmp_path):
+    """The run directory of the session's short PPO run: curves, timeline, filters, one prompt at two
+    iterations, and samples sent to an annotation set that ``annotate serve`` then serves."""
+    trainer, _ = short_ppo_run
+    run = trainer.run_dir
+    metrics = read_metrics(run)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [m["iteration"] for m in metrics] == [1, 2] and {s["iteration"] for s in samples} == {1, 2}
+    db = tmp_path / "from_run.db"
+    app = StudioApp(store=Store(db), run_dir=str(run))
     server = serve(app)
     try:
         page.goto(url_of(server, "/view", app.admin_token))
         page.wait_for_selector("#samples tr[data-id]")
-        assert page.locator("#samples tr[data-id]").count() == 8
-        assert page.locator(".chart").count() == 6  # 4 metrics + 2 reward components
-        assert page.evaluate("window.__pwned") is None
-        assert "<script>" in page.inner_text("#samples")
-        page.click('.chart[data-metric="reward_mean"] circle[data-iteration="2"]')  # timeline filter
-        assert page.locator("#samples tr[data-id]").count() == 2
+        rows = page.locator("#samples tr[data-id]")
+        assert rows.count() == len(samples) == 64  # 8 prompts x 4 samples x 2 iterations
+        curves = [k for k in ("reward_mean", "kl_to_ref", "entropy", "response_length_mean") if k in metrics[0]]
+        curves += [k for k in metrics[0] if k.startswith("reward/") and k.endswith("_mean")]
+        assert "reward/digit_fraction_mean" in curves
+        assert page.eval_on_selector_all(".chart", "cs => cs.map(c => c.dataset.metric)") == curves
+        point = page.locator('.chart[data-metric="reward_mean"] circle[data-iteration="2"]')
+        assert f"{metrics[1]['reward_mean']:.4f}" in point.locator("title").text_content()
+        point.click()  # timeline filter
+        assert rows.count() == sum(s["iteration"] == 2 for s in samples)
+        assert set(page.eval_on_selector_all("#samples tr[data-id] td:nth-child(2)", "ts => ts.map(t => t.textContent)")) \
+            == {"2"}
         page.click('#timeline button:text-is("all")')
-        page.fill("#f-min", "0.5")
-        assert page.locator("#samples tr[data-id]").count() == 5  # rewards >= 0.5
+
+        threshold = sorted(s["reward"] for s in samples)[len(samples) // 2]
+        page.fill("#f-min", repr(threshold))
+        assert rows.count() == sum(s["reward"] >= threshold for s in samples)
         page.fill("#f-min", "")
-        page.select_option("#f-flag", "truncated")
-        assert page.locator("#samples tr[data-id]").count() == 1
-        page.select_option("#f-flag", "repetition")
-        assert page.locator("#samples tr[data-id]").count() == 1
+        # Flags: truncated rollouts, and every sample of an iteration whose flag/* metric was raised.
+        raised = {m["iteration"]: {k.removeprefix("flag/") for k, v in m.items() if k.startswith("flag/") and v}
+                  for m in metrics}
+        flags = [raised[s["iteration"]] | ({"truncated"} if s["truncated"] else set()) for s in samples]
+        names = sorted(set().union(*flags))
+        assert page.eval_on_selector_all("#f-flag option", "os => os.map(o => o.value)") == ["", "(none)", *names]
+        for name in names:
+            page.select_option("#f-flag", name)
+            assert rows.count() == sum(name in f for f in flags)
+        page.select_option("#f-flag", "(none)")
+        assert rows.count() == sum(not f for f in flags)
         page.select_option("#f-flag", "")
-        page.select_option("#c-prompt", "What is 12+7?")
+
+        # One prompt at iterations 1 and 2, side by side.
+        prompt = samples[0]["prompt"]
+        at = {it: [s for s in samples if s["prompt"] == prompt and s["iteration"] == it] for it in (1, 2)}
+        assert at[1] and at[2]
+        page.select_option("#c-prompt", prompt)
         page.select_option("#c-a", "1")
-        page.select_option("#c-b", "4")
-        assert "iteration 1 answer 0" in page.inner_text("#c-left")
-        assert "iteration 4 answer 0" in page.inner_text("#c-right")
-        for sid in (0, 2, 6):  # prompt "What is 12+7?" at iterations 1, 2, 4
-            page.check(f'input[data-id="{sid}"]')
-        page.screenshot(path=str(SHOTS / "view.png"), full_page=True)
+        page.select_option("#c-b", "2")
+        for side, it in (("#c-left", 1), ("#c-right", 2)):
+            shown = page.text_content(side)
+            assert shown.startswith(f"iteration {it}") and all(s["response"] in shown for s in at[it])
+        page.screenshot(path=str(SHOTS / "view.png"))  # the top: curves, timeline, first rows
+
+        # Send one response of that prompt from each iteration to the annotation set ...
+        first = next(s for s in at[1] if s["response"].strip())
+        second = next(s for s in at[2] if s["response"].strip() != first["response"].strip())
+        for s in (first, second):
+            page.check(f'input[data-id="{samples.index(s)}"]')
         page.click("#send")
         sync_api.expect(page.locator("#send-status")).to_contain_text("sent")
-        assert page.inner_text("#send-status").startswith("2 pairs sent, 2 new")
-        assert [it["source"] for it in store.items()] == [f"run:{run}"] * 2
+        assert page.inner_text("#send-status").startswith("1 pairs sent, 1 new")
         assert page.errors == []
     finally:
         server.shutdown()
         server.server_close()
+    # ... which `rlhf-ray annotate serve` loads and puts on an annotator's screen.
+    proc, base, token = start_server(db, annotators="carol")
+    try:
+        page.goto(f"{base}/?token={token}")
+        page.wait_for_selector("#task:not([hidden])")
+        assert page.text_content("#prompt") == prompt
+        assert {page.text_content("#left"), page.text_content("#right")} == {first["response"], second["response"]}
+        assert page.inner_text("#progress") == "0 done · 1 left"
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def test_run_viewer_shows_hostile_output_as_text(page, tmp_path):
+    """A policy that learnt to emit markup: its samples are shown literally; per-sample flags filter."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "reward_mean": 0.5}) + "\n")
+    (run / "samples.jsonl").write_text("".join(json.dumps(
+        {"iteration": 1, "prompt": "What is 3*4?", "response": response, "reward": 0.5, "components": {},
+         "kl": 0.0, "truncated": False, "flags": {"repetition": k == 1}}) + "\n"
+        for k, response in enumerate([INJECTION, "12 12 12 12"])))
+    app = StudioApp(store=None, run_dir=str(run))
+    server = serve(app)
+    try:
+        page.goto(url_of(server, "/view", app.admin_token))
+        page.wait_for_selector("#samples tr[data-id]")
+        assert INJECTION in page.text_content("#samples")
+        assert page.evaluate("window.__pwned") is None
+        assert page.locator("#samples img, #samples script, #c-left img").count() == 0
+        page.select_option("#f-flag", "repetition")
+        assert page.locator("#samples tr[data-id]").count() == 1
+        assert page.is_disabled("#send")  # no --db: nowhere to send
+        assert page.errors == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def load_script(name: str):
+    """A module of scripts/ (not a package), e.g. the walkthrough's stand-in annotators."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_two_annotators_agree_and_their_export_trains_a_reward_model(page, ray_session, tiny_model_dir, tmp_path):
+    """The middle of the human loop (scripts/human_loop_demo.sh runs all of it, collect and PPO too):
+    answers in the format `rlhf-ray collect` writes -> `annotate serve` -> alice labels through the
+    API, bob in the browser with the keyboard (the walkthrough's stand-ins) -> agreement -> export ->
+    `rlhf-ray rm` trains on the export as it is."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.rm import run_rm
+
+    people = load_script("human_loop_label")
+    # 12 sums answered right, off by one and not at all (two decisive adjacent pairs each), and two
+    # answered by letters only (both bad): 26 items, each shown to both annotators.
+    rows = [{"prompt": f"{a}+{a + 3}=", "responses": [str(2 * a + 3), str(2 * a + 4), "xyz"]} for a in range(12)]
+    rows += [{"prompt": f"{a}+1=", "responses": ["ab", "cd"]} for a in (5, 6)]
+    collected = tmp_path / "responses.jsonl"
+    collected.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    db = tmp_path / "labels.db"
+    proc, base, _ = start_server(db, "--pairs", str(collected), "--overlap", "1", "--overlap-k", "2",
+                                 annotators="alice,bob")
+    try:
+        store = Store(db)
+        alice, bob = (f"{base}/?token={a['token']}" for a in store.annotators())
+        assert people.label_through_api(alice) == 26
+        assert people.label_in_page(page, bob) == 26
+        page.reload()
+        page.wait_for_selector("#done:not([hidden])")
+        assert page.errors == []
+    finally:
+        proc.terminate()
+        proc.wait()
+
+    # alice: response 1 better on all 24 decisive items, both bad on 2; bob the same except response
+    # 2 on every fifth decisive item (4 of 24). Cohen's kappa: po = 22/26, pe = (24*20 + 2*2)/26^2,
+    # (po - pe)/(1 - pe) = 88/192. Krippendorff's alpha (nominal): 52 values (r1 44, r2 4, bad 4),
+    # Do = 8/52, De = 2*(44*4 + 44*4 + 4*4)/(52*51), 1 - Do/De = 533/1196.
+    s = compute_stats(store)
+    (pair,) = s["pairs"]
+    assert pair["items"] == 26 and pair["raw_agreement"] == pytest.approx(22 / 26)
+    assert pair["cohen_kappa"] == pytest.approx(88 / 192)
+    assert s["krippendorff_alpha"] == pytest.approx(533 / 1196)
+    prefs = tmp_path / "human_prefs.jsonl"
+    r = export_preferences(store, prefs, min_agreement=1.0)
+    assert r["written"] == 20 and r["left_out"] == {"no majority": 4, "both bad": 2}
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'rm'}", f"model.policy={tiny_model_dir}",
+                             f"data.preferences={prefs}", "data.eval_fraction=0.2", "rm.epochs=1", "rm.batch_size=8",
+                             "critic.num_ranks=1", "logging.tensorboard=false"])
+    summary = run_rm(cfg)
+    assert summary["train_pairs"] + summary["held_out_pairs"] == 20 and summary["held_out_pairs"] >= 4
+    assert 0.0 <= summary["held_out_accuracy"] <= 1.0
+    assert (Path(summary["models"][0]) / "reward_norm.json").exists()
+    losses = [row["rm_loss"] for row in read_metrics(tmp_path / "rm") if "rm_loss" in row]
+    assert len(losses) == summary["train_pairs"] // 8 and all(math.isfinite(x) for x in losses)
 
 
 def test_stats_page(page, tmp_path):

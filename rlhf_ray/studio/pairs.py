@@ -6,7 +6,7 @@ Two input shapes, both read through ``rlhf_ray.data.formats``:
   (a ``responses`` field of two or more texts). Several responses to one prompt become pairs:
   ``pairing="adjacent"`` (the default) gives responses (1,2), (2,3), ... — n-1 pairs that still
   link every response into one ranking — and ``pairing="all"`` gives every n(n-1)/2 pair.
-  Responses that repeat an earlier one word for word are dropped first.
+  Responses that are empty or repeat an earlier one word for word are dropped first.
 * any preference dataset ``load_preferences`` reads (``{prompt, chosen, rejected}``, messages,
   HH-RLHF dialogues): one pair per row. The dataset's own chosen/rejected label is *not* shown to
   annotators nor used as gold; pass the file as ``--gold`` to use it as the known answer.
@@ -61,10 +61,11 @@ def load_pairs(source: str, pairing: Pairing = "adjacent", on_bad_row: str = "er
                 raise DataError(name, number, "responses", "wrong type", "expected a list of texts")
             texts: list[str] = []
             for i, r in enumerate(responses, start=1):
-                if not isinstance(r, str) or not r.strip():
-                    raise DataError(name, number, "responses", "empty text" if isinstance(r, str) else "wrong type",
-                                    f"response {i}")
-                if r.strip() not in {t.strip() for t in texts}:
+                if not isinstance(r, str):
+                    raise DataError(name, number, "responses", "wrong type", f"response {i}")
+                # A policy may answer nothing; such an answer cannot be the chosen or rejected
+                # text of the preference format `rlhf-ray rm` reads, so it is dropped like a repeat.
+                if r.strip() and r.strip() not in {t.strip() for t in texts}:
                     texts.append(r)
             if len(texts) < 2:
                 raise DataError(name, number, "responses", "chosen equals rejected",

@@ -33,13 +33,19 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 def read_samples(run_dir: str | Path) -> list[dict]:
     """Samples with an ``id`` (their 0-based position in the file) and ``flags`` always present
-    (a dict of flag name -> value; ``truncated`` is added as a flag when true)."""
+    (a dict of flag name -> value): a sample's own ``flags``, ``truncated`` when true, and the
+    iteration's raised ``flag/<name>`` metrics (mode_collapse, over_optimisation), which PPO
+    measures per batch, so a person can read the rollouts of a flagged iteration."""
+    raised = {m.get("iteration"): {k.removeprefix("flag/"): True for k, v in m.items()
+                                   if k.startswith("flag/") and v}
+              for m in read_metrics(run_dir)}
     rows = _jsonl(Path(run_dir) / "samples.jsonl")
     for i, r in enumerate(rows):
         r["id"] = i
         flags = r.get("flags") if isinstance(r.get("flags"), dict) else {}
+        flags = {**raised.get(r.get("iteration"), {}), **flags}
         if r.get("truncated"):
-            flags = {**flags, "truncated": True}
+            flags["truncated"] = True
         r["flags"] = flags
     return rows
 
