@@ -117,7 +117,8 @@ def short_ppo_run(ray_session, tmp_path_factory):
         "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16",
         "critic.micro_batch_size=16", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
         "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1", "policy.num_ranks=2",
-        "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto", "checkpoint.save_final=false",
+        "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto",
+        "checkpoint.save_final=false",
         "logging.samples_per_iteration=32",
     ])
     trainer = PPOTrainer(cfg)
