@@ -90,7 +90,9 @@ def worker(rank: int, world: int, port: int, model_dir: str, role: str, setting:
                                  backend="cpu", seed=0)
     strategy.init_distributed(rank, world, "127.0.0.1", port)
     g = torch.Generator().manual_seed(rank)
-    ids = torch.randint(4, 90, (rows // world, seq), generator=g)
+    from rlhf_ray.models.tiny import CHARSET
+
+    ids = torch.randint(4, 4 + len(CHARSET), (rows // world, seq), generator=g)  # past the 4 special tokens
     mask = torch.ones_like(ids)
     before = _status_mb("VmRSS")
     if role == "critic":

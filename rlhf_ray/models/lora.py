@@ -100,7 +100,11 @@ def _plain(param: nn.Parameter) -> Callable[[], torch.Tensor]:
 
 
 def _merged(weight: nn.Parameter, layer) -> Callable[[], torch.Tensor]:
-    return lambda: weight.data + layer.get_delta_weight(ADAPTER_NAME).to(weight.dtype)
+    @torch.no_grad()  # a value to send or save, not part of any graph
+    def value() -> torch.Tensor:
+        return weight.data + layer.get_delta_weight(ADAPTER_NAME).to(weight.dtype)
+
+    return value
 
 
 def save_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> None:
