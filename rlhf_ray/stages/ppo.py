@@ -269,7 +269,7 @@ class PPOTrainer:
             for g in done[offset]:
                 g.prompt_index += offset
                 out.append(g)
-        dead = self._retire_lost_engines(sorted(dead))
+        dead = self._retire_dead_engines(sorted(dead))
         if dead:
             self._replace_engines(dead, out)
         return out
@@ -328,16 +328,15 @@ class PPOTrainer:
                                     f"rollout capacity (rollout.ray_resources={ro.ray_resources})")
         return len(roles.rollout)
 
-    def _retire_lost_engines(self, dead: list[int]) -> list[int]:
-        """Engines that died mid-iteration: with elastic rollout, those whose node is gone or draining
-        retire (the next boundary starts engines where there is capacity); the rest, to be replaced
-        in place, are returned with their indices after the retirement."""
-        if not dead or not self.cfg.rollout.elastic:
+    def _retire_dead_engines(self, dead: list[int]) -> list[int]:
+        """Engines that died mid-iteration and are to be replaced in place. With elastic rollout none
+        are: they retire, and the next boundary starts engines wherever there is capacity (their node
+        may be gone, which Ray may not know yet: an unreachable actor is reported before its node is
+        declared dead)."""
+        if not self.cfg.rollout.elastic:
             return dead
-        cap = rollout_capacity(self.cfg)
-        lost = [i for i in dead if self.roles.rollout_nodes[i] not in cap.alive - cap.draining]
-        self._retire_engines(lost, "their node is gone or draining")
-        return [i - sum(j < i for j in lost) for i in dead if i not in lost]
+        self._retire_engines(dead, "died")
+        return []
 
     def _retire_engines(self, indices: list[int], why: str) -> None:
         if not indices:
