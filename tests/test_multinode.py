@@ -136,13 +136,12 @@ def report(cluster, tmp_path_factory):
                                 env=cluster["env"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     events: dict = {}
 
-    def wait_rows(n: int) -> int:
+    def wait_rows(n: int) -> None:
         deadline = time.monotonic() + 300
         while len(_rows(metrics)) < n:
             assert proc.poll() is None, f"the driver ended early:\n{log_path.read_text()[-6000:]}"
             assert time.monotonic() < deadline, f"no iteration {n} after 300 s:\n{log_path.read_text()[-6000:]}"
-            time.sleep(0.05)
-        return len(_rows(metrics))
+            time.sleep(0.01)
 
     try:
         wait_rows(1)
@@ -158,8 +157,12 @@ def report(cluster, tmp_path_factory):
         with paused(proc):
             events["k_drain"] = len(_rows(metrics))
             local.request_drain(state, "rollout-0", deadline_s=120)
-        events["k_kill"] = wait_rows(events["k_drain"] + 2)
-        local.remove_node("rollout-1", state_path, drain=False, log=lambda *_: None)  # mid-iteration k_kill + 1
+        wait_rows(events["k_drain"] + 2)
+        # Paused within ~10 ms of the row, well before the next iteration's engines answer; resumed,
+        # the driver finds rollout-1's engine gone while its prompts are out (iteration k_kill + 1).
+        with paused(proc):
+            events["k_kill"] = len(_rows(metrics))
+            local.remove_node("rollout-1", state_path, drain=False, log=lambda *_: None)
         left = time.monotonic() + 60
         while "rollout-0" in local.node_ids(state) and time.monotonic() < left:
             time.sleep(0.5)

@@ -1,4 +1,5 @@
-"""Local multi-node Ray clusters shaped like the KubeRay deployment (``rlhf-ray cluster up|down``).
+"""Local multi-node Ray clusters shaped like the KubeRay deployment (``rlhf-ray cluster up|down``,
+``add``/``remove`` to scale a worker group while a run goes on).
 
 ``local``: the nodes (``ray start`` processes) and the state file; ``netns``: one network
 namespace per node; ``placement``: where Ray put each role; ``cli``: the ``cluster`` commands.

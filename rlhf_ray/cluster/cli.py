@@ -1,4 +1,5 @@
-"""``rlhf-ray cluster up|down|status|exec``: a local multi-node Ray cluster for laptops and tests.
+"""``rlhf-ray cluster up|down|status|exec|add|remove|dashboard``: a local multi-node Ray cluster
+for laptops and tests.
 
 Hook into rlhf_ray/cli.py (two lines, next to the studio commands)::
 

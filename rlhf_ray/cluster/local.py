@@ -322,6 +322,23 @@ def processes_of(root: str) -> list[int]:
     return pids
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children first found by their parent pid in /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
@@ -475,9 +492,13 @@ def remove_node(name: str, state_path: str | Path = DEFAULT_STATE, *, drain: boo
         while name in node_ids(state) and time.monotonic() < until:
             time.sleep(1)
     ours = node.temp_dir + os.sep  # rollout-1/ is not rollout-10/
-    for pid in processes_of(ours):  # the raylet first: a node that dies, not one that stops
-        if "/raylet/raylet" in _cmdline(pid):
+    # The node dies at once, as a machine does: raylet and workers (whose titles no longer name
+    # the temp dir: Ray renames them ray::<Actor>), every process under its `ray start`.
+    for pid in [*_descendants(node.pid), *processes_of(ours)]:
+        try:
             os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     _signal_group(node.pid, signal.SIGKILL)
     _wait_gone([node.pid], 10)
     for pid in processes_of(ours):

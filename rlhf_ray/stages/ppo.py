@@ -341,7 +341,7 @@ class PPOTrainer:
         self._parity_probe = RolloutBatch.from_token_lists([g.prompt_ids for g in out[:4]],
                                                            [g.response_ids for g in out[:4]],
                                                            self.tokenizer.pad_token_id)
-        dead = self._retire_lost_engines(sorted(dead))
+        dead = self._retire_dead_engines(sorted(dead))
         if dead:
             self._replace_engines(dead)
         return out
@@ -414,16 +414,15 @@ class PPOTrainer:
                                     f"rollout capacity (rollout.ray_resources={ro.ray_resources})")
         return len(roles.rollout)
 
-    def _retire_lost_engines(self, dead: list[int]) -> list[int]:
-        """Engines that died mid-iteration: with elastic rollout, those whose node is gone or draining
-        retire (the next boundary starts engines where there is capacity); the rest, to be replaced
-        in place, are returned with their indices after the retirement."""
-        if not dead or not self.cfg.rollout.elastic:
+    def _retire_dead_engines(self, dead: list[int]) -> list[int]:
+        """Engines that died mid-iteration and are to be replaced in place. With elastic rollout none
+        are: they retire, and the next boundary starts engines wherever there is capacity (their node
+        may be gone, which Ray may not know yet: an unreachable actor is reported before its node is
+        declared dead)."""
+        if not self.cfg.rollout.elastic:
             return dead
-        cap = rollout_capacity(self.cfg)
-        lost = [i for i in dead if self.roles.rollout_nodes[i] not in cap.alive - cap.draining]
-        self._retire_engines(lost, "their node is gone or draining")
-        return [i - sum(j < i for j in lost) for i in dead if i not in lost]
+        self._retire_engines(dead, "died")
+        return []
 
     def _retire_engines(self, indices: list[int], why: str) -> None:
         if not indices:
@@ -490,7 +489,7 @@ class PPOTrainer:
         """The learner's weights to every engine. An engine that died since its last call (while
         the learners trained, say) is replaced first, which syncs all engines itself. One that dies
         during the broadcast leaves the learner inside a collective: that is a restart."""
-        dead = self._retire_lost_engines(self._dead_engines())
+        dead = self._retire_dead_engines(self._dead_engines())
         if dead:
             print(f"ppo: rollout engine(s) {dead} died before the sync of iteration {self.iteration + 1}")
             self._replace_engines(dead)
