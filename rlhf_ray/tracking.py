@@ -38,6 +38,12 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb.close()
+            # Readers apply event files in name order, which starts with the creation second: the
+            # purging file must sort after every older one, so it is not made within their second.
+            newest = max((int(p.name.split(".")[3]) for p in Path(self._tb_dir).glob("events.out.tfevents.*")),
+                         default=0)
+            while int(time.time()) <= newest:
+                time.sleep(0.05)
             self._tb = SummaryWriter(self._tb_dir, purge_step=step + 1)
         return truncate_jsonl(self.path, step, self.step_key or "iteration")
 

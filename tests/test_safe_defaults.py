@@ -122,7 +122,9 @@ def test_remote_code_runs_only_when_the_config_asks(tmp_path):
     marker = tmp_path / "remote-code-ran"
     (folder / "evil_modeling.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
-        "from transformers import LlamaForCausalLM as EvilForCausalLM\n")
+        "from transformers import LlamaForCausalLM\n"
+        # A subclass of its own: loading registers it for the auto class, which must not touch Llama.
+        "class EvilForCausalLM(LlamaForCausalLM):\n    pass\n")
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoModelForCausalLM": "evil_modeling.EvilForCausalLM"}
     (folder / "config.json").write_text(json.dumps(config))

@@ -15,7 +15,16 @@ import torch
 import torch.distributed as dist
 
 from rlhf_ray.models.loading import atomic_dir
-from rlhf_ray.models.lora import ADAPTER_DIR, LoraSettings, apply_lora, base_name, exported_tensors, is_lora, save_adapter, unwrap
+from rlhf_ray.models.lora import (
+    ADAPTER_DIR,
+    LoraSettings,
+    apply_lora,
+    base_name,
+    exported_tensors,
+    is_lora,
+    save_adapter,
+    unwrap,
+)
 from rlhf_ray.platform import Platform, detect
 
 

@@ -38,8 +38,8 @@ from rlhf_ray.stages.common import (
     reward_sources,
 )
 from rlhf_ray.stages.guards import RolloutGuards
-from rlhf_ray.sync.group import SyncLayout, plan_sync
 from rlhf_ray.stages.sft import load_lm_examples
+from rlhf_ray.sync.group import SyncLayout, plan_sync
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
