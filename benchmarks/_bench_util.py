@@ -5,12 +5,14 @@ Not a benchmark itself (the leading underscore keeps it apart from the scripts).
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
 import os
 import platform
 import statistics
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -38,6 +40,35 @@ def machine_facts() -> dict:
     except ImportError:
         pass
     return facts
+
+
+def announce(bench: str) -> dict:
+    """Prints a benchmark's first line (machine, load, date, the shared-machine caveat) and
+    returns the machine facts for its result file."""
+    facts = machine_facts()
+    print(f"{bench} on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
+          f"{SHARED_NOTE}", flush=True)
+    return facts
+
+
+def model_shape_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as help and the tiny model's shape flags (read
+    back by ``tiny_model_dir(name, TinyModelSpec.of_width(args.hidden, args.layers, ...))``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHARED_NOTE)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--intermediate", type=int, default=0, help="MLP width; 0 = 2 x hidden (builtin:tiny)")
+    return parser
+
+
+def tiny_model_dir(bench: str, spec) -> str:
+    """The offline tiny Llama of ``spec`` (a ``TinyModelSpec``), built once per shape in the temp
+    directory and reused by later runs of the same benchmark."""
+    from rlhf_ray.models.tiny import build_tiny_model
+
+    shape = f"h{spec.hidden_size}_l{spec.num_layers}_i{spec.intermediate_size}"
+    return str(build_tiny_model(Path(tempfile.gettempdir()) / f"rlhf_ray_{bench}" / shape, spec))
 
 
 def median(values) -> float:

@@ -41,22 +41,22 @@ Prints figures, asserts nothing; results to ``benchmarks/results/bench_learner-<
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench_util import (
     SHARED_NOTE,
-    machine_facts,
+    announce,
     matmul_peak,
     median,
+    model_shape_parser,
     print_table,
     save_chart,
+    tiny_model_dir,
     train_flops,
     write_results,
 )
@@ -253,16 +253,7 @@ def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=SHARED_NOTE,
-    )
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument(
-        "--intermediate", type=int, default=0, help="MLP width; 0 = 2 x hidden (builtin:tiny)"
-    )
+    parser = model_shape_parser(__doc__)
     parser.add_argument("--rows", type=int, default=32, help="sequences per optimiser step (all ranks)")
     parser.add_argument("--response-tokens", type=int, default=16)
     parser.add_argument("--steps", type=int, default=4, help="measured steps per layout (+1 not counted)")
@@ -278,25 +269,11 @@ def main() -> None:
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
 
-    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+    from rlhf_ray.models.tiny import TinyModelSpec
 
-    facts = machine_facts()
-    print(
-        f"bench_learner on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, "
-        f"{facts['date']}; {SHARED_NOTE}",
-        flush=True,
-    )
-    spec = TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate, args.seed)
-    model_dir = str(
-        build_tiny_model(
-            os.path.join(
-                tempfile.gettempdir(),
-                "rlhf_ray_bench_learner",
-                f"h{args.hidden}_l{args.layers}_i{spec.intermediate_size}",
-            ),
-            spec,
-        )
-    )
+    facts = announce("bench_learner")
+    model_dir = tiny_model_dir("bench_learner", TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate,
+                                                                         args.seed))
     batch = build_batch(model_dir, args.rows, args.response_tokens, args.seed, args.uneven)
     print(
         f"batch: {args.rows} rows x ({batch['prompt_width']} prompt + {args.response_tokens} response) = "

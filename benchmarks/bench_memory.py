@@ -37,11 +37,10 @@ import argparse
 import os
 import socket
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import SHARED_NOTE, machine_facts, print_table, save_chart, write_results
+from _bench_util import SHARED_NOTE, announce, print_table, save_chart, tiny_model_dir, write_results
 
 LORA = {"rank": 8, "alpha": 16.0}
 SETTINGS = {
@@ -158,11 +157,9 @@ def main() -> None:
 
     from tqdm import tqdm
 
-    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+    from rlhf_ray.models.tiny import TinyModelSpec
 
-    facts = machine_facts()
-    print(f"bench_memory on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
-          f"{SHARED_NOTE}", flush=True)
+    facts = announce("bench_memory")
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
@@ -172,8 +169,7 @@ def main() -> None:
     with tqdm(total=len(sizes) * len(names), desc="bench_memory", unit="run") as bar:
         for hidden, layers in sizes:
             spec = TinyModelSpec.of_width(hidden, layers)
-            model_dir = str(build_tiny_model(os.path.join(tempfile.gettempdir(), "rlhf_ray_bench_memory",
-                                                          f"h{hidden}_l{layers}"), spec))
+            model_dir = tiny_model_dir("bench_memory", spec)
             params = 10 * hidden * hidden * layers  # attention 4 h^2 + MLP 3 x h x 2h per layer
             for name in names:
                 bar.set_postfix(size=f"{hidden}x{layers}", setting=name)

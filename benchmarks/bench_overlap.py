@@ -30,7 +30,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import SHARED_NOTE, machine_facts, median, print_table, write_results
+from _bench_util import SHARED_NOTE, announce, median, print_table, write_results
 from bench_ppo import BASE
 from bench_ppo import VARIANTS as PPO_VARIANTS
 
@@ -133,9 +133,7 @@ def main() -> None:
     from rlhf_ray.stages.common import init_ray
 
     init_ray(load_config(), log_to_driver=args.verbose)
-    facts = machine_facts()
-    print(f"bench_overlap on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
-          f"{SHARED_NOTE}", flush=True)
+    facts = announce("bench_overlap")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_overlap_") as root:
         for variant in args.variants.split(","):

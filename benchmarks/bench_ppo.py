@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _bench_util import (
     SHARED_NOTE,
+    announce,
     gloo_baselines,
     human_bytes,
-    machine_facts,
     matmul_peaks,
     median,
     print_table,
@@ -240,12 +240,7 @@ def main() -> None:
     from rlhf_ray.stages.common import init_ray
 
     init_ray(load_config(), log_to_driver=args.verbose)  # local Ray, platform env, quiet engines
-    facts = machine_facts()
-    print(
-        f"bench_ppo on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
-        f"{SHARED_NOTE}",
-        flush=True,
-    )
+    facts = announce("bench_ppo")
 
     limits: dict = {}
     if not args.no_baselines:

@@ -19,15 +19,22 @@ asserts nothing; results to ``benchmarks/results/bench_rollout-<time>.{json,png}
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import SHARED_NOTE, machine_facts, median, print_table, save_chart, write_results
+from _bench_util import (
+    SHARED_NOTE,
+    announce,
+    median,
+    model_shape_parser,
+    print_table,
+    save_chart,
+    tiny_model_dir,
+    write_results,
+)
 
 
 def hf_side(model_dir: str, prompts: list[str], max_new: int, repeats: int, threads: int) -> list[float]:
@@ -90,16 +97,7 @@ def vllm_side(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=SHARED_NOTE,
-    )
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument(
-        "--intermediate", type=int, default=0, help="MLP width; 0 = 2 x hidden (builtin:tiny)"
-    )
+    parser = model_shape_parser(__doc__)
     parser.add_argument("--batches", default="32,128", help="sequences per generate call, comma-separated")
     parser.add_argument("--group", type=int, default=4, help="samples per prompt (the prompt is repeated)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -114,29 +112,15 @@ def main() -> None:
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
 
-    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+    from rlhf_ray.models.tiny import TinyModelSpec
     from rlhf_ray.platform import detect
     from rlhf_ray.tasks import get_task
 
     detect("auto").apply_env()  # VLLM_CPU_KVCACHE_SPACE and friends, as the rollout actors get them
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    facts = machine_facts()
-    print(
-        f"bench_rollout on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
-        f"{SHARED_NOTE}",
-        flush=True,
-    )
-    spec = TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate, args.seed)
-    model_dir = str(
-        build_tiny_model(
-            os.path.join(
-                tempfile.gettempdir(),
-                "rlhf_ray_bench_rollout",
-                f"h{args.hidden}_l{args.layers}_i{spec.intermediate_size}",
-            ),
-            spec,
-        )
-    )
+    facts = announce("bench_rollout")
+    model_dir = tiny_model_dir("bench_rollout", TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate,
+                                                                         args.seed))
     sizes = [int(b) for b in args.batches.split(",")]
     base = get_task("arithmetic", args.seed).prompts(max(sizes))
     batches = {n: [p for p in base[: max(1, n // args.group)] for _ in range(args.group)][:n] for n in sizes}

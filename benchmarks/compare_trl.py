@@ -45,7 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import (
     SHARED_NOTE,
     TreeMemorySampler,
-    machine_facts,
+    announce,
     median,
     print_table,
     save_chart,
@@ -445,12 +445,7 @@ def main() -> None:
     if args.hidden % 32:
         sys.exit("--hidden must be a multiple of 32 (vLLM's CPU attention needs heads of size 32)")
     argv = [a for a in sys.argv[1:] if a != "--profile"]
-    facts = machine_facts()
-    print(
-        f"compare_trl on {facts['cpus']} CPUs, load {facts['load_avg_at_start'][0]:.2f}, {facts['date']}; "
-        f"{SHARED_NOTE}",
-        flush=True,
-    )
+    facts = announce("compare_trl")
 
     from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
 
