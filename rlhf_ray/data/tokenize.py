@@ -5,13 +5,21 @@ from __future__ import annotations
 from rlhf_ray.data.batch import RolloutBatch
 
 
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
+    """Token ids of each prompt, special tokens included, cut to its last ``max_prompt_tokens``
+    (the part nearest the response): what every role is given as a prompt."""
+    if not prompts:
+        return []
+    return [ids[-max_prompt_tokens:] for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+
+
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int,
                  max_seq_len: int, add_eos: bool = True) -> RolloutBatch:
     """Prompts keep their last ``max_prompt_tokens`` tokens (the part nearest the response);
     responses end with EOS (the model must learn to stop) and are cut to fit ``max_seq_len``.
     An empty prompt (plain text, with a tokenizer that adds no BOS) takes the response's first
     token: every predicted token needs one before it."""
-    prompt_ids = [ids[-max_prompt_tokens:] for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    prompt_ids = encode_prompts(tokenizer, prompts, max_prompt_tokens)
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     if add_eos:
         response_ids = [ids + [tokenizer.eos_token_id] for ids in response_ids]

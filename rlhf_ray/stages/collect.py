@@ -19,7 +19,7 @@ from rlhf_ray.actors.rollout import RolloutActor
 from rlhf_ray.actors.scorers import RewardActor
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.prompts import load_prompts
-from rlhf_ray.data.tokenize import encode_pairs
+from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
 from rlhf_ray.engines.vllm_engine import SamplingSpec
 from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
 
@@ -61,7 +61,7 @@ def run_collect(cfg: RunConfig) -> dict:
                for i in range(ro.num_engines)]
     spec = SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, n=k,
                         stop_token_ids=(tokenizer.eos_token_id,), seed=cfg.seed)
-    ids = [tokenizer(p)["input_ids"][-cfg.data.max_prompt_tokens:] for p in prompts]
+    ids = encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)
     bounds = [round(i * len(ids) / len(engines)) for i in range(len(engines) + 1)]
     try:
         parts = ray.get([e.generate.remote(ids[a:b], spec) for e, a, b in zip(engines, bounds[:-1], bounds[1:])])

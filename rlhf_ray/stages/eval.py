@@ -49,7 +49,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     """``{metric: {model name: value}}`` for the metrics that apply: gold score (with a task) and
     reward (with reward models or criteria) of greedy responses to ``prompts``; perplexity of the
     ``references`` (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
-    from rlhf_ray.data.tokenize import encode_pairs
+    from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.tasks import GOLD_REWARD
     from rlhf_ray.tasks.rewards import load_reward_function
@@ -71,7 +71,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
             sc.criteria, sc.criteria_weights, sc.criteria_combine)
     try:
         tokenizers = {path: load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code) for path in paths}
-        prompt_ids = {path: [tok(p)["input_ids"][-cfg.data.max_prompt_tokens:] for p in prompts]
+        prompt_ids = {path: encode_prompts(tok, prompts, cfg.data.max_prompt_tokens)
                       for path, tok in tokenizers.items()}
         greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens)
                   for path in paths if prompts}

@@ -27,6 +27,7 @@ from rlhf_ray.actors.placement import (
 )
 from rlhf_ray.config import RunConfig, config_to_dict, dump_config
 from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
 from rlhf_ray.platform import detect
 from rlhf_ray.stages import checkpoint as ckpt
 from rlhf_ray.stages.common import (
@@ -301,8 +302,7 @@ class PPOTrainer:
         return pending
 
     def _submit_prompts(self, prompts: list[str], iteration: int) -> PendingGeneration:
-        ids = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.cfg.data.max_prompt_tokens:]
-               for p in prompts]
+        ids = encode_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_tokens)
         n_engines = len(self.roles.rollout)
         bounds = [round(i * len(ids) / n_engines) for i in range(n_engines + 1)]
         pending = PendingGeneration(prompts, self.iteration, ids, self._sampling_spec(iteration), [])
@@ -383,8 +383,7 @@ class PPOTrainer:
         self._broadcast_weights()
         probe = self._parity_probe
         if probe is None:
-            prompts = [self.tokenizer(p, add_special_tokens=True)["input_ids"][-self.cfg.data.max_prompt_tokens:]
-                       for p in self.prompts.prompts[:4]]
+            prompts = encode_prompts(self.tokenizer, self.prompts.prompts[:4], self.cfg.data.max_prompt_tokens)
             responses = ray.get(self.roles.rollout[new[0]].greedy.remote(prompts, self.cfg.rollout.max_new_tokens))
             probe = RolloutBatch.from_token_lists(prompts, responses, self.tokenizer.pad_token_id)
         self.check_sync_parity(probe, engines=new)
@@ -470,8 +469,6 @@ class PPOTrainer:
 
     def _ptx_minibatch(self, rows: int, generator: torch.Generator) -> RolloutBatch:
         """``rows`` pretraining-mix examples drawn at random (reproducible from the iteration's seed)."""
-        from rlhf_ray.data.tokenize import encode_pairs
-
         picks = [self.ptx_examples[i]
                  for i in torch.randint(len(self.ptx_examples), (rows,), generator=generator).tolist()]
         return encode_pairs(self.tokenizer, [e.prompt for e in picks], [e.response for e in picks],
