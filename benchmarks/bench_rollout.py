@@ -2,16 +2,17 @@
 
     python benchmarks/bench_rollout.py [--hidden 512 --layers 6] [--batches 32,128]
                                        [--max-new-tokens 16] [--repeats 3] [--threads 1,2]
+                                       [--dtype float32|bfloat16]
 
 The offline tiny Llama (default 512 x 6, MLP 1024: bench_ppo.py's 512x6, 15.8M parameters, fp32),
 the arithmetic-task prompts (``--group`` samples per prompt, as a GRPO rollout asks), sampling at
 temperature 1 with every sequence forced to exactly ``--max-new-tokens`` new tokens (vLLM
 ``ignore_eos``; HF ``min_new_tokens``), so both sides produce the same number of tokens. HF
-``generate`` runs first in this process (``torch.set_num_threads`` for each of ``--threads``; the
-faster is compared; left padding, KV
-cache on), then one ``vllm.LLM`` engine (enforce_eager, the CPU backend, as rlhf_ray's rollout
-actors start it) in the same process tree. Each batch is timed ``--repeats`` times after one
-warm-up call; the median is reported.
+``generate`` runs first in this process (``torch.set_num_threads`` for each of ``--threads``; left
+padding, KV cache on), then one ``vllm.LLM`` engine per thread count (enforce_eager, the CPU
+backend, its worker unpinned with ``OMP_NUM_THREADS`` threads, as rlhf_ray's rollout actors start
+it) in the same process tree. Each side's fastest thread count is compared. Each batch is timed
+``--repeats`` times after one warm-up call; the median is reported.
 
 "vllm / hf" is the rollout ratio: above 1, vLLM generates faster on this machine. Prints figures,
 asserts nothing; results to ``benchmarks/results/bench_rollout-<time>.{json,png}``.
@@ -37,14 +38,14 @@ from _bench_util import (
 )
 
 
-def hf_side(model_dir: str, prompts: list[str], max_new: int, repeats: int, threads: int) -> list[float]:
+def hf_side(model_dir: str, prompts: list[str], max_new: int, repeats: int, threads: int, dtype: str) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
     enc = tok(prompts, return_tensors="pt", padding=True)
     times = []
     with torch.inference_mode():
@@ -67,13 +68,16 @@ def hf_side(model_dir: str, prompts: list[str], max_new: int, repeats: int, thre
 
 
 def vllm_side(
-    model_dir: str, batches: dict[int, list[str]], max_new: int, repeats: int, prefix_caching: bool
+    model_dir: str, batches: dict[int, list[str]], max_new: int, repeats: int, prefix_caching: bool,
+    threads: int, dtype: str,
 ) -> dict[int, list[float]]:
     from vllm import LLM, SamplingParams
 
+    # The engine's worker process reads these when it starts (the platform sets nobind already).
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     llm = LLM(
         model=model_dir,
-        dtype="float32",
+        dtype=dtype,
         enforce_eager=True,
         gpu_memory_utilization=0.3,
         max_model_len=max(64, 2 * max_new + 32),
@@ -107,6 +111,7 @@ def main() -> None:
         default="1,2",
         help="torch threads of the HF side, comma-separated: each is measured; the ratio uses the fastest",
     )
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides")
     parser.add_argument("--no-prefix-caching", action="store_true", help="vLLM enable_prefix_caching=False")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-json", action="store_true")
@@ -130,11 +135,16 @@ def main() -> None:
     for t in threads:
         for n in sizes:
             print(f"-- hf generate, {n} sequences, {t} thread(s) ...", flush=True)
-            hf_by_t[t][n] = hf_side(model_dir, batches[n], args.max_new_tokens, args.repeats, t)
+            hf_by_t[t][n] = hf_side(model_dir, batches[n], args.max_new_tokens, args.repeats, t, args.dtype)
+    vl_by_t: dict[int, dict[int, list[float]]] = {}
+    for t in threads:
+        print(f"-- vllm, {t} thread(s) ...", flush=True)
+        vl_by_t[t] = vllm_side(model_dir, batches, args.max_new_tokens, args.repeats, not args.no_prefix_caching,
+                               t, args.dtype)
     best_t = {n: min(threads, key=lambda t: median(hf_by_t[t][n])) for n in sizes}
+    best_vt = {n: min(threads, key=lambda t: median(vl_by_t[t][n])) for n in sizes}
     hf = {n: hf_by_t[best_t[n]][n] for n in sizes}
-    print("-- vllm ...", flush=True)
-    vl = vllm_side(model_dir, batches, args.max_new_tokens, args.repeats, not args.no_prefix_caching)
+    vl = {n: vl_by_t[best_vt[n]][n] for n in sizes}
 
     rows, runs = [], []
     for n in sizes:
@@ -151,12 +161,15 @@ def main() -> None:
                 "ratio": h / v,
                 "hf_threads": best_t[n],
                 "hf_s_by_threads": {str(t): hf_by_t[t][n] for t in threads},
+                "vllm_threads": best_vt[n],
+                "vllm_s_by_threads": {str(t): vl_by_t[t][n] for t in threads},
             }
         )
-        rows.append([n, toks, *[median(hf_by_t[t][n]) for t in threads], v, toks / h, toks / v, h / v])
+        rows.append([n, toks, *[median(hf_by_t[t][n]) for t in threads], *[median(vl_by_t[t][n]) for t in threads],
+                     toks / h, toks / v, h / v])
     title = (
-        f"{args.hidden}x{args.layers} fp32, {args.max_new_tokens} new tokens per sequence (forced), group "
-        f"{args.group}, HF on {args.threads} torch threads (hf tok/s and the ratio: the faster), vLLM prefix caching "
+        f"{args.hidden}x{args.layers} {args.dtype}, {args.max_new_tokens} new tokens per sequence (forced), group "
+        f"{args.group}, both sides on {args.threads} threads (tok/s and the ratio: each side's fastest), vLLM prefix caching "
         f"{'off' if args.no_prefix_caching else 'on'}; median of {args.repeats} after 1 warm-up"
     )
     print()
@@ -165,7 +178,7 @@ def main() -> None:
             "sequences",
             "tokens",
             *[f"hf s ({t} thr)" for t in threads],
-            "vllm s",
+            *[f"vllm s ({t} thr)" for t in threads],
             "hf tok/s",
             "vllm tok/s",
             "vllm / hf",

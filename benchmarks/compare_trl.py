@@ -53,6 +53,10 @@ from _bench_util import (
 )
 
 REWARD = "rlhf_ray.tasks.rewards:digit_fraction"
+# rlhf_ray's settings for this job beyond the shared ones (--set overrides any): one update per
+# batch from the sampling weights, so the engines' log-probs are pi_old and the learners' scoring
+# pass is redundant; two reference replicas keep both cores busy while scoring.
+SPEED_SETTINGS = ("ppo.old_logprobs=rollout", "scorers.reference_replicas=2")
 PHASES = ("generate", "score", "train", "sync")
 
 
@@ -99,6 +103,9 @@ def side_rlhf_ray(args, out: dict) -> None:
             f"ppo.iterations={args.updates + 1}",
             "sync.parity_every=0",
             "checkpoint.save_final=false",
+            f"model.dtype={args.dtype}",
+            f"policy.bf16={str(args.dtype == 'bfloat16').lower()}",
+            *SPEED_SETTINGS,
             *args.rlhf_set,
         ],
     )
@@ -191,7 +198,7 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
         save_strategy="no",
         report_to="none",
         use_cpu=True,
-        bf16=False,
+        bf16=args.dtype == "bfloat16",  # TRL's own default is bf16 (autocast on CPU)
         fp16=False,
         seed=args.seed,
         dataloader_num_workers=0,
@@ -396,6 +403,13 @@ def main() -> None:
     parser.add_argument("--kl", type=float, default=0.02, help="KL coefficient (TRL's beta)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-prompts", type=int, default=512, help="size of the prompt pool")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="both sides: float32, or bf16 mixed precision (TRL's default: autocast; rlhf_ray: bf16 vLLM and "
+        "reference, DeepSpeed bf16 with fp32 master weights)",
+    )
     parser.add_argument("--engines", type=int, default=1, help="rlhf_ray: vLLM rollout engines")
     parser.add_argument("--ranks", type=int, default=2, help="rlhf_ray: DeepSpeed ZeRO-2 policy ranks")
     parser.add_argument(
@@ -464,10 +478,11 @@ def main() -> None:
     with safe_open(os.path.join(args.model_dir, "model.safetensors"), "pt") as f:
         params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
     job = (
-        f"model {args.hidden}x{args.layers} ({params / 1e6:.1f}M params, fp32), {args.prompts} prompts x "
+        f"model {args.hidden}x{args.layers} ({params / 1e6:.1f}M params, {args.dtype}), {args.prompts} prompts x "
         f"group {args.group} = {args.prompts * args.group} sequences/iteration, <= {args.max_new_tokens} new tokens, "
         f"lr {args.lr}, KL {args.kl}, {args.updates} measured updates + 1 warm-up; rlhf_ray layout: "
-        f"{args.engines} vLLM engine(s), {args.ranks} ZeRO-2 policy rank(s), reference + reward actors"
+        f"{args.engines} vLLM engine(s), {args.ranks} ZeRO-2 policy rank(s), reference + reward actors, "
+        f"{' '.join([*SPEED_SETTINGS, *args.rlhf_set])}"
     )
     print(job, flush=True)
 

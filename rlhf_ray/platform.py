@@ -28,11 +28,16 @@ class Platform:
         colocated GPU engines take the NCCL broadcast."""
         return self.is_cpu
 
-    def vllm_engine_kwargs(self, gpu_memory_utilization: float) -> dict:
+    def vllm_engine_kwargs(self, gpu_memory_utilization: float, tensor_parallel_size: int = 1) -> dict:
         """Keyword arguments for ``vllm.LLM`` that depend on the hardware."""
         if self.is_cpu:
             # On the CPU backend this fraction is of host memory; the KV cache size is set by env.
-            return {"gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": True}
+            kwargs = {"gpu_memory_utilization": gpu_memory_utilization, "enforce_eager": True}
+            if tensor_parallel_size == 1:
+                # The model runs in the engine's own process: no worker process to spawn (each
+                # spawn re-imports vLLM, ~10 s) and no second copy of the runtime in memory.
+                kwargs["distributed_executor_backend"] = "uni"
+            return kwargs
         return {"gpu_memory_utilization": gpu_memory_utilization}
 
     def process_env(self) -> dict[str, str]:
@@ -42,6 +47,12 @@ class Platform:
                 "DS_ACCELERATOR": "cpu",
                 "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                 "VLLM_TARGET_DEVICE": "cpu",
+                # vLLM's "auto" pins every engine's worker to the same core (core 0 here) and keeps one
+                # for its scheduler; unpinned, the worker runs OMP_NUM_THREADS threads (what Ray
+                # sets from the engine's rollout.num_cpus) wherever the OS finds a free core.
+                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+                # The engine core (scheduler) in the caller's process instead of a spawned one.
+                "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
             }
         return {"NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", "0")}
 

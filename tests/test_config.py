@@ -51,11 +51,18 @@ def test_override_beats_file(tmp_path):
     ("scorers.reward_functions=nocolon", "scorers.reward_functions[0]: 'nocolon' is not of the form"),
     ("policy.offload_params=true", "policy.offload_params: parameter offload needs zero_stage 3"),
     ("ppo.tis_cap=0.5", "ppo.tis_cap: must be 0 (no correction) or >= 1"),
+    ("scorers.reference_replicas=0", "scorers.reference_replicas: must be >= 1"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override])
     assert expected in str(e.value)
+
+
+def test_rollout_logprobs_need_the_full_distribution():
+    with pytest.raises(ConfigError, match="ppo.old_logprobs: rollout needs rollout.top_p=1"):
+        load_config(None, ["ppo.old_logprobs=rollout", "rollout.top_p=0.9"])
+    assert load_config(None, ["ppo.old_logprobs=rollout"]).ppo.old_logprobs == "rollout"
 
 
 def test_rloo_needs_groups():

@@ -132,7 +132,7 @@ def test_nan_batches_dead_engines_and_a_dead_learner_are_survived_then_limits_st
         assert injected == ["engine in generate", "engine before sync", "learner"]
         assert trainer.restarts == 1 and trainer.faults["engine_replacements"] == 2
         # A scorer dies too: the one allowed restart is used up, so the run stops naming the limit.
-        _sigkill(trainer.roles.reference)
+        _sigkill(trainer.roles.reference[0])
         with pytest.raises(ActorFailureError, match=r"during iteration 6 .* faults\.max_restarts=1 restarts are used up"):
             trainer.fit()
     finally:

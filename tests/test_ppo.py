@@ -112,6 +112,12 @@ def test_grpo_with_zero3_runs_and_keeps_parity(short_ppo_run):
     assert trainer.weight_layout.uses_shm == [True]  # auto, one node: the weights went through shared memory
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     assert "value_loss" not in history[0]
+    # ppo.old_logprobs=rollout: no learner scoring pass, so no vLLM-vs-learner gap to log; the
+    # engines' log-probs served as pi_old. At iteration 1 policy = reference = sampler, so both the
+    # KL to the reference (rollout vs the two reference replicas' shards) and the ratio's approx_kl
+    # stay at numerical noise; wrong or misaligned log-probs would put them in whole nats.
+    assert "logprob_gap_vllm_learner" not in history[0] and len(trainer.roles.reference) == 2
+    assert abs(history[0]["kl_to_ref"]) < 8 * 1e-2 and history[0]["approx_kl"] < 1e-3
 
 
 def test_lora_gae_syncs_merged_weights_with_parity_and_saves_a_loadable_policy(ray_session, tmp_path):

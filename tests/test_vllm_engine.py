@@ -75,3 +75,18 @@ def test_greedy_matches_hf_generate(engine, hf_model):
     for prompt, tokens in zip(PROMPTS, out):
         ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt) :]
         assert tokens == ref.tolist()
+
+
+
+def test_engine_is_not_pinned_to_one_core(engine):
+    """vLLM's default binding pins every engine's worker to the same core; the platform turns it
+    off so engines, learners and scorers share the cores Ray hands out. The model runs in this
+    process (no worker process on CPU with one worker), so this process must keep its cores."""
+    import os
+
+    import psutil
+
+    allowed = os.sched_getaffinity(os.getppid())
+    assert os.sched_getaffinity(0) == allowed
+    assert not [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
+    assert len(engine.generate(PROMPTS[:1], SamplingSpec(temperature=1.0, max_new_tokens=4, n=1, seed=0))) == 1

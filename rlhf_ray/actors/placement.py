@@ -28,7 +28,7 @@ class Roles:
     rollout: list  # RolloutActor handles, one per engine
     policy: list  # PolicyLearnerActor handles, one per rank (rank 0 first)
     critic: list  # CriticLearnerActor handles; empty for critic-free estimators
-    reference: object
+    reference: list  # ReferenceActor handles, one per replica (each scores a shard of the batch)
     reward: object
     placement_groups: list[PlacementGroup]  # learners' and scorers'
     rollout_groups: list[PlacementGroup] = field(default_factory=list)  # engine i in rollout_groups[i] (a replacement too)
@@ -75,7 +75,8 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
                  reward_functions: list[str], reward_weights: list[float], engine_kwargs: dict) -> Roles:
     pol, cri, sc, ro = cfg.policy, cfg.critic, cfg.scorers, cfg.rollout
     colocate = sc.colocate_with_learners
-    extra_cpu, extra_gpu = (2 * sc.num_cpus, 2 * sc.num_gpus) if colocate else (0.0, 0.0)
+    n_scorers = sc.reference_replicas + 1  # the reference replicas, then the reward actor
+    extra_cpu, extra_gpu = (n_scorers * sc.num_cpus, n_scorers * sc.num_gpus) if colocate else (0.0, 0.0)
     policy_bundles = [_bundle(pol.num_cpus + (extra_cpu if r == 0 else 0), pol.num_gpus + (extra_gpu if r == 0 else 0),
                               pol.ray_resources)
                       for r in range(pol.num_ranks)]
@@ -84,16 +85,19 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     if cfg.uses_critic:
         groups["critic"] = placement_group([_bundle(cri.num_cpus, cri.num_gpus, cri.ray_resources)] * cri.num_ranks, strategy="PACK")
     if not colocate:
-        groups["scorers"] = placement_group([_bundle(sc.num_cpus, sc.num_gpus, sc.ray_resources)] * 2, strategy="PACK")
+        groups["scorers"] = placement_group([_bundle(sc.num_cpus, sc.num_gpus, sc.ray_resources)] * n_scorers,
+                                            strategy="PACK")
     ray.get([pg.ready() for pg in [*rollout_groups, *groups.values()]])
 
-    scorer_pg, ref_bundle, rew_bundle = (groups["policy"], 0, 0) if colocate else (groups["scorers"], 0, 1)
+    scorer_pg = groups["policy"] if colocate else groups["scorers"]
+    scorer_bundle = (lambda i: 0) if colocate else (lambda i: i)
     scorer_opts = {"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus}
-    reference = ray.remote(ReferenceActor).options(
-        **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, ref_bundle)
+    reference = [ray.remote(ReferenceActor).options(
+        **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, scorer_bundle(i))
     ).remote(policy_path, cfg.model.dtype, cfg.backend, sc.micro_batch_size, cfg.model.trust_remote_code)
+        for i in range(sc.reference_replicas)]
     reward = ray.remote(RewardActor).options(
-        **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, rew_bundle)
+        **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, scorer_bundle(sc.reference_replicas))
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
              sc.micro_batch_size, sc.criteria, sc.criteria_weights, sc.criteria_combine,
              http=client_for(sc.http), http_weight=sc.http.weight)
@@ -206,7 +210,7 @@ def lora_settings(lora) -> LoraSettings | None:
 
 
 def shutdown_roles(roles: Roles) -> None:
-    for handle in [*roles.rollout, *roles.policy, *roles.critic, roles.reference, roles.reward]:
+    for handle in [*roles.rollout, *roles.policy, *roles.critic, *roles.reference, roles.reward]:
         ray.kill(handle)  # a no-op for an actor that already died
     for pg in [*roles.rollout_groups, *roles.placement_groups]:
         remove_placement_group(pg)

@@ -46,7 +46,7 @@ def role_placement(roles) -> dict[str, list[dict]]:
     from ray.util.state import list_actors
 
     handles = {"rollout": list(roles.rollout), "policy": list(roles.policy), "critic": list(roles.critic),
-               "reference": [roles.reference], "reward": [roles.reward]}
+               "reference": list(roles.reference), "reward": [roles.reward]}
     said = {role: ray.get([h.__ray_call__.remote(_where) for h in hs]) for role, hs in handles.items()}
     state = {a.actor_id: a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000, detail=True)}
     nodes = nodes_view()

@@ -58,6 +58,7 @@ def role_asks(cfg) -> list[RoleAsk]:
     """What every role asks Ray for; mirrors ``placement.launch_roles`` bundle by bundle."""
     ro, pol, cri, sc = cfg.rollout, cfg.policy, cfg.critic, cfg.scorers
     colocate = sc.colocate_with_learners
+    n_scorers = sc.reference_replicas + 1
     asks = [
         RoleAsk("rollout", "rollout.num_engines", ro.num_engines, ro.num_cpus,
                 ro.num_gpus * ro.tensor_parallel_size,
@@ -66,17 +67,17 @@ def role_asks(cfg) -> list[RoleAsk]:
                 bundle_detail=f"one engine = tensor_parallel_size {ro.tensor_parallel_size} "
                               f"x num_gpus {_n(ro.num_gpus)}"),
         RoleAsk("policy", "policy.num_ranks", pol.num_ranks, pol.num_cpus, pol.num_gpus,
-                first_extra_cpus=2 * sc.num_cpus if colocate else 0.0,
-                first_extra_gpus=2 * sc.num_gpus if colocate else 0.0,
+                first_extra_cpus=n_scorers * sc.num_cpus if colocate else 0.0,
+                first_extra_gpus=n_scorers * sc.num_gpus if colocate else 0.0,
                 detail=f"{pol.num_ranks} ranks x num_gpus {_n(pol.num_gpus)}"
-                       + (f" + 2 colocated scorers x {_n(sc.num_gpus)} on rank 0" if colocate else "")),
+                       + (f" + {n_scorers} colocated scorers x {_n(sc.num_gpus)} on rank 0" if colocate else "")),
     ]
     if cfg.uses_critic:
         asks.append(RoleAsk("critic", "critic.num_ranks", cri.num_ranks, cri.num_cpus, cri.num_gpus,
                             detail=f"{cri.num_ranks} ranks x num_gpus {_n(cri.num_gpus)}"))
     if not colocate:
-        asks.append(RoleAsk("scorers", "scorers.num_gpus", 2, sc.num_cpus, sc.num_gpus,
-                            detail=f"reference + reward x num_gpus {_n(sc.num_gpus)}"))
+        asks.append(RoleAsk("scorers", "scorers.num_gpus", n_scorers, sc.num_cpus, sc.num_gpus,
+                            detail=f"{sc.reference_replicas} reference + reward x num_gpus {_n(sc.num_gpus)}"))
     return asks
 
 

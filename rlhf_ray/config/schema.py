@@ -145,6 +145,7 @@ class ScorerConfig:
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     colocate_with_learners: bool = False  # share the learners' placement-group bundles
+    reference_replicas: int = 1  # data-parallel reference actors; each scores a shard of the batch
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per scorer
     micro_batch_size: int = 32
     reward_functions: list[str] = field(default_factory=list)  # "module:function" rule rewards
@@ -181,6 +182,10 @@ class PPOConfig:
     missing_eos_penalty: float = 0.0  # subtracted from the score of truncated responses
     overlap: bool = False  # sample batch k+1 while training on batch k (one update off-policy)
     tis_cap: float = 2.0  # overlap: per-token weight min(pi_learner / pi_sampler, tis_cap); 0 = none
+    # Log-probs of the sampling policy in the PPO ratio and the KL: "learner" recomputes them on the
+    # policy learners (exact under the learner's numerics); "rollout" takes the engines' own, which
+    # skips that forward pass and makes the ratio pi_learner / pi_sampler (no TIS needed).
+    old_logprobs: Literal["learner", "rollout"] = "learner"
     # Alignment-tax mitigations (off at 0): the policy loss adds coef * term.
     ptx_coef: float = 0.0  # language-model loss on ptx_data (InstructGPT's PPO-ptx), one minibatch per step
     ptx_data: str = ""  # .txt (a text per line) or JSONL/JSON/Parquet text or prompt/response rows; "" = SFT data
@@ -353,6 +358,10 @@ class RunConfig:
         need(0 <= ppo.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
         need(0 <= ppo.lam <= 1, "ppo.lam", "must be in [0, 1]")
         need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
+        need(self.scorers.reference_replicas >= 1, "scorers.reference_replicas", "must be >= 1")
+        # vLLM reports log-probs renormalised over the top-p nucleus, which the learner never computes.
+        need(ppo.old_logprobs == "learner" or r.top_p == 1, "ppo.old_logprobs",
+             "rollout needs rollout.top_p=1 (the engines' log-probs are renormalised over the top-p nucleus)")
         need(ppo.tis_cap == 0 or ppo.tis_cap >= 1, "ppo.tis_cap", "must be 0 (no correction) or >= 1")
         need(ppo.kl_target > 0, "ppo.kl_target", "must be > 0")
         need(ppo.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")

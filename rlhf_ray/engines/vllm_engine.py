@@ -89,7 +89,7 @@ class VLLMEngine:
             trust_remote_code=trust_remote_code,
             logprobs_mode=logprobs_mode,
             worker_extension_cls=WORKER_EXTENSION,
-            **platform.vllm_engine_kwargs(gpu_memory_utilization),
+            **platform.vllm_engine_kwargs(gpu_memory_utilization, tensor_parallel_size),
             **llm_kwargs,
         )
 

@@ -152,16 +152,17 @@ class PPOTrainer:
             truncated = torch.tensor([g.finish_reason == "length" for g in generations])
 
         with timer("score"):
-            shards = batch.chunk(len(roles.policy))
-            policy_refs = [a.logprobs.remote(s, temperature) for a, s in zip(roles.policy, shards)]
+            # ppo.old_logprobs=rollout: the engines' sampling log-probs stand in for the policy's.
+            recompute = ppo.old_logprobs == "learner"
+            policy_refs = ([a.logprobs.remote(s, temperature) for a, s in zip(roles.policy, batch.chunk(len(roles.policy)))]
+                           if recompute else [])
             critic_refs = [a.values.remote(s) for a, s in zip(roles.critic, batch.chunk(len(roles.critic or [0])))]
-            ref_ref = roles.reference.logprobs.remote(batch, temperature)
+            ref_refs = [a.logprobs.remote(s, temperature) for a, s in zip(roles.reference, batch.chunk(len(roles.reference)))]
             reward_ref = roles.reward.score.remote(batch, prompt_texts, response_texts)
-            policy_out = get_all(policy_refs)
-            old_logprobs = torch.cat([lp for lp, _ in policy_out])
-            entropy = torch.cat([ent for _, ent in policy_out])
+            old_logprobs = torch.cat([lp for lp, _ in get_all(policy_refs)]) if recompute else rollout_logprobs
             values = torch.cat(get_all(critic_refs)) if critic_refs else None
-            ref_logprobs, rewards = get_all([ref_ref, reward_ref])
+            ref_logprobs = torch.cat(get_all(ref_refs))
+            rewards = get_all([reward_ref])[0]
 
         mask = batch.response_mask
         bad = nonfinite_phase(mask, score=[old_logprobs, ref_logprobs, values], reward=[rewards["score"]])
@@ -187,7 +188,7 @@ class PPOTrainer:
             advantages = algo.whiten(advantages, mask)
         batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
         offpolicy_metrics = {"policy_version": version, "policy_lag": self.iteration - version}
-        if ppo.overlap and ppo.tis_cap > 0:
+        if ppo.overlap and ppo.tis_cap > 0 and recompute:
             # The samples came from older weights: reweight each token by pi_learner / pi_sampler.
             is_weights = algo.truncated_is_weights(old_logprobs, rollout_logprobs, mask, ppo.tis_cap)
             batch = batch.with_extras(is_weights=is_weights)
@@ -225,13 +226,13 @@ class PPOTrainer:
             **{f"{k}_mean": v.mean().item() for k, v in rewards.items() if k.startswith("reward/")},
             "kl_to_ref": kl_per_seq.mean().item(),
             "kl_coef": kl_coef,
-            "entropy": algo.masked_mean(entropy, mask).item(),
-            **train_stats,
+            **train_stats,  # entropy among them (mean over the update's minibatches)
             "response_length_mean": lengths.mean().item(),
             "response_length_max": int(lengths.max().item()),
             "truncated_fraction": truncated.float().mean().item(),
             **guard_metrics,
-            "logprob_gap_vllm_learner": algo.masked_mean((rollout_logprobs - old_logprobs).abs(), mask).item(),
+            **({"logprob_gap_vllm_learner": algo.masked_mean((rollout_logprobs - old_logprobs).abs(), mask).item()}
+               if recompute else {}),
             **offpolicy_metrics,
             "generated_tokens": n_tokens,
             "rollout/engines": n_engines,
