@@ -186,6 +186,10 @@ def main() -> None:
         rows,
         title=title,
     )
+    for r in runs:
+        pick = "vllm" if r["ratio"] >= 1 else "hf"
+        print(f"{r['sequences']} sequences: {pick} is the faster rollout engine here "
+              f"(rollout.engine={pick}, rollout.num_cpus={r['vllm_threads' if pick == 'vllm' else 'hf_threads']})")
     print(f"\n{SHARED_NOTE}")
     if not args.no_json:
         path = write_results(

@@ -29,7 +29,7 @@ def ray_session():
 
     if not ray.is_initialized():
         ray.init(
-            num_cpus=8,  # logical slots; actors are light and mostly wait on each other
+            num_cpus=16,  # logical slots: module-scoped runs stay up while session-scoped ones start
             include_dashboard=False,
             log_to_driver=True,
             runtime_env={"env_vars": {k: os.environ[k] for k in (

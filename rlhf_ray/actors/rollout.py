@@ -1,4 +1,4 @@
-"""The rollout role: a thin Ray actor around one ``VLLMEngine``. No policy logic here; the driver
+"""The rollout role: a thin Ray actor around one ``VLLMEngine`` (or ``HFEngine``). No policy logic here; the driver
 decides what to generate and when to sync weights.
 
 ``RolloutActor`` is a plain class (testable without Ray); ``ray.remote(RolloutActor)`` makes the
@@ -13,11 +13,15 @@ from rlhf_ray.platform import detect
 
 
 class RolloutActor:
-    def __init__(self, model: str, backend: str = "auto", **engine_kwargs) -> None:
+    def __init__(self, model: str, backend: str = "auto", engine: str = "vllm", **engine_kwargs) -> None:
+        """``engine`` is ``rollout.engine``: vllm, or hf (transformers ``generate``, CPU)."""
         detect(backend).apply_env()  # before vLLM is imported in this process
-        from rlhf_ray.engines.vllm_engine import VLLMEngine
+        if engine == "hf":
+            from rlhf_ray.engines.hf_engine import HFEngine as Engine
+        else:
+            from rlhf_ray.engines.vllm_engine import VLLMEngine as Engine
 
-        self.engine = VLLMEngine(model, backend=backend, **engine_kwargs)
+        self.engine = Engine(model, backend=backend, **engine_kwargs)
 
     def ready(self) -> bool:
         return True

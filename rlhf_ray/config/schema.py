@@ -73,6 +73,9 @@ class RewardModelConfig:
 @dataclass
 class RolloutConfig:
     num_engines: int = 2  # vLLM engines, scaled independently of the learners
+    # vllm, or hf: transformers generate in the rollout actor, CPU only, for small models on few
+    # cores where it outruns vLLM's CPU backend (benchmarks/bench_rollout.py measures both).
+    engine: Literal["vllm", "hf"] = "vllm"
     tensor_parallel_size: int = 1  # workers per engine
     temperature: float = 1.0
     top_p: float = 1.0
@@ -322,6 +325,8 @@ class RunConfig:
 
         r, p, c, ppo = self.rollout, self.policy, self.critic, self.ppo
         need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        need(r.engine == "vllm" or (self.backend != "cuda" and r.tensor_parallel_size == 1), "rollout.engine",
+             "hf runs on CPU with one worker per engine: use vllm with backend=cuda or tensor_parallel_size > 1")
         need(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
         need(r.temperature > 0, "rollout.temperature", "must be > 0 (sampling log-probs need it)")
         need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")

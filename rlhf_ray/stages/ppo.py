@@ -90,7 +90,8 @@ class PPOTrainer:
         self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
         self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
         self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
-        self.engine_kwargs = {"model": self.policy_path, "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+        self.engine_kwargs = {"model": self.policy_path, "engine": cfg.rollout.engine,
+                              "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
                               "dtype": cfg.model.dtype, "max_model_len": cfg.rollout.max_model_len,
                               "gpu_memory_utilization": cfg.rollout.gpu_memory_utilization,
                               "enable_prefix_caching": cfg.rollout.enable_prefix_caching, "backend": cfg.backend,

@@ -1,0 +1,84 @@
+"""The transformers rollout engine (``rollout.engine=hf``) on the tiny model: the same contract as
+the vLLM engine (prompt-major samples, log-probs of the sampled distribution, finish reasons,
+seeding) and a weight sync through the same transport. In this process, no Ray."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.engines import scoring
+from rlhf_ray.engines.hf_engine import HFEngine
+from rlhf_ray.engines.vllm_engine import SamplingSpec
+
+PROMPTS = [[1, 10, 11, 12, 13], [1, 20, 21], [1, 30, 31, 32, 33, 34, 35]]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir):
+    return HFEngine(tiny_model_dir, seed=0)
+
+
+def _learner_logprobs(model, gens, temperature=1.0):
+    batch = RolloutBatch.from_token_lists([g.prompt_ids for g in gens], [g.response_ids for g in gens], pad_id=0)
+    return scoring.response_logprobs(model, batch, temperature), batch.response_mask
+
+
+def test_samples_are_prompt_major_seeded_and_scored_as_sampled(engine):
+    spec = SamplingSpec(temperature=0.7, max_new_tokens=10, n=3, seed=5, stop_token_ids=(engine.eos_id,))
+    gens = engine.generate(PROMPTS, spec)
+    assert [g.prompt_index for g in gens] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(g.prompt_ids == PROMPTS[g.prompt_index] for g in gens)
+    assert [g.response_ids for g in engine.generate(PROMPTS, spec)] == [g.response_ids for g in gens]
+    for g in gens:
+        assert 1 <= len(g.response_ids) == len(g.logprobs) <= 10
+        stopped = g.response_ids[-1] == engine.eos_id
+        assert g.finish_reason == ("stop" if stopped else "length")
+        assert engine.eos_id not in g.response_ids[:-1]
+    # The log-probs are those of the distribution sampled from: logits / temperature.
+    with torch.no_grad():
+        lp, mask = _learner_logprobs(engine.model, gens, temperature=0.7)
+    for i, g in enumerate(gens):
+        assert torch.allclose(lp[i, : len(g.logprobs)], torch.tensor(g.logprobs), atol=1e-4)
+    # score() gives temperature-1 log-probs of given tokens, as the parity check compares them.
+    scored = engine.score([g.prompt_ids for g in gens], [g.response_ids for g in gens])
+    with torch.no_grad():
+        lp1, _ = _learner_logprobs(engine.model, gens)
+    for i, s in enumerate(scored):
+        assert torch.allclose(lp1[i, : len(s)], torch.tensor(s), atol=1e-4)
+
+
+def test_greedy_matches_transformers_generate(engine):
+    greedy = engine.greedy(PROMPTS, 8)
+    for prompt, tokens in zip(PROMPTS, greedy):
+        out = engine.model.generate(input_ids=torch.tensor([prompt]), do_sample=False, max_new_tokens=8,
+                                    eos_token_id=engine.eos_id, pad_token_id=engine.pad_id)
+        expected = out[0, len(prompt):].tolist()
+        assert tokens == expected[: len(tokens)] and len(tokens) >= 1
+
+
+def test_weight_sync_replaces_every_weight(tiny_model_dir):
+    """A sender broadcasts other weights over gloo; the engine's model then holds them exactly."""
+    from rlhf_ray.sync.group import free_port
+    from rlhf_ray.sync.manifest import build_manifest
+    from rlhf_ray.sync.sender import WeightSender
+
+    engine = HFEngine(tiny_model_dir, seed=0)
+    new = {k: v + 0.5 for k, v in engine.model.state_dict().items()}
+    manifest = build_manifest([(k, v.dtype, tuple(v.shape)) for k, v in new.items()], 1 << 16)
+    port = free_port()
+    sender = WeightSender()
+    opened = threading.Thread(target=sender.open, args=("127.0.0.1", port, 2, "gloo"))
+    opened.start()
+    engine.join_weight_sync("127.0.0.1", port, 2, 1, "gloo")
+    opened.join()
+    sending = threading.Thread(target=sender.send, args=(iter(new.items()), manifest))
+    sending.start()
+    assert engine.receive_weights(manifest) == manifest["total_bytes"]
+    sending.join()
+    sender.close()
+    for name, tensor in engine.model.state_dict().items():
+        assert torch.equal(tensor, new[name]), name
