@@ -55,8 +55,9 @@ from _bench_util import (
 REWARD = "rlhf_ray.tasks.rewards:digit_fraction"
 # rlhf_ray's settings for this job beyond the shared ones (--set overrides any): one update per
 # batch from the sampling weights, so the engines' log-probs are pi_old and the learners' scoring
-# pass is redundant; two reference replicas keep both cores busy while scoring.
-SPEED_SETTINGS = ("ppo.old_logprobs=rollout", "scorers.reference_replicas=2")
+# pass is redundant; two reference replicas keep both cores busy while scoring; the engine gets
+# both cores' threads while it generates (nothing else runs then).
+SPEED_SETTINGS = ("ppo.old_logprobs=rollout", "scorers.reference_replicas=2", "rollout.num_cpus=2")
 PHASES = ("generate", "score", "train", "sync")
 
 
