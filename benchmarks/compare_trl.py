@@ -20,9 +20,12 @@ generated tokens are counted from the actual completions (EOS included when prod
 the ``max new tokens`` upper bound. TRL is also tried with ``use_vllm=True, vllm_mode="colocate"``;
 if that fails on this machine, the first line of its error is printed.
 
-``--profile`` runs each side under ``py-spy record --subprocesses`` (every Ray worker included) and
-prints where the CPU samples went: per process and per leaf function. rlhf_ray's own per-phase
-breakdown (generate, score, train, sync) is always printed.
+``--profile`` attaches ``py-spy record --native`` to every process doing the work (rlhf_ray: the
+driver and each Ray actor, named by role; TRL: its one process) for the measured iterations only
+(from the end of the warm-up to the end of the run) and prints, per role, where its CPU samples
+went: the share of its wall time it was busy, the hottest frames (inclusive) and the hottest
+leaves (self time, C++ kernels included). rlhf_ray's own per-phase breakdown (generate, score,
+train, sync) is always printed.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -115,11 +119,16 @@ def side_rlhf_ray(args, out: dict) -> None:
     out["startup_s"] = time.perf_counter() - start
     out["sync_total_bytes"] = int(trainer.weight_manifest["total_bytes"])
     records, walls = [], []
+    profiler = None
     try:
-        for _ in range(args.updates + 1):
+        for i in range(args.updates + 1):
+            if args.profile and i == 1:  # after the warm-up iteration
+                profiler = PySpy(args, {"driver": os.getpid(), **actor_pids(trainer.roles)})
             t0 = time.perf_counter()
             records.append(trainer.step())
             walls.append(time.perf_counter() - t0)
+        if profiler:
+            out["profiles"] = profiler.stop()
     finally:
         trainer.close()
         ray.shutdown()
@@ -127,6 +136,50 @@ def side_rlhf_ray(args, out: dict) -> None:
     out["generated_tokens"] = [r["generated_tokens"] for r in records]
     out["records"] = records
     out["reward_mean"] = [r["reward_mean"] for r in records]
+
+
+def actor_pids(roles) -> dict[str, int]:
+    """Process id of every actor, by role (``policy[0]``, ``reference[1]``, ``rollout[0]``, ...)."""
+    import ray
+
+    named = {"reward": roles.reward}
+    for role in ("rollout", "policy", "critic", "reference"):
+        named.update({f"{role}[{i}]": a for i, a in enumerate(getattr(roles, role))})
+    pids = ray.get([a.__ray_call__.remote(_own_pid) for a in named.values()])
+    return dict(zip(named, pids))
+
+
+def _own_pid(_actor) -> int:
+    return os.getpid()
+
+
+class PySpy:
+    """``py-spy record`` attached to each named process from now until ``stop()``."""
+
+    def __init__(self, args, pids: dict[str, int]):
+        pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+        self.started = time.perf_counter()
+        self.paths = {role: os.path.join(args.workdir, f"pyspy-{args.side}-{role}.txt") for role in pids}
+        log = open(os.path.join(args.workdir, f"pyspy-{args.side}.log"), "a")  # noqa: SIM115 - lives as long as the recorders
+        self.procs = {
+            role: subprocess.Popen(
+                [pyspy, "record", "--pid", str(pid), "--rate", str(args.profile_rate), "--native",
+                 "--format", "raw", "-o", self.paths[role]],
+                stdout=log, stderr=log)
+            for role, pid in pids.items()
+        }
+
+    def stop(self) -> dict:
+        """Stops every recorder (py-spy writes its file on SIGINT); returns the paths and seconds."""
+        seconds = time.perf_counter() - self.started
+        for proc in self.procs.values():
+            proc.send_signal(signal.SIGINT)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return {"seconds": seconds, "paths": {r: p for r, p in self.paths.items() if os.path.exists(p)}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -166,6 +219,10 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
 
         def on_step_end(self, *a, **k):
             self.end.append(time.perf_counter())
+            if args.profile and len(self.end) == 1:  # after the warm-up iteration
+                self.profiler = PySpy(args, {"trainer": os.getpid()})
+
+        profiler = None
 
     clock = StepClock()
     batch = args.prompts * args.group
@@ -218,6 +275,8 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
     out["startup_s"] = time.perf_counter() - start
     out["torch_threads"] = torch.get_num_threads()
     trainer.train()
+    if clock.profiler:
+        out["profiles"] = clock.profiler.stop()
     # Seconds per iteration: end of one optimiser step to the end of the next (the whole loop:
     # data, generation, reward, reference log-probs, loss, step, logging); the first iteration runs
     # from its own on_step_begin.
@@ -264,23 +323,6 @@ def run_side(side: str, args, workdir: str, argv: list[str]) -> dict:
         "--_model-dir",
         args.model_dir,
     ]
-    profile_path = None
-    if args.profile:
-        pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
-        profile_path = os.path.join(workdir, f"{side}.pyspy.txt")
-        cmd = [
-            pyspy,
-            "record",
-            "--subprocesses",
-            "--rate",
-            str(args.profile_rate),
-            "--format",
-            "raw",
-            "-o",
-            profile_path,
-            "--",
-            *cmd,
-        ]
     log_path = os.path.join(workdir, f"{side}.log")
     print(f"-- {side}: running (log {log_path})", flush=True)
     start = time.perf_counter()
@@ -306,8 +348,9 @@ def run_side(side: str, args, workdir: str, argv: list[str]) -> dict:
     else:
         res["error"] = f"exited with {rc} without a result; last log line: {_last_line(log_path)}"
     res["memory"] = mem.summary()
-    if profile_path and os.path.exists(profile_path):
-        res["profile"] = summarise_pyspy(profile_path, mem.names)
+    if res.get("profiles"):
+        res["profile"] = {role: summarise_pyspy(path, res["profiles"]["seconds"], args.profile_rate)
+                          for role, path in res["profiles"]["paths"].items()}
     return res
 
 
@@ -332,37 +375,46 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else ""
 
 
-def summarise_pyspy(path: str, names: dict[int, str], top: int = 12) -> dict:
-    """CPU samples per process and per leaf function (self time) from py-spy's raw output."""
-    text = Path(path).read_text(errors="replace")
-    # With --subprocesses every stack starts with the chain of processes above the sampled one.
-    by_proc, by_leaf, by_frame = Counter(), Counter(), Counter()
-    total = 0
-    for line in re.split(r"\n(?=process \d+:)", text):
-        m = re.match(r"(?s)(.*) (\d+)\s*$", line)
-        if not m:
+# Leaves where a thread waits rather than works: py-spy --native cannot tell a blocked thread
+# from a busy one, so these are counted apart (futex waits show as bare libc addresses).
+_WAIT_LEAF = re.compile(r"^(0x[0-9a-f]+ \(libc\.so\.6\)|(epoll_wait|syscall|poll|nanosleep|sched_yield|"
+                        r"PyThread_acquire_lock_timed|pthread_cond_\w+) .*)$")
+_MATMUL_LEAF = re.compile(r"gemm|onednn|dnnl|mkl_blas", re.IGNORECASE)
+# Frames worth naming in a role's breakdown: this project's, the engines' and torch's autograd and
+# optimisers, not Ray's task loop or Python's wrappers around them.
+_OWN_FRAME = re.compile(r"\((rlhf_ray|deepspeed|vllm|trl|transformers/trainer|torch/autograd|torch/optim)/")
+
+
+def summarise_pyspy(path: str, seconds: float, rate: int, top: int = 8) -> dict:
+    """One process's ``py-spy record --native --format raw`` output: the share of its samples spent
+    in matmul kernels, other work and waiting, its hottest own frames (inclusive) and its hottest
+    working leaves (self time). ``busy`` is working samples per wall-clock sample slot."""
+    leaves, frames_incl = Counter(), Counter()
+    total = waiting = matmul = 0
+    for line in Path(path).read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
             continue
-        stack, count = m.group(1), int(m.group(2))
-        procs = re.findall(r'process (\d+):"(.*?)"(?=;|$)', stack, flags=re.DOTALL)
-        frames = re.sub(r'process \d+:".*?"(;|$)', "", stack, flags=re.DOTALL).split(";")
-        frames = [f for f in frames if f]
-        pid, cmdline = (int(procs[-1][0]), procs[-1][1]) if procs else (0, "?")
-        name = names.get(pid) or os.path.basename(cmdline.split()[0] if cmdline.split() else "?")
-        if "compare_trl.py" in cmdline:
-            name = "driver/trainer"
-        # Ray workers are renamed after each task (ray::RolloutActor.generate): keep the class.
-        name = re.sub(r"^(ray::\w+)\..*", r"\1", name)
-        by_proc[name] += count
-        if frames:
-            by_leaf[re.sub(r":\d+\)", ")", frames[-1])] += count
-        for f in {re.sub(r":\d+\)", ")", f) for f in frames}:
-            by_frame[f] += count
-        total += count
+        n = int(count)
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";") if f and not f.startswith(("thread ", "process "))]
+        if not frames:
+            continue
+        total += n
+        if _WAIT_LEAF.match(frames[-1]):
+            waiting += n
+            continue
+        matmul += n if _MATMUL_LEAF.search(frames[-1]) else 0
+        leaves[re.sub(r"<.*>", "<>", frames[-1])[:120]] += n
+        for f in {f for f in frames if _OWN_FRAME.search(f)}:
+            frames_incl[f] += n
+    working = total - waiting
     return {
         "samples": total,
-        "by_process": by_proc.most_common(top),
-        "by_leaf": by_leaf.most_common(top),
-        "inclusive": by_frame.most_common(top),
+        "busy": working / max(1e-9, seconds * rate),
+        "working": working,
+        "matmul": matmul,
+        "inclusive": frames_incl.most_common(top),  # shares of working samples
+        "by_leaf": leaves.most_common(top),
     }
 
 
@@ -433,7 +485,7 @@ def main() -> None:
         default="rlhf_ray,trl,trl_vllm",
         help="which runs, in order: rlhf_ray, trl (HF generate), trl_vllm (vLLM colocate)",
     )
-    parser.add_argument("--profile", action="store_true", help="run each side under py-spy --subprocesses")
+    parser.add_argument("--profile", action="store_true", help="py-spy on every working process, measured iterations only")
     parser.add_argument("--profile-rate", type=int, default=25, help="py-spy samples per second")
     parser.add_argument("--side-timeout", type=int, default=420, help="seconds before a side is killed")
     parser.add_argument("--vllm-timeout", type=int, default=240, help="seconds for the trl_vllm attempt")
@@ -459,7 +511,7 @@ def main() -> None:
         sys.exit("compare_trl needs TRL: pip install -e '.[bench]' (trl==1.16.0)")
     if args.hidden % 32:
         sys.exit("--hidden must be a multiple of 32 (vLLM's CPU attention needs heads of size 32)")
-    argv = [a for a in sys.argv[1:] if a != "--profile"]
+    argv = sys.argv[1:]
     facts = announce("compare_trl")
 
     from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
@@ -593,20 +645,7 @@ def main() -> None:
             top = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in list(mem.items())[:8])
             print(f"{side} RSS at its peak, by process: {top}")
     if args.profile:
-        for side, res in results.items():
-            prof = res.get("profile")
-            if not prof:
-                continue
-            print(
-                f"\npy-spy, {side}: {prof['samples']} CPU samples at {args.profile_rate}/s (idle threads excluded)"
-            )
-            print(
-                "  by process: "
-                + ", ".join(f"{k} {100 * v / max(1, prof['samples']):.0f}%" for k, v in prof["by_process"])
-            )
-            print("  hottest leaf functions (self time):")
-            for k, v in prof["by_leaf"][:10]:
-                print(f"    {100 * v / max(1, prof['samples']):5.1f}%  {k}")
+        print_profiles(results, args.profile_rate)
     print(f"\n{SHARED_NOTE}")
     if not args.no_json:
         for res in results.values():
@@ -626,6 +665,19 @@ def main() -> None:
         print(f"results: {path}")
         print(f"chart: {chart(path, results, sums, job, facts)}")
     print(f"work dir (model, logs): {workdir}")
+
+
+def print_profiles(results: dict, rate: int) -> None:
+    """Per side and role: how busy it was in the measured iterations, and on what."""
+    for side, res in results.items():
+        for role, prof in (res.get("profile") or {}).items():
+            work = max(1, prof["working"])
+            print(f"\npy-spy, {side} {role}: working {100 * prof['busy']:.0f}% of the measured iterations' wall "
+                  f"time ({prof['working']} of {prof['samples']} samples at {rate}/s; the rest waiting); "
+                  f"of the working samples {100 * prof['matmul'] / work:.0f}% in matmul kernels")
+            if prof["inclusive"]:
+                print("  inclusive: " + "; ".join(f"{100 * v / work:.0f}% {k}" for k, v in prof["inclusive"]))
+            print("  self:      " + "; ".join(f"{100 * v / work:.0f}% {k}" for k, v in prof["by_leaf"]))
 
 
 def chart(path, results: dict, sums: dict, job: str, facts: dict):

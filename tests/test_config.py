@@ -52,6 +52,7 @@ def test_override_beats_file(tmp_path):
     ("policy.offload_params=true", "policy.offload_params: parameter offload needs zero_stage 3"),
     ("ppo.tis_cap=0.5", "ppo.tis_cap: must be 0 (no correction) or >= 1"),
     ("scorers.reference_replicas=0", "scorers.reference_replicas: must be >= 1"),
+    ("cluster.placement_timeout_s=-1", "cluster.placement_timeout_s: must be >= 0"),
     ("rollout.engine=hf backend=cuda", "rollout.engine: hf runs on CPU with one worker per engine"),
 ])
 def test_bad_values_name_the_key(override, expected):

@@ -53,10 +53,31 @@ def free_port_near(pg: PlacementGroup, bundle_index: int = 0) -> tuple[str, int]
     return ray.get(_free_port.options(scheduling_strategy=_in_bundle(pg, bundle_index)).remote())
 
 
-def learner_placement_group(lc) -> PlacementGroup:
+class PlacementTimeoutError(RuntimeError):
+    """Ray could not give a role its resources within ``cluster.placement_timeout_s``."""
+
+
+def wait_for_placement(groups: dict[str, PlacementGroup], timeout_s: float) -> None:
+    """Waits until Ray has placed every group (named by role). After ``timeout_s`` (0: forever) it
+    removes them all, so nothing stays reserved or pending, and names the groups that did not fit."""
+    refs = {name: pg.ready() for name, pg in groups.items()}
+    _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s or None)
+    if not pending:
+        return
+    unplaced = [f"{name} {groups[name].bundle_specs}" for name, ref in refs.items() if ref in pending]
+    for pg in groups.values():
+        remove_placement_group(pg)
+    free = {k: round(v, 2) for k, v in sorted(ray.available_resources().items()) if "_group_" not in k}
+    raise PlacementTimeoutError(
+        f"Ray could not place {'; '.join(unplaced)} within cluster.placement_timeout_s={timeout_s:g}; "
+        f"free now: {free}. Lower those roles' num_cpus/num_gpus, rollout.num_engines or num_ranks, "
+        f"or add nodes (rlhf-ray config check compares a plan with cluster.nodes)")
+
+
+def learner_placement_group(lc, timeout_s: float) -> PlacementGroup:
     """One bundle per rank of a learner section (``policy`` or ``critic``), ready to use."""
     pg = placement_group([_bundle(lc.num_cpus, lc.num_gpus, lc.ray_resources)] * lc.num_ranks, strategy="PACK")
-    ray.get(pg.ready())
+    wait_for_placement({"learners": pg}, timeout_s)
     return pg
 
 
@@ -87,7 +108,8 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     if not colocate:
         groups["scorers"] = placement_group([_bundle(sc.num_cpus, sc.num_gpus, sc.ray_resources)] * n_scorers,
                                             strategy="PACK")
-    ray.get([pg.ready() for pg in [*rollout_groups, *groups.values()]])
+    wait_for_placement({**{f"rollout engine {i}": pg for i, pg in enumerate(rollout_groups)}, **groups},
+                       cfg.cluster.placement_timeout_s)
 
     scorer_pg = groups["policy"] if colocate else groups["scorers"]
     scorer_bundle = (lambda i: 0) if colocate else (lambda i: i)

@@ -281,6 +281,9 @@ class ClusterConfig:
     nodes: int = 0
     gpus_per_node: int = 0
     cpus_per_node: int = 0
+    # How long to wait for Ray to place every role's resources before giving up with an error that
+    # names what did not fit (0: wait forever, e.g. for a slow autoscaler).
+    placement_timeout_s: float = 600.0
 
 
 @dataclass
@@ -325,6 +328,7 @@ class RunConfig:
 
         r, p, c, ppo = self.rollout, self.policy, self.critic, self.ppo
         need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        need(self.cluster.placement_timeout_s >= 0, "cluster.placement_timeout_s", "must be >= 0 (0: wait forever)")
         need(r.engine == "vllm" or (self.backend != "cuda" and r.tensor_parallel_size == 1), "rollout.engine",
              "hf runs on CPU with one worker per engine: use vllm with backend=cuda or tensor_parallel_size > 1")
         need(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")

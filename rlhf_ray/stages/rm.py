@@ -77,7 +77,7 @@ def run_rm(cfg: RunConfig) -> dict:
 def _train_member(cfg: RunConfig, member: int, init_path: str, train, held_out, encode, metrics,
                   run_dir: Path) -> dict:
     rm, lc = cfg.rm, cfg.critic
-    pg = learner_placement_group(lc)
+    pg = learner_placement_group(lc, cfg.cluster.placement_timeout_s)
     # Members differ by seed: head initialisation and data order.
     learners = launch_learner_group(
         RewardLearnerActor, learner_spec(cfg, lc, init_path, rm.batch_size, rm.lr, seed_offset=1000 * member),

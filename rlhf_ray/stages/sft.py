@@ -66,7 +66,7 @@ def run_sft(cfg: RunConfig) -> dict:
     init_ray(cfg)
 
     sft, pol = cfg.sft, cfg.policy
-    pg = learner_placement_group(pol)
+    pg = learner_placement_group(pol, cfg.cluster.placement_timeout_s)
     learners = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, base_path, sft.batch_size, sft.lr),
                                     pol.num_ranks, pol.num_cpus, pol.num_gpus, pg)
 
