@@ -16,8 +16,9 @@ response (``engines/scoring.py``), the PPO policy loss, backward; then the gradi
 the same rows. ``--batching``: ``padded`` keeps every micro-batch at the batch's full width (as
 before issue #11's padding work); ``trimmed`` drops each micro-batch's all-padding columns
 (scoring micro-batches are length-sorted first); ``packed`` (what the learners and scorers do)
-also puts each micro-batch's real tokens into one row, positions restarting at every sequence, so
-no padding is computed at all (``engines/scoring.py``).
+also lays each micro-batch's real tokens end to end in rows as wide as its longest sequence,
+positions restarting at every sequence, so only a short tail per packed row is padding
+(``engines/scoring.packed_layout``).
 
 Each layout ``PROCSxTHREADS`` runs PROCS ranks (processes; the batch is split between them like
 the learner ranks' shards) with ``torch.set_num_threads(THREADS)`` each, at the same time. Every
@@ -190,14 +191,21 @@ def worker(rank: int, world: int, threads: int, dtype: str, model_dir: str, batc
         dist.destroy_process_group()
 
 
+def packed_positions(mb) -> int:
+    from rlhf_ray.engines import scoring
+
+    return scoring.packed_layout(mb, mb.attention_mask.sum(-1))[0].numel()
+
+
 def positions(batch: dict, procs: int, micro_batch_size: int, batching: str) -> dict:
     """Positions the forward passes compute (real + padding) for training and scoring."""
     real = batch["real_tokens"]
     shards = [rank_shard(batch, r, procs) for r in range(procs)]
     train = sum(mb.sequences.numel() for s in shards for mb in train_micro_batches(s, micro_batch_size, batching))
     score = sum(mb.sequences.numel() for s in shards for mb in score_micro_batches(s, micro_batch_size, batching))
-    if batching == "packed":  # one row of real tokens per micro-batch
-        train = score = real
+    if batching == "packed":  # real tokens end to end in rows of each micro-batch's longest sequence
+        train = sum(packed_positions(mb) for s in shards for mb in train_micro_batches(s, micro_batch_size, batching))
+        score = sum(packed_positions(mb) for s in shards for mb in score_micro_batches(s, micro_batch_size, batching))
     return {"train_positions": train, "score_positions": score,
             "train_padding": 1 - real / train, "score_padding": 1 - real / score}
 

@@ -113,3 +113,48 @@ def test_packed_trimmed_training_micro_batch_gives_the_padded_loss_and_gradients
         for g, g_t in zip(grads, grads_t):
             torch.testing.assert_close(g_t, g, atol=1e-5, rtol=1e-4)
     assert policy._rlhf_ray_packs
+
+
+def test_first_fit_decreasing_fills_rows_without_overflowing_them():
+    lengths = [10, 3, 7, 3, 1, 2, 9, 5]
+    packed = scoring.pack_rows(lengths, 10)
+    assert sorted(i for row in packed for i in row) == list(range(8))
+    assert all(sum(lengths[i] for i in row) <= 10 for row in packed)
+    assert len(packed) == 4  # 40 tokens in rows of 10: nothing wasted here
+
+
+def test_packed_rows_are_as_wide_as_the_longest_sequence_and_hold_every_real_token(uneven_batch):
+    lengths = uneven_batch.attention_mask.sum(-1)
+    ids, positions, starts = scoring.packed_layout(uneven_batch, lengths)
+    width = int(lengths.max())
+    assert ids.shape[1] == width and ids.shape[0] < uneven_batch.size  # short rows share packed rows
+    assert ids.numel() < uneven_batch.sequences.numel()
+    real = uneven_batch.attention_mask.bool()
+    for i in range(uneven_batch.size):
+        n, s = int(lengths[i]), int(starts[i])
+        assert s // width == (s + n - 1) // width  # a sequence never straddles two packed rows
+        assert ids.flatten()[s : s + n].tolist() == uneven_batch.sequences[i][real[i]].tolist()
+        assert positions.flatten()[s : s + n].tolist() == list(range(n))
+
+
+def test_packing_keeps_attention_within_the_padded_batch_s_cost(tiny_model_dir):
+    """Many same-length rows: one packed row of all of them would cost attention quadratic in the
+    whole batch; rows as wide as the longest sequence cost what the padded batch costs."""
+    from rlhf_ray.models.loading import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir).eval()
+    batch = RolloutBatch.from_token_lists([[5, 6, 7]] * 16, [[8, 9, 10, 11]] * 16, pad_id=0)
+    shapes = []
+    forward = scoring._lm_forward(model)
+
+    def recording(ids, mask, pos):
+        shapes.append(tuple(ids.shape))
+        return forward(ids, mask, pos)
+
+    assert scoring.packs_exactly(model, recording)
+    shapes.clear()
+    with torch.no_grad():
+        packed = scoring._response_outputs(recording, model, batch)
+        padded = forward(batch.sequences, batch.attention_mask, batch.position_ids())[:, 2:-1]
+    assert shapes == [(16, 7)]
+    torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)

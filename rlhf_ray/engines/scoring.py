@@ -11,20 +11,58 @@ from rlhf_ray.data.batch import RolloutBatch
 
 def _response_outputs(forward, model, batch: RolloutBatch) -> torch.Tensor:
     """``forward(input_ids, attention_mask, position_ids)``'s per-position outputs at the positions
-    that predict each response token, ``[B, R, ...]``. Packed (every row's real tokens in one row,
-    positions restarting at each sequence, no padding computed) when the model passed
-    ``packs_exactly``; else over the padded rows."""
+    that predict each response token, ``[B, R, ...]``. Packed (:func:`packed_layout`: the rows'
+    real tokens laid end to end, positions restarting at each sequence, no padding computed but a
+    short tail per packed row) when the model passed ``packs_exactly``; else over the padded rows."""
     P, R = batch.prompt_len, batch.response_mask.shape[1]
     if not packs_exactly(model, forward):
         return forward(batch.sequences, batch.attention_mask, batch.position_ids())[:, P - 1 : -1]
-    real = batch.attention_mask.bool()
-    out = forward(batch.sequences[real][None], None, batch.position_ids()[real][None])[0]
     lengths = batch.attention_mask.sum(-1)
-    prompt_lengths = batch.attention_mask[:, :P].sum(-1)
-    # Row i starts at sum(lengths[:i]); its first response token is predicted at its last prompt token.
-    first = lengths.cumsum(0) - lengths + prompt_lengths - 1
+    ids, positions, starts = packed_layout(batch, lengths)
+    out = forward(ids, None, positions).flatten(0, 1)
+    # Row i's first response token is predicted at its last prompt token.
+    first = starts + batch.attention_mask[:, :P].sum(-1) - 1
     index = first[:, None] + torch.arange(R, device=first.device)
     return out[torch.where(batch.response_mask.bool(), index, 0)]
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the row indices that share each packed row of ``capacity`` tokens."""
+    packed, free = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((b for b, room in enumerate(free) if lengths[i] <= room), None)
+        if slot is None:
+            packed.append([i])
+            free.append(capacity - lengths[i])
+        else:
+            packed[slot].append(i)
+            free[slot] -= lengths[i]
+    return packed
+
+
+def packed_layout(batch: RolloutBatch, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids ``[N, C]``, position ids ``[N, C]``, where each row starts in the flattened
+    ``[N * C]``) of the batch's real tokens packed into N rows as wide as its longest sequence.
+    One row holding every sequence would cost attention quadratic in the whole batch's token
+    count; rows of the longest sequence's width cost no more attention than the padded batch and
+    compute almost no padding. Tail positions are 0, which starts a new sequence: real tokens
+    never attend to them."""
+    capacity = int(lengths.max())
+    packed = pack_rows(lengths.tolist(), capacity)
+    starts = torch.empty_like(lengths)
+    for b, rows in enumerate(packed):
+        offsets = torch.tensor([0, *lengths[rows].tolist()]).cumsum(0)[:-1]
+        starts[rows] = b * capacity + offsets
+    real = batch.attention_mask.bool()
+    # Destination of every real token (row-major, so each row's tokens are contiguous).
+    row_of_token = torch.repeat_interleave(torch.arange(batch.size, device=lengths.device), lengths)
+    within_row = torch.arange(len(row_of_token), device=lengths.device) - (lengths.cumsum(0) - lengths)[row_of_token]
+    dest = starts[row_of_token] + within_row
+    ids = batch.sequences.new_zeros(len(packed) * capacity)
+    positions = torch.zeros_like(ids)
+    ids[dest] = batch.sequences[real]
+    positions[dest] = batch.position_ids()[real]
+    return ids.view(len(packed), capacity), positions.view(len(packed), capacity), starts
 
 
 def packs_exactly(model, forward) -> bool:
