@@ -173,6 +173,27 @@ def test_parity_report_and_errors():
         check_greedy_parity([[1, 2, 3]], [[1, 4, 3]])
 
 
+def test_only_the_expected_rotary_reload_warning_is_dropped():
+    import logging
+
+    from rlhf_ray.sync import vllm_worker
+
+    logger = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    try:
+        vllm_worker.quiet_known_reload_warnings()
+        vllm_worker.quiet_known_reload_warnings()  # twice: still one filter
+        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
+        logger.warning("%s: Failed to load weights", "QKVParallelLinear")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["QKVParallelLinear: Failed to load weights"]
+    assert sum(isinstance(f, vllm_worker._ExpectedReloadWarnings) for f in logger.filters) == 1
+
+
 def test_rank_layout():
     assert rank_layout(2, 1) == (3, [1, 2])
     assert rank_layout(3, 2) == (7, [1, 3, 5])

@@ -6,6 +6,8 @@ through ``LLM.collective_rpc``. Names must not clash with the worker's own metho
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from rlhf_ray.sync import manifest as mf
@@ -37,6 +39,7 @@ class WeightSyncWorkerExtension:
         segment first and joins the shared-memory control group instead. Joining again replaces
         the previous group."""
         rank = rank_offset + self.rank
+        quiet_known_reload_warnings()
         self._rlhf_group = self._rlhf_segment = None
         if shm_path:
             # Mapped before joining: the learner removes the name once everyone has joined.
@@ -122,3 +125,22 @@ def _receive_buffer(worker, manifest: dict, index: int, device: torch.device) ->
         worker._rlhf_buffers = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
         worker._rlhf_buffer_sizes = sizes
     return worker._rlhf_buffers[index]
+
+
+# vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" at every sync: the rotary
+# cos/sin cache is computed, never part of a checkpoint, and vLLM puts the current one back. Any
+# other layer's load failure still shows.
+_RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
+_EXPECTED_RELOAD_WARNINGS = frozenset({"RotaryEmbedding: Failed to load weights"})
+
+
+class _ExpectedReloadWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() not in _EXPECTED_RELOAD_WARNINGS
+
+
+def quiet_known_reload_warnings() -> None:
+    """Drops vLLM's reload warnings that every sync of a healthy model gives (idempotent)."""
+    logger = logging.getLogger(_RELOAD_LOGGER)
+    if not any(isinstance(f, _ExpectedReloadWarnings) for f in logger.filters):
+        logger.addFilter(_ExpectedReloadWarnings())
