@@ -191,21 +191,18 @@ def worker(rank: int, world: int, threads: int, dtype: str, model_dir: str, batc
         dist.destroy_process_group()
 
 
-def packed_positions(mb) -> int:
-    from rlhf_ray.engines import scoring
-
-    return scoring.packed_layout(mb, mb.attention_mask.sum(-1))[0].numel()
-
-
 def positions(batch: dict, procs: int, micro_batch_size: int, batching: str) -> dict:
     """Positions the forward passes compute (real + padding) for training and scoring."""
+    from rlhf_ray.engines import scoring
+
     real = batch["real_tokens"]
     shards = [rank_shard(batch, r, procs) for r in range(procs)]
-    train = sum(mb.sequences.numel() for s in shards for mb in train_micro_batches(s, micro_batch_size, batching))
-    score = sum(mb.sequences.numel() for s in shards for mb in score_micro_batches(s, micro_batch_size, batching))
     if batching == "packed":  # real tokens end to end in rows of each micro-batch's longest sequence
-        train = sum(packed_positions(mb) for s in shards for mb in train_micro_batches(s, micro_batch_size, batching))
-        score = sum(packed_positions(mb) for s in shards for mb in score_micro_batches(s, micro_batch_size, batching))
+        computed = lambda mb: scoring.packed_layout(mb)[0].numel()
+    else:
+        computed = lambda mb: mb.sequences.numel()
+    train = sum(computed(mb) for s in shards for mb in train_micro_batches(s, micro_batch_size, batching))
+    score = sum(computed(mb) for s in shards for mb in score_micro_batches(s, micro_batch_size, batching))
     return {"train_positions": train, "score_positions": score,
             "train_padding": 1 - real / train, "score_padding": 1 - real / score}
 
@@ -363,7 +360,7 @@ def main() -> None:
     if emulated:
         print(f"not counted for the best MFU: {', '.join(sorted(emulated))} (its measured peak is below "
               "float32's: no native support on this CPU)")
-    counted = [r for r in runs if r["dtype"] not in emulated and r["mfu_machine"] == r["mfu_machine"]] or runs
+    counted = [r for r in runs if r["dtype"] not in emulated] or runs
     best = max(counted, key=lambda r: r["mfu_machine"] if r["mfu_machine"] == r["mfu_machine"] else -1)
     verdict = (
         f"best MFU vs the machine's peak: {100 * best['mfu_machine']:.1f}% ({best['dtype']} {best['layout']}); "

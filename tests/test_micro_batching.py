@@ -125,7 +125,7 @@ def test_first_fit_decreasing_fills_rows_without_overflowing_them():
 
 def test_packed_rows_are_as_wide_as_the_longest_sequence_and_hold_every_real_token(uneven_batch):
     lengths = uneven_batch.attention_mask.sum(-1)
-    ids, positions, starts = scoring.packed_layout(uneven_batch, lengths)
+    ids, positions, starts = scoring.packed_layout(uneven_batch)
     width = int(lengths.max())
     assert ids.shape[1] == width and ids.shape[0] < uneven_batch.size  # short rows share packed rows
     assert ids.numel() < uneven_batch.sequences.numel()

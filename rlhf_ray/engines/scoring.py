@@ -17,8 +17,7 @@ def _response_outputs(forward, model, batch: RolloutBatch) -> torch.Tensor:
     P, R = batch.prompt_len, batch.response_mask.shape[1]
     if not packs_exactly(model, forward):
         return forward(batch.sequences, batch.attention_mask, batch.position_ids())[:, P - 1 : -1]
-    lengths = batch.attention_mask.sum(-1)
-    ids, positions, starts = packed_layout(batch, lengths)
+    ids, positions, starts = packed_layout(batch)
     out = forward(ids, None, positions).flatten(0, 1)
     # Row i's first response token is predicted at its last prompt token.
     first = starts + batch.attention_mask[:, :P].sum(-1) - 1
@@ -40,13 +39,14 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return packed
 
 
-def packed_layout(batch: RolloutBatch, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def packed_layout(batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input ids ``[N, C]``, position ids ``[N, C]``, where each row starts in the flattened
     ``[N * C]``) of the batch's real tokens packed into N rows as wide as its longest sequence.
     One row holding every sequence would cost attention quadratic in the whole batch's token
     count; rows of the longest sequence's width cost no more attention than the padded batch and
     compute almost no padding. Tail positions are 0, which starts a new sequence: real tokens
     never attend to them."""
+    lengths = batch.attention_mask.sum(-1)
     capacity = int(lengths.max())
     packed = pack_rows(lengths.tolist(), capacity)
     starts = torch.empty_like(lengths)
