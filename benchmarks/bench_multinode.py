@@ -50,7 +50,7 @@ def run_setup(state_path: Path, out_dir: Path, name: str, args) -> dict:
         f"run_dir={out_dir / tag}", "ray_address=auto", "model.policy=builtin:tiny",
         f"model.tiny_hidden_size={args.hidden}", f"model.tiny_layers={args.layers}", "data.task=arithmetic",
         "scorers.use_task_gold_as_reward=false", "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
-        f"rollout.max_new_tokens={args.new_tokens}", "rollout.max_model_len=128",
+        f"rollout.max_new_tokens={args.new_tokens}", "rollout.max_model_len=128", "data.max_prompt_tokens=32",
         "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16", f"ppo.iterations={args.iterations}",
         "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", f"ppo.prompts_per_iteration={args.prompts}",
         f"rollout.num_engines={engines}", "policy.num_ranks=1", "sync.parity_every=0",

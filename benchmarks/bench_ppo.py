@@ -65,7 +65,7 @@ BASE = [
     "scorers.use_task_gold_as_reward=false",
     "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
     "rollout.max_new_tokens=16",
-    "rollout.max_model_len=64",
+    "rollout.max_model_len=64", "data.max_prompt_tokens=32",
     "rollout.gpu_memory_utilization=0.05",
     "rollout.num_engines=2",
     "policy.num_ranks=2",

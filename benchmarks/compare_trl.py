@@ -97,6 +97,7 @@ def side_rlhf_ray(args, out: dict) -> None:
             "rollout.temperature=1.0",
             "rollout.top_p=1.0",
             f"rollout.max_model_len={max(64, 2 * args.max_new_tokens + 32)}",
+            "data.max_prompt_tokens=32",
             "rollout.gpu_memory_utilization=0.05",
             f"rollout.num_engines={args.engines}",
             f"policy.num_ranks={args.ranks}",

@@ -46,6 +46,14 @@ def _parser() -> argparse.ArgumentParser:
     add_cluster_commands(sub)  # cluster up|down|status|exec: a local multi-node Ray cluster
     tiny = sub.add_parser("build-tiny", help="write the built-in tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
+    tiny.add_argument("--arch", default="", help="one of models.tiny.ARCHITECTURES (default: the built-in Llama)")
+    check = sub.add_parser("check-sync", help="does a checkpoint survive the learner -> vLLM weight sync? "
+                                              "(one process: transformers model, vLLM engine, two syncs)")
+    check.add_argument("models", nargs="+", metavar="MODEL", help="HF model folder(s), checked one after the other")
+    check.add_argument("--backend", default="auto", choices=("auto", "cpu", "cuda"))
+    check.add_argument("--dtype", default="float32")
+    check.add_argument("--atol", type=float, default=1e-3, help="largest log-prob gap accepted")
+    check.add_argument("--trust-remote-code", action="store_true")
     return parser
 
 
@@ -60,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_cluster_command(args)
     if args.command == "build-tiny":
-        from rlhf_ray.models.tiny import build_tiny_model
+        from rlhf_ray.models.tiny import build_tiny_architecture, build_tiny_model
 
-        print(build_tiny_model(args.out_dir))
+        print(build_tiny_architecture(args.out_dir, args.arch) if args.arch else build_tiny_model(args.out_dir))
         return 0
+    if args.command == "check-sync":
+        return _check_sync(args)
     if getattr(args, "resume", False):
         args.overrides.append("checkpoint.resume=auto")
     try:
@@ -86,6 +96,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf-ray: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_sync(args) -> int:
+    """One JSON line per model; exit 1 when any model fails its round trip."""
+    import json
+
+    from rlhf_ray.engines.sync_roundtrip import sync_roundtrip
+    from rlhf_ray.models.loading import check_model_path
+
+    try:
+        for model in args.models:
+            check_model_path(model)
+    except (BadInputError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"rlhf-ray: {e}", file=sys.stderr)
+        return 2
+    failed = 0
+    for model in args.models:
+        report = sync_roundtrip(model, backend=args.backend, dtype=args.dtype, atol=args.atol,
+                                trust_remote_code=args.trust_remote_code)
+        print(json.dumps(report.as_dict()), flush=True)
+        failed += not report.ok
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def short_ppo_run(ray_session, tmp_path_factory):
         f"run_dir={tmp_path_factory.mktemp('short_ppo')}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64",
         "data.task=arithmetic", "data.num_prompts=8", "scorers.use_task_gold_as_reward=false",
         "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction", "rollout.max_new_tokens=8",
-        "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16",
+        "rollout.max_model_len=64", "data.max_prompt_tokens=32", "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16",
         "critic.micro_batch_size=16", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
         "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1", "policy.num_ranks=2",
         "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto",

@@ -110,7 +110,7 @@ def aligned_run(ray_session, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("align")
     cfg = load_config(None, [
         f"run_dir={run_dir}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",
-        "rollout.num_engines=1", "rollout.max_new_tokens=8", "rollout.max_model_len=64",
+        "rollout.num_engines=1", "rollout.max_new_tokens=8", "rollout.max_model_len=64", "data.max_prompt_tokens=32",
         "rollout.gpu_memory_utilization=0.05", f"scorers.criteria={CRITERIA}",
         "ppo.iterations=2", "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
         "ppo.prompts_per_iteration=8", "ppo.epochs=2", "ppo.minibatches=2", "policy.num_ranks=2",

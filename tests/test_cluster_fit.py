@@ -148,3 +148,32 @@ def test_read_model_config(tmp_path):
     assert read_model_config("some-org/surely-not-cached-model-x") is None
     (folder / "config.json").write_text("{not json")
     assert read_model_config(str(folder)) is None
+
+
+@pytest.mark.parametrize("model,context", [
+    ({"max_position_embeddings": 256}, 256),
+    ({"n_positions": 1024, "n_ctx": 1024}, 1024),  # GPT-2
+    ({"max_position_embeddings": 4096, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, 16384),
+    ({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, 131072),
+    ({"max_position_embeddings": 32768, "model_max_length": 8192}, 8192),  # the smallest wins, as in vLLM
+])
+def test_max_model_len_beyond_the_model_context_is_refused(model, context):
+    from rlhf_ray.config.cluster_fit import model_context_length
+
+    assert model_context_length(model) == context
+    fits = load_config(None, [f"rollout.max_model_len={context}"], check=False)
+    assert model_problems(fits, model) == []
+    over = load_config(None, [f"rollout.max_model_len={context + 32}"], check=False)
+    (key, msg), = model_problems(over, model)
+    assert key == "rollout.max_model_len" and f"exceeds the policy's context of {context} positions" in msg
+
+
+def test_context_check_reads_the_checkpoint_folder(tmp_path):
+    """The first run of compare_trl --max-new-tokens 128 died inside the engine actor after two
+    minutes; the same mismatch now stops before any actor starts, naming the key."""
+    from rlhf_ray.stages.common import check_model_fits
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 256, "num_attention_heads": 4}))
+    cfg = load_config(None, ["rollout.max_model_len=288", "data.max_prompt_tokens=32", "rollout.max_new_tokens=128"])
+    with pytest.raises(ConfigError, match="rollout.max_model_len: 288 exceeds the policy's context of 256"):
+        check_model_fits(cfg, str(tmp_path))

@@ -54,6 +54,9 @@ def test_override_beats_file(tmp_path):
     ("scorers.reference_replicas=0", "scorers.reference_replicas: must be >= 1"),
     ("cluster.placement_timeout_s=-1", "cluster.placement_timeout_s: must be >= 0"),
     ("rollout.engine=hf backend=cuda", "rollout.engine: hf runs on CPU with one worker per engine"),
+    ("rollout.max_model_len=64 data.max_prompt_tokens=60 rollout.max_new_tokens=8",
+     ("rollout.max_model_len: 64 cannot hold a prompt of data.max_prompt_tokens=60 and a response of "
+      "rollout.max_new_tokens=8: make it at least 68")),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as e:

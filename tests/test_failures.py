@@ -6,13 +6,13 @@ import math
 import os
 import signal
 import sys
-import types
 
 import pytest
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.stages.ppo import NonFiniteError, PPOTrainer, nonfinite_phase
+from rlhf_ray.stages.ppo import PPOTrainer
+from rlhf_ray.stages.prepare import FaultCounter, NonFiniteError, nonfinite_phase
 from rlhf_ray.tracking import read_metrics
 
 NAN_ITERATIONS = {2, 5, 6}  # iterations whose reward scores are NaN
@@ -47,17 +47,28 @@ def test_nonfinite_phase_names_the_first_bad_phase_and_ignores_padding():
 
 
 def test_a_run_of_nonfinite_batches_stops_with_the_phase_named():
-    trainer = types.SimpleNamespace(
-        cfg=load_config(None, ["faults.max_consecutive_nonfinite=2"]), iteration=4,
-        faults={"nonfinite_batches": 0, "consecutive_nonfinite": 0, "engine_replacements": 0})
-    count = PPOTrainer._count_nonfinite.__get__(trainer)
-    count("reward")
-    count(None)  # a clean batch resets the run
-    count("advantages")
-    count("advantages")
-    with pytest.raises(NonFiniteError, match="'loss' phase"):
-        count("loss")
-    assert trainer.faults["nonfinite_batches"] == 4
+    faults = FaultCounter(max_consecutive_nonfinite=2, max_engine_replacements=1)
+    faults.batch_done("reward", 1)
+    faults.batch_done(None, 2)  # a clean batch resets the run
+    faults.batch_done("advantages", 3)
+    faults.batch_done("advantages", 4)
+    with pytest.raises(NonFiniteError, match="iteration 5: 3 batches in a row .*'loss' phase"):
+        faults.batch_done("loss", 5)
+    assert faults.nonfinite_batches == 4
+
+
+def test_fault_counts_survive_a_checkpoint_but_replacements_never_go_back():
+    faults = FaultCounter(max_consecutive_nonfinite=3, max_engine_replacements=2)
+    faults.batch_done("score", 1)
+    faults.engine_replacements = 1
+    saved = faults.state_dict()
+    assert faults.replacements_left(1) and not faults.replacements_left(2)
+    faults.batch_done("score", 2)
+    faults.engine_replacements = 2  # replaced after the checkpoint: still counted after a rollback
+    faults.load_state_dict(saved)
+    assert (faults.nonfinite_batches, faults.consecutive_nonfinite, faults.engine_replacements) == (1, 1, 2)
+    faults.restarts = 1
+    assert faults.metrics() == {"faults/nonfinite_batches": 1, "faults/engine_replacements": 2, "faults/restarts": 1}
 
 
 def _sigkill(actor) -> None:
@@ -83,7 +94,7 @@ def test_nan_batches_dead_engines_and_a_dead_learner_are_survived_then_limits_st
     cfg = load_config(None, [
         f"run_dir={tmp_path}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",
         "scorers.use_task_gold_as_reward=false", "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
-        "rollout.max_new_tokens=8", "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05",
+        "rollout.max_new_tokens=8", "rollout.max_model_len=64", "data.max_prompt_tokens=32", "rollout.gpu_memory_utilization=0.05",
         "rollout.num_engines=2", "rollout.samples_per_prompt=2", "ppo.advantage_estimator=grpo",
         "ppo.prompts_per_iteration=8", "ppo.iterations=6", "policy.num_ranks=1", "policy.micro_batch_size=16",
         "faults.max_consecutive_nonfinite=1", "faults.max_restarts=1", "checkpoint.every=2",
@@ -130,7 +141,7 @@ def test_nan_batches_dead_engines_and_a_dead_learner_are_survived_then_limits_st
         with pytest.raises(NonFiniteError, match=r"iteration 6: 2 batches in a row .* 'reward' phase"):
             trainer.fit()
         assert injected == ["engine in generate", "engine before sync", "learner"]
-        assert trainer.restarts == 1 and trainer.faults["engine_replacements"] == 2
+        assert trainer.faults.restarts == 1 and trainer.faults.engine_replacements == 2
         # A scorer dies too: the one allowed restart is used up, so the run stops naming the limit.
         _sigkill(trainer.roles.reference[0])
         with pytest.raises(ActorFailureError, match=r"during iteration 6 .* faults\.max_restarts=1 restarts are used up"):

@@ -121,7 +121,7 @@ def report(cluster, tmp_path_factory):
         f"run_dir={run_dir}", f"ray_address={cluster['state'].gcs_address}", "model.policy=builtin:tiny",
         "model.tiny_hidden_size=64", "data.task=arithmetic", "scorers.use_task_gold_as_reward=false",
         "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction", "rollout.max_new_tokens=8",
-        "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16",
+        "rollout.max_model_len=64", "data.max_prompt_tokens=32", "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16",
         f"ppo.iterations={ITERATIONS}", "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
         "ppo.prompts_per_iteration=8", "rollout.num_engines=2", "policy.num_ranks=1", "sync.parity_every=1",
         "checkpoint.save_final=false", "rollout.ray_resources={rollout: 1}", "policy.ray_resources={learner: 1}",

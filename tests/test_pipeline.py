@@ -17,7 +17,7 @@ REDUCED = [
     "data.num_eval_prompts=16", "sft.epochs=3", "sft.lr=3e-3", "sft.batch_size=32", "rm.epochs=3", "rm.lr=1e-3",
     "rm.batch_size=32",
     "policy.num_ranks=1", "critic.num_ranks=1", "policy.micro_batch_size=16", "critic.micro_batch_size=16",
-    "rollout.num_engines=1", "rollout.max_new_tokens=4", "rollout.max_model_len=64",
+    "rollout.num_engines=1", "rollout.max_new_tokens=4", "rollout.max_model_len=64", "data.max_prompt_tokens=32",
     "rollout.gpu_memory_utilization=0.05", "ppo.iterations=2", "ppo.prompts_per_iteration=8",
     "eval.max_new_tokens=4",
 ]

@@ -26,7 +26,7 @@ def _config(tmp_path, *overrides):
     return load_config(None, [
         f"run_dir={tmp_path}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",
         "scorers.use_task_gold_as_reward=false", "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction",
-        "rollout.max_new_tokens=8", "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05",
+        "rollout.max_new_tokens=8", "rollout.max_model_len=64", "data.max_prompt_tokens=32", "rollout.gpu_memory_utilization=0.05",
         "ppo.prompts_per_iteration=32", "policy.micro_batch_size=16", "critic.micro_batch_size=16",
         *overrides,
     ])

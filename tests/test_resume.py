@@ -90,7 +90,7 @@ def _overrides(run_dir: Path, reward_url: str) -> list[str]:
     return [f"run_dir={run_dir}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",
             "scorers.use_task_gold_as_reward=false", f"scorers.http.urls=[{reward_url}]",
             f"scorers.http.token_env={TOKEN_ENV}",
-            "rollout.max_new_tokens=8", "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05",
+            "rollout.max_new_tokens=8", "rollout.max_model_len=64", "data.max_prompt_tokens=32", "rollout.gpu_memory_utilization=0.05",
             "rollout.num_engines=1", "policy.num_ranks=1", "critic.num_ranks=1", "policy.micro_batch_size=16",
             "critic.micro_batch_size=16", f"ppo.prompts_per_iteration={PROMPTS}", f"ppo.iterations={ITERATIONS}",
             "ppo.kl_controller=proportional", "policy.lr=3e-3", "critic.lr=3e-3",

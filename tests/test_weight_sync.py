@@ -173,7 +173,29 @@ def test_parity_report_and_errors():
         check_greedy_parity([[1, 2, 3]], [[1, 4, 3]])
 
 
-def test_only_the_expected_rotary_reload_warning_is_dropped():
+class TiedToy(torch.nn.Module):
+    """An embedding and an output layer that holds the embedding's parameter, as vLLM ties them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 4)
+        self.norm = torch.nn.LayerNorm(4)
+        self.head = torch.nn.Linear(4, 8, bias=False)
+        self.head.weight = self.embed.weight
+
+
+def test_weight_aliases_are_the_later_holders_of_a_shared_parameter():
+    from rlhf_ray.sync.vllm_worker import weight_aliases
+
+    tied = TiedToy()
+    assert weight_aliases(tied) == [tied.head]
+    untied = TiedToy()
+    untied.head.weight = torch.nn.Parameter(untied.embed.weight.detach().clone())
+    assert weight_aliases(untied) == []
+
+
+def test_only_the_expected_reload_warnings_are_dropped():
+    """The rotary cache always, a tied head's layer class once it is named; any other still shows."""
     import logging
 
     from rlhf_ray.sync import vllm_worker
@@ -185,12 +207,14 @@ def test_only_the_expected_rotary_reload_warning_is_dropped():
     logger.addHandler(handler)
     try:
         vllm_worker.quiet_known_reload_warnings()
-        vllm_worker.quiet_known_reload_warnings()  # twice: still one filter
-        logger.warning("%s: Failed to load weights", "RotaryEmbedding")
-        logger.warning("%s: Failed to load weights", "QKVParallelLinear")
+        logger.warning("%s: Failed to load weights", "Linear")
+        vllm_worker.quiet_known_reload_warnings(vllm_worker.weight_aliases(TiedToy()))  # again: one filter
+        for layer in ("RotaryEmbedding", "QKVParallelLinear", "Linear", "Embedding"):
+            logger.warning("%s: Failed to load weights", layer)
     finally:
         logger.removeHandler(handler)
-    assert seen == ["QKVParallelLinear: Failed to load weights"]
+    assert seen == ["Linear: Failed to load weights", "QKVParallelLinear: Failed to load weights",
+                    "Embedding: Failed to load weights"]
     assert sum(isinstance(f, vllm_worker._ExpectedReloadWarnings) for f in logger.filters) == 1
 
 

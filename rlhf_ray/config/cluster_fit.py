@@ -147,7 +147,34 @@ def model_problems(cfg, model_config: dict[str, Any] | None) -> list[Problem]:
         problems.append(("rollout.tensor_parallel_size",
                          (f"{tp} neither divides nor is a multiple of the policy's "
                          f"num_key_value_heads={kv}")))
+    context = model_context_length(model_config)
+    if context is not None and cfg.rollout.max_model_len > context:
+        problems.append(("rollout.max_model_len",
+                         (f"{cfg.rollout.max_model_len} exceeds the policy's context of {context} positions "
+                          f"(vLLM refuses it): at most {context}, with data.max_prompt_tokens + "
+                          f"rollout.max_new_tokens within it")))
     return problems
+
+
+# The config fields vLLM reads a model's context length from; the smallest present one wins.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_target_positions",
+                 "max_sequence_length", "model_max_length")
+
+
+def model_context_length(model_config: dict[str, Any]) -> int | None:
+    """Positions the model takes, as vLLM derives them (RoPE scaling's factor included, except
+    for llama3 and longrope scaling, whose factor is already in the position count); None when
+    the config names none."""
+    lengths = [v for k in _CONTEXT_KEYS if isinstance(v := model_config.get(k), int) and v > 0]
+    if not lengths:
+        return None
+    context = min(lengths)
+    scaling = model_config.get("rope_scaling")
+    scaled = isinstance(scaling, dict) and isinstance(scaling.get("factor"), int | float) and \
+        scaling.get("rope_type", scaling.get("type")) not in ("llama3", "longrope", "su", "default", None)
+    if scaled:
+        context = int(context * scaling["factor"])
+    return context
 
 
 def read_model_config(path: str) -> dict[str, Any] | None:

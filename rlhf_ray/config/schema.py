@@ -337,7 +337,10 @@ class RunConfig:
         need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
         need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
-        need(r.max_model_len > r.max_new_tokens, "rollout.max_model_len", "must exceed rollout.max_new_tokens")
+        need(r.max_model_len >= self.data.max_prompt_tokens + r.max_new_tokens, "rollout.max_model_len",
+             f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={self.data.max_prompt_tokens} and "
+             f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
+             f"{self.data.max_prompt_tokens + r.max_new_tokens}")
         if r.elastic:
             need(1 <= r.min_engines <= r.num_engines, "rollout.min_engines",
                  f"must be in [1, rollout.num_engines={r.num_engines}] when rollout.elastic is on")

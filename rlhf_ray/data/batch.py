@@ -41,6 +41,15 @@ class RolloutBatch:
     def with_extras(self, **tensors: torch.Tensor) -> RolloutBatch:
         return replace(self, extras={**self.extras, **tensors})
 
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        """The same rows on ``device`` (itself when already there): learners move what they are
+        sent onto their accelerator and send CPU tensors back to a driver that may have none."""
+        if self.sequences.device == torch.device(device):
+            return self
+        return RolloutBatch(self.sequences.to(device), self.attention_mask.to(device),
+                            self.response_mask.to(device), self.prompt_len,
+                            {k: v.to(device) for k, v in self.extras.items()})
+
     def select(self, index: torch.Tensor | slice) -> RolloutBatch:
         return RolloutBatch(
             sequences=self.sequences[index],

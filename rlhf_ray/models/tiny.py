@@ -7,8 +7,10 @@ exactly as they load a real checkpoint. Deterministic for a given seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,18 +85,69 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModel
     )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(cfg)
-    # Write under a temporary name and rename, so a crash never leaves a half-built model.
+    with _replaced_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tiny_spec.json").write_text(spec_json)
+    return out
+
+
+@contextlib.contextmanager
+def _replaced_dir(out: Path):
+    """Write under a temporary name and rename, so a crash never leaves a half-built model."""
     tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "tiny_spec.json").write_text(spec_json)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    yield tmp
+    shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
+
+
+# The architectures users bring, each with what sets it apart from Llama: config class name and
+# the fields that make a tiny random model of it. Heads of 32 (vLLM's CPU attention kernels).
+ARCHITECTURES: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {"tie_word_embeddings": False}),
+    "llama-tied": ("LlamaConfig", {"tie_word_embeddings": True}),  # Llama-3.2 1B/3B
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": True}),  # q/k/v biases
+    "qwen3": ("Qwen3Config", {"tie_word_embeddings": True, "head_dim": 32}),  # q/k RMSNorm
+    "mistral": ("MistralConfig", {"tie_word_embeddings": False, "sliding_window": None}),
+    "gemma": ("GemmaConfig", {"tie_word_embeddings": True, "head_dim": 32}),  # scaled embeddings
+    "phi3": ("Phi3Config", {"tie_word_embeddings": False}),  # fused qkv and gate-up projections
+    "gpt2": ("GPT2Config", {"tie_word_embeddings": True}),  # Conv1D weights, learned positions
+    "olmo": ("OlmoConfig", {"tie_word_embeddings": False}),  # non-parametric layer norm
+}
+
+
+def build_tiny_architecture(out_dir: str | os.PathLike, arch: str, hidden_size: int = 64, num_layers: int = 2,
+                            max_positions: int = 256, seed: int = 0) -> Path:
+    """A tiny random-weight checkpoint of ``arch`` (a key of :data:`ARCHITECTURES`) with the
+    character tokenizer, written as safetensors into ``out_dir``; reuses an identical build."""
+    import torch
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    out = Path(out_dir)
+    marker = out / "tiny_spec.json"
+    spec_json = json.dumps({"arch": arch, "hidden_size": hidden_size, "num_layers": num_layers,
+                            "max_positions": max_positions, "seed": seed}, sort_keys=True)
+    if marker.exists() and marker.read_text() == spec_json:
+        return out
+    tokenizer = build_tokenizer()
+    config_name, fields = ARCHITECTURES[arch]
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    if config_name == "GPT2Config":
+        cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
+                                      n_head=hidden_size // 32, n_positions=max_positions, **special, **fields)
+    else:
+        cfg = getattr(transformers, config_name)(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
+            num_key_value_heads=hidden_size // 32, max_position_embeddings=max_positions, **special, **fields)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with _replaced_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "tiny_spec.json").write_text(spec_json)
     return out

@@ -39,15 +39,12 @@ from rlhf_ray.stages.common import (
     reward_sources,
 )
 from rlhf_ray.stages.guards import RolloutGuards
+from rlhf_ray.stages.prepare import FaultCounter, Scored, iteration_record, nonfinite_phase, prepare_batch
 from rlhf_ray.stages.sft import load_lm_examples
 from rlhf_ray.sync.group import SyncLayout, plan_sync
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
-
-
-class NonFiniteError(RuntimeError):
-    """Too many batches in a row had non-finite values; the message names the phase."""
 
 
 class ActorFailureError(RuntimeError):
@@ -100,7 +97,6 @@ class PPOTrainer:
                               # comparable with the learner's logits / temperature.
                               "logprobs_mode": "processed_logprobs"}
         self._reset_state()
-        self.restarts = 0  # learner/scorer failures survived by this process (not rolled back by resume)
         self._parity_probe: RolloutBatch | None = None  # a few rollouts of the last generate phase
         resume = cfg.checkpoint.resume == "auto"
         resume_from = self._resume_point() if resume else None  # a bad checkpoint fails before actors start
@@ -117,7 +113,12 @@ class PPOTrainer:
         self.kl_ctl = algo.make_kl_controller(cfg.ppo.kl_controller, cfg.ppo.kl_coef, cfg.ppo.kl_target,
                                               cfg.ppo.kl_horizon)
         self.guards = RolloutGuards(cfg.safeguards)
-        self.faults = {"nonfinite_batches": 0, "consecutive_nonfinite": 0, "engine_replacements": 0}
+        # Engine replacements and restarts survive a rollback to a checkpoint: their limits are on
+        # what happened, not on iterations.
+        survived = getattr(self, "faults", None)
+        self.faults = FaultCounter(cfg.faults.max_consecutive_nonfinite, cfg.faults.max_engine_replacements)
+        if survived is not None:
+            self.faults.engine_replacements, self.faults.restarts = survived.engine_replacements, survived.restarts
         self._pending: PendingGeneration | None = None  # ppo.overlap: the next batch, being sampled
 
     def _launch(self) -> None:
@@ -165,48 +166,27 @@ class PPOTrainer:
             ref_logprobs = torch.cat(get_all(ref_refs))
             rewards = get_all([reward_ref])[0]
 
-        mask = batch.response_mask
-        bad = nonfinite_phase(mask, score=[old_logprobs, ref_logprobs, values], reward=[rewards["score"]])
+        scored = Scored(old_logprobs, ref_logprobs, rollout_logprobs, values, rewards["score"], truncated)
+        bad = nonfinite_phase(batch.response_mask, score=[old_logprobs, ref_logprobs, values], reward=[rewards["score"]])
         if bad:
             return self._skip_batch(bad, position, prompts, timer)
-        lengths = mask.sum(-1)
-        scores = self.guards.regularise(rewards["score"], prompt_texts, response_texts, lengths)
-        scores = scores.clamp(-ppo.reward_clip, ppo.reward_clip) - ppo.missing_eos_penalty * truncated
-        guard_metrics = self.guards.inspect(prompt_texts, response_texts, lengths, scores,
-                                            rewards.get(f"reward/{GOLD_COMPONENT}"))
+        lengths = batch.response_mask.sum(-1)
+        scored.scores = self.guards.regularise(rewards["score"], prompt_texts, response_texts, lengths)
         kl_coef = self.kl_ctl.value
-        kl_per_token = algo.kl_estimate(old_logprobs, ref_logprobs, ppo.kl_estimator) * mask
-        kl_per_seq = kl_per_token.sum(-1)
-        if cfg.uses_critic:
-            token_rewards = algo.shape_rewards(scores, old_logprobs, ref_logprobs, mask, kl_coef, ppo.kl_estimator)
-            advantages, returns = algo.gae(token_rewards, values, mask, ppo.gamma, ppo.lam)
-        else:
-            # Critic-free: the KL penalty joins the sequence score, then group baselines apply.
-            seq_adv = algo.group_advantages(scores - kl_coef * kl_per_seq, cfg.rollout.samples_per_prompt,
-                                            ppo.advantage_estimator)
-            advantages, returns = algo.broadcast_to_tokens(seq_adv, mask), None
-        if ppo.whiten_advantages:
-            advantages = algo.whiten(advantages, mask)
-        batch = batch.with_extras(old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
-        offpolicy_metrics = {"policy_version": version, "policy_lag": self.iteration - version}
-        if ppo.overlap and ppo.tis_cap > 0 and recompute:
-            # The samples came from older weights: reweight each token by pi_learner / pi_sampler.
-            is_weights = algo.truncated_is_weights(old_logprobs, rollout_logprobs, mask, ppo.tis_cap)
-            batch = batch.with_extras(is_weights=is_weights)
-            offpolicy_metrics |= {"tis/weight_mean": algo.masked_mean(is_weights, mask).item(),
-                                  "tis/capped_fraction": algo.masked_mean(
-                                      (is_weights >= ppo.tis_cap).float(), mask).item()}
-        if cfg.uses_critic:
-            batch = batch.with_extras(old_values=values, returns=returns)
-        bad = nonfinite_phase(mask, advantages=[advantages, returns])
+        # The samples came from older weights (ppo.overlap): reweight tokens by pi_learner / pi_sampler.
+        prepared = prepare_batch(batch, scored, cfg, kl_coef, importance_correction=ppo.overlap and recompute)
+        guard_metrics = self.guards.inspect(prompt_texts, response_texts, lengths, prepared.scores,
+                                            rewards.get(f"reward/{GOLD_COMPONENT}"))
+        bad = nonfinite_phase(batch.response_mask, advantages=[prepared.advantages, prepared.returns])
         if bad:
             return self._skip_batch(bad, position, prompts, timer)
 
         with timer("train"):
-            train_stats = self._train(batch, temperature)
+            train_stats = self._train(prepared.batch, temperature)
         # DeepSpeed refused the optimiser steps whose gradients were not finite: weights unchanged.
-        self._count_nonfinite("loss" if train_stats.get("skipped_steps", 0) > 0
-                              or not all(math.isfinite(v) for v in train_stats.values()) else None)
+        self.faults.batch_done("loss" if train_stats.get("skipped_steps", 0) > 0
+                               or not all(math.isfinite(v) for v in train_stats.values()) else None,
+                               self.iteration + 1)
 
         if self._pending is not None:
             with timer("overlap_wait"):  # the engines take new weights only once the next batch is sampled
@@ -214,72 +194,34 @@ class PPOTrainer:
         with timer("sync"):
             self._sync_weights()
             if cfg.sync.parity_every and (self.iteration + 1) % cfg.sync.parity_every == 0:
-                self.check_sync_parity(batch)
+                self.check_sync_parity(prepared.batch)
 
-        self.kl_ctl.update(kl_per_seq.mean().item(), n_steps=batch.size)
+        self.kl_ctl.update(prepared.kl_per_seq.mean().item(), n_steps=batch.size)
         self.iteration += 1
-        n_tokens = int(mask.sum().item())
-        record = {
-            "iteration": self.iteration,
-            "prompts_position": position,
-            "reward_mean": scores.mean().item(),
-            "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
-            **{f"{k}_mean": v.mean().item() for k, v in rewards.items() if k.startswith("reward/")},
-            "kl_to_ref": kl_per_seq.mean().item(),
-            "kl_coef": kl_coef,
-            **train_stats,  # entropy among them (mean over the update's minibatches)
-            "response_length_mean": lengths.mean().item(),
-            "response_length_max": int(lengths.max().item()),
-            "truncated_fraction": truncated.float().mean().item(),
-            **guard_metrics,
-            **({"logprob_gap_vllm_learner": algo.masked_mean((rollout_logprobs - old_logprobs).abs(), mask).item()}
-               if recompute else {}),
-            **offpolicy_metrics,
-            "generated_tokens": n_tokens,
-            "rollout/engines": n_engines,
-            **{f"time/{k}_s": v for k, v in timer.seconds.items()},
-            **{f"throughput/{k}_tokens_per_s": n_tokens / v for k, v in timer.seconds.items() if v > 0},
-            "time/iteration_s": sum(timer.seconds.values()),
-            "throughput/iteration_tokens_per_s": n_tokens / max(1e-9, sum(timer.seconds.values())),
-            **self._fault_metrics(),
-        }
+        record = iteration_record(
+            self.iteration, position, prepared, scored, rewards, kl_coef, train_stats, guard_metrics, timer.seconds,
+            recompute, {"policy_version": version, "policy_lag": self.iteration - 1 - version,
+                        "rollout/engines": n_engines, **self.faults.metrics()})
         self.metrics.write(record)
         self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
-        self._write_samples(prompt_texts, response_texts, scores, rewards, kl_per_seq, truncated, version)
+        self._write_samples(prompt_texts, response_texts, prepared.scores, rewards, prepared.kl_per_seq, truncated,
+                            version)
         return record
 
     # --- non-finite batches -----------------------------------------------------------------
     def _skip_batch(self, phase: str, position: int, prompts: list[str], timer: PhaseTimer) -> dict:
         """A batch with non-finite values in ``phase`` trains nothing; its prompts are used up and
         the iteration counts, so the data order and the metrics stay those of a clean run."""
-        self._count_nonfinite(phase)
+        self.faults.batch_done(phase, self.iteration + 1)
         self.iteration += 1
         print(f"ppo: iteration {self.iteration}: non-finite {phase} values, batch skipped "
-              f"({self.faults['consecutive_nonfinite']} in a row)")
+              f"({self.faults.consecutive_nonfinite} in a row)")
         record = {"iteration": self.iteration, "prompts_position": position, "skipped_nonfinite": phase,
                   "reward_mean": float("nan"), "kl_to_ref": float("nan"),
-                  **{f"time/{k}_s": v for k, v in timer.seconds.items()}, **self._fault_metrics()}
+                  **{f"time/{k}_s": v for k, v in timer.seconds.items()}, **self.faults.metrics()}
         self.metrics.write(record)
         self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
         return record
-
-    def _count_nonfinite(self, phase: str | None) -> None:
-        f = self.faults
-        if phase is None:
-            f["consecutive_nonfinite"] = 0
-            return
-        f["nonfinite_batches"] += 1
-        f["consecutive_nonfinite"] += 1
-        limit = self.cfg.faults.max_consecutive_nonfinite
-        if f["consecutive_nonfinite"] > limit:
-            raise NonFiniteError(
-                f"training stopped at iteration {self.iteration + 1}: {f['consecutive_nonfinite']} batches in a row "
-                f"had non-finite values, the last in the {phase!r} phase (faults.max_consecutive_nonfinite={limit})")
-
-    def _fault_metrics(self) -> dict:
-        return {"faults/nonfinite_batches": self.faults["nonfinite_batches"],
-                "faults/engine_replacements": self.faults["engine_replacements"],
-                "faults/restarts": self.restarts}
 
     def _write_samples(self, prompts, responses, scores, rewards, kl_per_seq, truncated, version) -> None:
         """A fixed-size sample of this iteration's rollouts, for people to read (``rlhf-ray view``)."""
@@ -365,13 +307,13 @@ class PPOTrainer:
     def _replace_engines(self, dead: list[int]) -> None:
         """New engines in the dead ones' bundles; every engine joins a fresh sync group (the old one
         lost members), gets the current weights, and the new ones must pass the parity check."""
-        f, limit = self.faults, self.cfg.faults.max_engine_replacements
-        if f["engine_replacements"] + len(dead) > limit:
+        if not self.faults.replacements_left(len(dead)):
             raise ActorFailureError(f"rollout engine(s) {dead} died at iteration {self.iteration + 1} and "
-                                    f"faults.max_engine_replacements={limit} is used up")
+                                    f"faults.max_engine_replacements={self.faults.max_engine_replacements} "
+                                    f"is used up")
         for i in dead:
             self.roles.rollout[i] = start_rollout_engine(self.cfg, self.roles.rollout_groups[i], i, self.engine_kwargs)
-        f["engine_replacements"] += len(dead)
+        self.faults.engine_replacements += len(dead)
         self._admit_engines(dead)
         print(f"ppo: replaced rollout engine(s) {dead}; weights synced and parity checked")
 
@@ -578,7 +520,7 @@ class PPOTrainer:
         position = self._pending.position if self._pending else self.prompts.position
         state = {"iteration": self.iteration, "prompts_position": position,
                  "kl_controller": self.kl_ctl.state_dict(), "guards": self.guards.state_dict(),
-                 "faults": dict(self.faults)}
+                 "faults": self.faults.state_dict()}
         return ckpt.save_checkpoint(self.run_dir, self.iteration, state, dump_config(self.cfg), write_learners,
                                     self.cfg.checkpoint.keep_last)
 
@@ -602,8 +544,6 @@ class PPOTrainer:
         return True
 
     def _restore(self, path: Path | None) -> None:
-        # Engines replaced since the checkpoint stay counted: the limit is on replacements, not iterations.
-        replaced = self.faults["engine_replacements"]
         self._reset_state()
         if path is not None:
             refs = [a.load_checkpoint.remote(str(path / "policy")) for a in self.roles.policy]
@@ -614,9 +554,8 @@ class PPOTrainer:
             self.prompts.position = state["prompts_position"]
             self.kl_ctl.load_state_dict(state["kl_controller"])
             self.guards.load_state_dict(state["guards"])
-            self.faults.update(state["faults"])
+            self.faults.load_state_dict(state["faults"])
             self._sync_weights()  # the engines started from the initial policy
-        self.faults["engine_replacements"] = max(replaced, self.faults["engine_replacements"])
         for log in (self.metrics, self.samples, self.prompt_log):
             log.rewind(self.iteration)
 
@@ -624,12 +563,12 @@ class PPOTrainer:
         """A learner or scorer died: every actor is replaced and the run goes on from the newest
         complete checkpoint, at most ``faults.max_restarts`` times."""
         limit = self.cfg.faults.max_restarts
-        if self.restarts >= limit:
+        if self.faults.restarts >= limit:
             raise ActorFailureError(f"an actor died during iteration {self.iteration + 1} and "
                                     f"faults.max_restarts={limit} restarts are used up: {error}") from error
-        self.restarts += 1
+        self.faults.restarts += 1
         print(f"ppo: an actor died during iteration {self.iteration + 1} ({type(error).__name__}); "
-              f"restart {self.restarts} of {limit} from the last checkpoint")
+              f"restart {self.faults.restarts} of {limit} from the last checkpoint")
         shutdown_roles(self.roles)
         path = self._resume_point()
         self._launch()
@@ -689,20 +628,6 @@ def get_all(refs: list) -> list:
             if failure is not None:
                 raise failure
             return ray.get(refs)
-
-
-def nonfinite_phase(mask: torch.Tensor, **phases: list[torch.Tensor | None]) -> str | None:
-    """The first phase (in keyword order) with a NaN or inf in a tensor; per-token tensors count
-    only where ``mask`` is set (padding may hold anything)."""
-    for phase, tensors in phases.items():
-        for t in tensors:
-            if t is None:
-                continue
-            if t.shape == mask.shape:
-                t = t[mask.bool()]
-            if not torch.isfinite(t).all():
-                return phase
-    return None
 
 
 def run_ppo(cfg: RunConfig) -> list[dict]:

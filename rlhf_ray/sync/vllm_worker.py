@@ -39,7 +39,8 @@ class WeightSyncWorkerExtension:
         segment first and joins the shared-memory control group instead. Joining again replaces
         the previous group."""
         rank = rank_offset + self.rank
-        quiet_known_reload_warnings()
+        model = _vllm_model(self)
+        quiet_known_reload_warnings(weight_aliases(model) if model is not None else [])
         self._rlhf_group = self._rlhf_segment = None
         if shm_path:
             # Mapped before joining: the learner removes the name once everyone has joined.
@@ -90,6 +91,9 @@ class WeightSyncWorkerExtension:
                 # load consumed (calling load_weights again fails on CPU) and copies into the live
                 # storage.
                 self.reload_weights(weights_iterator=(w for i, buf in arrived() for w in mf.unpack(buf, buckets[i])))
+                model = _vllm_model(self)
+                if model is not None:
+                    reprocess_weight_aliases(model)
             else:
                 scratch = _scratch_buffer(self, shm.segment_bytes(manifest), group.device)
                 for i, buf in arrived():
@@ -102,6 +106,48 @@ class WeightSyncWorkerExtension:
             for work in works:
                 work.wait()
         return manifest["total_bytes"]
+
+
+def _vllm_model(worker) -> torch.nn.Module | None:
+    """The vLLM worker's model; None on the HF engine's receiver, whose model ties by storage."""
+    runner = getattr(worker, "model_runner", None)
+    return runner.get_model() if runner is not None else None
+
+
+def weight_aliases(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Layers whose parameter was registered first by another layer (a tied LM head holds the
+    embedding's), in module order."""
+    seen: set[int] = set()
+    aliases = []
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if any(id(p) in seen for p in params):
+            aliases.append(module)
+        seen.update(id(p) for p in params)
+    return aliases
+
+
+def reprocess_weight_aliases(model: torch.nn.Module) -> int:
+    """Re-runs weight post-processing on every layer that holds another layer's parameter (tied
+    embeddings); returns how many.
+
+    vLLM's in-place reload post-processes only the layers that received tensors. A tied model's
+    checkpoint names the shared tensor once (``embed_tokens``/``wte``), so its LM head receives
+    nothing and keeps what it derived from the old weights at the previous load: on CPU a packed
+    copy of the matrix (oneDNN or sgl-kernel GEMM, ``dispatch_cpu_unquantized_gemm``), so the
+    engine went on computing logits with the first weights while its embedding moved on. On GPU
+    the unquantized methods derive nothing and this is a cheap no-op. Quantized methods are left
+    alone: their post-processing is not safe to repeat on processed weights."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    count = 0
+    for module in weight_aliases(model):
+        method = getattr(module, "quant_method", None)
+        if isinstance(method, UnquantizedLinearMethod | UnquantizedEmbeddingMethod):
+            method.process_weights_after_loading(module)
+            count += 1
+    return count
 
 
 def _scratch_buffer(worker, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -127,20 +173,32 @@ def _receive_buffer(worker, manifest: dict, index: int, device: torch.device) ->
     return worker._rlhf_buffers[index]
 
 
-# vLLM's in-place reload warns "RotaryEmbedding: Failed to load weights" at every sync: the rotary
-# cos/sin cache is computed, never part of a checkpoint, and vLLM puts the current one back. Any
-# other layer's load failure still shows.
+# vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer that received no
+# tensor, at every sync. Two are expected of a healthy model: the rotary cos/sin cache (computed,
+# never in a checkpoint; vLLM puts the current one back) and a tied LM head (its weight arrives
+# under the embedding's name; ``reprocess_weight_aliases`` refreshes it). Other layers still warn.
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
-_EXPECTED_RELOAD_WARNINGS = frozenset({"RotaryEmbedding: Failed to load weights"})
+
+
+def _reload_warning(layer_class: str) -> str:
+    return f"{layer_class}: Failed to load weights"
 
 
 class _ExpectedReloadWarnings(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expected = {_reload_warning("RotaryEmbedding")}
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.getMessage() not in _EXPECTED_RELOAD_WARNINGS
+        return record.getMessage() not in self.expected
 
 
-def quiet_known_reload_warnings() -> None:
-    """Drops vLLM's reload warnings that every sync of a healthy model gives (idempotent)."""
+def quiet_known_reload_warnings(aliases: list[torch.nn.Module] = ()) -> None:
+    """Drops vLLM's reload warnings that every sync of a healthy model gives, including those of
+    the layers in ``aliases`` (from :func:`weight_aliases`). Idempotent."""
     logger = logging.getLogger(_RELOAD_LOGGER)
-    if not any(isinstance(f, _ExpectedReloadWarnings) for f in logger.filters):
-        logger.addFilter(_ExpectedReloadWarnings())
+    known = next((f for f in logger.filters if isinstance(f, _ExpectedReloadWarnings)), None)
+    if known is None:
+        known = _ExpectedReloadWarnings()
+        logger.addFilter(known)
+    known.expected.update(_reload_warning(type(m).__name__) for m in aliases)

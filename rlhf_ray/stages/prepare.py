@@ -1,0 +1,180 @@
+"""From one iteration's rollouts and their scores to the batch the learners train on, and the
+iteration's metrics record: pure functions of tensors and the config (no Ray, no actors), so
+every branch runs in fast tests.
+
+The order is the paper's: sequence scores are clipped and a missing end of sequence is penalised;
+the KL to the reference is estimated per token; with a critic the KL penalty joins the token
+rewards and GAE gives advantages and returns, without one the penalty joins the sequence score
+and group baselines (GRPO, RLOO, REINFORCE++) give one advantage per sequence; advantages are
+whitened if asked; samples drawn with older weights (``ppo.overlap``) are reweighted by truncated
+importance sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rlhf_ray import algo
+from rlhf_ray.config import RunConfig
+from rlhf_ray.data.batch import RolloutBatch
+
+
+@dataclass
+class Scored:
+    """What the score phase measured of a batch's responses (``[B, R]`` per token, ``[B]`` per
+    sequence)."""
+
+    old_logprobs: torch.Tensor  # the policy's log-probs the update starts from
+    ref_logprobs: torch.Tensor  # the frozen reference's
+    rollout_logprobs: torch.Tensor  # the engines' sampling log-probs
+    values: torch.Tensor | None  # the critic's, when there is one
+    scores: torch.Tensor  # sequence scores after the safeguards' penalties
+    truncated: torch.Tensor  # bool [B]: the response hit max_new_tokens without an end token
+
+
+@dataclass
+class Prepared:
+    batch: RolloutBatch  # with extras: old_logprobs, advantages, ref_logprobs (+ old_values, returns, is_weights)
+    scores: torch.Tensor  # [B] the final sequence scores (clipped, penalised)
+    kl_per_seq: torch.Tensor  # [B] summed KL estimate to the reference
+    advantages: torch.Tensor  # [B, R]
+    returns: torch.Tensor | None  # [B, R] with a critic
+    metrics: dict[str, float]  # off-policy measures (importance weights)
+
+
+def final_scores(scores: torch.Tensor, truncated: torch.Tensor, reward_clip: float,
+                 missing_eos_penalty: float) -> torch.Tensor:
+    """Scores clipped to ``[-reward_clip, reward_clip]``, minus the penalty for each response that
+    ran out of tokens before its end token."""
+    return scores.clamp(-reward_clip, reward_clip) - missing_eos_penalty * truncated.to(scores.dtype)
+
+
+def prepare_batch(batch: RolloutBatch, scored: Scored, cfg: RunConfig, kl_coef: float,
+                  importance_correction: bool) -> Prepared:
+    """The training batch of one iteration. ``importance_correction``: the samples came from
+    older weights than the learner's (``ppo.overlap`` with learner log-probs), so tokens are
+    reweighted by ``pi_learner / pi_sampler``, capped at ``ppo.tis_cap``."""
+    ppo, mask = cfg.ppo, batch.response_mask
+    scores = final_scores(scored.scores, scored.truncated, ppo.reward_clip, ppo.missing_eos_penalty)
+    old, ref = scored.old_logprobs, scored.ref_logprobs
+    kl_per_seq = (algo.kl_estimate(old, ref, ppo.kl_estimator) * mask).sum(-1)
+    returns = None
+    if cfg.uses_critic:
+        token_rewards = algo.shape_rewards(scores, old, ref, mask, kl_coef, ppo.kl_estimator)
+        advantages, returns = algo.gae(token_rewards, scored.values, mask, ppo.gamma, ppo.lam)
+    else:
+        seq_adv = algo.group_advantages(scores - kl_coef * kl_per_seq, cfg.rollout.samples_per_prompt,
+                                        ppo.advantage_estimator)
+        advantages = algo.broadcast_to_tokens(seq_adv, mask)
+    if ppo.whiten_advantages:
+        advantages = algo.whiten(advantages, mask)
+    batch = batch.with_extras(old_logprobs=old, advantages=advantages, ref_logprobs=ref)
+    if cfg.uses_critic:
+        batch = batch.with_extras(old_values=scored.values, returns=returns)
+    metrics: dict[str, float] = {}
+    if importance_correction and ppo.tis_cap > 0:
+        is_weights = algo.truncated_is_weights(old, scored.rollout_logprobs, mask, ppo.tis_cap)
+        batch = batch.with_extras(is_weights=is_weights)
+        metrics = {"tis/weight_mean": algo.masked_mean(is_weights, mask).item(),
+                   "tis/capped_fraction": algo.masked_mean((is_weights >= ppo.tis_cap).float(), mask).item()}
+    return Prepared(batch, scores, kl_per_seq, advantages, returns, metrics)
+
+
+def nonfinite_phase(mask: torch.Tensor, **phases: list[torch.Tensor | None]) -> str | None:
+    """The first phase (in keyword order) with a NaN or inf in a tensor; per-token tensors count
+    only where ``mask`` is set (padding may hold anything)."""
+    for phase, tensors in phases.items():
+        for t in tensors:
+            if t is None:
+                continue
+            if t.shape == mask.shape:
+                t = t[mask.bool()]
+            if not torch.isfinite(t).all():
+                return phase
+    return None
+
+
+def iteration_record(iteration: int, position: int, prepared: Prepared, scored: Scored,
+                     rewards: dict[str, torch.Tensor], kl_coef: float, train_stats: dict[str, float],
+                     guard_metrics: dict[str, float], seconds: dict[str, float], recomputed: bool,
+                     extra: dict[str, float]) -> dict:
+    """One line of ``metrics.jsonl``: rewards and their components, KL, the learners' stats,
+    lengths, safeguards, phase times and token throughput (``extra``: versions, faults, engines)."""
+    mask = prepared.batch.response_mask
+    lengths = mask.sum(-1)
+    scores = prepared.scores
+    n_tokens = int(mask.sum().item())
+    total_s = sum(seconds.values())
+    return {
+        "iteration": iteration,
+        "prompts_position": position,
+        "reward_mean": scores.mean().item(),
+        "reward_std": scores.std().item() if scores.numel() > 1 else 0.0,
+        **{f"{k}_mean": v.mean().item() for k, v in rewards.items() if k.startswith("reward/")},
+        "kl_to_ref": prepared.kl_per_seq.mean().item(),
+        "kl_coef": kl_coef,
+        **train_stats,  # entropy among them (mean over the update's minibatches)
+        "response_length_mean": lengths.float().mean().item(),
+        "response_length_max": int(lengths.max().item()),
+        "truncated_fraction": scored.truncated.float().mean().item(),
+        **guard_metrics,
+        **({"logprob_gap_vllm_learner": algo.masked_mean(
+            (scored.rollout_logprobs - scored.old_logprobs).abs(), mask).item()} if recomputed else {}),
+        **prepared.metrics,
+        "generated_tokens": n_tokens,
+        **{f"time/{k}_s": v for k, v in seconds.items()},
+        **{f"throughput/{k}_tokens_per_s": n_tokens / v for k, v in seconds.items() if v > 0},
+        "time/iteration_s": total_s,
+        "throughput/iteration_tokens_per_s": n_tokens / max(1e-9, total_s),
+        **extra,
+    }
+
+
+class NonFiniteError(RuntimeError):
+    """Too many batches in a row had non-finite values; the message names the phase."""
+
+
+class FaultCounter:
+    """Non-finite batches (in a row and in all), engine replacements and restarts: what
+    ``faults.*`` limits. Checkpointed with the driver's state, except restarts, which count this
+    process's recoveries and are not rolled back by a resume."""
+
+    def __init__(self, max_consecutive_nonfinite: int, max_engine_replacements: int):
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.max_engine_replacements = max_engine_replacements
+        self.nonfinite_batches = self.consecutive_nonfinite = self.engine_replacements = 0
+        self.restarts = 0
+
+    def batch_done(self, nonfinite_phase: str | None, iteration: int) -> None:
+        """Counts a batch; raises ``NonFiniteError`` once more than the allowed number in a row had
+        non-finite values (``nonfinite_phase`` names where; None for a clean batch)."""
+        if nonfinite_phase is None:
+            self.consecutive_nonfinite = 0
+            return
+        self.nonfinite_batches += 1
+        self.consecutive_nonfinite += 1
+        limit = self.max_consecutive_nonfinite
+        if self.consecutive_nonfinite > limit:
+            raise NonFiniteError(
+                f"training stopped at iteration {iteration}: {self.consecutive_nonfinite} batches in a row had "
+                f"non-finite values, the last in the {nonfinite_phase!r} phase "
+                f"(faults.max_consecutive_nonfinite={limit})")
+
+    def replacements_left(self, wanted: int) -> bool:
+        return self.engine_replacements + wanted <= self.max_engine_replacements
+
+    def metrics(self) -> dict[str, int]:
+        return {"faults/nonfinite_batches": self.nonfinite_batches,
+                "faults/engine_replacements": self.engine_replacements, "faults/restarts": self.restarts}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"nonfinite_batches": self.nonfinite_batches, "consecutive_nonfinite": self.consecutive_nonfinite,
+                "engine_replacements": self.engine_replacements}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """A checkpoint's counts; replacements never go back (the limit is on replacements made)."""
+        self.nonfinite_batches = state["nonfinite_batches"]
+        self.consecutive_nonfinite = state["consecutive_nonfinite"]
+        self.engine_replacements = max(self.engine_replacements, state["engine_replacements"])

@@ -1,0 +1,109 @@
+"""Batch preparation between the score and train phases (rlhf_ray.stages.prepare), against
+numbers worked out by hand in the test, one config key at a time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.config import load_config
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.stages.prepare import Scored, final_scores, iteration_record, prepare_batch
+
+# Two prompts x two samples; responses of 3, 2, 1 and 3 tokens.
+BATCH = RolloutBatch.from_token_lists([[5, 6], [5, 6], [7], [7]], [[1, 2, 3], [4, 5], [6], [7, 8, 9]], pad_id=0)
+MASK = BATCH.response_mask
+
+
+def cfg(*overrides):
+    return load_config(None, ["rollout.samples_per_prompt=2", "ppo.prompts_per_iteration=2", *overrides])
+
+
+def scored(scores, old=None, ref=None, rollout=None, values=None, truncated=(False, False, False, False)):
+    zeros = torch.zeros(4, 3)
+    return Scored(old_logprobs=zeros if old is None else old, ref_logprobs=zeros if ref is None else ref,
+                  rollout_logprobs=zeros if rollout is None else rollout, values=values,
+                  scores=torch.tensor(scores, dtype=torch.float32), truncated=torch.tensor(truncated))
+
+
+def test_scores_are_clipped_then_penalised_for_a_missing_end():
+    out = final_scores(torch.tensor([5.0, -5.0, 0.5]), torch.tensor([False, True, True]), reward_clip=2.0,
+                       missing_eos_penalty=0.25)
+    assert out.tolist() == [2.0, -2.25, 0.25]
+
+
+def test_grpo_advantages_are_group_normalised_scores_minus_the_kl_penalty():
+    old = torch.full((4, 3), -1.0) * MASK
+    ref = torch.full((4, 3), -1.5) * MASK  # k1 estimate: old - ref = 0.5 per real token
+    c = cfg("ppo.advantage_estimator=grpo", "ppo.kl_coef=0.1", "ppo.kl_estimator=k1", "ppo.whiten_advantages=false")
+    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old, ref), c, kl_coef=0.1, importance_correction=False)
+    assert p.kl_per_seq.tolist() == pytest.approx([1.5, 1.0, 0.5, 1.5])
+    # Group 1: penalised scores 0.85 and -0.1, (s - mean) / std with std = |0.95| / sqrt(2).
+    g1 = (0.85 - 0.375) / (0.95 / math.sqrt(2))
+    # Group 2: 1.95 and 1.85.
+    g2 = (1.95 - 1.9) / (0.1 / math.sqrt(2))
+    per_seq = [g1, -g1, g2, -g2]
+    for row in range(4):
+        real = MASK[row].bool()
+        assert p.advantages[row][real].tolist() == pytest.approx([per_seq[row]] * int(real.sum()), rel=1e-4)
+        assert (p.advantages[row][~real] == 0).all()
+    assert p.returns is None and "old_values" not in p.batch.extras
+    assert set(p.batch.extras) == {"old_logprobs", "advantages", "ref_logprobs"}
+
+
+def test_gae_with_unit_discount_and_zero_values_credits_every_token_with_the_score():
+    c = cfg("ppo.advantage_estimator=gae", "ppo.gamma=1.0", "ppo.lam=1.0", "ppo.whiten_advantages=false",
+            "rollout.samples_per_prompt=1", "ppo.prompts_per_iteration=4")
+    p = prepare_batch(BATCH, scored([1.0, -2.0, 0.5, 3.0], values=torch.zeros(4, 3)), c, kl_coef=0.0,
+                      importance_correction=False)
+    for row, score in enumerate([1.0, -2.0, 0.5, 3.0]):
+        real = MASK[row].bool()
+        assert p.advantages[row][real].tolist() == pytest.approx([score] * int(real.sum()))
+        assert p.returns[row][real].tolist() == pytest.approx([score] * int(real.sum()))
+    assert torch.equal(p.batch.extras["old_values"], torch.zeros(4, 3))
+
+
+def test_whitening_centres_and_scales_the_real_tokens_only():
+    c = cfg("ppo.advantage_estimator=gae", "ppo.whiten_advantages=true", "rollout.samples_per_prompt=1",
+            "ppo.prompts_per_iteration=4")
+    p = prepare_batch(BATCH, scored([1.0, -2.0, 0.5, 3.0], values=torch.zeros(4, 3)), c, kl_coef=0.0,
+                      importance_correction=False)
+    real = p.advantages[MASK.bool()]
+    assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert real.std().item() == pytest.approx(1.0, rel=1e-3)
+
+
+def test_importance_weights_only_for_samples_from_older_weights():
+    old = torch.log(torch.full((4, 3), 0.5)) * MASK
+    sampler = torch.log(torch.full((4, 3), 0.1)) * MASK  # ratio 5 on every real token
+    c = cfg("ppo.advantage_estimator=grpo", "ppo.tis_cap=2.0")
+    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old=old, rollout=sampler), c, 0.0, importance_correction=True)
+    weights = p.batch.extras["is_weights"]
+    assert weights[MASK.bool()].tolist() == pytest.approx([2.0] * int(MASK.sum()))  # capped
+    assert p.metrics == {"tis/weight_mean": pytest.approx(2.0), "tis/capped_fraction": 1.0}
+    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old=old, rollout=sampler), c, 0.0, importance_correction=False)
+    assert "is_weights" not in p.batch.extras and p.metrics == {}
+    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old=old, rollout=sampler), cfg("ppo.advantage_estimator=grpo", "ppo.tis_cap=0"), 0.0,
+                      importance_correction=True)
+    assert "is_weights" not in p.batch.extras
+
+
+def test_the_metrics_record_of_an_iteration():
+    c = cfg("ppo.advantage_estimator=grpo", "ppo.reward_clip=1.5", "ppo.missing_eos_penalty=0.5")
+    s = scored([3.0, 0.0, 1.0, 1.0], truncated=(False, True, False, False),
+               rollout=torch.full((4, 3), -0.25) * MASK)
+    p = prepare_batch(BATCH, s, c, kl_coef=0.05, importance_correction=False)
+    rewards = {"score": s.scores, "reward/gold": torch.tensor([1.0, 0.0, 1.0, 0.0])}
+    record = iteration_record(7, 12, p, s, rewards, 0.05, {"policy_loss": 0.1}, {"flag/mode_collapse": 0.0},
+                              {"generate": 2.0, "train": 1.0}, recomputed=True, extra={"rollout/engines": 2})
+    assert record["iteration"] == 7 and record["prompts_position"] == 12
+    assert record["reward_mean"] == pytest.approx((1.5 - 0.5 + 1.0 + 1.0) / 4)  # clipped and penalised
+    assert record["reward/gold_mean"] == 0.5 and record["kl_coef"] == 0.05 and record["kl_to_ref"] == 0.0
+    assert record["truncated_fraction"] == 0.25
+    assert record["response_length_mean"] == 2.25 and record["response_length_max"] == 3
+    assert record["logprob_gap_vllm_learner"] == pytest.approx(0.25)
+    assert record["generated_tokens"] == 9 and record["time/iteration_s"] == 3.0
+    assert record["throughput/generate_tokens_per_s"] == 4.5
+    assert record["policy_loss"] == 0.1 and record["rollout/engines"] == 2 and record["flag/mode_collapse"] == 0.0
