@@ -267,7 +267,7 @@ def gloo_baselines(backend: str = "gloo", nbytes: int = 64 << 20, iters: int = 1
     import ray
     import torch
 
-    from rlhf_ray.sync import free_port
+    from rlhf_ray.ports import free_port
     from rlhf_ray.sync.group import open_group
 
     @ray.remote(num_cpus=0)

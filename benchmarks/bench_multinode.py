@@ -5,7 +5,7 @@ weight sync across network namespaces against the same sync inside one node, in 
 
 Brings up ``rlhf-ray cluster up --rollout-nodes 2 --learner-nodes 1`` (a namespace per node as
 root, loopback otherwise), then runs the same short PPO stage three times as a driver on the head
-(``python -m rlhf_ray.cluster.placement``):
+(``python -m rlhf_ray.cluster.where``):
 
 * ``1 rollout node``: one engine on a rollout node, learners and scorers on the learner node;
 * ``2 rollout nodes``: two engines, one per rollout node, the same model and batch;
@@ -58,7 +58,7 @@ def run_setup(state_path: Path, out_dir: Path, name: str, args) -> dict:
         "scorers.ray_resources={learner: 1}", "logging.tensorboard=false",
     ]
     cmd = [sys.executable, str(REPO / "launch" / "cluster.py"), "exec", "--state", str(state_path), "--",
-           sys.executable, "-m", "rlhf_ray.cluster.placement", "--out", str(out),
+           sys.executable, "-m", "rlhf_ray.cluster.where", "--out", str(out),
            "--sync-repeats", str(args.sync_repeats), *overrides]
     print(f"bench_multinode: {name}: {engines} engine(s) on {where}", flush=True)
     subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)

@@ -20,9 +20,8 @@ upper bound). The second table then gives, per run:
   to the widest | response right-padded to the longest]`` for all rows of the iteration
   (``RolloutBatch.from_token_lists``): what a padded forward pass computes in vain. The learners and
   the reference pack their micro-batches (no padding computed) when the model passes
-  ``engines.scoring.packs_exactly``, so this is the waste packing removes. The
-  prompt and response token counts are recorded by wrapping the trainer's ``_generate`` (exact, no
-  re-tokenising).
+  ``engines.scoring.packs_exactly``, so this is the waste packing removes. The token and position
+  counts are the trainer's own metrics (``prompt_tokens``, ``generated_tokens``, ``batch_positions``).
 * ``train tok/s``: real (non-pad) prompt + response tokens x ``ppo.epochs`` / train seconds.
 * ``MFU``: 6 x N x real tokens x epochs x models trained (2 for GAE: policy and critic) / train
   seconds / the machine's 2-core matmul peak in the learners' dtype: the better of one process on
@@ -119,25 +118,10 @@ def run_one(hidden: int, layers: int, variant: str, iterations: int, extra: list
     start = time.perf_counter()
     trainer = PPOTrainer(cfg)
     startup_s = time.perf_counter() - start
-    shapes: list[dict] = []  # per step: prompt and response token counts of the rollout batch
-    generate = getattr(trainer, "_generate", None)
-    if generate is not None:
-
-        def recording_generate(prompts, *a, **k):
-            gens = generate(prompts, *a, **k)
-            shapes.append(
-                {
-                    "prompt_lengths": [len(g.prompt_ids) for g in gens],
-                    "response_lengths": [len(g.response_ids) for g in gens],
-                }
-            )
-            return gens
-
-        trainer._generate = recording_generate
     try:
         warmup = trainer.step()
         records = [trainer.step() for _ in range(iterations)]
-        manifest = trainer.weight_manifest
+        manifest = trainer.roles.rollout.manifest
     finally:
         trainer.close()
     total_bytes = int(manifest["total_bytes"])
@@ -153,7 +137,6 @@ def run_one(hidden: int, layers: int, variant: str, iterations: int, extra: list
         "epochs": cfg.ppo.epochs,
         "models_trained": 2 if cfg.uses_critic else 1,
         "bf16": bool(cfg.policy.bf16),
-        "batch_shapes": shapes[1:],  # the measured iterations (the first is the warm-up's)
         "warmup": warmup,
         "records": records,
     }
@@ -172,13 +155,8 @@ def summarise(result: dict) -> dict:
     row["sync_bytes_per_s"] = median(
         [result["sync_total_bytes"] / r["time/sync_s"] for r in recs if r.get("time/sync_s")]
     )
-    pads, real = [], []
-    for shape in result.get("batch_shapes", []):
-        p, r = shape["prompt_lengths"], shape["response_lengths"]
-        positions = len(p) * (max(p) + max(1, max(r)))
-        real.append(sum(p) + sum(r))
-        pads.append(1 - real[-1] / positions)
-    row["padding_fraction"] = median(pads)
+    real = [r["prompt_tokens"] + r["generated_tokens"] for r in recs]
+    row["padding_fraction"] = median([1 - n / r["batch_positions"] for n, r in zip(real, recs)])
     row["real_tokens"] = median(real)
     row["train_tokens_per_s"] = row["real_tokens"] * result["epochs"] / row["train_s"]
     return row

@@ -29,7 +29,8 @@ import torch
 from rlhf_ray.actors.learner import WeightSyncSource
 from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
 from rlhf_ray.platform import detect
-from rlhf_ray.sync import free_port, manifest_for
+from rlhf_ray.ports import free_port
+from rlhf_ray.sync import manifest_for
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _bench_util import gloo_baselines, machine_facts, median, print_table, save_chart, write_results
@@ -82,7 +83,7 @@ def timed_receive(actor, manifest: dict, load: bool) -> float:
 
 def bench_size(name: str, model_dir: str, bucket_sizes: list[int], repeats: int, platform) -> list[dict]:
     from rlhf_ray.actors.rollout import create_rollout_actors
-    from rlhf_ray.stages.ppo import open_weight_sync, weight_sync_layout
+    from rlhf_ray.actors.rollout_pool import open_weight_sync, weight_sync_layout
 
     sender = BenchSender.remote(model_dir, platform.name)
     (engine,) = create_rollout_actors(1, model_dir, dtype="float32", max_model_len=256, gpu_memory_utilization=0.3)

@@ -122,7 +122,7 @@ def side_rlhf_ray(args, out: dict) -> None:
     start = time.perf_counter()
     trainer = PPOTrainer(cfg)
     out["startup_s"] = time.perf_counter() - start
-    out["sync_total_bytes"] = int(trainer.weight_manifest["total_bytes"])
+    out["sync_total_bytes"] = int(trainer.roles.rollout.manifest["total_bytes"])
     records, walls = [], []
     profiler = None
     try:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_ray.cluster.local import auth_env
-from rlhf_ray.sync.group import free_ports
+from rlhf_ray.ports import free_ports
 
 HERE = Path(__file__).resolve().parent
 CUSTOM_RESOURCES = {"rollout": 100, "learner": 100}  # labels, not capacities: CPUs/GPUs limit

@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rlhf_ray.config import BadInputError, ConfigError, dump_config, load_config
+from rlhf_ray.config import ConfigError, dump_config, load_config
+from rlhf_ray.errors import BadInputError
 
 STAGES = {
     "sft": "rlhf_ray.stages.sft:run_sft",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from rlhf_ray.algo import (
-    AdaptiveKLController,
     FixedKLController,
+    ProportionalKLController,
     StepKLController,
     make_kl_controller,
 )
@@ -26,7 +26,7 @@ def test_fixed_never_changes():
 
 
 def test_proportional_sequence():
-    ctl = AdaptiveKLController(init_kl_coef=0.1, target=6.0, horizon=10000)
+    ctl = ProportionalKLController(init_kl_coef=0.1, target=6.0, horizon=10000)
     # errors: +1 clipped to +0.2, 0, -0.5 clipped to -0.2, +0.1; step = error * 256 / 10000
     got = run(ctl, [12.0, 6.0, 3.0, 6.6])
     want = [0.100512, 0.100512, 0.09999737856, 0.09999737856 * 1.00256]
@@ -34,7 +34,7 @@ def test_proportional_sequence():
 
 
 def test_proportional_scales_with_n_steps():
-    ctl = AdaptiveKLController(0.1, target=1.0, horizon=100)
+    ctl = ProportionalKLController(0.1, target=1.0, horizon=100)
     ctl.update(2.0, n_steps=50)  # error 0.2 -> factor 1.1
     assert ctl.value == pytest.approx(0.11)
 
@@ -69,7 +69,7 @@ def test_state_dict_round_trip_resumes_the_same_trajectory(kind):
 
 def test_factory_builds_the_named_controller():
     assert type(make_kl_controller("fixed", 0.1, 6.0, 1000)) is FixedKLController
-    assert type(make_kl_controller("proportional", 0.1, 6.0, 1000)) is AdaptiveKLController
+    assert type(make_kl_controller("proportional", 0.1, 6.0, 1000)) is ProportionalKLController
     step = make_kl_controller("step", 0.1, 6.0, 1000)
     assert type(step) is StepKLController and step.factor == 1.5
 
@@ -78,6 +78,6 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match=r"'adaptive'.*fixed, proportional, step"):
         make_kl_controller("adaptive", 0.1, 6.0, 1000)
     with pytest.raises(ValueError, match="target and horizon must be > 0"):
-        AdaptiveKLController(0.1, target=0.0, horizon=1000)
+        ProportionalKLController(0.1, target=0.0, horizon=1000)
     with pytest.raises(ValueError, match="factor > 1"):
         StepKLController(0.1, target=1.0, factor=1.0)

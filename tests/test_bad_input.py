@@ -26,7 +26,7 @@ def no_expensive_work(monkeypatch):
     def tripwire(*args, **kwargs):
         raise AssertionError("bad input was not caught before Ray or the actors started")
 
-    monkeypatch.setattr(ppo, "init_ray", tripwire)
+    monkeypatch.setattr(ppo, "begin", tripwire)  # writes config.yaml, then starts Ray
     monkeypatch.setattr(ppo, "launch_roles", tripwire)
 
 
@@ -54,8 +54,8 @@ MODEL_PATH_CASES = {
     "a file": (lambda t: [f"model.policy={t / 'weights.safetensors'}"],
                r"^rlhf-ray: model\.policy: model path '.*weights\.safetensors' is a file, expected a model folder$"),
     "pickle weights only": (lambda t: [f"model.policy={t / 'pickled'}"],
-                            r"^rlhf-ray: model\.policy: model folder '.*/pickled' has weights only as pickles "
-                            r"\(pytorch_model\.bin\), .* convert them to safetensors"),
+                            (r"^rlhf-ray: model\.policy: model folder '.*/pickled' has weights only as pickles "
+                             r"\(pytorch_model\.bin\), .* convert them to safetensors")),
     "reward model missing": (lambda t: [f"model.reward=[{t / 'rm-missing'}]"],
                              r"^rlhf-ray: model\.reward\[0\]: model path '.*rm-missing' does not exist$"),
     "critic not a model": (lambda t: [f"model.critic={t / 'empty'}"],

@@ -5,7 +5,7 @@ KubeRay groups' custom resources), started and stopped by ``launch/cluster.py`` 
 so ``down`` runs from another process than ``up``. As root each node lives in its own network
 namespace with its own address; elsewhere all nodes share loopback (the address test skips).
 The PPO driver is a subprocess on the head node (``cluster exec``), never the session's
-``ray_session``; it reports where Ray put every actor (rlhf_ray.cluster.placement).
+``ray_session``; it reports where Ray put every actor (rlhf_ray.cluster.where).
 
 One elastic run (``rollout.elastic``) serves every PPO check: while it goes on, the test adds a
 rollout node, drains one (``ray drain-node``, preemption) and kills another's raylet outright.
@@ -132,7 +132,7 @@ def report(cluster, tmp_path_factory):
     metrics = run_dir / "metrics.jsonl"
     with open(log_path, "w") as log:
         proc = subprocess.Popen([*CLUSTER, "exec", "--state", str(state_path), "--", sys.executable, "-m",
-                                 "rlhf_ray.cluster.placement", "--out", str(out), *overrides],
+                                 "rlhf_ray.cluster.where", "--out", str(out), *overrides],
                                 env=cluster["env"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     events: dict = {}
 

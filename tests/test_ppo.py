@@ -109,7 +109,7 @@ def test_grpo_with_zero3_runs_and_keeps_parity(short_ppo_run):
     trainer, history = short_ppo_run  # GRPO, ZeRO-3 policy on 2 ranks, parity checked every iteration
     assert trainer.cfg.ppo.advantage_estimator == "grpo" and trainer.cfg.policy.zero_stage == 3
     assert not trainer.roles.critic
-    assert trainer.weight_layout.uses_shm == [True]  # auto, one node: the weights went through shared memory
+    assert trainer.roles.rollout.layout.uses_shm == [True]  # auto, one node: the weights went through shared memory
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     assert "value_loss" not in history[0]
     # ppo.old_logprobs=rollout: no learner scoring pass, so no vLLM-vs-learner gap to log; the
@@ -141,21 +141,52 @@ def test_lora_gae_syncs_merged_weights_with_parity_and_saves_a_loadable_policy(r
     assert changed and all(k.endswith("proj.weight") for k in changed), changed
 
 
-def test_overlap_trains_one_update_off_policy_with_tis(ray_session, tmp_path):
+def test_overlap_trains_one_update_off_policy_with_tis_while_engines_come_and_go(ray_session, tmp_path, capsys):
     """ppo.overlap: batch k+1 is sampled while batch k trains, so from the second batch on every
-    sample comes from the weights one update behind; TIS weights apply and parity still holds."""
+    sample comes from the weights one update behind; TIS weights apply and parity still holds.
+    With rollout.elastic too: an engine dies while it samples the batch ahead; it retires at the
+    sync, a new engine starts at the next boundary, and the batch's prompts it held go to the
+    others. (Engines were list positions once: the batch ahead then still named the dead engine's
+    position, which the new engine had taken, and the healthy new engine was retired.)"""
+    import os
+    import signal
+
+    import ray
+
     from rlhf_ray.stages import checkpoint as ckpt
     from rlhf_ray.stages.ppo import PPOTrainer
 
     cfg = _config(tmp_path, "ppo.iterations=3", "ppo.overlap=true", "ppo.advantage_estimator=grpo",
-                  "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1",
+                  "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=2",
+                  "rollout.elastic=true", "rollout.min_engines=1", "rollout.max_engines=2",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.every=2",
                   "checkpoint.save_final=false", "logging.tensorboard=false")
     trainer = PPOTrainer(cfg)
+    pids = ray.get([a.__ray_call__.remote(lambda _: os.getpid()) for a in trainer.roles.rollout])
+    start, rollouts, sizes = trainer._start_generation, trainer._rollouts, []
+
+    def start_then_kill(iteration):
+        pending = start(iteration)
+        if iteration == 1:  # batch 2 is out on both engines: engine 1 dies holding its half
+            os.kill(pids[1], signal.SIGKILL)
+        return pending
+
+    def counting_rollouts():
+        out = rollouts()
+        sizes.append(len(out[3]))  # generations: every prompt answered, samples_per_prompt times
+        return out
+
+    trainer._start_generation, trainer._rollouts = start_then_kill, counting_rollouts
     try:
         history = trainer.fit()
+        engine_ids = list(trainer.roles.rollout.engines)
     finally:
         trainer.close()
+    out = capsys.readouterr().out
+    assert "retired rollout engine(s) [1] (died)" in out and "started rollout engine(s) [2]" in out, out[-3000:]
+    assert engine_ids == [0, 2] and "retired rollout engine(s) [2]" not in out
+    assert [r["rollout/engines"] for r in history] == [2, 2, 2]
+    assert sizes == [32, 32, 32]
     assert [r["policy_version"] for r in history] == [0, 0, 1]
     assert [r["policy_lag"] for r in history] == [0, 1, 1]
     assert [r["prompts_position"] for r in history] == [0, 8, 16]
@@ -181,7 +212,7 @@ def test_hf_rollout_engine_trains_and_keeps_parity(ray_session, tmp_path):
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.save_final=false",
                   "logging.tensorboard=false")
-    trainer, history = _fit(cfg)
+    _, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     # Same model, same numerics: the sampler's log-probs are the learner's.
     assert max(r["logprob_gap_vllm_learner"] for r in history) < 1e-3

@@ -105,5 +105,6 @@ def test_the_metrics_record_of_an_iteration():
     assert record["response_length_mean"] == 2.25 and record["response_length_max"] == 3
     assert record["logprob_gap_vllm_learner"] == pytest.approx(0.25)
     assert record["generated_tokens"] == 9 and record["time/iteration_s"] == 3.0
+    assert record["prompt_tokens"] == 6 and record["batch_positions"] == 4 * (2 + 3)
     assert record["throughput/generate_tokens_per_s"] == 4.5
     assert record["policy_loss"] == 0.1 and record["rollout/engines"] == 2 and record["flag/mode_collapse"] == 0.0

@@ -43,6 +43,40 @@ def test_incomplete_checkpoints_are_ignored_with_a_warning(tmp_path):
     assert len(caught) == 3
 
 
+@pytest.mark.parametrize("damage", ["every checkpoint damaged", "logs but no checkpoint"])
+def test_resume_without_a_loadable_checkpoint_is_refused_and_loses_nothing(tmp_path, damage, capsys):
+    """Refused before Ray starts: the earlier run's metrics, samples and config stay as they were."""
+    from rlhf_ray.cli import main
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    logs = {"metrics.jsonl": '{"iteration": 1}\n{"iteration": 2}\n', "samples.jsonl": '{"iteration": 1}\n',
+            "config.yaml": "seed: 7\n"}
+    for name, text in logs.items():
+        (run_dir / name).write_text(text)
+    if damage == "every checkpoint damaged":
+        ckpt.save_checkpoint(run_dir, 2, {"iteration": 2}, "", _fake_learners)
+        (ckpt.checkpoint_root(run_dir) / "iter-000002" / "policy" / "shard.pt").write_bytes(b"x")
+        (ckpt.checkpoint_root(run_dir) / ".tmp-iter-000004").mkdir()
+    code = main(["ppo", "--resume", f"run_dir={run_dir}", "model.tiny_hidden_size=64", "logging.tensorboard=false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot resume" in err and "Nothing was changed" in err and "Traceback" not in err
+    if damage == "every checkpoint damaged":
+        assert "iter-000002: policy/shard.pt is missing or has the wrong size" in err
+        assert ".tmp-iter-000004: interrupted while writing" in err
+    else:
+        assert "holds the metrics of an earlier run but no checkpoint" in err
+    for name, text in logs.items():
+        assert (run_dir / name).read_text() == text, name
+
+
+def test_an_empty_run_dir_is_refused():
+    from rlhf_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="run_dir: must name a folder"):
+        load_config(None, ["run_dir="])
+
+
 def test_failed_writer_leaves_no_checkpoint(tmp_path):
     def boom(tmp: Path) -> None:
         raise RuntimeError("rank 1 died")
@@ -142,7 +176,7 @@ def _kill_session(proc: subprocess.Popen) -> None:
 @pytest.mark.slow
 def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_server):
     from rlhf_ray.config import load_config
-    from rlhf_ray.data.prompts import PromptStream, load_prompts
+    from rlhf_ray.data.prompts import PromptStream, run_prompts
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = tmp_path / "run"
@@ -184,7 +218,7 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_se
     # Data: each iteration used the next prompts of the one seeded stream, none skipped or repeated.
     cfg = load_config(None, _overrides(run_dir, reward_server.url()))
     tokenizer = load_tokenizer(str(run_dir / "base_model"))
-    stream = PromptStream(load_prompts(cfg.data, cfg.seed, tokenizer), cfg.seed, cfg.data.shuffle)
+    stream = PromptStream(run_prompts(cfg.data, cfg.seed, tokenizer), cfg.seed, cfg.data.shuffle)
     logged = [json.loads(x) for x in (run_dir / "prompts.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in logged] == list(range(1, ITERATIONS + 1))
     for it, row in enumerate(logged, start=1):

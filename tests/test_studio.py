@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -85,7 +86,13 @@ def test_store_wal_orientation_duplicates_undo_and_per_annotator_order(tmp_path)
     bob = store.annotator_by_token(store.add_annotator("bob"))
     first = store.current(alice)
     assert store.current(alice) == first  # the same item until it is answered
-    assert store.current(bob)["item_id"] != first["item_id"] or store.items()[0]["needed"] == 2
+    # Every item needs two annotators here, so each one starts at the head of their own order.
+    from rlhf_ray.studio.db import _order
+
+    assert all(i["needed"] == 2 for i in store.items())
+    ids = [i["id"] for i in store.items()]
+    assert first["item_id"] == min(ids, key=lambda i: _order("alice", i))
+    assert store.current(bob)["item_id"] == min(ids, key=lambda i: _order("bob", i))
     item = store.items()[first["item_id"] - 1]
     assert {first["left"], first["right"]} == {item["response_1"], item["response_2"]}
     store.judge(alice, first["item_id"], "A")
@@ -230,6 +237,96 @@ def test_api_needs_a_token_limits_bodies_and_serves_pages(live):
     with urllib.request.urlopen(base + "/", timeout=10) as r:
         assert "script-src 'self'" in r.headers["Content-Security-Policy"]
         assert b"annotate.js" in r.read()
+
+
+def raw_exchange(base: str, head: bytes, body: bytes = b"", wait_s: float = 5.0) -> bytes:
+    """Sends bytes as they are (no client-side checks) and returns what the server answers."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(base)
+    with socket.create_connection((u.hostname, u.port), timeout=wait_s) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def test_bodies_are_read_only_for_valid_tokens_and_lengths(live):
+    """A client without a token cannot make the server read (and hold) a body; a negative length
+    no longer reads to the end of the stream."""
+    base, token, _ = live
+    # Announces 200 MB and sends 1 KiB: refused at once, unread, and the connection closed.
+    answer = raw_exchange(base, b"POST /api/judge HTTP/1.1\r\nHost: x\r\nContent-Length: 209715200\r\n\r\n",
+                          b"x" * 1024)
+    assert answer.startswith(b"HTTP/1.0 401") or answer.startswith(b"HTTP/1.1 401"), answer[:80]
+    for length in (b"-1", b"abc", b"1e3"):
+        answer = raw_exchange(base, b"POST /api/judge HTTP/1.1\r\nHost: x\r\nX-Studio-Token: " + token.encode()
+                              + b"\r\nContent-Length: " + length + b"\r\n\r\n", b'{"item_id": 1}')
+        assert b" 400 " in answer.split(b"\r\n")[0] and b"bad Content-Length" in answer, (length, answer[:200])
+
+
+@pytest.mark.parametrize("body", [
+    b'{"item_id": 1.9, "choice": "A"}', b'{"item_id": true, "choice": "A"}', b'{"item_id": "1", "choice": "A"}',
+    b'{"item_id": Infinity, "choice": "A"}', b'{"item_id": NaN, "choice": "A"}',
+    b'{"item_id": 1, "choice": "A", "ratings": {"honesty": {"A": true, "B": 2}}}',
+    b'{"item_id": 1, "choice": "A", "ratings": {"honesty": {"A": 4.5, "B": 2}}}',
+    b"[" * 100_00 + b"]" * 100_00,
+])
+def test_values_of_the_wrong_type_are_refused(live, body):
+    base, token, store = live
+    status, answer = request(base + "/api/judge", token, raw=body)
+    assert status == 400 and "error" in answer, (status, answer)
+    assert store.judgements() == []
+
+
+def test_an_internal_error_does_not_leak_its_text(live, monkeypatch, caplog):
+    base, token, store = live
+
+    def broken(who):
+        raise RuntimeError("secret path /srv/db and token abc")
+
+    monkeypatch.setattr(store, "progress", broken)
+    status, answer = request(base + "/api/next", token)
+    assert status == 500 and answer == {"error": "internal error (see the server's log)"}
+    assert "secret path" in caplog.text  # kept for the operator, in the server's log
+
+
+def test_idle_connections_time_out_and_threads_are_capped(tmp_path, monkeypatch):
+    import socket
+
+    from rlhf_ray.studio import server as studio_server
+
+    monkeypatch.setattr(studio_server._Handler, "timeout", 3.0)
+    monkeypatch.setattr(studio_server.StudioServer, "max_threads", 2)
+    srv = make_server(StudioApp(store=Store(tmp_path / "a.db")), "127.0.0.1", 0)
+    serve_in_thread(srv)
+    host, port = srv.server_address[:2]
+    try:
+        # Accepted in order from the listen queue: the two idle clients take both slots first.
+        idle = [socket.create_connection((host, port), timeout=30) for _ in range(2)]
+        third = raw_exchange(url_of(srv, ""), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert third.startswith(b"HTTP/1.1 503"), third[:60]
+        for sock in idle:  # the server hangs up on them after its idle timeout
+            assert sock.recv(1) == b""
+            sock.close()
+        deadline = time.monotonic() + 30  # until the handler threads have given their slots back
+        while True:
+            after = raw_exchange(url_of(srv, ""), b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            if not after.startswith(b"HTTP/1.1 503") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert after.startswith(b"HTTP/1.0 200") or after.startswith(b"HTTP/1.1 200"), after[:60]
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_refuses_non_loopback_unless_asked(tmp_path):

@@ -233,7 +233,9 @@ def test_run_viewer_shows_hostile_output_as_text(page, tmp_path):
     (run / "samples.jsonl").write_text("".join(json.dumps(
         {"iteration": 1, "prompt": "What is 3*4?", "response": response, "reward": 0.5, "components": {},
          "kl": 0.0, "truncated": False, "flags": {"repetition": k == 1}}) + "\n"
-        for k, response in enumerate([INJECTION, "12 12 12 12"])))
+        for k, response in enumerate([INJECTION, "12 12 12 12"])) + "".join(json.dumps(
+        {"iteration": 1, "prompt": prompt, "response": "x", "reward": 0.0, "components": {}, "kl": 0.0,
+         "truncated": False, "flags": {}}) + "\n" for prompt in ("constructor", "__proto__", "toString")))
     app = StudioApp(store=None, run_dir=str(run))
     server = serve(app)
     try:
@@ -242,6 +244,11 @@ def test_run_viewer_shows_hostile_output_as_text(page, tmp_path):
         assert INJECTION in page.text_content("#samples")
         assert page.evaluate("window.__pwned") is None
         assert page.locator("#samples img, #samples script, #c-left img").count() == 0
+        # Prompts named like JavaScript object members are ordinary prompts in the compare panel.
+        choices = page.eval_on_selector_all("#c-prompt option", "os => os.map(o => o.value)")
+        assert {"constructor", "__proto__", "toString", "What is 3*4?"} <= set(choices), choices
+        page.select_option("#c-prompt", "__proto__")
+        assert "x" in page.text_content("#c-left")
         page.select_option("#f-flag", "repetition")
         assert page.locator("#samples tr[data-id]").count() == 1
         assert page.is_disabled("#send")  # no --db: nowhere to send

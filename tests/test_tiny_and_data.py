@@ -5,7 +5,7 @@ import torch
 
 from rlhf_ray.config import DataConfig
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.data.prompts import PromptStream, load_prompts
+from rlhf_ray.data.prompts import PromptStream, run_prompts
 from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics, read_metrics
 
@@ -62,24 +62,24 @@ def test_prompts_from_jsonl_reports_skipped_rows(tmp_path, capsys):
     f = tmp_path / "prompts.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in [{"q": "a?"}, {"q": ""}, {"q": "b?"}, {"q": None}]))
     skip = DataConfig(prompts=str(f), fields={"prompt": "q"}, on_bad_row="skip")
-    assert load_prompts(skip, seed=0) == ["a?", "b?"]
+    assert run_prompts(skip, seed=0) == ["a?", "b?"]
     out = capsys.readouterr().out
     assert "skipped 2 rows (1 empty text, 1 missing field)" in out and "prompts.jsonl row 2, field 'q'" in out
     with pytest.raises(DataError, match="prompts.jsonl row 2, field 'q': empty text"):
-        load_prompts(DataConfig(prompts=str(f), fields={"prompt": "q"}), seed=0)
+        run_prompts(DataConfig(prompts=str(f), fields={"prompt": "q"}), seed=0)
     with pytest.raises(DataError, match="row 1, field 'prompt': missing field.*remap with data.fields"):
-        load_prompts(DataConfig(prompts=str(f)), seed=0)
+        run_prompts(DataConfig(prompts=str(f)), seed=0)
     with pytest.raises(FileNotFoundError, match="missing.jsonl does not exist"):
-        load_prompts(DataConfig(prompts=str(tmp_path / "missing.jsonl")), seed=0)
+        run_prompts(DataConfig(prompts=str(tmp_path / "missing.jsonl")), seed=0)
     # With a tokenizer, long prompts are cut from the left (or dropped) and counted.
     f.write_text(json.dumps({"q": "x" * 10 + "1+1="}) + "\n" + json.dumps({"q": "2+2="}) + "\n")
     cfg = DataConfig(prompts=str(f), fields={"prompt": "q"}, max_prompt_tokens=6)
-    assert load_prompts(cfg, seed=0, tokenizer=build_tokenizer()) == ["xx1+1=", "2+2="]
+    assert run_prompts(cfg, seed=0, tokenizer=build_tokenizer()) == ["xx1+1=", "2+2="]
     assert "truncated 1 prompts" in capsys.readouterr().out
     cfg.prompt_overflow = "drop"
-    assert load_prompts(cfg, seed=0, tokenizer=build_tokenizer()) == ["2+2="]
+    assert run_prompts(cfg, seed=0, tokenizer=build_tokenizer()) == ["2+2="]
     assert "dropped 1 prompts" in capsys.readouterr().out
-    assert len(load_prompts(DataConfig(num_prompts=7), seed=0, tokenizer=build_tokenizer())) == 7
+    assert len(run_prompts(DataConfig(num_prompts=7), seed=0, tokenizer=build_tokenizer())) == 7
     assert capsys.readouterr().out == ""  # nothing to report: nothing printed
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.engines.vllm_engine import SamplingSpec, VLLMEngine
+from rlhf_ray.engines.sampling import SamplingSpec
+from rlhf_ray.engines.vllm_engine import VLLMEngine
 
 pytestmark = pytest.mark.slow
 

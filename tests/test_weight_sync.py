@@ -13,13 +13,13 @@ import torch
 
 from rlhf_ray.actors.learner import WeightSyncSource
 from rlhf_ray.platform import detect
+from rlhf_ray.ports import free_port
 from rlhf_ray.sync import (
     WeightSender,
     WeightSyncParityError,
     build_manifest,
     check_greedy_parity,
     check_parity,
-    free_port,
     manifest_for,
     rank_layout,
     shm,
@@ -284,7 +284,7 @@ class PerturbingSender(WeightSyncSource):
 @pytest.fixture(scope="module")
 def cluster(ray_session, tiny_model_dir):
     from rlhf_ray.actors.rollout import create_rollout_actors
-    from rlhf_ray.engines.vllm_engine import SamplingSpec
+    from rlhf_ray.engines.sampling import SamplingSpec
 
     sender = PerturbingSender.remote(tiny_model_dir)
     engines = create_rollout_actors(
@@ -307,7 +307,7 @@ def cluster(ray_session, tiny_model_dir):
 
 def connect(sender, engines, layout) -> None:
     """The driver's own set-up: learner rank 0 and every engine join at the same time."""
-    from rlhf_ray.stages.ppo import open_weight_sync
+    from rlhf_ray.actors.rollout_pool import open_weight_sync
 
     open_weight_sync(sender, engines, ray.get(sender.manifest.remote(1 << 20)), layout, HOST_BACKEND)
 
@@ -376,7 +376,7 @@ def test_many_small_buckets_and_buffer_reuse(cluster):
 def test_auto_uses_shared_memory_on_one_node(cluster):
     """On one node, auto hands both engines the weights through shared memory; parity holds after
     syncs with one bucket and with many (buffer reuse), and no segment name is left behind."""
-    from rlhf_ray.stages.ppo import weight_sync_layout
+    from rlhf_ray.actors.rollout_pool import weight_sync_layout
 
     sender, engines, responses = cluster
     layout = weight_sync_layout(sender, engines, "auto", 1, detect("cpu"))

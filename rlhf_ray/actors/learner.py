@@ -76,7 +76,7 @@ class _LearnerBase:
         return ray.util.get_node_ip_address()
 
     def free_port(self) -> int:
-        from rlhf_ray.sync.group import free_port
+        from rlhf_ray.ports import free_port
 
         return free_port()
 

@@ -2,9 +2,9 @@
 
 Each role asks Ray for exactly what it needs: one placement group per rollout engine (one
 bundle, so engines come and go alone: a replacement, or elastic rollout adding engines on new
-capacity and retiring those on draining nodes), one bundle per learner rank, one per frozen
-scorer (or, colocated, a share of the policy's bundles). The driver calls ``launch_roles`` once
-and gets handles back; actors never create or call each other.
+capacity and retiring those on draining nodes; see ``rollout_pool``), one bundle per learner
+rank, one per frozen scorer (or, colocated, a share of the policy's bundles). The driver calls
+``launch_roles`` once and gets the role objects back; actors never create or call each other.
 """
 
 from __future__ import annotations
@@ -16,23 +16,22 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.actors.learner import CriticLearnerActor, LearnerSpec, PolicyLearnerActor
-from rlhf_ray.actors.rollout import RolloutActor
+from rlhf_ray.actors.rollout_pool import RolloutPool, bundle, engine_options, rollout_bundle
 from rlhf_ray.actors.scorers import ReferenceActor, RewardActor
+from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.engines.http_reward import client_for
 from rlhf_ray.models.lora import LoraSettings
-from rlhf_ray.sync.group import free_port
+from rlhf_ray.ports import free_port
 
 
 @dataclass
 class Roles:
-    rollout: list  # RolloutActor handles, one per engine
-    policy: list  # PolicyLearnerActor handles, one per rank (rank 0 first)
-    critic: list  # CriticLearnerActor handles; empty for critic-free estimators
-    reference: list  # ReferenceActor handles, one per replica (each scores a shard of the batch)
+    rollout: RolloutPool  # the engines, by stable id
+    policy: WorkerGroup  # PolicyLearnerActor ranks (rank 0 first)
+    critic: WorkerGroup  # CriticLearnerActor ranks; empty for critic-free estimators
+    reference: WorkerGroup  # ReferenceActor replicas, each scoring a shard of the batch
     reward: object
-    placement_groups: list[PlacementGroup]  # learners' and scorers'
-    rollout_groups: list[PlacementGroup] = field(default_factory=list)  # engine i in rollout_groups[i] (a replacement too)
-    rollout_nodes: list[str] = field(default_factory=list)  # Ray node id (hex) where engine i's group was placed
+    placement_groups: list[PlacementGroup] = field(default_factory=list)  # learners' and scorers'
 
 
 def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrategy:
@@ -43,10 +42,6 @@ def _in_bundle(pg: PlacementGroup, index: int) -> PlacementGroupSchedulingStrate
 def _free_port() -> tuple[str, int]:
     """A free TCP port on the node this task runs on (the learner rank 0's node)."""
     return ray.util.get_node_ip_address(), free_port()
-
-
-def _bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict:
-    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
 
 
 def free_port_near(pg: PlacementGroup, bundle_index: int = 0) -> tuple[str, int]:
@@ -76,7 +71,7 @@ def wait_for_placement(groups: dict[str, PlacementGroup], timeout_s: float) -> N
 
 def learner_placement_group(lc, timeout_s: float) -> PlacementGroup:
     """One bundle per rank of a learner section (``policy`` or ``critic``), ready to use."""
-    pg = placement_group([_bundle(lc.num_cpus, lc.num_gpus, lc.ray_resources)] * lc.num_ranks, strategy="PACK")
+    pg = placement_group([bundle(lc.num_cpus, lc.num_gpus, lc.ray_resources)] * lc.num_ranks, strategy="PACK")
     wait_for_placement({"learners": pg}, timeout_s)
     return pg
 
@@ -93,20 +88,21 @@ def launch_learner_group(actor_cls, spec: LearnerSpec, num_ranks: int, num_cpus:
 
 
 def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str],
-                 reward_functions: list[str], reward_weights: list[float], engine_kwargs: dict) -> Roles:
+                 reward_functions: list[str], reward_weights: list[float], pad_id: int, on_replace=None) -> Roles:
+    """Every role of a PPO run, placed together: a plan Ray cannot place fails before any actor starts."""
     pol, cri, sc, ro = cfg.policy, cfg.critic, cfg.scorers, cfg.rollout
     colocate = sc.colocate_with_learners
     n_scorers = sc.reference_replicas + 1  # the reference replicas, then the reward actor
     extra_cpu, extra_gpu = (n_scorers * sc.num_cpus, n_scorers * sc.num_gpus) if colocate else (0.0, 0.0)
-    policy_bundles = [_bundle(pol.num_cpus + (extra_cpu if r == 0 else 0), pol.num_gpus + (extra_gpu if r == 0 else 0),
+    policy_bundles = [bundle(pol.num_cpus + (extra_cpu if r == 0 else 0), pol.num_gpus + (extra_gpu if r == 0 else 0),
                               pol.ray_resources)
                       for r in range(pol.num_ranks)]
     rollout_groups = [placement_group([rollout_bundle(cfg)]) for _ in range(ro.num_engines)]
     groups = {"policy": placement_group(policy_bundles, strategy="PACK")}
     if cfg.uses_critic:
-        groups["critic"] = placement_group([_bundle(cri.num_cpus, cri.num_gpus, cri.ray_resources)] * cri.num_ranks, strategy="PACK")
+        groups["critic"] = placement_group([bundle(cri.num_cpus, cri.num_gpus, cri.ray_resources)] * cri.num_ranks, strategy="PACK")
     if not colocate:
-        groups["scorers"] = placement_group([_bundle(sc.num_cpus, sc.num_gpus, sc.ray_resources)] * n_scorers,
+        groups["scorers"] = placement_group([bundle(sc.num_cpus, sc.num_gpus, sc.ray_resources)] * n_scorers,
                                             strategy="PACK")
     wait_for_placement({**{f"rollout engine {i}": pg for i, pg in enumerate(rollout_groups)}, **groups},
                        cfg.cluster.placement_timeout_s)
@@ -114,97 +110,24 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     scorer_pg = groups["policy"] if colocate else groups["scorers"]
     scorer_bundle = (lambda i: 0) if colocate else (lambda i: i)
     scorer_opts = {"num_cpus": sc.num_cpus, "num_gpus": sc.num_gpus}
-    reference = [ray.remote(ReferenceActor).options(
+    reference = WorkerGroup([ray.remote(ReferenceActor).options(
         **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, scorer_bundle(i))
     ).remote(policy_path, cfg.model.dtype, cfg.backend, sc.micro_batch_size, cfg.model.trust_remote_code)
-        for i in range(sc.reference_replicas)]
+        for i in range(sc.reference_replicas)])
     reward = ray.remote(RewardActor).options(
         **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, scorer_bundle(sc.reference_replicas))
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
              sc.micro_batch_size, sc.criteria, sc.criteria_weights, sc.criteria_combine,
              http=client_for(sc.http), http_weight=sc.http.weight)
 
-    rollout = [start_rollout_engine(cfg, pg, i, engine_kwargs) for i, pg in enumerate(rollout_groups)]
-    policy = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol.num_ranks,
-                                  pol.num_cpus, pol.num_gpus, groups["policy"])
-    critic = []
+    rollout = RolloutPool(cfg, engine_options(cfg, policy_path), rollout_groups, pad_id, on_replace)
+    policy = WorkerGroup.launch(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol, groups["policy"],
+                                owns_group=False)
+    critic = WorkerGroup([])
     if cfg.uses_critic:
-        critic = launch_learner_group(CriticLearnerActor, learner_spec(cfg, cri, critic_path), cri.num_ranks,
-                                      cri.num_cpus, cri.num_gpus, groups["critic"])
-    return Roles(rollout, policy, critic, reference, reward, list(groups.values()), rollout_groups,
-                 [group_node(pg) for pg in rollout_groups])
-
-
-def rollout_bundle(cfg) -> dict:
-    """What one engine asks for: CPUs, its tensor-parallel workers' GPUs, the rollout group's resources."""
-    ro = cfg.rollout
-    return _bundle(ro.num_cpus, ro.num_gpus * ro.tensor_parallel_size, ro.ray_resources)
-
-
-def start_rollout_engine(cfg, pg: PlacementGroup, index: int, engine_kwargs: dict):
-    """Engine ``index`` in its own one-bundle group ``pg``: at launch, added by elastic rollout, or
-    replacing a dead one (whose bundle Ray freed when it died)."""
-    ro = cfg.rollout
-    return ray.remote(RolloutActor).options(
-        num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size,
-        scheduling_strategy=_in_bundle(pg, 0),
-    ).remote(**engine_kwargs, seed=cfg.seed + index)
-
-
-def group_node(pg: PlacementGroup) -> str | None:
-    """The node id (hex) Ray placed a ready one-bundle group on."""
-    return ray.util.placement_group_table(pg)["bundles_to_node_id"].get(0)
-
-
-@dataclass
-class RolloutCapacity:
-    """Ray's view of the cluster for rollout engines, at one moment."""
-
-    alive: set[str]  # node ids
-    draining: set[str]  # node ids the GCS has a drain request for (autoscaler or preemption)
-    free_slots: int  # engines that fit in the free resources of alive, non-draining nodes
-
-
-def rollout_capacity(cfg) -> RolloutCapacity:
-    """Alive and draining nodes from the GCS (the table Ray Serve and the autoscaler read) and how
-    many more engine bundles the free resources hold, node by node."""
-    from ray._private import state
-
-    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    draining = set(state.state.get_draining_nodes()) & alive
-    bundle = {k: v for k, v in rollout_bundle(cfg).items() if v > 0}
-    free = 0
-    for node, available in state.available_resources_per_node().items():
-        if node in alive and node not in draining:
-            free += int(min(available.get(k, 0.0) / v for k, v in bundle.items()) + 1e-9)
-    return RolloutCapacity(alive, draining, free)
-
-
-def add_rollout_engines(cfg, roles: Roles, count: int, engine_kwargs: dict, timeout_s: float = 60.0) -> list[int]:
-    """Up to ``count`` new engines, each in its own group; groups Ray cannot place within
-    ``timeout_s`` (the capacity seen was taken meanwhile) are given up. Returns the new indices;
-    the engines are starting (``ready`` them)."""
-    groups = [placement_group([rollout_bundle(cfg)]) for _ in range(count)]
-    refs = [pg.ready() for pg in groups]
-    ready, _ = ray.wait(refs, num_returns=count, timeout=timeout_s)
-    new = []
-    for pg, ref in zip(groups, refs):
-        if ref not in ready:
-            remove_placement_group(pg)
-            continue
-        new.append(len(roles.rollout))
-        roles.rollout.append(start_rollout_engine(cfg, pg, new[-1], engine_kwargs))
-        roles.rollout_groups.append(pg)
-        roles.rollout_nodes.append(group_node(pg))
-    return new
-
-
-def retire_rollout_engines(roles: Roles, indices: list[int]) -> None:
-    """Stops the engines (a no-op for dead ones) and frees their groups; later engines move down."""
-    for i in sorted(indices, reverse=True):
-        ray.kill(roles.rollout.pop(i))
-        remove_placement_group(roles.rollout_groups.pop(i))
-        roles.rollout_nodes.pop(i)
+        critic = WorkerGroup.launch(CriticLearnerActor, learner_spec(cfg, cri, critic_path), cri, groups["critic"],
+                                    owns_group=False)
+    return Roles(rollout, policy, critic, reference, reward, list(groups.values()))
 
 
 def learner_spec(cfg, lc, model_path: str, rows_per_step: int | None = None, lr: float | None = None,
@@ -232,7 +155,9 @@ def lora_settings(lora) -> LoraSettings | None:
 
 
 def shutdown_roles(roles: Roles) -> None:
-    for handle in [*roles.rollout, *roles.policy, *roles.critic, *roles.reference, roles.reward]:
-        ray.kill(handle)  # a no-op for an actor that already died
-    for pg in [*roles.rollout_groups, *roles.placement_groups]:
+    roles.rollout.shutdown()
+    for group in (roles.policy, roles.critic, roles.reference):
+        group.shutdown()
+    ray.kill(roles.reward)  # a no-op for an actor that already died
+    for pg in roles.placement_groups:
         remove_placement_group(pg)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ray
 
-from rlhf_ray.engines.vllm_engine import Generation, SamplingSpec
+from rlhf_ray.engines.sampling import Generation, SamplingSpec
 from rlhf_ray.platform import detect
 
 

@@ -13,9 +13,9 @@ from .advantages import (
 from .kl import KL_KINDS, kl_estimate, shape_rewards
 from .kl_control import (
     KL_CONTROLLER_KINDS,
-    AdaptiveKLController,
     FixedKLController,
     KLController,
+    ProportionalKLController,
     StepKLController,
     make_kl_controller,
 )
@@ -42,10 +42,10 @@ __all__ = [
     "GROUP_ADVANTAGE_KINDS",
     "KL_CONTROLLER_KINDS",
     "KL_KINDS",
-    "AdaptiveKLController",
     "FixedKLController",
     "KLController",
     "PolicyLossOutput",
+    "ProportionalKLController",
     "StepKLController",
     "ValueLossOutput",
     "aggregate_loss",

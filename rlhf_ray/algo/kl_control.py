@@ -39,7 +39,7 @@ class FixedKLController(KLController):
         del observed_kl, n_steps
 
 
-class AdaptiveKLController(KLController):
+class ProportionalKLController(KLController):
     """Proportional controller of Ziegler et al. 2019 ("Fine-Tuning Language Models from Human
     Preferences"): steers the observed KL towards ``target``.
 
@@ -88,7 +88,7 @@ def make_kl_controller(
     if kind == "fixed":
         return FixedKLController(init_kl_coef)
     if kind == "proportional":
-        return AdaptiveKLController(init_kl_coef, target, horizon)
+        return ProportionalKLController(init_kl_coef, target, horizon)
     if kind == "step":
         return StepKLController(init_kl_coef, target)
     raise ValueError(

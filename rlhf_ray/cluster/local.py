@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rlhf_ray.cluster import netns
-from rlhf_ray.sync.group import free_ports
+from rlhf_ray.ports import free_ports
 
 ROLE_RESOURCES = {"rollout": {"rollout": 100}, "learner": {"learner": 100}}  # the KubeRay groups' labels
 DEFAULT_STATE = Path(os.environ.get("RLHF_RAY_CLUSTER_STATE", Path.home() / ".rlhf-ray" / "cluster.json"))

@@ -1,6 +1,6 @@
 """The typed config tree (no torch imports: validating a config is instant)."""
 
-from rlhf_ray.config.loader import BadInputError, ConfigError, config_to_dict, dump_config, load_config
+from rlhf_ray.config.loader import ConfigError, config_to_dict, dump_config, load_config
 from rlhf_ray.config.schema import (
     CheckpointConfig,
     ClusterConfig,
@@ -20,7 +20,6 @@ from rlhf_ray.config.schema import (
 )
 
 __all__ = [
-    "BadInputError",
     "CheckpointConfig",
     "ClusterConfig",
     "ConfigError",

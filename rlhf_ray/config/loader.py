@@ -15,15 +15,11 @@ from typing import Any, Literal
 import yaml
 
 from rlhf_ray.config.schema import RunConfig
-
-
-class BadInputError(ValueError):
-    """Something the user gave (config, data, model path, checkpoint) is unusable. The CLI prints
-    the message alone: it names the file, row, key or path and what is wrong."""
+from rlhf_ray.errors import BadInputError
 
 
 class ConfigError(BadInputError):
-    pass
+    """A config key or value is unusable; the message names the key."""
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

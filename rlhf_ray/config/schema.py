@@ -1,7 +1,8 @@
 """The typed config tree. One dataclass per section; every field has a default and a comment.
 
 Plain dataclasses with no torch import, so the CLI validates a config in milliseconds before
-any expensive work starts. Cross-field checks live in ``RunConfig.validate``.
+any expensive work starts. Each section checks its own fields (``problems``); checks across
+sections live in ``RunConfig.validate``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,26 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhf_ray.config.cluster_fit import plan_problems
+
+Problem = tuple[str, str]  # (dotted config key, what is wrong with its value)
+
+
+class _Problems(list):
+    """The problems a check found; ``need(ok, key, msg)`` records one when ``ok`` is false."""
+
+    def need(self, ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            self.append((key, msg))
+
+
+def _stage_problems(name: str, epochs: int, lr: float, batch_size: int) -> list[Problem]:
+    """What the supervised stages (sft, rm) share."""
+    p = _Problems()
+    p.need(epochs >= 1, f"{name}.epochs", "must be >= 1")
+    p.need(lr > 0, f"{name}.lr", "must be > 0")
+    p.need(batch_size >= 1, f"{name}.batch_size", "must be >= 1")
+    return p
+
 
 # Logical dataset fields a config may rename with data.fields (data/formats.py reads them).
 REMAPPABLE_FIELDS = ("prompt", "response", "messages", "chosen", "rejected", "text")
@@ -21,10 +42,18 @@ class ModelConfig:
     reward: list[str] = field(default_factory=list)  # reward model folders (an ensemble when >1)
     reward_combine: Literal["mean", "min"] = "mean"  # how an ensemble's scores are combined
     critic: str = ""  # critic init; empty = the policy checkpoint
+    # weights and compute of every role (learners keep fp32 master weights with bf16)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # custom modelling code runs only when asked
     tiny_hidden_size: int = 128  # shape of builtin:tiny
-    tiny_layers: int = 2
+    tiny_layers: int = 2  # decoder layers of builtin:tiny
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        p.need(self.tiny_hidden_size >= 32 and self.tiny_hidden_size % 32 == 0, "model.tiny_hidden_size",
+               "must be a positive multiple of 32 (attention heads of size 32)")
+        p.need(self.tiny_layers >= 1, "model.tiny_layers", "must be >= 1")
+        return p
 
 
 @dataclass
@@ -36,38 +65,62 @@ class DataConfig:
     fields: dict[str, str] = field(default_factory=dict)  # remap field names, e.g. {prompt: question}
     on_bad_row: Literal["error", "skip"] = "error"  # skip = drop bad rows and report the count
     prompt_overflow: Literal["truncate", "drop"] = "truncate"  # prompts over max_prompt_tokens
-    max_prompt_tokens: int = 64
+    max_prompt_tokens: int = 64  # longer prompts are truncated (from the left) or dropped: data.prompt_overflow
     max_seq_len: int = 128  # SFT / RM sequences (prompt + response) are cut to this many tokens
     eval_fraction: float = 0.1  # held-out share of SFT and preference data
-    shuffle: bool = True
+    shuffle: bool = True  # PPO prompts in a seeded random order (else file order)
     num_prompts: int = 512  # built-in task: PPO prompts
     num_sft_examples: int = 2000  # built-in task: demonstrations
     sft_error_rate: float = 0.1  # built-in task: share of deliberately wrong demonstrations
     num_preference_pairs: int = 2000  # built-in task: preference pairs
     num_eval_prompts: int = 200  # built-in task: held-out prompts for gold-score evaluation
 
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        for name in self.fields:
+            p.need(name in REMAPPABLE_FIELDS, f"data.fields.{name}",
+                   f"not a remappable field; use one of {', '.join(REMAPPABLE_FIELDS)}")
+        p.need(0 <= self.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
+        p.need(0 <= self.sft_error_rate <= 1, "data.sft_error_rate", "must be in [0, 1]")
+        p.need(self.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
+        p.need(self.max_seq_len > self.max_prompt_tokens, "data.max_seq_len", "must exceed data.max_prompt_tokens")
+        for key in ("num_prompts", "num_sft_examples", "num_preference_pairs"):
+            p.need(getattr(self, key) >= 1, f"data.{key}", "must be >= 1")
+        p.need(self.num_eval_prompts >= 0, "data.num_eval_prompts", "must be >= 0")
+        return p
+
 
 @dataclass
 class SFTConfig:
     """Supervised fine-tuning; learner resources and ZeRO settings come from ``policy``."""
 
-    epochs: int = 3
-    lr: float = 1e-3
+    epochs: int = 3  # passes over the demonstrations
+    lr: float = 1e-3  # peak learning rate (AdamW)
     batch_size: int = 32  # rows per optimiser step, over all ranks
+
+    def problems(self) -> list[Problem]:
+        return _stage_problems("sft", self.epochs, self.lr, self.batch_size)
 
 
 @dataclass
 class RewardModelConfig:
     """Reward-model training; learner resources and ZeRO settings come from ``critic``."""
 
-    epochs: int = 2
-    lr: float = 5e-4
+    epochs: int = 2  # passes over the preference pairs
+    lr: float = 5e-4  # peak learning rate (AdamW)
     batch_size: int = 32  # preference pairs per optimiser step, over all ranks
     margin: float = 0.0  # the chapter's margin term: relu(margin - (chosen - rejected))
-    margin_weight: float = 0.0
+    margin_weight: float = 0.0  # weight of the margin term; 0 = plain Bradley-Terry
     ensemble_size: int = 1  # independently seeded reward models; PPO combines them
     normalize: bool = True  # shift/scale scores to mean 0, std 1 on a calibration set
     init: str = ""  # starting model; empty = the SFT output (or model.policy without SFT)
+
+    def problems(self) -> list[Problem]:
+        p = _Problems(_stage_problems("rm", self.epochs, self.lr, self.batch_size))
+        p.need(self.ensemble_size >= 1, "rm.ensemble_size", "must be >= 1")
+        p.need(self.margin >= 0, "rm.margin", "must be >= 0")
+        p.need(self.margin_weight >= 0, "rm.margin_weight", "must be >= 0")
+        return p
 
 
 @dataclass
@@ -77,14 +130,14 @@ class RolloutConfig:
     # cores where it outruns vLLM's CPU backend (benchmarks/bench_rollout.py measures both).
     engine: Literal["vllm", "hf"] = "vllm"
     tensor_parallel_size: int = 1  # workers per engine
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 16
+    temperature: float = 1.0  # sampling temperature; learner log-probs use the same
+    top_p: float = 1.0  # nucleus sampling; 1 = the whole vocabulary
+    max_new_tokens: int = 16  # response length cap; longer responses are cut (truncated)
     samples_per_prompt: int = 1  # n responses per prompt (group size of grpo/rloo)
     stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
     gpu_memory_utilization: float = 0.3  # on CPU: share of host memory vLLM may reserve
-    max_model_len: int = 256
-    enable_prefix_caching: bool = True
+    max_model_len: int = 256  # prompt + response positions per sequence; within the model's context
+    enable_prefix_caching: bool = True  # reuse KV blocks of shared prompt prefixes (groups of samples)
     num_cpus: float = 1.0  # per engine
     num_gpus: float = 0.0  # per tensor-parallel worker
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per engine, e.g. {rollout: 1}
@@ -93,6 +146,23 @@ class RolloutConfig:
     elastic: bool = False
     min_engines: int = 1  # elastic only: never retire a draining node's engine below this
     max_engines: int = 8  # elastic only: never start engines beyond this
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        p.need(self.num_engines >= 1, "rollout.num_engines", "must be >= 1")
+        p.need(self.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
+        p.need(self.temperature > 0, "rollout.temperature", "must be > 0 (sampling log-probs need it)")
+        p.need(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        p.need(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        p.need(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+        p.need(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+        p.need(self.num_cpus >= 0 and self.num_gpus >= 0, "rollout.num_cpus", "resources must be >= 0")
+        if self.elastic:
+            p.need(1 <= self.min_engines <= self.num_engines, "rollout.min_engines",
+                   f"must be in [1, rollout.num_engines={self.num_engines}] when rollout.elastic is on")
+            p.need(self.max_engines >= self.num_engines, "rollout.max_engines",
+                   f"must be >= rollout.num_engines={self.num_engines} when rollout.elastic is on")
+        return p
 
 
 @dataclass
@@ -113,19 +183,38 @@ class LoraConfig:
 @dataclass
 class LearnerConfig:
     num_ranks: int = 2  # DeepSpeed data-parallel ranks (Ray actors)
-    zero_stage: int = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    zero_stage: int = 2  # 0: plain data parallel; 1: optimizer states sharded; 2: + gradients; 3: + parameters
+    offload_optimizer: bool = False  # optimizer states in host memory (zero_stage >= 1)
+    offload_params: bool = False  # parameters in host memory (zero_stage 3)
+    lr: float = 1e-5  # peak learning rate (AdamW)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
     micro_batch_size: int = 8  # rows per forward on one rank
     bf16: bool = False  # bf16 mixed precision (fp32 master weights in the optimizer)
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1/3 more compute
-    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)  # adapters instead of full fine-tuning (rank 0 = off)
     num_cpus: float = 0.5  # per rank
     num_gpus: float = 0.0  # per rank
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per rank
+
+    def problems(self, name: str) -> list[Problem]:
+        """``name``: the section this learner is configured under (policy or critic)."""
+        p = _Problems()
+        p.need(self.num_ranks >= 1, f"{name}.num_ranks", "must be >= 1")
+        p.need(self.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
+        p.need(self.lr > 0, f"{name}.lr", "must be > 0")
+        p.need(self.weight_decay >= 0, f"{name}.weight_decay", "must be >= 0")
+        p.need(self.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0: no clipping)")
+        p.need(self.micro_batch_size >= 1, f"{name}.micro_batch_size", "must be >= 1")
+        p.need(self.num_cpus >= 0 and self.num_gpus >= 0, f"{name}.num_cpus", "resources must be >= 0")
+        p.need(not self.offload_params or self.zero_stage == 3, f"{name}.offload_params",
+               "parameter offload needs zero_stage 3")
+        p.need(not self.offload_optimizer or self.zero_stage >= 1, f"{name}.offload_optimizer",
+               "optimizer offload needs zero_stage >= 1")
+        p.need(self.lora.rank >= 0, f"{name}.lora.rank", "must be >= 0 (0 = off)")
+        p.need(self.lora.alpha > 0, f"{name}.lora.alpha", "must be > 0")
+        p.need(0 <= self.lora.dropout < 1, f"{name}.lora.dropout", "must be in [0, 1)")
+        return p
 
 
 @dataclass
@@ -140,17 +229,31 @@ class HttpRewardConfig:
     max_response_bytes: int = 1 << 20  # larger answers are refused
     token_env: str = ""  # NAME of the environment variable holding a bearer token (the token never goes in a config)
 
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        for i, url in enumerate(self.urls):
+            scheme, _, rest = url.partition("://")
+            host = rest.split("/")[0].rsplit(":", 1)[0].strip("[]")
+            p.need(scheme in ("http", "https") and host, f"scorers.http.urls[{i}]", f"{url!r} is not an http(s) URL")
+            p.need(scheme == "https" or not self.token_env or host in ("127.0.0.1", "localhost", "::1"),
+                   f"scorers.http.urls[{i}]", "a token must not travel in clear text: use https (or a loopback host)")
+        p.need(self.timeout_s > 0, "scorers.http.timeout_s", "must be > 0")
+        p.need(self.retries >= 0, "scorers.http.retries", "must be >= 0")
+        p.need(self.backoff_s >= 0, "scorers.http.backoff_s", "must be >= 0")
+        p.need(self.max_response_bytes >= 1, "scorers.http.max_response_bytes", "must be >= 1")
+        return p
+
 
 @dataclass
 class ScorerConfig:
     """Frozen scorers: the reference policy and the reward models."""
 
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
+    num_cpus: float = 0.5  # per scorer actor (each reference replica, the reward actor)
+    num_gpus: float = 0.0  # per scorer actor
     colocate_with_learners: bool = False  # share the learners' placement-group bundles
     reference_replicas: int = 1  # data-parallel reference actors; each scores a shard of the batch
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per scorer
-    micro_batch_size: int = 32
+    micro_batch_size: int = 32  # rows per forward pass of the reference and reward models
     reward_functions: list[str] = field(default_factory=list)  # "module:function" rule rewards
     reward_function_weights: list[float] = field(default_factory=list)  # default 1.0 each
     use_task_gold_as_reward: bool = True  # built-in task: gold scorer as rule reward (only logged with RMs/criteria)
@@ -161,26 +264,48 @@ class ScorerConfig:
     criteria_combine: Literal["weighted", "min"] = "weighted"  # min: worst criterion (constitutional-style)
     http: HttpRewardConfig = field(default_factory=HttpRewardConfig)  # a remote reward endpoint
 
+    def problems(self) -> list[Problem]:
+        p = _Problems(self.http.problems())
+        p.need(self.num_cpus >= 0 and self.num_gpus >= 0, "scorers.num_cpus", "resources must be >= 0")
+        p.need(self.reference_replicas >= 1, "scorers.reference_replicas", "must be >= 1")
+        p.need(self.micro_batch_size >= 1, "scorers.micro_batch_size", "must be >= 1")
+        for name, judge in self.criteria.items():
+            p.need(bool(judge.removeprefix("rm:")) and (judge.startswith("rm:") or ":" in judge),
+                   f"scorers.criteria.{name}", f"{judge!r}: use module:function or rm:<reward model dir>")
+        for name in self.criteria_weights:
+            p.need(name in self.criteria, f"scorers.criteria_weights.{name}", "not a criterion in scorers.criteria")
+        p.need(not (self.criteria_weights and self.criteria_combine == "min"), "scorers.criteria_weights",
+               "weights are not used when scorers.criteria_combine=min")
+        p.need(not self.reward_function_weights or len(self.reward_function_weights) == len(self.reward_functions),
+               "scorers.reward_function_weights", "needs one weight per entry of scorers.reward_functions")
+        for i, spec in enumerate(self.reward_functions):
+            p.need(":" in spec, f"scorers.reward_functions[{i}]", f"{spec!r} is not of the form module:function")
+        return p
+
 
 @dataclass
 class PPOConfig:
-    iterations: int = 20
-    prompts_per_iteration: int = 32
+    iterations: int = 20  # generate-score-update rounds
+    prompts_per_iteration: int = 32  # prompts drawn per round (x rollout.samples_per_prompt rollouts)
     epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimiser steps per epoch
+    # gae needs a critic; grpo, rloo, reinforce_pp use sequence baselines
     advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip_eps: float = 0.2
-    entropy_coef: float = 0.0
+    gamma: float = 1.0  # discount over response tokens (GAE)
+    lam: float = 0.95  # GAE's bias-variance trade-off
+    clip_eps: float = 0.2  # policy ratio clipped to [1 - clip_eps, 1 + clip_eps]
+    value_clip_eps: float = 0.2  # critic's new values clipped to old values +- value_clip_eps
+    entropy_coef: float = 0.0  # loss -= entropy_coef * mean token entropy
+    # how token losses become one number (token-mean weighs long responses more)
     loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
-    whiten_advantages: bool = True
-    kl_coef: float = 0.05
+    whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch's tokens
+    kl_coef: float = 0.05  # weight of the KL penalty to the reference (the starting value for adaptive controllers)
+    # k1: log-ratio; k2: half its square; k3: the low-variance unbiased estimator
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # fixed, proportional (Ziegler et al.'s adaptive controller) or step
     kl_controller: Literal["fixed", "proportional", "step"] = "fixed"
     kl_target: float = 6.0  # target KL (nats per sequence) for adaptive controllers
-    kl_horizon: int = 10000
+    kl_horizon: int = 10000  # proportional controller: rollouts over which the coefficient adapts
     reward_clip: float = 10.0  # scores are clipped to +-reward_clip before shaping
     missing_eos_penalty: float = 0.0  # subtracted from the score of truncated responses
     overlap: bool = False  # sample batch k+1 while training on batch k (one update off-policy)
@@ -195,6 +320,22 @@ class PPOConfig:
     distill_coef: float = 0.0  # KL(policy || reference) on the rollout tokens, a loss with its own gradient
     distill_kl_estimator: Literal["k2", "k3"] = "k2"  # k2: gradient of KL(policy||ref); k3: of KL(ref||policy)
 
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        for key in ("iterations", "prompts_per_iteration", "epochs", "minibatches"):
+            p.need(getattr(self, key) >= 1, f"ppo.{key}", "must be >= 1")
+        p.need(0 < self.clip_eps < 1, "ppo.clip_eps", "must be in (0, 1)")
+        p.need(self.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")
+        p.need(0 <= self.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
+        p.need(0 <= self.lam <= 1, "ppo.lam", "must be in [0, 1]")
+        for key in ("kl_coef", "entropy_coef", "missing_eos_penalty", "ptx_coef", "distill_coef"):
+            p.need(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
+        p.need(self.reward_clip > 0, "ppo.reward_clip", "must be > 0 (scores are clipped to +-reward_clip)")
+        p.need(self.tis_cap == 0 or self.tis_cap >= 1, "ppo.tis_cap", "must be 0 (no correction) or >= 1")
+        p.need(self.kl_target > 0, "ppo.kl_target", "must be > 0")
+        p.need(self.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
+        return p
+
 
 @dataclass
 class SafeguardsConfig:
@@ -206,15 +347,27 @@ class SafeguardsConfig:
     length_penalty_threshold: int = 0  # tokens; penalty applies above it
     length_penalty_coef: float = 0.0  # score -= coef * max(0, length - threshold)
     repetition_penalty_coef: float = 0.0  # score -= coef * share of repeated n-grams
-    repetition_ngram: int = 3
+    repetition_ngram: int = 3  # n-gram size the repetition penalty counts
     diversity_bonus: float = 0.0  # score += bonus * (1 - mean similarity to same-prompt responses)
     collapse_min_distinct_1: float = 0.0  # collapse flag below this distinct-1; 0 = check off
     collapse_max_pairwise_similarity: float = 0.9  # collapse flag above this; 1 = check off
     overopt_window: int = 5  # iterations over which proxy and gold trends are compared
-    overopt_min_proxy_gain: float = 0.1
-    overopt_max_gold_gain: float = 0.0
+    overopt_min_proxy_gain: float = 0.1  # flag when the proxy reward rose by at least this over the window
+    overopt_max_gold_gain: float = 0.0  # ... while the gold score rose by at most this
     stop_on_overoptimisation: bool = False  # early stop when proxy rises while gold does not
     max_kl: float = 0.0  # early stop when KL to the reference exceeds this; 0 = never
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        for key in ("length_penalty_coef", "repetition_penalty_coef", "diversity_bonus", "length_penalty_threshold"):
+            p.need(getattr(self, key) >= 0, f"safeguards.{key}", "must be >= 0")
+        p.need(0 <= self.collapse_min_distinct_1 <= 1, "safeguards.collapse_min_distinct_1", "must be in [0, 1]")
+        p.need(0 <= self.collapse_max_pairwise_similarity <= 1, "safeguards.collapse_max_pairwise_similarity",
+               "must be in [0, 1]")
+        p.need(self.overopt_window >= 2, "safeguards.overopt_window", "must be >= 2")
+        p.need(self.repetition_ngram >= 1, "safeguards.repetition_ngram", "must be >= 1")
+        p.need(self.max_kl >= 0, "safeguards.max_kl", "must be >= 0")
+        return p
 
 
 @dataclass
@@ -224,7 +377,14 @@ class SyncConfig:
     # learner's node, CPU only; the GPU twin, CUDA IPC, is not built); auto: shm where it can, broadcast for the rest
     transport: Literal["broadcast", "shm", "auto"] = "broadcast"
     parity_every: int = 0  # parity check after every N-th sync; 0 = never
-    parity_atol: float = 1e-3
+    parity_atol: float = 1e-3  # largest log-prob gap between learner and engine a parity check accepts
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        p.need(self.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
+        p.need(self.parity_every >= 0, "sync.parity_every", "must be >= 0")
+        p.need(self.parity_atol > 0, "sync.parity_atol", "must be > 0")
+        return p
 
 
 @dataclass
@@ -232,13 +392,24 @@ class LoggingConfig:
     samples_per_iteration: int = 16  # rollouts written to samples.jsonl each PPO iteration
     tensorboard: bool = True  # also write TensorBoard event files beside metrics.jsonl
 
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        p.need(self.samples_per_iteration >= 0, "logging.samples_per_iteration", "must be >= 0")
+        return p
+
 
 @dataclass
 class CheckpointConfig:
     every: int = 0  # iterations between full checkpoints (+ one at the end); 0 = only the final HF policy
-    save_final: bool = True
+    save_final: bool = True  # write the policy as an HF folder (run_dir/policy) at the end
     resume: Literal["never", "auto"] = "never"  # auto: continue from the newest complete checkpoint in run_dir
     keep_last: int = 2  # complete checkpoints kept in run_dir/checkpoints; older ones are deleted
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        p.need(self.every >= 0, "checkpoint.every", "must be >= 0")
+        p.need(self.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        return p
 
 
 @dataclass
@@ -249,16 +420,31 @@ class FaultsConfig:
     max_engine_replacements: int = 4  # dead rollout engines replaced per run; 0 = a dead engine stops the run
     max_restarts: int = 0  # restarts from the last checkpoint after a learner or scorer actor dies
 
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        for key in ("max_consecutive_nonfinite", "max_engine_replacements", "max_restarts"):
+            p.need(getattr(self, key) >= 0, f"faults.{key}", "must be >= 0")
+        return p
+
 
 @dataclass
 class CollectConfig:
     """``rlhf-ray collect``: several responses per prompt from the rollout engines, judged into
     preference pairs (the chapter's preference collector)."""
 
-    num_prompts: int = 256
-    responses_per_prompt: int = 4
+    num_prompts: int = 256  # prompts to sample responses for
+    responses_per_prompt: int = 4  # samples per prompt; the best and worst become a pair
     judge: str = "gold"  # gold (the task's scorer) | module:function | rm:<reward model dir> | none (humans label)
     min_score_gap: float = 0.0  # pairs whose judged scores differ by no more are ties: left out, counted
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        p.need(self.responses_per_prompt >= 2, "collect.responses_per_prompt", "must be >= 2 (pairs)")
+        p.need(self.num_prompts >= 1, "collect.num_prompts", "must be >= 1")
+        p.need(self.min_score_gap >= 0, "collect.min_score_gap", "must be >= 0")
+        p.need(self.judge in ("gold", "none") or ":" in self.judge, "collect.judge",
+               f"{self.judge!r}: use gold, none, module:function or rm:<reward model dir>")
+        return p
 
 
 @dataclass
@@ -267,35 +453,51 @@ class EvalConfig:
     score, perplexity on reference text, the reward models' (and criteria's) score."""
 
     models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint, e.g. {sft: runs/x/sft/model}
-    max_new_tokens: int = 8
+    max_new_tokens: int = 8  # greedy response length cap
     compare_to: list[str] = field(default_factory=list)  # % change vs these models; [] = base and sft if named
     prompts: str = ""  # held-out prompts (JSONL/JSON/Parquet); "" = the task's held-out prompts
     reference_text: str = ""  # perplexity text, as ppo.ptx_data; "" = held-out SFT demonstrations
     max_reference_texts: int = 200  # perplexity on at most this many texts
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        for name in self.compare_to:
+            p.need(name in self.models, "eval.compare_to", f"{name!r} is not one of eval.models")
+        p.need(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        p.need(self.max_reference_texts >= 1, "eval.max_reference_texts", "must be >= 1")
+        return p
 
 
 @dataclass
 class ClusterConfig:
     """The cluster a plan is written for; 0 means "whatever Ray has" (no fit check)."""
 
-    nodes: int = 0
-    gpus_per_node: int = 0
-    cpus_per_node: int = 0
+    nodes: int = 0  # nodes of the cluster the plan is for
+    gpus_per_node: int = 0  # GPUs on each node
+    cpus_per_node: int = 0  # CPUs on each node
     # How long to wait for Ray to place every role's resources before giving up with an error that
     # names what did not fit (0: wait forever, e.g. for a slow autoscaler).
     placement_timeout_s: float = 600.0
 
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        for key in ("nodes", "gpus_per_node", "cpus_per_node"):
+            p.need(getattr(self, key) >= 0, f"cluster.{key}", "must be >= 0 (0: no fit check)")
+        p.need(self.placement_timeout_s >= 0, "cluster.placement_timeout_s", "must be >= 0 (0: wait forever)")
+        return p
+
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/default"
-    seed: int = 0
-    backend: Literal["auto", "cpu", "cuda"] = "auto"
+    run_dir: str = "runs/default"  # every output of the command goes here
+    seed: int = 0  # seeds data order, sampling, initialisation
+    backend: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible, else cpu
     ray_address: str = ""  # empty: start a local Ray; "auto": join the running cluster
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    policy: LearnerConfig = field(default_factory=LearnerConfig)
+    policy: LearnerConfig = field(default_factory=LearnerConfig)  # PPO's policy learners; sft trains on them too
+    # PPO's critic learners; rm trains its reward models on these resources and ZeRO settings too.
     critic: LearnerConfig = field(default_factory=LearnerConfig)
     scorers: ScorerConfig = field(default_factory=ScorerConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
@@ -318,149 +520,51 @@ class RunConfig:
     def rollout_batch_size(self) -> int:
         return self.ppo.prompts_per_iteration * self.rollout.samples_per_prompt
 
-    def validate(self) -> list[tuple[str, str]]:
-        """Returns (dotted key, problem) for every impossible value; empty when the config is sound."""
-        problems: list[tuple[str, str]] = []
-
-        def need(ok: bool, key: str, msg: str) -> None:
-            if not ok:
-                problems.append((key, msg))
-
-        r, p, c, ppo = self.rollout, self.policy, self.critic, self.ppo
-        need(r.num_engines >= 1, "rollout.num_engines", "must be >= 1")
-        need(self.cluster.placement_timeout_s >= 0, "cluster.placement_timeout_s", "must be >= 0 (0: wait forever)")
-        need(r.engine == "vllm" or (self.backend != "cuda" and r.tensor_parallel_size == 1), "rollout.engine",
-             "hf runs on CPU with one worker per engine: use vllm with backend=cuda or tensor_parallel_size > 1")
-        need(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", "must be >= 1")
-        need(r.temperature > 0, "rollout.temperature", "must be > 0 (sampling log-probs need it)")
-        need(0 < r.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-        need(r.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
-        need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
-        need(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
-        need(r.max_model_len >= self.data.max_prompt_tokens + r.max_new_tokens, "rollout.max_model_len",
-             f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={self.data.max_prompt_tokens} and "
-             f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
-             f"{self.data.max_prompt_tokens + r.max_new_tokens}")
-        if r.elastic:
-            need(1 <= r.min_engines <= r.num_engines, "rollout.min_engines",
-                 f"must be in [1, rollout.num_engines={r.num_engines}] when rollout.elastic is on")
-            need(r.max_engines >= r.num_engines, "rollout.max_engines",
-                 f"must be >= rollout.num_engines={r.num_engines} when rollout.elastic is on")
-        for name, lc in (("policy", p), ("critic", c)):
-            need(lc.num_ranks >= 1, f"{name}.num_ranks", "must be >= 1")
-            need(lc.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
-            need(lc.lr > 0, f"{name}.lr", "must be > 0")
-            need(lc.micro_batch_size >= 1, f"{name}.micro_batch_size", "must be >= 1")
-            need(lc.num_cpus >= 0 and lc.num_gpus >= 0, f"{name}.num_cpus", "resources must be >= 0")
-            need(not lc.offload_params or lc.zero_stage == 3, f"{name}.offload_params",
-                 "parameter offload needs zero_stage 3")
-            need(not lc.offload_optimizer or lc.zero_stage >= 1, f"{name}.offload_optimizer",
-                 "optimizer offload needs zero_stage >= 1")
-            need(lc.lora.rank >= 0, f"{name}.lora.rank", "must be >= 0 (0 = off)")
-            need(lc.lora.alpha > 0, f"{name}.lora.alpha", "must be > 0")
-            need(0 <= lc.lora.dropout < 1, f"{name}.lora.dropout", "must be in [0, 1)")
-        need(self.model.tiny_hidden_size >= 32 and self.model.tiny_hidden_size % 32 == 0,
-             "model.tiny_hidden_size", "must be a positive multiple of 32 (attention heads of size 32)")
-        need(ppo.iterations >= 1, "ppo.iterations", "must be >= 1")
-        need(ppo.prompts_per_iteration >= 1, "ppo.prompts_per_iteration", "must be >= 1")
-        need(ppo.epochs >= 1, "ppo.epochs", "must be >= 1")
-        need(ppo.minibatches >= 1, "ppo.minibatches", "must be >= 1")
-        need(0 < ppo.clip_eps < 1, "ppo.clip_eps", "must be in (0, 1)")
-        need(ppo.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")
-        need(0 <= ppo.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
-        need(0 <= ppo.lam <= 1, "ppo.lam", "must be in [0, 1]")
-        need(ppo.kl_coef >= 0, "ppo.kl_coef", "must be >= 0")
-        need(self.scorers.reference_replicas >= 1, "scorers.reference_replicas", "must be >= 1")
+    def validate(self) -> list[Problem]:
+        """Returns (dotted key, problem) for every impossible value; empty when the config is sound.
+        Each section checks its own fields; what ties sections together is checked here."""
+        p = _Problems()
+        for section in (self.model, self.data, self.rollout, self.scorers, self.ppo, self.sync, self.safeguards,
+                        self.checkpoint, self.faults, self.logging, self.cluster, self.sft, self.rm, self.eval,
+                        self.collect):
+            p.extend(section.problems())
+        p.extend(self.policy.problems("policy"))
+        p.extend(self.critic.problems("critic"))
+        r, ppo, data = self.rollout, self.ppo, self.data
+        p.need(bool(self.run_dir.strip()), "run_dir", "must name a folder (empty would write into the current one)")
+        p.need(r.engine == "vllm" or (self.backend != "cuda" and r.tensor_parallel_size == 1), "rollout.engine",
+               "hf runs on CPU with one worker per engine: use vllm with backend=cuda or tensor_parallel_size > 1")
+        p.need(r.max_model_len >= data.max_prompt_tokens + r.max_new_tokens, "rollout.max_model_len",
+               f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
+               f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
+               f"{data.max_prompt_tokens + r.max_new_tokens}")
         # vLLM reports log-probs renormalised over the top-p nucleus, which the learner never computes.
-        need(ppo.old_logprobs == "learner" or r.top_p == 1, "ppo.old_logprobs",
-             "rollout needs rollout.top_p=1 (the engines' log-probs are renormalised over the top-p nucleus)")
-        need(ppo.tis_cap == 0 or ppo.tis_cap >= 1, "ppo.tis_cap", "must be 0 (no correction) or >= 1")
-        need(ppo.kl_target > 0, "ppo.kl_target", "must be > 0")
-        need(ppo.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
+        p.need(ppo.old_logprobs == "learner" or r.top_p == 1, "ppo.old_logprobs",
+               "rollout needs rollout.top_p=1 (the engines' log-probs are renormalised over the top-p nucleus)")
         if ppo.advantage_estimator == "rloo":
-            need(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", "rloo needs >= 2 samples per prompt")
+            p.need(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", "rloo needs >= 2 samples per prompt")
         # Every learner rank must get at least one row of every minibatch.
-        rows_per_minibatch = self.rollout_batch_size // ppo.minibatches
-        need(rows_per_minibatch >= 1, "ppo.minibatches",
-             f"{ppo.minibatches} minibatches cannot split a rollout batch of {self.rollout_batch_size} rows")
-        for name, lc in (("policy", p), ("critic", c)):
+        rows_per_minibatch = self.rollout_batch_size // ppo.minibatches if ppo.minibatches >= 1 else 0
+        p.need(rows_per_minibatch >= 1, "ppo.minibatches",
+               f"{ppo.minibatches} minibatches cannot split a rollout batch of {self.rollout_batch_size} rows")
+        for name, lc in (("policy", self.policy), ("critic", self.critic)):
             if name == "critic" and not self.uses_critic:
                 continue
-            need(rows_per_minibatch >= lc.num_ranks, f"{name}.num_ranks",
-                 f"{lc.num_ranks} ranks cannot split a minibatch of {rows_per_minibatch} rows "
-                 f"(ppo.prompts_per_iteration x rollout.samples_per_prompt / ppo.minibatches)")
-        for name in self.data.fields:
-            need(name in REMAPPABLE_FIELDS, f"data.fields.{name}",
-                 f"not a remappable field; use one of {', '.join(REMAPPABLE_FIELDS)}")
-        need(0 <= self.data.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)")
-        need(self.data.max_prompt_tokens >= 1, "data.max_prompt_tokens", "must be >= 1")
-        need(self.data.max_seq_len > self.data.max_prompt_tokens, "data.max_seq_len",
-             "must exceed data.max_prompt_tokens")
-        for name, sec in (("sft", self.sft), ("rm", self.rm)):
-            need(sec.epochs >= 1, f"{name}.epochs", "must be >= 1")
-            need(sec.lr > 0, f"{name}.lr", "must be > 0")
-            need(sec.batch_size >= 1, f"{name}.batch_size", "must be >= 1")
-        need(self.sft.batch_size >= self.policy.num_ranks, "sft.batch_size",
-             f"{self.sft.batch_size} rows cannot split over policy.num_ranks={self.policy.num_ranks}")
-        need(self.rm.batch_size >= self.critic.num_ranks, "rm.batch_size",
-             f"{self.rm.batch_size} pairs cannot split over critic.num_ranks={self.critic.num_ranks}")
-        need(self.rm.ensemble_size >= 1, "rm.ensemble_size", "must be >= 1")
-        need(self.rm.margin_weight >= 0, "rm.margin_weight", "must be >= 0")
-        need(self.sync.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
-        need(self.sync.parity_every >= 0, "sync.parity_every", "must be >= 0")
-        need(self.sync.transport != "shm" or self.backend != "cuda", "sync.transport",
-             "shm hands over host memory; with backend=cuda use broadcast or auto")
-        need(self.collect.responses_per_prompt >= 2, "collect.responses_per_prompt", "must be >= 2 (pairs)")
-        need(self.collect.num_prompts >= 1, "collect.num_prompts", "must be >= 1")
-        judge = self.collect.judge
-        need(judge in ("gold", "none") or ":" in judge, "collect.judge",
-             f"{judge!r}: use gold, none, module:function or rm:<reward model dir>")
-        sg = self.safeguards
-        need(sg.length_penalty_coef >= 0 and sg.repetition_penalty_coef >= 0 and sg.diversity_bonus >= 0,
-             "safeguards", "penalty and bonus coefficients must be >= 0")
-        need(sg.overopt_window >= 2, "safeguards.overopt_window", "must be >= 2")
-        need(sg.repetition_ngram >= 1, "safeguards.repetition_ngram", "must be >= 1")
-        need(sg.max_kl >= 0, "safeguards.max_kl", "must be >= 0")
-        need(self.logging.samples_per_iteration >= 0, "logging.samples_per_iteration", "must be >= 0")
-        need(self.checkpoint.every >= 0, "checkpoint.every", "must be >= 0")
-        need(self.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-        need(self.faults.max_consecutive_nonfinite >= 0, "faults.max_consecutive_nonfinite", "must be >= 0")
-        need(self.faults.max_engine_replacements >= 0, "faults.max_engine_replacements", "must be >= 0")
-        need(self.faults.max_restarts >= 0, "faults.max_restarts", "must be >= 0")
-        need(self.faults.max_restarts == 0 or self.checkpoint.every > 0, "faults.max_restarts",
-             "restarts resume from a checkpoint: set checkpoint.every > 0")
-        need(ppo.ptx_coef >= 0, "ppo.ptx_coef", "must be >= 0")
-        need(ppo.distill_coef >= 0, "ppo.distill_coef", "must be >= 0")
-        need(not ppo.ptx_coef or bool(ppo.ptx_data or self.data.sft or self.data.task), "ppo.ptx_data",
-             "ppo.ptx_coef > 0 needs text: give ppo.ptx_data, data.sft or data.task")
-        for name in self.eval.compare_to:
-            need(name in self.eval.models, "eval.compare_to", f"{name!r} is not one of eval.models")
-        need(self.eval.max_reference_texts >= 1, "eval.max_reference_texts", "must be >= 1")
+            p.need(rows_per_minibatch >= lc.num_ranks, f"{name}.num_ranks",
+                   f"{lc.num_ranks} ranks cannot split a minibatch of {rows_per_minibatch} rows "
+                   f"(ppo.prompts_per_iteration x rollout.samples_per_prompt / ppo.minibatches)")
+        p.need(self.sft.batch_size >= self.policy.num_ranks, "sft.batch_size",
+               f"{self.sft.batch_size} rows cannot split over policy.num_ranks={self.policy.num_ranks}")
+        p.need(self.rm.batch_size >= self.critic.num_ranks, "rm.batch_size",
+               f"{self.rm.batch_size} pairs cannot split over critic.num_ranks={self.critic.num_ranks}")
+        p.need(self.sync.transport != "shm" or self.backend != "cuda", "sync.transport",
+               "shm hands over host memory; with backend=cuda use broadcast or auto")
+        p.need(self.faults.max_restarts == 0 or self.checkpoint.every > 0, "faults.max_restarts",
+               "restarts resume from a checkpoint: set checkpoint.every > 0")
+        p.need(not ppo.ptx_coef or bool(ppo.ptx_data or data.sft or data.task), "ppo.ptx_data",
+               "ppo.ptx_coef > 0 needs text: give ppo.ptx_data, data.sft or data.task")
         sc = self.scorers
-        for name, judge in sc.criteria.items():
-            need(bool(judge.removeprefix("rm:")) and (judge.startswith("rm:") or ":" in judge),
-                 f"scorers.criteria.{name}", f"{judge!r}: use module:function or rm:<reward model dir>")
-        for name in sc.criteria_weights:
-            need(name in sc.criteria, f"scorers.criteria_weights.{name}", "not a criterion in scorers.criteria")
-        need(not (sc.criteria_weights and sc.criteria_combine == "min"), "scorers.criteria_weights",
-             "weights are not used when scorers.criteria_combine=min")
-        weights = self.scorers.reward_function_weights
-        need(not weights or len(weights) == len(self.scorers.reward_functions),
-             "scorers.reward_function_weights", "needs one weight per entry of scorers.reward_functions")
-        for i, spec in enumerate(self.scorers.reward_functions):
-            need(":" in spec, f"scorers.reward_functions[{i}]", f"{spec!r} is not of the form module:function")
-        http = self.scorers.http
-        for i, url in enumerate(http.urls):
-            scheme, _, rest = url.partition("://")
-            host = rest.split("/")[0].rsplit(":", 1)[0].strip("[]")
-            need(scheme in ("http", "https") and host, f"scorers.http.urls[{i}]", f"{url!r} is not an http(s) URL")
-            need(scheme == "https" or not http.token_env or host in ("127.0.0.1", "localhost", "::1"),
-                 f"scorers.http.urls[{i}]", "a token must not travel in clear text: use https (or a loopback host)")
-        need(http.timeout_s > 0, "scorers.http.timeout_s", "must be > 0")
-        need(http.retries >= 0, "scorers.http.retries", "must be >= 0")
-        need(http.backoff_s >= 0, "scorers.http.backoff_s", "must be >= 0")
-        need(http.max_response_bytes >= 1, "scorers.http.max_response_bytes", "must be >= 1")
-        has_reward = bool(self.model.reward or self.scorers.reward_functions or http.urls or self.scorers.criteria
-                          or (self.data.task and self.scorers.use_task_gold_as_reward))
-        need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
-        return problems + plan_problems(self)
+        has_reward = bool(self.model.reward or sc.reward_functions or sc.http.urls or sc.criteria
+                          or (data.task and sc.use_task_gold_as_reward))
+        p.need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
+        return p + plan_problems(self)

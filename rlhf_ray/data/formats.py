@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhf_ray.config.loader import BadInputError
 from rlhf_ray.config.schema import REMAPPABLE_FIELDS
+from rlhf_ray.errors import BadInputError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 LOGICAL_FIELDS = REMAPPABLE_FIELDS

@@ -7,7 +7,7 @@ import random
 from rlhf_ray.config import DataConfig
 
 
-def load_prompts(data: DataConfig, seed: int, tokenizer=None) -> list[str]:
+def run_prompts(data: DataConfig, seed: int, tokenizer=None) -> list[str]:
     """PPO prompts from ``data.prompts`` (a file or hub dataset, read with ``data.fields`` and
     ``data.on_bad_row``) or else from the built-in ``data.task``.
 

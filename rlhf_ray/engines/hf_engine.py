@@ -13,7 +13,7 @@ import torch
 
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
-from rlhf_ray.engines.vllm_engine import Generation, SamplingSpec
+from rlhf_ray.engines.sampling import Generation, SamplingSpec
 from rlhf_ray.sync.vllm_worker import WeightSyncWorkerExtension
 
 

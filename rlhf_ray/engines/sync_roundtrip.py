@@ -26,8 +26,8 @@ from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
 from rlhf_ray.models.lora import exported_tensors
 from rlhf_ray.platform import detect
+from rlhf_ray.ports import free_port
 from rlhf_ray.sync import manifest as mf
-from rlhf_ray.sync.group import free_port
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.sync.sender import WeightSender
 
@@ -84,7 +84,8 @@ def _join(thread: threading.Thread, out: list):
 def sync_roundtrip(model_path: str, backend: str = "auto", dtype: str = "float32", atol: float = 1e-3,
                    perturb_scale: float = 0.05, max_model_len: int = 256, gpu_memory_utilization: float = 0.3,
                    trust_remote_code: bool = False, seed: int = 0) -> RoundTripReport:
-    from rlhf_ray.engines.vllm_engine import SamplingSpec, VLLMEngine
+    from rlhf_ray.engines.sampling import SamplingSpec
+    from rlhf_ray.engines.vllm_engine import VLLMEngine
     from rlhf_ray.models.loading import load_causal_lm, load_tokenizer
 
     platform = detect(backend)

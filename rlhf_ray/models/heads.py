@@ -92,6 +92,19 @@ class _HeadModel(nn.Module):
                 tokenizer.save_pretrained(tmp)
 
 
+    def add_lora(self, peft_config) -> None:
+        """LoRA adapters on the backbone; the head stays whole and trainable."""
+        from peft import get_peft_model
+
+        self.backbone = get_peft_model(self.backbone, peft_config)
+
+    def save_adapter(self, state_dict: dict, out_dir: str | os.PathLike) -> None:
+        """The backbone's adapter in peft's format, beside this head (full tensors, this module's names)."""
+        self.backbone.save_pretrained(out_dir, state_dict={k.removeprefix("backbone."): v for k, v in
+                                                           state_dict.items() if k.startswith("backbone.")})
+        save_head(self, state_dict, out_dir)
+
+
 def save_head(model: _HeadModel, state_dict: dict, out_dir: str | os.PathLike) -> None:
     """Writes the head's weights (the ``head.`` entries of ``state_dict``) and kind into ``out_dir``."""
     head_sd = {k.removeprefix("head."): v.detach().contiguous().cpu()

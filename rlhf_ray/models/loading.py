@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import BadInputError
+from rlhf_ray.errors import BadInputError
 
 CONFIG_FILE = "config.json"
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # torch pickles: loading one may run code

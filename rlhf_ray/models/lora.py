@@ -37,8 +37,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
 
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=list(settings.target_modules) or "all-linear", bias="none")
-    if hasattr(model, "backbone"):  # rlhf_ray.models.heads
-        model.backbone = get_peft_model(model.backbone, config)
+    if hasattr(model, "add_lora"):  # a head model (rlhf_ray.models.heads) adapts its backbone itself
+        model.add_lora(config)
         return model
     return get_peft_model(model, config)
 
@@ -109,13 +109,9 @@ def _merged(weight: nn.Parameter, layer) -> Callable[[], torch.Tensor]:
 
 def save_adapter(model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: str | os.PathLike) -> None:
     """Writes the adapter in peft's format (``adapter_config.json``, ``adapter_model.safetensors``).
-    ``state_dict`` holds full tensors under ``model``'s names (gathered from ZeRO-3 shards);
-    a head model's adapter folder also gets its head (:mod:`rlhf_ray.models.heads` format)."""
-    if hasattr(model, "backbone"):
-        from rlhf_ray.models.heads import save_head
-
-        model.backbone.save_pretrained(out_dir, state_dict={k.removeprefix("backbone."): v for k, v in
-                                                            state_dict.items() if k.startswith("backbone.")})
-        save_head(model, state_dict, out_dir)
+    ``state_dict`` holds full tensors under ``model``'s names (gathered from ZeRO-3 shards); a
+    head model writes its own (its backbone's adapter and its head)."""
+    if hasattr(model, "save_adapter"):
+        model.save_adapter(state_dict, out_dir)
     else:
         model.save_pretrained(out_dir, state_dict=state_dict)

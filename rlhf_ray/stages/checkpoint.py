@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.config import BadInputError
 from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
+from rlhf_ray.errors import BadInputError
 
 COMPLETE = "COMPLETE"
 TRAINER_STATE = "trainer.pt"
@@ -100,6 +100,18 @@ def complete_checkpoints(run_dir: str | os.PathLike, warn: bool = False) -> list
             continue
         found.append((int(match.group(1)), path))
     return [p for _, p in sorted(found)]
+
+
+def damaged_checkpoints(run_dir: str | os.PathLike) -> list[str]:
+    """``"<folder>: <what is wrong>"`` for every checkpoint folder that cannot be resumed."""
+    root = checkpoint_root(run_dir)
+    damaged = []
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        if path.name.startswith(".tmp-"):
+            damaged.append(f"{path.name}: interrupted while writing")
+        elif _NAME.match(path.name) and (problem := _problem(path)):
+            damaged.append(f"{path.name}: {problem}")
+    return damaged
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:

@@ -15,13 +15,13 @@ import json
 import ray
 import torch
 
-from rlhf_ray.actors.rollout import RolloutActor
+from rlhf_ray.actors.rollout_pool import RolloutPool
 from rlhf_ray.actors.scorers import RewardActor
 from rlhf_ray.config import RunConfig
-from rlhf_ray.data.prompts import load_prompts
+from rlhf_ray.data.prompts import run_prompts
 from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
-from rlhf_ray.engines.vllm_engine import SamplingSpec
-from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
+from rlhf_ray.engines.sampling import SamplingSpec
+from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 
 
 def _judge(cfg: RunConfig, tokenizer, prompts: list[str], responses: list[str]) -> list[float] | None:
@@ -49,26 +49,15 @@ def run_collect(cfg: RunConfig) -> dict:
     run_dir = prepare_run(cfg)
     policy = resolve_policy_path(cfg, run_dir)
     tokenizer = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
-    prompts = load_prompts(cfg.data, cfg.seed, tokenizer)[: cfg.collect.num_prompts]
-    init_ray(cfg)
+    prompts = run_prompts(cfg.data, cfg.seed, tokenizer)[: cfg.collect.num_prompts]
+    begin(cfg, run_dir)
 
     ro, k = cfg.rollout, cfg.collect.responses_per_prompt
-    engines = [ray.remote(RolloutActor).options(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size)
-               .remote(policy, backend=cfg.backend, tensor_parallel_size=ro.tensor_parallel_size,
-                       dtype=cfg.model.dtype, max_model_len=ro.max_model_len,
-                       gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed + i,
-                       trust_remote_code=cfg.model.trust_remote_code)
-               for i in range(ro.num_engines)]
     spec = SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, n=k,
                         stop_token_ids=(tokenizer.eos_token_id,), seed=cfg.seed)
     ids = encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)
-    bounds = [round(i * len(ids) / len(engines)) for i in range(len(engines) + 1)]
-    try:
-        parts = ray.get([e.generate.remote(ids[a:b], spec) for e, a, b in zip(engines, bounds[:-1], bounds[1:])])
-    finally:
-        for e in engines:
-            ray.kill(e)
-    generations = [g for part in parts for g in part]  # prompt-major: k per prompt, prompts in order
+    with RolloutPool.launch(cfg, policy, ro.num_engines, tokenizer.pad_token_id) as pool:
+        generations = pool.generate(prompts, ids, spec, iteration=1)  # prompt-major: k per prompt, in order
     texts = tokenizer.batch_decode([g.response_ids for g in generations], skip_special_tokens=True)
     scores = _judge(cfg, tokenizer, [p for p in prompts for _ in range(k)], texts)
 

@@ -12,10 +12,17 @@ BUILTIN_TINY = "builtin:tiny"
 
 
 def prepare_run(cfg: RunConfig) -> Path:
+    """The run's folder (created); nothing is written into it until ``begin``."""
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
     return run_dir
+
+
+def begin(cfg: RunConfig, run_dir: Path) -> None:
+    """Every input was checked: records the config in ``run_dir`` (a failed start leaves the
+    previous run's untouched) and joins or starts Ray."""
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    init_ray(cfg)
 
 
 def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:

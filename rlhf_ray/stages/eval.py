@@ -18,11 +18,11 @@ import ray
 import torch
 
 from rlhf_ray import algo
-from rlhf_ray.actors.rollout import RolloutActor
+from rlhf_ray.actors.rollout_pool import RolloutPool
 from rlhf_ray.actors.scorers import RewardActor
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.stages.common import init_ray, prepare_run
+from rlhf_ray.stages.common import begin, prepare_run
 
 METRICS = ("gold_score", "perplexity", "reward")  # perplexity: lower is better
 
@@ -30,9 +30,9 @@ METRICS = ("gold_score", "perplexity", "reward")  # perplexity: lower is better
 def held_out_prompts(cfg: RunConfig, tokenizer=None) -> list[str]:
     """eval.prompts (read like data.prompts) or the task's held-out prompts; empty when neither."""
     if cfg.eval.prompts:
-        from rlhf_ray.data.prompts import load_prompts
+        from rlhf_ray.data.prompts import run_prompts
 
-        return load_prompts(replace(cfg.data, prompts=cfg.eval.prompts), cfg.seed, tokenizer)[
+        return run_prompts(replace(cfg.data, prompts=cfg.eval.prompts), cfg.seed, tokenizer)[
             : cfg.data.num_eval_prompts]
     if not cfg.data.task:
         return []
@@ -57,20 +57,16 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     gold = load_reward_function(GOLD_REWARD[cfg.data.task]) if cfg.data.task and prompts else None
     ro, sc = cfg.rollout, cfg.scorers
     paths = list(dict.fromkeys(models.values()))  # a checkpoint named twice is evaluated once
-    engines = {
-        path: ray.remote(RolloutActor).options(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size)
-        .remote(path, backend=cfg.backend, tensor_parallel_size=ro.tensor_parallel_size, dtype=cfg.model.dtype,
-                max_model_len=ro.max_model_len, gpu_memory_utilization=ro.gpu_memory_utilization, seed=cfg.seed,
-                trust_remote_code=cfg.model.trust_remote_code)
-        for path in paths
-    }
+    tokenizers = {path: load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code) for path in paths}
+    # One engine per checkpoint on rollout capacity, all starting at once.
+    pools = {path: RolloutPool.launch(cfg, path, 1, tokenizers[path].pad_token_id, wait=False) for path in paths}
+    engines = {path: pool[0] for path, pool in pools.items()}
     reward = None
     if has_reward(cfg) and prompts:
         reward = ray.remote(RewardActor).options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus).remote(
             cfg.model.reward, cfg.model.reward_combine, [], [], cfg.backend, sc.micro_batch_size,
             sc.criteria, sc.criteria_weights, sc.criteria_combine)
     try:
-        tokenizers = {path: load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code) for path in paths}
         prompt_ids = {path: encode_prompts(tok, prompts, cfg.data.max_prompt_tokens)
                       for path, tok in tokenizers.items()}
         greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens)
@@ -96,8 +92,10 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
                 logprobs = torch.tensor([lp for row in ray.get(reference_logprobs[path]) for lp in row])
                 out["perplexity"] = algo.language_model_loss(logprobs, torch.ones_like(logprobs)).exp().item()
     finally:
-        for actor in [*engines.values(), *([reward] if reward is not None else [])]:
-            ray.kill(actor)
+        for pool in pools.values():
+            pool.shutdown()
+        if reward is not None:
+            ray.kill(reward)
     return {metric: {name: per_path[path][metric] for name, path in models.items()}
             for metric in METRICS if metric in per_path[paths[0]]}
 
@@ -140,12 +138,12 @@ def format_table(results: dict[str, dict[str, float]], compare_to: list[str] | N
 def eval_data(cfg: RunConfig, tokenizer) -> tuple[list[str], list]:
     """(held-out prompts, reference texts for perplexity), read before any engine starts so a bad
     file stops the run early. Reference texts: eval.reference_text, else the held-out SFT data."""
-    from rlhf_ray.stages.sft import load_lm_examples
+    from rlhf_ray.stages.sft import text_examples
 
     prompts = held_out_prompts(cfg, tokenizer)
     references = []
     if cfg.eval.reference_text or cfg.data.sft or cfg.data.task:
-        references = load_lm_examples(cfg, cfg.eval.reference_text, tokenizer, held_out=True)
+        references = text_examples(cfg, cfg.eval.reference_text, tokenizer, held_out=True)
     references = references[: cfg.eval.max_reference_texts]
     if not references and not (prompts and (cfg.data.task or has_reward(cfg))):
         raise ValueError("eval has nothing to measure: give data.task (gold score), eval.reference_text "
@@ -190,7 +188,7 @@ def run_eval(cfg: RunConfig) -> dict:
     tokenizer = load_tokenizer(next(iter(cfg.eval.models.values())), trust_remote_code=cfg.model.trust_remote_code)
     prompts, references = eval_data(cfg, tokenizer)
     run_dir = prepare_run(cfg)
-    init_ray(cfg)
+    begin(cfg, run_dir)
     report = compare_checkpoints(cfg, cfg.eval.models, run_dir, prompts, references)
     print(f"eval done: {Path(run_dir) / 'eval.json'}")
     return report

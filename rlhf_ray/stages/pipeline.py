@@ -12,7 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from rlhf_ray.config import RunConfig
-from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
+from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
@@ -27,7 +27,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     # The eval's data first: a bad file stops the pipeline before any training.
     eval_inputs = (eval_data(cfg, load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code))
                    if cfg.data.task else None)
-    init_ray(cfg)
+    begin(cfg, root)
 
     def stage(name: str, **model_changes) -> RunConfig:
         return replace(cfg, run_dir=str(root / name), model=replace(cfg.model, **model_changes))

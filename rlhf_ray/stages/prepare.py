@@ -17,8 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from rlhf_ray import algo
+from rlhf_ray.actors.rollout_pool import ActorFailureError, pad_rows
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.engines.sampling import Generation
 
 
 @dataclass
@@ -42,6 +44,15 @@ class Prepared:
     advantages: torch.Tensor  # [B, R]
     returns: torch.Tensor | None  # [B, R] with a critic
     metrics: dict[str, float]  # off-policy measures (importance weights)
+
+
+def batch_from_generations(generations: list[Generation], pad_id: int) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor]:
+    """The rollout batch of the engines' generations, their sampling log-probs ``[B, R]`` and
+    which responses ran out of tokens before an end token ``[B]``."""
+    batch = RolloutBatch.from_token_lists([g.prompt_ids for g in generations], [g.response_ids for g in generations],
+                                          pad_id)
+    logprobs = pad_rows([g.logprobs for g in generations], batch.response_mask.shape[1])
+    return batch, logprobs, torch.tensor([g.finish_reason == "length" for g in generations])
 
 
 def final_scores(scores: torch.Tensor, truncated: torch.Tensor, reward_clip: float,
@@ -124,12 +135,35 @@ def iteration_record(iteration: int, position: int, prepared: Prepared, scored: 
             (scored.rollout_logprobs - scored.old_logprobs).abs(), mask).item()} if recomputed else {}),
         **prepared.metrics,
         "generated_tokens": n_tokens,
+        # The rollout batch as the driver holds it, [prompt left-padded | response right-padded]:
+        # real prompt tokens, and every position a padded forward pass would compute.
+        "prompt_tokens": int(prepared.batch.attention_mask[:, : prepared.batch.prompt_len].sum().item()),
+        "batch_positions": prepared.batch.sequences.numel(),
         **{f"time/{k}_s": v for k, v in seconds.items()},
         **{f"throughput/{k}_tokens_per_s": n_tokens / v for k, v in seconds.items() if v > 0},
         "time/iteration_s": total_s,
         "throughput/iteration_tokens_per_s": n_tokens / max(1e-9, total_s),
         **extra,
     }
+
+
+def skipped_record(iteration: int, position: int, phase: str, seconds: dict[str, float],
+                   faults: dict[str, int]) -> dict:
+    """The metrics line of an iteration whose batch was skipped for non-finite ``phase`` values."""
+    return {"iteration": iteration, "prompts_position": position, "skipped_nonfinite": phase,
+            "reward_mean": float("nan"), "kl_to_ref": float("nan"),
+            **{f"time/{k}_s": v for k, v in seconds.items()}, **faults}
+
+
+def sample_rows(iteration: int, prompts: list[str], responses: list[str], prepared: Prepared,
+                rewards: dict[str, torch.Tensor], truncated: torch.Tensor, version: int) -> list[dict]:
+    """``samples.jsonl`` rows for the first ``len(prompts)`` rollouts, for people to read
+    (``rlhf-ray view``): text, final reward and its components, KL, truncation, policy version."""
+    components = {k.removeprefix("reward/"): v for k, v in rewards.items() if k.startswith("reward/")}
+    return [{"iteration": iteration, "prompt": prompts[i], "response": responses[i],
+             "reward": prepared.scores[i].item(), "components": {k: v[i].item() for k, v in components.items()},
+             "kl": prepared.kl_per_seq[i].item(), "truncated": bool(truncated[i]), "policy_version": version}
+            for i in range(len(prompts))]
 
 
 class NonFiniteError(RuntimeError):
@@ -164,6 +198,13 @@ class FaultCounter:
 
     def replacements_left(self, wanted: int) -> bool:
         return self.engine_replacements + wanted <= self.max_engine_replacements
+
+    def take_replacements(self, count: int, iteration: int) -> None:
+        """Counts ``count`` dead engines about to be replaced; refuses past the limit."""
+        if not self.replacements_left(count):
+            raise ActorFailureError(f"{count} rollout engine(s) died at iteration {iteration} and "
+                                    f"faults.max_engine_replacements={self.max_engine_replacements} is used up")
+        self.engine_replacements += count
 
     def metrics(self) -> dict[str, int]:
         return {"faults/nonfinite_batches": self.nonfinite_batches,

@@ -12,15 +12,15 @@ import json
 import random
 from pathlib import Path
 
-import ray
 import torch
 from tqdm import tqdm
 
 from rlhf_ray.actors.learner import RewardLearnerActor
-from rlhf_ray.actors.placement import launch_learner_group, learner_placement_group, learner_spec
+from rlhf_ray.actors.placement import learner_placement_group, learner_spec
+from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.tokenize import encode_pairs
-from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
+from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 from rlhf_ray.tracking import MetricsWriter, plot_metrics
 
 NORM_FILE = "reward_norm.json"
@@ -53,7 +53,7 @@ def run_rm(cfg: RunConfig) -> dict:
     if not held_out:
         raise ValueError("rm: no held-out pairs (data.eval_fraction is 0 or the data is tiny); "
                          "preference accuracy cannot be measured")
-    init_ray(cfg)
+    begin(cfg, run_dir)
 
     def encode(pairs, side):
         return encode_pairs(tokenizer, [p.prompt for p in pairs], [getattr(p, side) for p in pairs],
@@ -78,49 +78,38 @@ def _train_member(cfg: RunConfig, member: int, init_path: str, train, held_out, 
                   run_dir: Path) -> dict:
     rm, lc = cfg.rm, cfg.critic
     pg = learner_placement_group(lc, cfg.cluster.placement_timeout_s)
-    # Members differ by seed: head initialisation and data order.
-    learners = launch_learner_group(
-        RewardLearnerActor, learner_spec(cfg, lc, init_path, rm.batch_size, rm.lr, seed_offset=1000 * member),
-        lc.num_ranks, lc.num_cpus, lc.num_gpus, pg)
-    n = len(learners)
-    held_chosen, held_rejected = encode(held_out, "chosen"), encode(held_out, "rejected")
+    spec = learner_spec(cfg, lc, init_path, rm.batch_size, rm.lr, seed_offset=1000 * member)
+    with WorkerGroup.launch(RewardLearnerActor, spec, lc, pg) as learners:  # stopped on any failure too
+        held_chosen, held_rejected = encode(held_out, "chosen"), encode(held_out, "rejected")
 
-    def scores(batch) -> torch.Tensor:
-        return torch.cat(ray.get([a.scores.remote(s) for a, s in zip(learners, batch.chunk(n))]))
+        def held_out_accuracy() -> float:
+            return (learners.gather("scores", held_chosen) > learners.gather("scores", held_rejected)).float().mean().item()
 
-    def held_out_accuracy() -> float:
-        return (scores(held_chosen) > scores(held_rejected)).float().mean().item()
+        rng = random.Random(cfg.seed + 1000 * member)
+        steps_per_epoch = max(1, len(train) // rm.batch_size)
+        step, accuracies = 0, [held_out_accuracy()]
+        metrics.write({"member": member, "step": 0, "epoch": 0, "eval_accuracy": accuracies[0]})
+        with tqdm(total=rm.epochs * steps_per_epoch, desc=f"rm[{member}]", unit="step") as bar:
+            for epoch in range(1, rm.epochs + 1):
+                order = list(range(len(train)))
+                rng.shuffle(order)
+                for i in range(steps_per_epoch):
+                    pairs = [train[j] for j in order[i * rm.batch_size:(i + 1) * rm.batch_size]]
+                    stats = learners.call("train_step", encode(pairs, "chosen"), encode(pairs, "rejected"), rm.margin,
+                                          rm.margin_weight)
+                    step += 1
+                    metrics.write({"member": member, "step": step, "epoch": epoch, **stats})
+                    bar.update()
+                    bar.set_postfix(loss=f"{stats['rm_loss']:.3f}", acc=f"{stats['rm_accuracy']:.2f}")
+                accuracies.append(held_out_accuracy())
+                metrics.write({"member": member, "step": step, "epoch": epoch, "eval_accuracy": accuracies[-1]})
+                print(f"rm[{member}] epoch {epoch}: held-out preference accuracy {accuracies[-1]:.3f}")
 
-    rng = random.Random(cfg.seed + 1000 * member)
-    steps_per_epoch = max(1, len(train) // rm.batch_size)
-    step, accuracies = 0, [held_out_accuracy()]
-    metrics.write({"member": member, "step": 0, "epoch": 0, "eval_accuracy": accuracies[0]})
-    with tqdm(total=rm.epochs * steps_per_epoch, desc=f"rm[{member}]", unit="step") as bar:
-        for epoch in range(1, rm.epochs + 1):
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            for i in range(steps_per_epoch):
-                pairs = [train[j] for j in order[i * rm.batch_size:(i + 1) * rm.batch_size]]
-                chosen, rejected = encode(pairs, "chosen"), encode(pairs, "rejected")
-                stats = ray.get([a.train_step.remote(c, r, rm.margin, rm.margin_weight)
-                                 for a, c, r in zip(learners, chosen.chunk(n), rejected.chunk(n))])[0]
-                step += 1
-                metrics.write({"member": member, "step": step, "epoch": epoch, **stats})
-                bar.update()
-                bar.set_postfix(loss=f"{stats['rm_loss']:.3f}", acc=f"{stats['rm_accuracy']:.2f}")
-            accuracies.append(held_out_accuracy())
-            metrics.write({"member": member, "step": step, "epoch": epoch, "eval_accuracy": accuracies[-1]})
-            print(f"rm[{member}] epoch {epoch}: held-out preference accuracy {accuracies[-1]:.3f}")
-
-    # Calibration: PPO should see scores of mean 0 and std 1 on held-out responses.
-    calibration = torch.cat([scores(held_chosen), scores(held_rejected)])
-    norm = {"mean": calibration.mean().item(), "std": calibration.std().item()} if cfg.rm.normalize \
-        else {"mean": 0.0, "std": 1.0}
-    path = run_dir / f"reward_model-{member}"
-    ray.get([a.save.remote(str(path)) for a in learners])
+        calibration = torch.cat([learners.gather("scores", held_chosen), learners.gather("scores", held_rejected)])
+        norm = {"mean": calibration.mean().item(), "std": calibration.std().item()} if cfg.rm.normalize \
+            else {"mean": 0.0, "std": 1.0}
+        path = run_dir / f"reward_model-{member}"
+        learners.run("save", str(path))
     (path / NORM_FILE).write_text(json.dumps(norm))
-    for a in learners:
-        ray.kill(a)
-    ray.util.remove_placement_group(pg)
     return {"path": str(path), "held_out_accuracy": accuracies[-1], "accuracy_per_epoch": accuracies[1:],
             "accuracy_before": accuracies[0], "normalization": norm}

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import random
 
-import ray
 from tqdm import tqdm
 
 from rlhf_ray.actors.learner import PolicyLearnerActor
-from rlhf_ray.actors.placement import launch_learner_group, learner_placement_group, learner_spec
+from rlhf_ray.actors.placement import learner_placement_group, learner_spec
+from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.tokenize import encode_pairs
-from rlhf_ray.stages.common import init_ray, prepare_run, resolve_policy_path
+from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 from rlhf_ray.tracking import MetricsWriter, plot_metrics
 
 
@@ -37,7 +37,7 @@ def load_sft_data(cfg: RunConfig, tokenizer):
     return formats.split_holdout(examples, cfg.data.eval_fraction, cfg.seed)
 
 
-def load_lm_examples(cfg: RunConfig, source: str, tokenizer, held_out: bool):
+def text_examples(cfg: RunConfig, source: str, tokenizer, held_out: bool):
     """Language-modelling text (the PPO pretraining mix, eval perplexity) as ``SFTExample``s:
     ``source`` when given, else the SFT data (data.sft or the task's demonstrations), its train or
     held-out split."""
@@ -63,48 +63,44 @@ def run_sft(cfg: RunConfig) -> dict:
     base_path = resolve_policy_path(cfg, run_dir)
     tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_sft_data(cfg, tokenizer)
-    init_ray(cfg)
+    begin(cfg, run_dir)
 
     sft, pol = cfg.sft, cfg.policy
     pg = learner_placement_group(pol, cfg.cluster.placement_timeout_s)
-    learners = launch_learner_group(PolicyLearnerActor, learner_spec(cfg, pol, base_path, sft.batch_size, sft.lr),
-                                    pol.num_ranks, pol.num_cpus, pol.num_gpus, pg)
+    spec = learner_spec(cfg, pol, base_path, sft.batch_size, sft.lr)
+    with WorkerGroup.launch(PolicyLearnerActor, spec, pol, pg) as learners:  # stopped on any failure too
 
-    def encode(rows):
-        return encode_pairs(tokenizer, [r.prompt for r in rows], [r.response for r in rows],
-                            cfg.data.max_prompt_tokens, cfg.data.max_seq_len)
+        def encode(rows):
+            return encode_pairs(tokenizer, [r.prompt for r in rows], [r.response for r in rows],
+                                cfg.data.max_prompt_tokens, cfg.data.max_seq_len)
 
-    def held_out_loss() -> float:
-        if not held_out:
-            return float("nan")
-        batch = encode(held_out)
-        parts = ray.get([a.sft_eval_loss.remote(s) for a, s in zip(learners, batch.chunk(len(learners)))])
-        return sum(p[0] for p in parts) / max(1.0, sum(p[1] for p in parts))
+        def held_out_loss() -> float:
+            if not held_out:
+                return float("nan")
+            parts = learners.submit("sft_eval_loss", encode(held_out)).results()
+            return sum(p[0] for p in parts) / max(1.0, sum(p[1] for p in parts))
 
-    metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
-    rng = random.Random(cfg.seed)
-    steps_per_epoch = max(1, len(train) // sft.batch_size)
-    step, eval_losses = 0, [held_out_loss()]
-    metrics.write({"step": 0, "epoch": 0, "eval_loss": eval_losses[0]})
-    with tqdm(total=sft.epochs * steps_per_epoch, desc="sft", unit="step") as bar:
-        for epoch in range(1, sft.epochs + 1):
-            order = list(range(len(train)))
-            rng.shuffle(order)
-            for i in range(steps_per_epoch):
-                batch = encode([train[j] for j in order[i * sft.batch_size:(i + 1) * sft.batch_size]])
-                stats = ray.get([a.sft_step.remote(s) for a, s in zip(learners, batch.chunk(len(learners)))])[0]
-                step += 1
-                metrics.write({"step": step, "epoch": epoch, **stats})
-                bar.update()
-                bar.set_postfix(loss=f"{stats['sft_loss']:.3f}")
-            eval_losses.append(held_out_loss())
-            metrics.write({"step": step, "epoch": epoch, "eval_loss": eval_losses[-1]})
+        metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
+        rng = random.Random(cfg.seed)
+        steps_per_epoch = max(1, len(train) // sft.batch_size)
+        step, eval_losses = 0, [held_out_loss()]
+        metrics.write({"step": 0, "epoch": 0, "eval_loss": eval_losses[0]})
+        with tqdm(total=sft.epochs * steps_per_epoch, desc="sft", unit="step") as bar:
+            for epoch in range(1, sft.epochs + 1):
+                order = list(range(len(train)))
+                rng.shuffle(order)
+                for i in range(steps_per_epoch):
+                    batch = encode([train[j] for j in order[i * sft.batch_size:(i + 1) * sft.batch_size]])
+                    stats = learners.call("sft_step", batch)
+                    step += 1
+                    metrics.write({"step": step, "epoch": epoch, **stats})
+                    bar.update()
+                    bar.set_postfix(loss=f"{stats['sft_loss']:.3f}")
+                eval_losses.append(held_out_loss())
+                metrics.write({"step": step, "epoch": epoch, "eval_loss": eval_losses[-1]})
 
-    model_dir = run_dir / "model"
-    ray.get([a.save.remote(str(model_dir)) for a in learners])
-    for a in learners:
-        ray.kill(a)
-    ray.util.remove_placement_group(pg)
+        model_dir = run_dir / "model"
+        learners.run("save", str(model_dir))
     summary = {"stage": "sft", "model": str(model_dir), "train_examples": len(train),
                "held_out_examples": len(held_out), "steps": step, "held_out_loss_before": eval_losses[0],
                "held_out_loss": eval_losses[-1], "held_out_loss_per_epoch": eval_losses[1:]}

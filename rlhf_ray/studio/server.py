@@ -7,14 +7,17 @@ Content-Security-Policy allowing only the studio's own scripts backs that up.
 Auth: every ``/api/`` call carries a token in the ``X-Studio-Token`` header (the pages take it
 from the ``?token=`` of their link). Annotator tokens open the labelling API; the admin token
 (made once per database, printed by ``serve``/``view``) opens the stats and run-viewer API. A
-missing or unknown token gets 401. Request bodies over ``max_body`` bytes get 413. The server
-binds loopback addresses only unless ``allow_remote=True``.
+missing or unknown token gets 401 before any body is read. Request bodies over ``max_body`` bytes
+(or with a malformed length) are refused unread; idle connections time out and at most
+``StudioServer.max_threads`` are served at once. Errors reach the client as a message, never as
+exception text. The server binds loopback addresses only unless ``allow_remote=True``.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import secrets
 import socket
 import threading
@@ -26,6 +29,7 @@ from urllib.parse import urlsplit
 
 from rlhf_ray.studio.db import SHOWN_CHOICES, Conflict, Store
 
+log = logging.getLogger(__name__)
 DEFAULT_CRITERIA = ("helpfulness", "harmlessness", "honesty")
 MAX_BODY = 64 * 1024
 STATIC = {"studio.css": "text/css", "annotate.js": "text/javascript", "stats.js": "text/javascript",
@@ -66,6 +70,14 @@ class StudioApp:
             raise HTTPError(401, "a valid annotator token is needed (the link you were given)")
         return who
 
+    def knows(self, token: str | None) -> bool:
+        """Whether ``token`` opens any part of the API (checked before a request body is read)."""
+        if not token:
+            return False
+        if secrets.compare_digest(token, self.admin_token):
+            return True
+        return self.store is not None and self.store.annotator_by_token(token) is not None
+
     def admin(self, token: str | None) -> None:
         if not token or not secrets.compare_digest(token, self.admin_token):
             raise HTTPError(401, "a valid admin token is needed (printed when the server started)")
@@ -83,10 +95,9 @@ class StudioApp:
         if route == ("POST", "/api/judge"):
             who = self.annotator(token)
             body = body or {}
-            try:
-                item_id = int(body.get("item_id"))
-            except (TypeError, ValueError):
-                raise HTTPError(400, "item_id must be a number") from None
+            item_id = body.get("item_id")
+            if not _is_whole(item_id):
+                raise HTTPError(400, "item_id must be a whole number")
             choice = body.get("choice")
             if choice not in SHOWN_CHOICES:
                 raise HTTPError(400, f"choice must be one of {', '.join(SHOWN_CHOICES)}")
@@ -95,7 +106,7 @@ class StudioApp:
                                                     for c, v in ratings.items()):
                 raise HTTPError(400, f"ratings must map criteria ({', '.join(self.criteria)}) to {{A, B}} scores")
             for v in ratings.values():
-                if any(k not in ("A", "B") or not (isinstance(x, int) and 1 <= x <= 5) for k, x in v.items()):
+                if any(k not in ("A", "B") or not (_is_whole(x) and 1 <= x <= 5) for k, x in v.items()):
                     raise HTTPError(400, "ratings are whole numbers from 1 to 5 for A and B")
             comment = body.get("comment") or ""
             if not isinstance(comment, str) or len(comment) > 10_000:
@@ -140,7 +151,7 @@ class StudioApp:
 
         if self.store is None:
             raise HTTPError(409, "start the viewer with --db to send samples to an annotation set")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+        if not isinstance(ids, list) or not ids or not all(_is_whole(i) for i in ids):
             raise HTTPError(400, "ids must be a non-empty list of sample ids")
         samples = {s["id"]: s for s in runview.read_samples(self.run_dir)}
         missing = [i for i in ids if i not in samples]
@@ -150,6 +161,15 @@ class StudioApp:
         with self._send_lock:
             added = self.store.add_items(pairs) if pairs else 0
         return {"pairs": len(pairs), "added": added, "left_alone": alone}
+
+
+def _is_whole(value) -> bool:
+    """A JSON whole number: 3, not 3.0, 1.9, true or "3" (Python counts bools as ints)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _is_loopback(host: str) -> bool:
@@ -164,6 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "rlhf-ray-studio"
     app: StudioApp  # set on the subclass made per server
     quiet = True
+    timeout = 30  # seconds a connection may sit idle (a slow or stalled client holds no thread for long)
 
     def log_message(self, format, *args):
         if not self.quiet:
@@ -195,10 +216,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             raise HTTPError(411, "a Content-Length header is needed")
-        try:
-            n = int(length)
-        except ValueError:
-            raise HTTPError(400, "bad Content-Length") from None
+        if not length.isdigit():  # also refuses "-1", which would read to the end of the stream
+            self.close_connection = True
+            raise HTTPError(400, "bad Content-Length")
+        n = int(length)
         if n > self.app.max_body:
             self.close_connection = True  # the unread body must not be parsed as the next request
             raise HTTPError(413, f"request body over {self.app.max_body} bytes")
@@ -206,8 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not raw:
             return None
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = json.loads(raw, parse_constant=_no_constant)  # no NaN or Infinity
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise HTTPError(400, "the body must be JSON") from None
         if not isinstance(body, dict):
             raise HTTPError(400, "the body must be a JSON object")
@@ -217,8 +238,12 @@ class _Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         try:
             if path.startswith("/api/"):
+                token = self._token()
+                if not self.app.knows(token):  # before reading a byte of the body
+                    self.close_connection = True
+                    raise HTTPError(401, "a valid token is needed (the link you were given)")
                 body = self._body() if method == "POST" else None
-                self._json(200, self.app.handle(method, path, self._token(), body))
+                self._json(200, self.app.handle(method, path, token, body))
             elif method in ("GET", "HEAD") and path in PAGES:
                 self._static(PAGES[path], "text/html; charset=utf-8")
             elif method in ("GET", "HEAD") and path.startswith("/static/") and path[8:] in STATIC:
@@ -227,8 +252,9 @@ class _Handler(BaseHTTPRequestHandler):
                 raise HTTPError(404, "not found")
         except HTTPError as e:
             self._json(e.status, {"error": e.message})
-        except Exception as e:  # noqa: BLE001 - report, keep serving
-            self._json(500, {"error": f"{type(e).__name__}: {e}"})
+        except Exception:
+            log.exception("studio: %s %s failed", method, path)
+            self._json(500, {"error": "internal error (see the server's log)"})
 
     def _static(self, name: str, ctype: str) -> None:
         self._send(200, resources.files("rlhf_ray.studio").joinpath("static", name).read_bytes(), ctype)
@@ -246,6 +272,27 @@ class _Handler(BaseHTTPRequestHandler):
 class StudioServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
+    max_threads = 32  # connections served at once; more are answered 503 and closed
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(self.max_threads)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def make_server(app: StudioApp, host: str = "127.0.0.1", port: int = 8000, allow_remote: bool = False,

@@ -2,7 +2,7 @@
 and the parity check. Broadcast runs the same code over gloo (CPU) and NCCL (GPU); engines on the
 learner's node can read the weights from a shared-memory segment instead (CPU)."""
 
-from rlhf_ray.sync.group import SyncLayout, free_port, plan_sync, rank_layout
+from rlhf_ray.sync.group import SyncLayout, plan_sync, rank_layout
 from rlhf_ray.sync.manifest import build_manifest, manifest_for
 from rlhf_ray.sync.parity import ParityReport, WeightSyncParityError, check_greedy_parity, check_parity
 from rlhf_ray.sync.sender import WeightSender
@@ -15,7 +15,6 @@ __all__ = [
     "build_manifest",
     "check_greedy_parity",
     "check_parity",
-    "free_port",
     "manifest_for",
     "plan_sync",
     "rank_layout",

@@ -9,7 +9,6 @@ learner's node that a bucket of the shared segment is ready. ``plan_sync`` decid
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -78,25 +77,6 @@ def open_group(
     # A first tiny collective: fails fast on a wrong world size or port instead of at the first sync.
     group.broadcast(torch.zeros(1, device=group.device)).wait()
     return group
-
-
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct TCP ports free now on this host (held open together while choosing)."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def free_port() -> int:
-    """A TCP port that is free now on this host, for the store of a new group."""
-    return free_ports(1)[0]
 
 
 def rank_layout(num_engines: int, workers_per_engine: int) -> tuple[int, list[int]]:

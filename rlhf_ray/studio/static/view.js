@@ -108,10 +108,14 @@ function renderCompare() {
 }
 
 function setupCompare() {
-  const counts = {};
-  for (const s of samples) (counts[s.prompt] = counts[s.prompt] || new Set()).add(s.iteration);
-  const prompts = Object.keys(counts).sort((a, b) => counts[b].size - counts[a].size);
-  options(document.getElementById("c-prompt"), prompts.map((p) => [p, `${p.slice(0, 80)} (${counts[p].size} iterations)`]), true);
+  // A Map, not an object: prompts are user text ("constructor", "__proto__" are prompts too).
+  const counts = new Map();
+  for (const s of samples) {
+    if (!counts.has(s.prompt)) counts.set(s.prompt, new Set());
+    counts.get(s.prompt).add(s.iteration);
+  }
+  const prompts = [...counts.keys()].sort((a, b) => counts.get(b).size - counts.get(a).size);
+  options(document.getElementById("c-prompt"), prompts.map((p) => [p, `${p.slice(0, 80)} (${counts.get(p).size} iterations)`]), true);
   const its = iterations().map((i) => [String(i), String(i)]);
   options(document.getElementById("c-a"), its, true);
   options(document.getElementById("c-b"), its, true);

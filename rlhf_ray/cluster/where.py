@@ -3,7 +3,7 @@
 ``role_placement(roles)`` asks each actor where it runs (``__ray_call__``: node id, node address,
 pid) and checks that against Ray's state API (``list_actors``) and node table (``ray.nodes()``).
 
-``python -m rlhf_ray.cluster.placement --out report.json [section.key=value ...]`` runs a short
+``python -m rlhf_ray.cluster.where --out report.json [section.key=value ...]`` runs a short
 PPO stage as a driver on the cluster named by ``ray_address`` and writes: the metrics history,
 the placement of every role and the nodes at launch (``placement``, ``nodes``) and after the run
 (``placement_end``, ``nodes_end``: elastic rollout may have moved engines), the weight-sync
@@ -64,7 +64,7 @@ def role_placement(roles) -> dict[str, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rlhf_ray.cluster.placement")
+    p = argparse.ArgumentParser(prog="python -m rlhf_ray.cluster.where")
     p.add_argument("--out", required=True, help="JSON report")
     p.add_argument("--config", default=None)
     p.add_argument("--sync-repeats", type=int, default=3, help="timed weight syncs after the run")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "ip": ray.util.get_node_ip_address()},
             "placement": placement, "nodes": nodes,
             "placement_end": role_placement(trainer.roles), "nodes_end": nodes_view(),
-            "weight_bytes": trainer.weight_manifest.get("total_bytes"),
+            "weight_bytes": trainer.roles.rollout.manifest.get("total_bytes"),
             "run_dir": str(trainer.run_dir),
         }
     finally:

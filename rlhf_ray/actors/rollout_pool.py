@@ -1,0 +1,437 @@
+"""The rollout engines as one pool: each engine under a stable id with its placement group and
+node. The pool spreads prompts over the live engines, hands a dead engine's prompts to the others
+and replaces it (or, with ``rollout.elastic``, follows the cluster: retires engines whose node is
+gone or draining and starts engines on new capacity), connects the engines to the policy learner
+for weight syncs, broadcasts, and checks that they agree with the learner.
+
+Ids, not list positions: a generation in flight (``ppo.overlap``) remembers which engine holds
+which prompts while engines come and go.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Self
+
+import ray
+import torch
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.actors.rollout import RolloutActor
+from rlhf_ray.actors.worker_group import WorkerGroup, get_all
+from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.engines.sampling import Generation, SamplingSpec
+from rlhf_ray.sync.group import SyncLayout, plan_sync
+from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
+
+
+class ActorFailureError(RuntimeError):
+    """An actor died and the run may not (or may no longer) restart or replace it."""
+
+
+def engine_options(cfg, model_path: str) -> dict:
+    """What every engine of a run is built with, from the config: the one place."""
+    ro = cfg.rollout
+    return {"model": model_path, "engine": ro.engine, "tensor_parallel_size": ro.tensor_parallel_size,
+            "dtype": cfg.model.dtype, "max_model_len": ro.max_model_len,
+            "gpu_memory_utilization": ro.gpu_memory_utilization, "enable_prefix_caching": ro.enable_prefix_caching,
+            "backend": cfg.backend, "trust_remote_code": cfg.model.trust_remote_code,
+            # Log-probs of the distribution actually sampled (after temperature), comparable with
+            # the learner's logits / temperature.
+            "logprobs_mode": "processed_logprobs"}
+
+
+def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict:
+    """One placement-group bundle (no GPU key when none is asked for: CPU clusters have none)."""
+    return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **custom}
+
+
+def rollout_bundle(cfg) -> dict:
+    """What one engine asks for: CPUs, its tensor-parallel workers' GPUs, the rollout group's resources."""
+    ro = cfg.rollout
+    return bundle(ro.num_cpus, ro.num_gpus * ro.tensor_parallel_size, ro.ray_resources)
+
+
+def group_node(pg: PlacementGroup) -> str | None:
+    """The node id (hex) Ray placed a ready one-bundle group on."""
+    return ray.util.placement_group_table(pg)["bundles_to_node_id"].get(0)
+
+
+@dataclass
+class Engine:
+    id: int
+    actor: object  # RolloutActor handle
+    group: PlacementGroup  # its own one-bundle group (a replacement reuses it)
+    node: str | None  # the Ray node id the group was placed on
+
+
+@dataclass
+class PendingGeneration:
+    """A batch of prompts the engines are sampling, started before it is needed."""
+
+    prompts: list[str]
+    policy_version: int  # the iteration whose weights the engines sample with
+    ids: list[list[int]]
+    spec: SamplingSpec
+    calls: list = field(default_factory=list)  # ((engine id, first row, end row), ObjectRef) in flight
+    position: int = -1  # the prompt stream's position at prompts[0], when drawn by the driver
+
+    def wait(self) -> None:
+        """Until every engine call has finished (results stay in Ray's object store)."""
+        refs = [ref for _, ref in self.calls]
+        ray.wait(refs, num_returns=len(refs))
+
+
+@dataclass
+class RolloutCapacity:
+    """Ray's view of the cluster for rollout engines, at one moment."""
+
+    alive: set[str]  # node ids
+    draining: set[str]  # node ids the GCS has a drain request for (autoscaler or preemption)
+    free_slots: int  # engines that fit in the free resources of alive, non-draining nodes
+
+
+def rollout_capacity(cfg) -> RolloutCapacity:
+    """Alive and draining nodes from the GCS (the table Ray Serve and the autoscaler read) and how
+    many more engine bundles the free resources hold, node by node."""
+    from ray._private import state
+
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    draining = set(state.state.get_draining_nodes()) & alive
+    bundle = {k: v for k, v in rollout_bundle(cfg).items() if v > 0}
+    free = 0
+    for node, available in state.available_resources_per_node().items():
+        if node in alive and node not in draining:
+            free += int(min(available.get(k, 0.0) / v for k, v in bundle.items()) + 1e-9)
+    return RolloutCapacity(alive, draining, free)
+
+
+class RolloutPool:
+    def __init__(self, cfg, options: dict, groups: list[PlacementGroup], pad_id: int,
+                 on_replace=None) -> None:
+        """Engines in ``groups`` (placed, one bundle each), built with ``options``
+        (:func:`engine_options`). ``on_replace(n)`` is asked before n engines are replaced and
+        raises to refuse (the run's fault limit)."""
+        self.cfg, self.options, self.pad_id = cfg, options, pad_id
+        self.on_replace = on_replace or self._count_replacements
+        self.replaced = 0
+        self.engines: dict[int, Engine] = {}
+        self._ids = itertools.count()
+        for pg in groups:
+            self._start(pg)
+        self.policy: WorkerGroup | None = None  # the weight source, once connected
+        self.manifest: dict = {}
+        self.layout: SyncLayout | None = None
+        self.probe: RolloutBatch | None = None  # a few rollouts of the last generate phase
+        self.probe_prompts: list[list[int]] = []  # before the first: prompts to answer greedily
+
+    @classmethod
+    def launch(cls, cfg, model_path: str, count: int, pad_id: int, wait: bool = True) -> RolloutPool:
+        """``count`` engines of ``model_path`` for stages outside PPO (eval, collect), each in its
+        own group on rollout capacity (``rollout.ray_resources``); ``wait``: until they are up."""
+        from rlhf_ray.actors.placement import wait_for_placement
+
+        groups = [placement_group([rollout_bundle(cfg)]) for _ in range(count)]
+        wait_for_placement({f"rollout engine {i}": pg for i, pg in enumerate(groups)}, cfg.cluster.placement_timeout_s)
+        pool = cls(cfg, engine_options(cfg, model_path), groups, pad_id)
+        if wait:
+            pool.wait_ready()
+        return pool
+
+    def wait_ready(self) -> None:
+        """Until every engine is up; an engine that cannot start raises its error here."""
+        get_all([e.actor.ready.remote() for e in self.engines.values()])
+
+    def _count_replacements(self, count: int) -> None:
+        limit = self.cfg.faults.max_engine_replacements
+        if self.replaced + count > limit:
+            raise ActorFailureError(f"{count} rollout engine(s) died and faults.max_engine_replacements={limit} "
+                                    f"is used up")
+        self.replaced += count
+
+    # --- the engines --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.engines)
+
+    def __iter__(self):
+        return (e.actor for e in self.engines.values())
+
+    def __getitem__(self, position: int):
+        """The actor of the ``position``-th live engine (in id order)."""
+        return list(self.engines.values())[position].actor
+
+    @property
+    def nodes(self) -> dict[int, str | None]:
+        return {i: e.node for i, e in self.engines.items()}
+
+    def _start(self, pg: PlacementGroup, engine_id: int | None = None) -> Engine:
+        engine_id = next(self._ids) if engine_id is None else engine_id
+        ro = self.cfg.rollout
+        actor = ray.remote(RolloutActor).options(
+            num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
+        ).remote(**self.options, seed=self.cfg.seed + engine_id)
+        self.engines[engine_id] = Engine(engine_id, actor, pg, group_node(pg))
+        return self.engines[engine_id]
+
+    def add(self, count: int, timeout_s: float = 60.0) -> list[int]:
+        """Up to ``count`` new engines, each in its own group; groups Ray cannot place within
+        ``timeout_s`` (the capacity seen was taken meanwhile) are given up. Returns the new ids;
+        the engines are starting (``admit`` them)."""
+        groups = [placement_group([rollout_bundle(self.cfg)]) for _ in range(count)]
+        refs = [pg.ready() for pg in groups]
+        ready, _ = ray.wait(refs, num_returns=count, timeout=timeout_s)
+        new = []
+        for pg, ref in zip(groups, refs):
+            if ref in ready:
+                new.append(self._start(pg).id)
+            else:
+                remove_placement_group(pg)
+        return new
+
+    def retire(self, ids: list[int], why: str, iteration: int) -> None:
+        """Stops the engines (a no-op for dead ones) and frees their groups; the rest form a new
+        sync group (the old one lost members)."""
+        if not ids:
+            return
+        for i in ids:
+            engine = self.engines.pop(i)
+            ray.kill(engine.actor)
+            remove_placement_group(engine.group)
+        print(f"rollout: iteration {iteration}: retired rollout engine(s) {ids} ({why}); {len(self.engines)} left")
+        if self.engines and self.policy is not None:
+            self._connect()
+
+    def replace(self, ids: list[int], iteration: int) -> None:
+        """New engines in the dead ones' groups, under the same ids; every engine joins a fresh sync
+        group, gets the current weights, and the new ones must pass the parity check."""
+        self.on_replace(len(ids))
+        for i in ids:
+            self._start(self.engines[i].group, i)
+        self.admit(ids, iteration)
+        print(f"rollout: replaced engine(s) {ids}; weights synced and parity checked")
+
+    def lost(self, ids: list[int], iteration: int) -> None:
+        """Engines found dead: replaced in place, or with elastic rollout retired (the next
+        boundary starts engines wherever there is capacity; their node may be gone, which Ray may
+        not know yet: an unreachable actor is reported before its node is declared dead)."""
+        if not ids:
+            return
+        if self.cfg.rollout.elastic:
+            self.retire(ids, "died", iteration)
+        else:
+            self.replace(ids, iteration)
+
+    def dead(self, timeout_s: float = 30.0) -> list[int]:
+        """Engines whose actor has died (a ping answered by Ray with ``RayActorError``)."""
+        pings = {i: e.actor.ready.remote() for i, e in self.engines.items()}
+        ray.wait(list(pings.values()), num_returns=len(pings), timeout=timeout_s)
+        dead = []
+        for i, ping in pings.items():
+            try:
+                ray.get(ping, timeout=0)
+            except ray.exceptions.RayActorError:
+                dead.append(i)
+            except ray.exceptions.GetTimeoutError:  # busy, not dead
+                pass
+        return dead
+
+    def follow_cluster(self, iteration: int) -> int:
+        """At an iteration boundary, with ``rollout.elastic``: engines whose node is gone or
+        draining retire (a draining one only while more than ``rollout.min_engines`` remain), and
+        engines start on free rollout capacity up to ``rollout.max_engines``, admitted as
+        replacements are. Returns the count."""
+        ro = self.cfg.rollout
+        if not ro.elastic:
+            return len(self.engines)
+        cap = rollout_capacity(self.cfg)
+        gone = [i for i, e in self.engines.items() if e.node not in cap.alive]
+        draining = [i for i, e in self.engines.items() if e.node in cap.draining and i not in gone]
+        healthy = len(self.engines) - len(gone) - len(draining)
+        n_add = max(0, min(cap.free_slots, ro.max_engines - healthy))
+        keep = max(0, ro.min_engines - healthy - n_add)  # draining engines that serve until replaced
+        self.retire(gone + draining[keep:], f"node gone {gone}, draining {draining[keep:]}", iteration)
+        new = self.add(n_add) if n_add else []
+        if new:
+            self.admit(new, iteration)
+            print(f"rollout: iteration {iteration}: started rollout engine(s) {new} on new capacity; "
+                  f"weights synced and parity checked ({len(self.engines)} engines)")
+        if not self.engines:
+            raise ActorFailureError(f"no rollout engine left at iteration {iteration} and no free "
+                                    f"rollout capacity (rollout.ray_resources={ro.ray_resources})")
+        return len(self.engines)
+
+    def shutdown(self) -> None:
+        for engine in self.engines.values():
+            ray.kill(engine.actor)
+            remove_placement_group(engine.group)
+        self.engines.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # --- generation ---------------------------------------------------------------------------
+    def submit(self, prompts: list[str], ids: list[list[int]], spec: SamplingSpec, version: int) -> PendingGeneration:
+        """Starts sampling: the prompts split evenly over the live engines, without waiting."""
+        pending = PendingGeneration(prompts, version, ids, spec)
+        n = len(self.engines)
+        bounds = [round(i * len(ids) / n) for i in range(n + 1)]
+        pending.calls = self._call(pending, [(a, b) for a, b in itertools.pairwise(bounds) if b > a],
+                                   list(self.engines))
+        return pending
+
+    def _call(self, pending: PendingGeneration, ranges: list[tuple[int, int]], engine_ids: list[int]) -> list:
+        calls = [(engine_ids[k % len(engine_ids)], a, b) for k, (a, b) in enumerate(ranges)]
+        return [((i, a, b), self.engines[i].actor.generate.remote(pending.ids[a:b], pending.spec))
+                for i, a, b in calls]
+
+    def finish(self, pending: PendingGeneration, iteration: int) -> list[Generation]:
+        """The started batch's generations in prompt order. An engine that dies hands its
+        unfinished prompts to the others and is replaced (or retired) before the next phase; the
+        prompts of an engine retired since the batch started go to the others too."""
+        done, dead, calls = {}, [], pending.calls
+        while calls:
+            retry = []
+            for (i, a, b), ref in calls:
+                try:
+                    done[a] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    if i in self.engines and i not in dead:
+                        print(f"rollout engine {i} died during iteration {iteration} "
+                              f"({type(e).__name__}); its {b - a} prompts go to the other engines")
+                        dead.append(i)
+                    retry.append((a, b))
+            live = [i for i in self.engines if i not in dead]
+            if retry and not live:
+                raise ActorFailureError(f"every rollout engine died during iteration {iteration}")
+            calls = self._call(pending, retry, live)
+        out = []
+        for offset in sorted(done):
+            for g in done[offset]:
+                g.prompt_index += offset
+                out.append(g)
+        self.probe = RolloutBatch.from_token_lists([g.prompt_ids for g in out[:4]], [g.response_ids for g in out[:4]],
+                                                   self.pad_id)
+        self.lost(dead, iteration)
+        return out
+
+    def generate(self, prompts: list[str], ids: list[list[int]], spec: SamplingSpec, iteration: int) -> list[Generation]:
+        return self.finish(self.submit(prompts, ids, spec, iteration), iteration)
+
+    def call(self, verb: str, *args) -> list:
+        """``verb`` on every engine with the same arguments (eval's greedy answers, say)."""
+        return get_all([getattr(e.actor, verb).remote(*args) for e in self.engines.values()])
+
+    # --- weights ------------------------------------------------------------------------------
+    def connect(self, policy: WorkerGroup, bucket_bytes: int, transport: str, platform) -> None:
+        """Every worker of every engine joins policy rank 0's sync group, over the transport that
+        ``sync.transport`` picks; later replacements and new engines join again by themselves."""
+        self.policy, self.bucket_bytes, self.transport, self.platform = policy, bucket_bytes, transport, platform
+        self._connect()
+
+    def _connect(self) -> None:
+        sender, engines = self.policy[0], list(self)
+        self.manifest = ray.get(sender.weight_manifest.remote(self.bucket_bytes))
+        self.layout = weight_sync_layout(sender, engines, self.transport, self.cfg.rollout.tensor_parallel_size,
+                                         self.platform)
+        open_weight_sync(sender, engines, self.manifest, self.layout, self.platform.dist_backend)
+
+    def broadcast(self) -> None:
+        """The learner's weights into every engine. Senders (every rank joins the ZeRO-3 gather)
+        and receivers run at the same time."""
+        refs = self.policy.submit("send_weights", self.manifest).refs
+        refs += [e.receive_weights.remote(self.manifest) for e in self]
+        get_all(refs)
+
+    def sync(self, iteration: int) -> None:
+        """A broadcast. An engine that died since its last call (while the learners trained, say)
+        is replaced first, which syncs every engine itself. One that dies during the broadcast
+        leaves the learner inside a collective: that is a restart."""
+        dead = self.dead()
+        if dead:
+            print(f"rollout engine(s) {dead} died before the sync of iteration {iteration}")
+            self.lost(dead, iteration)
+            if self.cfg.rollout.elastic:  # retired, not replaced: the others still need the weights
+                self.broadcast()
+        else:
+            self.broadcast()
+
+    def admit(self, new: list[int], iteration: int) -> None:
+        """Started engines join a fresh sync group with all others (its membership changed), get
+        the current weights and must pass the parity check before they serve a prompt. The probe is
+        a few rollouts of the last generate phase; before the first, the first new engine's greedy
+        answers to a few dataset prompts."""
+        ray.get([self.engines[i].actor.ready.remote() for i in new])
+        if self.policy is None:  # serving a fixed checkpoint (eval, collect): nothing to sync
+            return
+        self._connect()
+        self.broadcast()
+        probe = self.probe
+        if probe is None:
+            responses = ray.get(self.engines[new[0]].actor.greedy.remote(self.probe_prompts,
+                                                                          self.cfg.rollout.max_new_tokens))
+            probe = RolloutBatch.from_token_lists(self.probe_prompts, responses, self.pad_id)
+        self.check_parity(probe, iteration, new)
+
+    def check_parity(self, batch: RolloutBatch, iteration: int, engine_ids: list[int] | None = None) -> None:
+        """After a sync, every engine (or those listed) must agree with the learner: log-probs of the
+        same responses within ``sync.parity_atol``, and greedy decoding token for token."""
+        probe = batch.select(slice(0, min(4, batch.size)))
+        learner_lp, _ = self.policy.gather("logprobs", probe, 1.0)
+        prompts, responses = probe.prompt_token_lists(), probe.response_token_lists()
+        for i in list(self.engines if engine_ids is None else engine_ids):
+            engine = self.engines[i].actor
+            try:
+                engine_lp = pad_rows(ray.get(engine.score.remote(prompts, responses)), probe.response_mask.shape[1])
+                greedy = ray.get(engine.greedy.remote(prompts, self.cfg.rollout.max_new_tokens))
+            except ray.exceptions.RayActorError:
+                print(f"rollout engine {i} died during the parity check of iteration {iteration}")
+                self.lost([i], iteration)  # a replacement is synced and parity-checked
+                continue
+            greedy_batch = RolloutBatch.from_token_lists(prompts, greedy, self.pad_id)
+            learner_greedy = self.policy.gather("greedy_tokens", greedy_batch)
+            try:
+                check_parity(learner_lp, engine_lp, probe.response_mask, self.cfg.sync.parity_atol)
+                check_greedy_parity(
+                    [row[m.bool()].tolist() for row, m in zip(learner_greedy, greedy_batch.response_mask)],
+                    greedy_batch.response_token_lists())
+            except WeightSyncParityError as e:
+                raise WeightSyncParityError(f"rollout engine {i} after the sync of iteration {iteration}: {e}") from None
+
+
+def weight_sync_layout(sender, engines: list, transport: str, workers_per_engine: int, platform) -> SyncLayout:
+    """Engines on the sender's (policy rank 0's) node take the weights through shared memory when
+    ``transport`` (``sync.transport``) and the platform allow; the rest join one broadcast group."""
+    sender_node, *engine_nodes = ray.get([a.__ray_call__.remote(_node_id) for a in [sender, *engines]])
+    return plan_sync(transport, [n == sender_node for n in engine_nodes], workers_per_engine,
+                     platform.shm_weight_sync)
+
+
+def open_weight_sync(sender, engines: list, manifest: dict, layout: SyncLayout, backend: str) -> None:
+    """Connects the sender (the policy learner's sync verbs) with every engine, as ``layout`` says."""
+    shm_path = ray.get(sender.create_weight_segment.remote(manifest)) if layout.shm_world > 1 else None
+    port, address = ray.get([sender.free_port.remote(), sender.node_ip.remote()])
+    refs = [sender.open_weight_sync.remote(port, layout.broadcast_world, layout.shm_world)]
+    for i, engine in enumerate(engines):
+        group = layout.engine_group(i)
+        refs.append(engine.join_weight_sync.remote(address, port, group["world_size"], group["rank_offset"],
+                                                   backend, shm_path=shm_path if group["shm"] else None))
+    ray.get(refs)
+
+
+def _node_id(_actor) -> str:
+    """Run inside an actor (``__ray_call__``): the Ray node it lives on."""
+    return ray.get_runtime_context().get_node_id()
+
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Ragged per-token rows as ``[len(rows), width]``, zero-padded on the right."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out
