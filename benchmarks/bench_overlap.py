@@ -102,7 +102,7 @@ def print_report(results: list[dict], args) -> tuple[str, str]:
           *[median([x.get(f"time/{p}_s", 0.0) for x in r["records"][1:]]) for p in PHASES],
           sum(r["rewards"][:3]) / 3, sum(r["rewards"][-3:]) / 3,
           median([x["logprob_gap_vllm_learner"] for x in r["records"] if x.get("policy_lag") == 1]),
-          median([x.get("tis/weight_mean") for x in r["records"]])] for r in results],
+          median([x.get("is/weight_mean") for x in r["records"]])] for r in results],
         title=f"{args.iterations} iterations per variant, {args.hidden}x{args.layers} tiny Llama, seed {args.seed}; "
               "s/it = wall-clock step(), phases = the driver's wait in each (medians after the first); "
               "gap = mean |sampler - learner| token log-prob",

@@ -104,7 +104,7 @@ def reward_server():
 @pytest.fixture(scope="session")
 def short_ppo_run(ray_session, tmp_path_factory):
     """One short real PPO run per session, shared by tests/test_ppo.py and the run viewer's browser
-    test: GRPO with a ZeRO-3 policy on 2 ranks, the engines' log-probs as the sampling policy's, two
+    test: GRPO (with GSPO's sequence-level loss) with a ZeRO-3 policy on 2 ranks, the engines' log-probs as the sampling policy's, two
     reference replicas, 2 iterations over the same 8 arithmetic prompts
     (so the viewer can compare one prompt at two iterations), every rollout in samples.jsonl.
     Returns the closed trainer (its ``run_dir`` stays) and the history."""
@@ -119,7 +119,7 @@ def short_ppo_run(ray_session, tmp_path_factory):
         "critic.micro_batch_size=16", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
         "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1", "policy.num_ranks=2",
         "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto",
-        "ppo.old_logprobs=rollout", "scorers.reference_replicas=2",
+        "ppo.old_logprobs=rollout", "scorers.reference_replicas=2", "ppo.policy_loss=gspo", "ppo.clip_eps_high=0.28",
         "checkpoint.save_final=false",
         "logging.samples_per_iteration=32",
     ])

@@ -79,6 +79,20 @@ def test_safetensors_beside_a_stray_pickle_pass_the_model_check(tmp_path):
     folder = _model_folder(tmp_path / "m", "pytorch_model.bin")
     (folder / "model.safetensors").write_bytes(b"\0")
     assert check_model_path(folder) == str(folder)
+    sharded = _model_folder(tmp_path / "sharded", "pytorch_model-00001-of-00002.bin")
+    (sharded / "model.safetensors.index.json").write_text("{}")
+    assert check_model_path(sharded) == str(sharded)
+
+
+def test_an_unrelated_safetensors_file_does_not_excuse_pickled_weights(tmp_path):
+    """transformers would load pytorch_model.bin here (an adapter's or a head's safetensors are
+    not the model's weights), so the folder is refused."""
+    from rlhf_ray.models.loading import UnsafeWeightsError, check_model_path
+
+    folder = _model_folder(tmp_path / "m", "pytorch_model.bin")
+    (folder / "adapter_model.safetensors").write_bytes(b"\0")
+    with pytest.raises(UnsafeWeightsError, match="weights only as pickles"):
+        check_model_path(folder)
 
 
 def test_bad_data_config_and_secrets_name_what_is_wrong(tmp_path, capsys, no_expensive_work):

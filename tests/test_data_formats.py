@@ -292,3 +292,27 @@ def test_task_data_in_the_same_types():
     prefs = F.task_preferences("arithmetic", 20)
     assert len(prefs) == 20 and all(task.gold_score(p.prompt, p.chosen) == 1.0 > task.gold_score(p.prompt, p.rejected)
                                     for p in prefs)
+
+
+def test_files_that_are_not_what_they_claim_name_the_file_and_row(tmp_path):
+    """Refused with one message naming the file (and, for a line, the row), never a traceback and
+    never sent to a hub as a dataset name."""
+    bad_utf8 = tmp_path / "p.jsonl"
+    bad_utf8.write_bytes(b'{"prompt": "1+1="}\n{"prompt": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match=r"p\.jsonl row 2: wrong type \(not valid JSON: not UTF-8 text at byte 12\)"):
+        F.load_prompts(str(bad_utf8))
+    assert F.load_prompts(str(bad_utf8), on_bad_row="skip")[0] == ["1+1="]
+    fake_parquet = tmp_path / "p.parquet"
+    fake_parquet.write_text('{"prompt": "this is JSON, not Parquet"}\n')
+    with pytest.raises(DataError, match=r"p\.parquet: not a Parquet file"):
+        F.load_prompts(str(fake_parquet))
+    noise = tmp_path / "p.json"
+    noise.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=r"p\.json: not UTF-8 text"):
+        F.load_prompts(str(noise))
+    unknown = tmp_path / "p.csv"
+    unknown.write_text("prompt\n1+1=\n")
+    with pytest.raises(DataError, match=r"p\.csv: unknown format \(a local data file must end in .jsonl, .json, .parquet\)"):
+        F.load_prompts(str(unknown))
+    with pytest.raises(FileNotFoundError, match="data file nowhere/p.csv does not exist"):
+        F.load_prompts("./nowhere/p.csv")

@@ -158,3 +158,20 @@ def test_packing_keeps_attention_within_the_padded_batch_s_cost(tiny_model_dir):
         padded = forward(batch.sequences, batch.attention_mask, batch.position_ids())[:, 2:-1]
     assert shapes == [(16, 7)]
     torch.testing.assert_close(packed, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_moves_to_the_model_device_whole_and_answers_come_back_to_the_host(tiny_model_dir, uneven_batch):
+    """The GPU path's two moves, checked where CPU allows: a batch (extras included) goes to
+    another device whole (``meta`` here: shapes without data), and the scoring passes hand their
+    answers back in host memory, in batch order, whatever device the model is on."""
+    from transformers import AutoModelForCausalLM
+
+    batch = uneven_batch.with_extras(advantages=torch.ones_like(uneven_batch.response_mask))
+    moved = batch.to("meta")
+    tensors = [moved.sequences, moved.attention_mask, moved.response_mask, *moved.extras.values()]
+    assert all(t.device.type == "meta" for t in tensors) and moved.prompt_len == batch.prompt_len
+    assert batch.to("cpu") is batch  # already there: no copy
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert scoring.device_of(model) == torch.device("cpu")
+    logprobs, entropy = scoring.batched_logprobs(model, batch, 4)
+    assert logprobs.device.type == entropy.device.type == "cpu" and logprobs.shape == batch.response_mask.shape

@@ -127,7 +127,8 @@ def test_lora_gae_syncs_merged_weights_with_parity_and_saves_a_loadable_policy(r
 
     cfg = _config(tmp_path, "ppo.iterations=2", "ppo.prompts_per_iteration=16", "rollout.num_engines=1",
                   "policy.num_ranks=1", "critic.num_ranks=1", "policy.lr=2e-2", "critic.lr=2e-2",
-                  "policy.lora.rank=4", "policy.lora.alpha=8", "critic.lora.rank=4", "sync.parity_every=1")
+                  "policy.lora.rank=4", "policy.lora.alpha=8", "critic.lora.rank=4", "sync.parity_every=1",
+                  "ppo.dual_clip=3", "ppo.loss_agg=seq-mean-token-sum-norm")  # the value loss takes the norm too
     trainer, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["value_loss"]) for r in history)
     assert max(r["logprob_gap_vllm_learner"] for r in history) < 1e-2
@@ -156,9 +157,10 @@ def test_overlap_trains_one_update_off_policy_with_tis_while_engines_come_and_go
     from rlhf_ray.stages import checkpoint as ckpt
     from rlhf_ray.stages.ppo import PPOTrainer
 
+    # The transformers engine: the pool's bookkeeping is what is tested, and it starts in seconds.
     cfg = _config(tmp_path, "ppo.iterations=3", "ppo.overlap=true", "ppo.advantage_estimator=grpo",
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=2",
-                  "rollout.elastic=true", "rollout.min_engines=1", "rollout.max_engines=2",
+                  "rollout.elastic=true", "rollout.min_engines=1", "rollout.max_engines=2", "rollout.engine=hf",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.every=2",
                   "checkpoint.save_final=false", "logging.tensorboard=false")
     trainer = PPOTrainer(cfg)
@@ -191,9 +193,9 @@ def test_overlap_trains_one_update_off_policy_with_tis_while_engines_come_and_go
     assert [r["policy_lag"] for r in history] == [0, 1, 1]
     assert [r["prompts_position"] for r in history] == [0, 8, 16]
     for r in history:
-        for key in ("policy_loss", "approx_kl", "logprob_gap_vllm_learner", "tis/weight_mean", "reward_mean"):
+        for key in ("policy_loss", "approx_kl", "logprob_gap_vllm_learner", "is/weight_mean", "reward_mean"):
             assert math.isfinite(r[key]), (key, r)
-        assert 0 < r["tis/weight_mean"] <= 2.0 and 0 <= r["tis/capped_fraction"] <= 1
+        assert 0 < r["is/weight_mean"] <= 2.0 and 0 <= r["is/affected_fraction"] <= 1
     # The last iteration starts no batch ahead, so it has nothing to wait for.
     assert ["time/overlap_wait_s" in r for r in history] == [True, True, False]
     # Sampled by the weights before the last update: the learner's log-probs have moved away.
@@ -207,8 +209,12 @@ def test_overlap_trains_one_update_off_policy_with_tis_while_engines_come_and_go
 
 def test_hf_rollout_engine_trains_and_keeps_parity(ray_session, tmp_path):
     """rollout.engine=hf: transformers generate in the rollout actor, weights through the same
-    sync; the parity check (log-probs and greedy tokens) passes after every sync."""
-    cfg = _config(tmp_path, "rollout.engine=hf", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
+    sync; the parity check (log-probs and greedy tokens) passes after every sync. The run also
+    takes the 2026 algorithm menu through the learners: Dr. GRPO advantages, CISPO with DAPO's
+    clip-higher, the length-unbiased aggregation and overlong shaping."""
+    cfg = _config(tmp_path, "rollout.engine=hf", "ppo.iterations=2", "ppo.advantage_estimator=dr_grpo",
+                  "ppo.policy_loss=cispo", "ppo.clip_eps_high=0.28", "ppo.loss_agg=seq-mean-token-sum-norm",
+                  "ppo.overlong_buffer=4", "ppo.overlong_factor=0.5",
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.save_final=false",
                   "logging.tensorboard=false")
@@ -217,3 +223,7 @@ def test_hf_rollout_engine_trains_and_keeps_parity(ray_session, tmp_path):
     # Same model, same numerics: the sampler's log-probs are the learner's.
     assert max(r["logprob_gap_vllm_learner"] for r in history) < 1e-3
     assert history[0]["generated_tokens"] > 0
+    # Iteration 1 samples from the learner's own weights: CISPO's weights are all 1, nothing clipped.
+    assert history[0]["clip_fraction"] == 0.0 and history[0]["approx_kl"] < 1e-6
+    samples = read_metrics(cfg.run_dir, "samples.jsonl")
+    assert all(s["reward"] <= 1.0 for s in samples)  # digit share minus the overlong penalty

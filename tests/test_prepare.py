@@ -38,7 +38,7 @@ def test_grpo_advantages_are_group_normalised_scores_minus_the_kl_penalty():
     old = torch.full((4, 3), -1.0) * MASK
     ref = torch.full((4, 3), -1.5) * MASK  # k1 estimate: old - ref = 0.5 per real token
     c = cfg("ppo.advantage_estimator=grpo", "ppo.kl_coef=0.1", "ppo.kl_estimator=k1", "ppo.whiten_advantages=false")
-    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old, ref), c, kl_coef=0.1, importance_correction=False)
+    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old, ref), c, kl_coef=0.1, recomputed=False)
     assert p.kl_per_seq.tolist() == pytest.approx([1.5, 1.0, 0.5, 1.5])
     # Group 1: penalised scores 0.85 and -0.1, (s - mean) / std with std = |0.95| / sqrt(2).
     g1 = (0.85 - 0.375) / (0.95 / math.sqrt(2))
@@ -57,7 +57,7 @@ def test_gae_with_unit_discount_and_zero_values_credits_every_token_with_the_sco
     c = cfg("ppo.advantage_estimator=gae", "ppo.gamma=1.0", "ppo.lam=1.0", "ppo.whiten_advantages=false",
             "rollout.samples_per_prompt=1", "ppo.prompts_per_iteration=4")
     p = prepare_batch(BATCH, scored([1.0, -2.0, 0.5, 3.0], values=torch.zeros(4, 3)), c, kl_coef=0.0,
-                      importance_correction=False)
+                      recomputed=False)
     for row, score in enumerate([1.0, -2.0, 0.5, 3.0]):
         real = MASK[row].bool()
         assert p.advantages[row][real].tolist() == pytest.approx([score] * int(real.sum()))
@@ -69,32 +69,46 @@ def test_whitening_centres_and_scales_the_real_tokens_only():
     c = cfg("ppo.advantage_estimator=gae", "ppo.whiten_advantages=true", "rollout.samples_per_prompt=1",
             "ppo.prompts_per_iteration=4")
     p = prepare_batch(BATCH, scored([1.0, -2.0, 0.5, 3.0], values=torch.zeros(4, 3)), c, kl_coef=0.0,
-                      importance_correction=False)
+                      recomputed=False)
     real = p.advantages[MASK.bool()]
     assert real.mean().item() == pytest.approx(0.0, abs=1e-6)
     assert real.std().item() == pytest.approx(1.0, rel=1e-3)
 
 
-def test_importance_weights_only_for_samples_from_older_weights():
+def test_importance_weights_correct_the_sampler_learner_mismatch():
     old = torch.log(torch.full((4, 3), 0.5)) * MASK
     sampler = torch.log(torch.full((4, 3), 0.1)) * MASK  # ratio 5 on every real token
-    c = cfg("ppo.advantage_estimator=grpo", "ppo.tis_cap=2.0")
-    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old=old, rollout=sampler), c, 0.0, importance_correction=True)
-    weights = p.batch.extras["is_weights"]
-    assert weights[MASK.bool()].tolist() == pytest.approx([2.0] * int(MASK.sum()))  # capped
-    assert p.metrics == {"tis/weight_mean": pytest.approx(2.0), "tis/capped_fraction": 1.0}
-    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old=old, rollout=sampler), c, 0.0, importance_correction=False)
-    assert "is_weights" not in p.batch.extras and p.metrics == {}
-    p = prepare_batch(BATCH, scored([1.0, 0.0, 2.0, 2.0], old=old, rollout=sampler), cfg("ppo.advantage_estimator=grpo", "ppo.tis_cap=0"), 0.0,
-                      importance_correction=True)
-    assert "is_weights" not in p.batch.extras
+    sampler[0, 0] = old[0, 0]  # ... but 1 on this one
+    s = scored([1.0, 0.0, 2.0, 2.0], old=old, rollout=sampler)
+    real = MASK.bool()
+
+    def prepared(*overrides, recomputed=True):
+        return prepare_batch(BATCH, s, cfg("ppo.advantage_estimator=grpo", *overrides), 0.0, recomputed=recomputed)
+
+    # ppo.overlap alone: token-level TIS at ppo.tis_cap (the samples are one update behind).
+    p = prepared("ppo.overlap=true", "ppo.tis_cap=2.0")
+    assert p.batch.extras["is_weights"][real].tolist() == pytest.approx([1.0] + [2.0] * 8)
+    assert p.metrics["is/weight_mean"] == pytest.approx((1 + 2 * 8) / 9)
+    assert p.metrics["is/affected_fraction"] == pytest.approx(8 / 9) and p.metrics["is/sampler_learner_kl"] > 0
+    assert "is_weights" not in prepared("ppo.overlap=true", "ppo.tis_cap=0").batch.extras
+    assert "is_weights" not in prepared("ppo.overlap=false").batch.extras  # in step: nothing to correct
+    # ppo.is_correction on every run: masked (MIS) tokens over the cap leave the loss.
+    p = prepared("ppo.is_correction=mis", "ppo.is_cap=3")
+    assert p.batch.extras["is_weights"][real].tolist() == pytest.approx([1.0] + [0.0] * 8)
+    # Sequence level: one weight per sequence, the product of its token ratios (5^3, 5^2, 5, 5^3).
+    p = prepared("ppo.is_correction=tis", "ppo.is_level=sequence", "ppo.is_cap=10")
+    w = p.batch.extras["is_weights"]
+    assert [w[i][real[i]].tolist() for i in range(4)] == [[10.0] * 3, [10.0] * 2, [5.0], [10.0] * 3]
+    assert p.metrics["is/affected_fraction"] == pytest.approx(3 / 4)
+    # The engines' own log-probs as pi_old: no mismatch to correct.
+    assert "is_weights" not in prepared("ppo.is_correction=tis", recomputed=False).batch.extras
 
 
 def test_the_metrics_record_of_an_iteration():
     c = cfg("ppo.advantage_estimator=grpo", "ppo.reward_clip=1.5", "ppo.missing_eos_penalty=0.5")
     s = scored([3.0, 0.0, 1.0, 1.0], truncated=(False, True, False, False),
                rollout=torch.full((4, 3), -0.25) * MASK)
-    p = prepare_batch(BATCH, s, c, kl_coef=0.05, importance_correction=False)
+    p = prepare_batch(BATCH, s, c, kl_coef=0.05, recomputed=False)
     rewards = {"score": s.scores, "reward/gold": torch.tensor([1.0, 0.0, 1.0, 0.0])}
     record = iteration_record(7, 12, p, s, rewards, 0.05, {"policy_loss": 0.1}, {"flag/mode_collapse": 0.0},
                               {"generate": 2.0, "train": 1.0}, recomputed=True, extra={"rollout/engines": 2})
@@ -108,3 +122,24 @@ def test_the_metrics_record_of_an_iteration():
     assert record["prompt_tokens"] == 6 and record["batch_positions"] == 4 * (2 + 3)
     assert record["throughput/generate_tokens_per_s"] == 4.5
     assert record["policy_loss"] == 0.1 and record["rollout/engines"] == 2 and record["flag/mode_collapse"] == 0.0
+
+
+def test_overlong_shaping_joins_the_final_scores():
+    c = cfg("ppo.advantage_estimator=dr_grpo", "ppo.whiten_advantages=false", "rollout.max_new_tokens=4",
+            "ppo.overlong_buffer=2", "ppo.overlong_factor=0.5")
+    p = prepare_batch(BATCH, scored([1.0, 1.0, 1.0, 1.0]), c, 0.0, recomputed=False)
+    # Lengths 3, 2, 1, 3 against a cap of 4 with a buffer of 2: penalties 0.25, 0, 0, 0.25.
+    assert p.scores.tolist() == pytest.approx([0.75, 1.0, 1.0, 0.75])
+    # Dr. GRPO: group mean subtracted, no std division.
+    assert p.advantages[0, 0].item() == pytest.approx(-0.125) and p.advantages[1, 0].item() == pytest.approx(0.125)
+
+
+def test_the_policy_loss_the_config_asks_for():
+    from rlhf_ray.stages.prepare import policy_loss_spec
+
+    spec = policy_loss_spec(cfg("ppo.policy_loss=cispo", "ppo.clip_eps_high=0.28", "ppo.loss_agg=seq-mean-token-sum-norm",
+                                "rollout.max_new_tokens=12"))
+    assert (spec.kind, spec.clip_eps_high, spec.dual_clip, spec.agg, spec.norm_len) == (
+        "cispo", 0.28, None, "seq-mean-token-sum-norm", 12)
+    spec = policy_loss_spec(cfg("ppo.dual_clip=3", "ppo.loss_norm_len=100"))
+    assert (spec.kind, spec.clip_eps_high, spec.dual_clip, spec.norm_len) == ("ppo", None, 3.0, 100)

@@ -86,6 +86,76 @@ def test_the_token_is_never_logged_or_written(reward_server, monkeypatch, tmp_pa
     assert not [t for t in texts if reward_server.token in t]  # ... and the token is nowhere
 
 
+class RawEndpoint:
+    """A socket server on 127.0.0.1 that answers every request with the same raw bytes, however
+    malformed (a stand-in for a broken endpoint; http.server would not send such answers)."""
+
+    def __init__(self, answer: bytes):
+        import socket
+        import threading
+
+        self.answer, self.requests = answer, 0
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                self._read_request(conn)  # all of it: unread bytes at close would reset the connection
+                self.requests += 1
+                conn.sendall(self.answer)
+                conn.shutdown(__import__("socket").SHUT_WR)
+                while conn.recv(65536):  # until the client closes its side
+                    pass
+
+    @staticmethod
+    def _read_request(conn) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.mark.parametrize("answer,problem", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: lots\r\n\r\n{}", "malformed Content-Length 'lots'"),
+    (b"garbage, not HTTP\r\n\r\n", "malformed HTTP answer"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"scores\": [", "answer cut short"),
+])
+def test_a_malformed_answer_is_retried_then_named(answer, problem):
+    endpoint = RawEndpoint(answer)
+    try:
+        client = HttpRewardClient((f"http://127.0.0.1:{endpoint.port}/score",), timeout_s=5.0, retries=2,
+                                  backoff_s=0.01)
+        with pytest.raises(RewardEndpointError, match=f"failed 3 times .*{problem}"):
+            client.score(PROMPTS, RESPONSES)
+        assert endpoint.requests == 3
+    finally:
+        endpoint.close()
+
+
+def test_absurdly_nested_json_is_a_named_failure():
+    body = b"[" * 100_000 + b"]" * 100_000
+    endpoint = RawEndpoint(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        client = HttpRewardClient((f"http://127.0.0.1:{endpoint.port}/score",), timeout_s=5.0, retries=0)
+        with pytest.raises(RewardEndpointError, match="did not answer JSON with a 'scores' list"):
+            client.score(PROMPTS, RESPONSES)
+    finally:
+        endpoint.close()
+
+
 def test_torch_load_is_always_weights_only():
     """Every torch.load in the package passes weights_only=True (test_bad_input shows a checkpoint
     holding code is refused by the driver's load)."""
@@ -132,3 +202,27 @@ def test_remote_code_runs_only_when_the_config_asks(tmp_path):
     assert not marker.exists()
     load_causal_lm(folder, trust_remote_code=True)
     assert marker.exists()  # the same folder with the flag on does run it: the default is what protects
+
+
+def test_the_local_ray_token_is_readable_by_its_owner_only(tmp_path, monkeypatch):
+    """Ray writes ~/.ray/auth_token 0644; a local run creates it 0600 first, or tightens it."""
+    import stat
+
+    from rlhf_ray.stages.common import protect_ray_token
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert protect_ray_token() is None and not (tmp_path / ".ray").exists()
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    path = protect_ray_token()
+    assert path == tmp_path / ".ray" / "auth_token"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0
+    path.chmod(0o644)  # as Ray itself writes it
+    assert protect_ray_token() == path and stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text() == token  # an existing token is kept: running clusters still accept it
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "given")
+    assert protect_ray_token() is None

@@ -266,7 +266,7 @@ def test_bodies_are_read_only_for_valid_tokens_and_lengths(live):
     # Announces 200 MB and sends 1 KiB: refused at once, unread, and the connection closed.
     answer = raw_exchange(base, b"POST /api/judge HTTP/1.1\r\nHost: x\r\nContent-Length: 209715200\r\n\r\n",
                           b"x" * 1024)
-    assert answer.startswith(b"HTTP/1.0 401") or answer.startswith(b"HTTP/1.1 401"), answer[:80]
+    assert answer.startswith((b"HTTP/1.0 401", b"HTTP/1.1 401")), answer[:80]
     for length in (b"-1", b"abc", b"1e3"):
         answer = raw_exchange(base, b"POST /api/judge HTTP/1.1\r\nHost: x\r\nX-Studio-Token: " + token.encode()
                               + b"\r\nContent-Length: " + length + b"\r\n\r\n", b'{"item_id": 1}')
@@ -323,10 +323,45 @@ def test_idle_connections_time_out_and_threads_are_capped(tmp_path, monkeypatch)
             if not after.startswith(b"HTTP/1.1 503") or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
-        assert after.startswith(b"HTTP/1.0 200") or after.startswith(b"HTTP/1.1 200"), after[:60]
+        assert after.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), after[:60]
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_the_database_is_private_and_keeps_no_token(tmp_path):
+    """Mode 0600 (it holds who labelled what) and token hashes only; an older database with tokens
+    in clear text is converted in place and its links keep working."""
+    import sqlite3
+    import stat
+
+    db = tmp_path / "a.db"
+    store = Store(db)
+    token = store.add_annotator("alice")
+    store.conn.execute("PRAGMA wal_checkpoint")
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    for name in os.listdir(tmp_path):
+        assert token.encode() not in (tmp_path / name).read_bytes(), name
+    assert store.annotator_by_token(token)["name"] == "alice" and store.annotator_by_token("nope") is None
+    again = store.add_annotator("alice")  # a new link for the name: the old one stops working
+    assert store.annotator_by_token(again)["name"] == "alice" and store.annotator_by_token(token) is None
+    assert store.annotators() == [{"id": 1, "name": "alice"}]
+    store.close()
+    # A database from before: a clear-text token and a stored admin token.
+    old = tmp_path / "old.db"
+    conn = sqlite3.connect(old)
+    conn.executescript(__import__("rlhf_ray.studio.db", fromlist=["SCHEMA"]).SCHEMA)
+    conn.execute("INSERT INTO annotators(name, token, created_at) VALUES ('bob', 'plain-token', 0)")
+    conn.execute("INSERT INTO meta(key, value) VALUES ('admin_token', 'plain-admin')")
+    conn.commit()
+    conn.close()
+    old.chmod(0o644)
+    converted = Store(old)
+    assert converted.annotator_by_token("plain-token")["name"] == "bob"
+    assert converted.meta("admin_token") is None and stat.S_IMODE(old.stat().st_mode) == 0o600
+    converted.conn.execute("PRAGMA wal_checkpoint")
+    assert b"plain-token" not in old.read_bytes() and b"plain-admin" not in old.read_bytes()
+    assert Store(old).annotator_by_token("plain-token")["name"] == "bob"  # converted once only
 
 
 def test_refuses_non_loopback_unless_asked(tmp_path):
@@ -338,17 +373,21 @@ def test_refuses_non_loopback_unless_asked(tmp_path):
 
 # --- kill and restart -----------------------------------------------------------------------------
 
-def start_server(db: Path, *args: str, annotators: str = "alice") -> tuple[subprocess.Popen, str, str]:
-    """``annotate serve --db DB ARGS`` in a subprocess; returns it, its base URL and the first
-    annotator's token."""
+def start_server(db: Path, *args: str, annotators: str = "alice") -> tuple[subprocess.Popen, str, dict]:
+    """``annotate serve --db DB ARGS`` in a subprocess; returns it, its base URL and the tokens of
+    the annotators it made now, by name (an annotator made before gets no new link)."""
     proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.studio", "annotate", "serve", "--db", str(db), *args,
                              "--annotators", annotators, "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
-    first = annotators.split(",")[0]
+    base, tokens = None, {}
     for line in proc.stdout:
-        if line.strip().startswith(f"{first}:"):
-            link = line.split(": ", 1)[1].strip()
-            return proc, link.split("/?token=")[0], link.split("token=")[1]
+        if line.startswith("listening on "):
+            base = line.split()[2].rstrip("/")
+        elif "/?token=" in line:
+            name, link = line.strip().split(": ", 1)
+            tokens[name] = link.split("token=")[1]
+        elif line.strip().startswith("stats:"):
+            return proc, base, tokens
     raise AssertionError(f"server did not start: rc={proc.wait()}")
 
 
@@ -356,7 +395,8 @@ def test_sigkill_loses_no_judgement_and_restart_resumes(tmp_path):
     pairs = write_jsonl(tmp_path / "c.jsonl", [{"prompt": f"p{i}", "responses": [f"a{i}", f"b{i}"]}
                                                 for i in range(12)])
     db = tmp_path / "a.db"
-    proc, base, token = start_server(db, "--pairs", str(pairs))
+    proc, base, tokens = start_server(db, "--pairs", str(pairs))
+    token = tokens["alice"]
     judged = []
     try:
         for k in range(6):
@@ -369,10 +409,10 @@ def test_sigkill_loses_no_judgement_and_restart_resumes(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
     assert Counter(j["item_id"] for j in Store(db).judgements()) == Counter(judged)
-    proc, base, token2 = start_server(db, "--pairs", str(pairs))
+    proc, base, tokens = start_server(db, "--pairs", str(pairs))
     try:
-        assert token2 == token
-        _, nxt = request(base + "/api/next", token)
+        assert tokens == {}  # alice exists: her link is not shown again (only its hash is stored) ...
+        _, nxt = request(base + "/api/next", token)  # ... and still works
         assert nxt["item"] == on_screen and nxt["progress"] == {"done": 6, "left": 6}
     finally:
         proc.terminate()
@@ -396,7 +436,7 @@ def test_twenty_clients_lose_and_duplicate_nothing(tmp_path, capsys):
         server.server_close()
     assert res["errors"] == []
     stored = Store(tmp_path / "a.db").judgements()
-    by_token = {a["token"]: a["name"] for a in store.annotators()}
+    by_token = {t: f"annotator{k:02d}" for k, t in enumerate(tokens)}
     assert Counter((j["annotator"], j["item_id"]) for j in stored) == \
         Counter((by_token[t], i) for t, i in res["accepted_keys"])  # nothing lost, nothing doubled
     assert res["accepted"] == 300 and res["duplicates_refused"] == res["duplicates_sent"] > 0

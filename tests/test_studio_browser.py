@@ -213,7 +213,8 @@ def test_run_viewer_on_a_real_ppo_run(page, short_ppo_run, tmp_path):
         server.shutdown()
         server.server_close()
     # ... which `rlhf-ray annotate serve` loads and puts on an annotator's screen.
-    proc, base, token = start_server(db, annotators="carol")
+    proc, base, tokens = start_server(db, annotators="carol")
+    token = tokens["carol"]
     try:
         page.goto(f"{base}/?token={token}")
         page.wait_for_selector("#task:not([hidden])")
@@ -283,11 +284,11 @@ def test_two_annotators_agree_and_their_export_trains_a_reward_model(page, ray_s
     collected = tmp_path / "responses.jsonl"
     collected.write_text("".join(json.dumps(r) + "\n" for r in rows))
     db = tmp_path / "labels.db"
-    proc, base, _ = start_server(db, "--pairs", str(collected), "--overlap", "1", "--overlap-k", "2",
-                                 annotators="alice,bob")
+    proc, base, tokens = start_server(db, "--pairs", str(collected), "--overlap", "1", "--overlap-k", "2",
+                                      annotators="alice,bob")
     try:
         store = Store(db)
-        alice, bob = (f"{base}/?token={a['token']}" for a in store.annotators())
+        alice, bob = (f"{base}/?token={tokens[name]}" for name in ("alice", "bob"))
         assert people.label_through_api(alice) == 26
         assert people.label_in_page(page, bob) == 26
         page.reload()

@@ -68,6 +68,7 @@ class _LearnerBase:
         self.strategy.init_distributed(rank, world_size, master_addr, master_port)
         torch.manual_seed(spec.seed)
         self.engine = self.strategy.prepare(self.build_model())
+        self.device = torch.device(self.platform.device)  # under Ray, the one accelerator this actor sees
 
     def build_model(self) -> torch.nn.Module:
         raise NotImplementedError
@@ -90,9 +91,9 @@ class _LearnerBase:
         totals: dict[str, float] = {}
         n = self.spec.grad_accum_steps
         if isinstance(shard, tuple):
-            micro = [tuple(b.trimmed() for b in mbs) for mbs in zip(*(b.chunk(n) for b in shard))]
+            micro = [tuple(b.trimmed().to(self.device) for b in mbs) for mbs in zip(*(b.chunk(n) for b in shard))]
         else:
-            micro = [mb.trimmed() for mb in shard.chunk(n)]
+            micro = [mb.trimmed().to(self.device) for mb in shard.chunk(n)]
         skipped_before = self.engine.skipped_steps
         for mb in micro:
             loss, stats = loss_fn(mb)
@@ -168,10 +169,11 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         self.engine.eval()
         return scoring.batched_logprobs(self.engine, shard, self.spec.micro_batch_size, temperature)
 
-    def train_step(self, shard: RolloutBatch, clip_eps: float, entropy_coef: float, loss_agg: str,
+    def train_step(self, shard: RolloutBatch, loss: algo.PolicyLossSpec, entropy_coef: float,
                    temperature: float, ptx: RolloutBatch | None = None, ptx_coef: float = 0.0,
                    distill_coef: float = 0.0, distill_kl: str = "k2") -> dict[str, float]:
-        """One optimiser step of the clipped PPO objective on this rank's shard of a minibatch.
+        """One optimiser step of the policy objective (``loss``: PPO's clipped surrogate, GSPO or
+        CISPO) on this rank's shard of a minibatch.
         The shard carries ``old_logprobs`` and ``advantages`` in its extras (and ``ref_logprobs``
         for the distillation term). The alignment-tax terms, both optional: ``ptx_coef`` times the
         language-model loss on ``ptx`` (text rows, as many as the shard's), ``distill_coef`` times
@@ -180,24 +182,24 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         def loss_fn(rows: RolloutBatch | tuple[RolloutBatch, RolloutBatch]):
             mb, ptx_mb = rows if ptx is not None else (rows, None)
             logprobs, entropy = scoring.response_logprobs(self.engine, mb, temperature, with_entropy=True)
-            out = algo.ppo_policy_loss(logprobs, mb.extras["old_logprobs"], mb.extras["advantages"],
-                                       mb.response_mask, clip_eps, loss_agg, mb.extras.get("is_weights"))
+            out = algo.policy_loss(loss, logprobs, mb.extras["old_logprobs"], mb.extras["advantages"],
+                                   mb.response_mask, mb.extras.get("is_weights"))
             entropy_mean = algo.masked_mean(entropy, mb.response_mask)
-            loss = out.loss - entropy_coef * entropy_mean
+            total = out.loss - entropy_coef * entropy_mean
             stats = {"policy_loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
                      "approx_kl": out.approx_kl.item(), "entropy": entropy_mean.item()}
             if distill_coef:
                 distill = algo.kl_penalty_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask,
-                                               distill_kl, loss_agg)
-                loss = loss + distill_coef * distill
+                                               distill_kl, loss.agg, loss.norm_len)
+                total = total + distill_coef * distill
                 stats["distill_loss"] = distill.item()
             if ptx_mb is not None:
                 # Plain language modelling: the model's own distribution, no sampling temperature.
                 ptx_loss = algo.language_model_loss(scoring.response_logprobs(self.engine, ptx_mb),
                                                     ptx_mb.response_mask)
-                loss = loss + ptx_coef * ptx_loss
+                total = total + ptx_coef * ptx_loss
                 stats["ptx_loss"] = ptx_loss.item()
-            return loss, stats
+            return total, stats
 
         return self._train_on(shard if ptx is None else (shard, ptx), loss_fn)
 
@@ -206,7 +208,7 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         """The learner's argmax token at every response position (teacher-forced), ``[B, R]``:
         equal to a greedy response token for token exactly when greedy decoding agrees."""
         self.engine.eval()
-        return scoring.response_logits(self.engine, shard).argmax(-1)
+        return scoring.response_logits(self.engine, shard.to(self.device)).argmax(-1).cpu()
 
     def sft_step(self, shard: RolloutBatch) -> dict[str, float]:
         """One optimiser step of next-token loss on the response tokens only (prompt masked)."""
@@ -254,11 +256,12 @@ class CriticLearnerActor(_LearnerBase):
         self.engine.eval()
         return scoring.batched_values(self.engine, shard, self.spec.micro_batch_size)
 
-    def train_step(self, shard: RolloutBatch, value_clip_eps: float, loss_agg: str) -> dict[str, float]:
+    def train_step(self, shard: RolloutBatch, value_clip_eps: float, loss_agg: str,
+                   norm_len: float | None = None) -> dict[str, float]:
         def loss_fn(mb: RolloutBatch):
             values = scoring.response_values(self.engine, mb)
             out = algo.ppo_value_loss(values, mb.extras["old_values"], mb.extras["returns"],
-                                      mb.response_mask, value_clip_eps, loss_agg)
+                                      mb.response_mask, value_clip_eps, loss_agg, norm_len)
             return out.loss, {"value_loss": out.loss.item(), "value_clip_fraction": out.clip_fraction.item()}
 
         return self._train_on(shard, loss_fn)

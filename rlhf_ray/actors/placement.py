@@ -44,8 +44,21 @@ def _free_port() -> tuple[str, int]:
     return ray.util.get_node_ip_address(), free_port()
 
 
+_HANDED_OUT: set[tuple[str, int]] = set()  # (node address, port) given to a learner group by this driver
+
+
 def free_port_near(pg: PlacementGroup, bundle_index: int = 0) -> tuple[str, int]:
-    return ray.get(_free_port.options(scheduling_strategy=_in_bundle(pg, bundle_index)).remote())
+    """A port free now on the node of ``pg``'s bundle, for a learner group's master. The port is
+    only bound later, by rank 0: the OS may hand the same free port to the next group launched
+    right after (policy, then critic, on one node), so a port this driver already gave out is
+    never given again."""
+    strategy = _in_bundle(pg, bundle_index)
+    for _ in range(20):
+        address, port = ray.get(_free_port.options(scheduling_strategy=strategy).remote())
+        if (address, port) not in _HANDED_OUT:
+            _HANDED_OUT.add((address, port))
+            return address, port
+    raise RuntimeError(f"no fresh free port on {address} after 20 tries")
 
 
 class PlacementTimeoutError(RuntimeError):

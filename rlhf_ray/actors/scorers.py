@@ -18,9 +18,12 @@ from rlhf_ray.engines.http_reward import HttpRewardClient
 from rlhf_ray.platform import detect
 
 
-def _init_process(backend: str) -> None:
-    detect(backend).apply_env()
+def _init_process(backend: str):
+    """Applies the platform's environment to this scorer process; returns the platform."""
+    platform = detect(backend)
+    platform.apply_env()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    return platform
 
 
 def _reward_norm(path: str) -> tuple[float, float]:
@@ -38,8 +41,9 @@ class ReferenceActor:
                  trust_remote_code: bool = False):
         from rlhf_ray.models.loading import load_causal_lm
 
-        _init_process(backend)
+        platform = _init_process(backend)
         self.model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        self.model.to(platform.device)  # the accelerator Ray gave this actor (batches follow the model)
         self.micro_batch_size = micro_batch_size
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
@@ -63,8 +67,8 @@ class RewardActor:
         from rlhf_ray.models.heads import RewardModel
         from rlhf_ray.tasks.rewards import load_reward_function
 
-        _init_process(backend)
-        self.models = [RewardModel.from_pretrained(p).eval() for p in reward_model_paths]
+        self.device = _init_process(backend).device
+        self.models = [RewardModel.from_pretrained(p).eval().to(self.device) for p in reward_model_paths]
         # Calibration written by the reward-model stage: PPO sees scores of mean 0, std 1.
         self.norms = [_reward_norm(p) for p in reward_model_paths]
         self.combine = combine
@@ -110,7 +114,7 @@ class RewardActor:
 
         if spec.startswith("rm:"):
             path = spec.removeprefix("rm:")
-            model, (mean, std) = RewardModel.from_pretrained(path).eval(), _reward_norm(path)
+            model, (mean, std) = RewardModel.from_pretrained(path).eval().to(self.device), _reward_norm(path)
             return lambda batch, prompts, responses: (self._model_scores(model, batch) - mean) / std
         fn = load_reward_function(spec)
         return lambda batch, prompts, responses: self._function_scores(spec, fn, prompts, responses)

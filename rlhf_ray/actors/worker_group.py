@@ -4,7 +4,7 @@ batch argument across its members, calls them all at once, and gathers the answe
 dead member even while the others wait for it inside a collective.
 
     policy = WorkerGroup.launch(PolicyLearnerActor, spec, cfg.policy, pg)
-    stats = policy.call("train_step", minibatch, clip_eps, ...)     # rank 0's (all-reduced) stats
+    stats = policy.call("train_step", minibatch, loss_spec, ...)    # rank 0's (all-reduced) stats
     logprobs, entropy = policy.gather("logprobs", batch, 1.0)        # rows back in batch order
     policy.run("save", out_dir)                                      # every rank, same arguments
 """

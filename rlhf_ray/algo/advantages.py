@@ -6,7 +6,7 @@ import torch
 
 from .masked import zero_padding
 
-GROUP_ADVANTAGE_KINDS = ("grpo", "rloo", "reinforce_pp")
+GROUP_ADVANTAGE_KINDS = ("grpo", "rloo", "reinforce_pp", "dr_grpo")
 
 
 def gae(
@@ -50,6 +50,8 @@ def group_advantages(
         (Ahmadian et al. 2024, "Back to Basics"); unbiased because it excludes s itself.
       - "reinforce_pp": (s - batch mean) / (batch std + eps), REINFORCE++ (Hu 2025), which
         normalises over the whole batch instead of per prompt.
+      - "dr_grpo": s - group mean, Dr. GRPO (Liu et al. 2025): no division by the group's std,
+        which would weigh prompts by how (un)evenly they were answered.
     Standard deviations are unbiased (n - 1), as in torch.std.
     """
     if kind not in GROUP_ADVANTAGE_KINDS:
@@ -67,6 +69,8 @@ def group_advantages(
     groups = scores.view(-1, group_size)
     if kind == "grpo":
         advantages = (groups - groups.mean(-1, keepdim=True)) / (groups.std(-1, keepdim=True) + eps)
+    elif kind == "dr_grpo":
+        advantages = groups - groups.mean(-1, keepdim=True)
     else:
         others_mean = (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
         advantages = groups - others_mean
@@ -76,3 +80,13 @@ def group_advantages(
 def broadcast_to_tokens(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Spread per-sequence advantages [B] over every real token of its row, [B, T]; padding 0."""
     return zero_padding(advantages.unsqueeze(-1), mask)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, factor: float) -> torch.Tensor:
+    """DAPO's overlong reward shaping (Yu et al. 2025): 0 for responses up to ``max_len -
+    buffer_len`` tokens, then falling linearly to ``-factor`` at ``max_len``, ``-factor`` beyond.
+    A soft signal against running into the length cap, instead of a cliff at it."""
+    if buffer_len <= 0 or buffer_len > max_len:
+        raise ValueError(f"buffer_len must be in [1, max_len={max_len}], got {buffer_len}")
+    over = (lengths.to(torch.float32) - (max_len - buffer_len)).clamp(min=0.0, max=float(buffer_len))
+    return -factor * over / buffer_len

@@ -290,14 +290,32 @@ class PPOConfig:
     epochs: int = 1  # passes over each rollout batch
     minibatches: int = 1  # optimiser steps per epoch
     # gae needs a critic; grpo, rloo, reinforce_pp use sequence baselines
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp", "dr_grpo"] = "gae"
     gamma: float = 1.0  # discount over response tokens (GAE)
     lam: float = 0.95  # GAE's bias-variance trade-off
     clip_eps: float = 0.2  # policy ratio clipped to [1 - clip_eps, 1 + clip_eps]
     value_clip_eps: float = 0.2  # critic's new values clipped to old values +- value_clip_eps
     entropy_coef: float = 0.0  # loss -= entropy_coef * mean token entropy
     # how token losses become one number (token-mean weighs long responses more)
-    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean"] = "token-mean"
+    # ppo: the clipped surrogate; gspo: sequence-level ratio and clip (Zheng et al. 2025); cispo:
+    # clipped importance weights on a REINFORCE term, no token's gradient dropped (MiniMax-M1).
+    policy_loss: Literal["ppo", "gspo", "cispo"] = "ppo"
+    clip_eps_high: float = 0.0  # upper clip range; 0 = clip_eps (symmetric). DAPO's clip-higher: 0.28
+    dual_clip: float = 0.0  # ppo: a negative-advantage token's loss is at most dual_clip * |A|; 0 = off (else > 1)
+    # How token losses become one number: token-mean weighs long responses more;
+    # seq-mean-token-sum-norm divides each sequence's sum by loss_norm_len (Dr. GRPO: no length bias).
+    loss_agg: Literal["token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                      "seq-mean-token-sum-norm"] = "token-mean"
+    loss_norm_len: int = 0  # seq-mean-token-sum-norm's constant; 0 = rollout.max_new_tokens
+    # DAPO's overlong shaping: a response longer than rollout.max_new_tokens - overlong_buffer loses
+    # up to overlong_factor (linearly, all of it at the cap); 0 = off.
+    overlong_buffer: int = 0
+    overlong_factor: float = 1.0
+    # Sampler/learner mismatch on every run (bf16/FP8 engines; needs old_logprobs=learner): off,
+    # tis (weights capped at is_cap) or mis (tokens or sequences over is_cap leave the loss).
+    is_correction: Literal["off", "tis", "mis"] = "off"
+    is_level: Literal["token", "sequence"] = "token"  # a weight per token, or one per sequence (product)
+    is_cap: float = 2.0
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch's tokens
     kl_coef: float = 0.05  # weight of the KL penalty to the reference (the starting value for adaptive controllers)
     # k1: log-ratio; k2: half its square; k3: the low-variance unbiased estimator
@@ -309,7 +327,7 @@ class PPOConfig:
     reward_clip: float = 10.0  # scores are clipped to +-reward_clip before shaping
     missing_eos_penalty: float = 0.0  # subtracted from the score of truncated responses
     overlap: bool = False  # sample batch k+1 while training on batch k (one update off-policy)
-    tis_cap: float = 2.0  # overlap: per-token weight min(pi_learner / pi_sampler, tis_cap); 0 = none
+    tis_cap: float = 2.0  # overlap without is_correction: token weight min(pi_learner / pi_sampler, tis_cap); 0 = none
     # Log-probs of the sampling policy in the PPO ratio and the KL: "learner" recomputes them on the
     # policy learners (exact under the learner's numerics); "rollout" takes the engines' own, which
     # skips that forward pass and makes the ratio pi_learner / pi_sampler (no TIS needed).
@@ -331,6 +349,18 @@ class PPOConfig:
         for key in ("kl_coef", "entropy_coef", "missing_eos_penalty", "ptx_coef", "distill_coef"):
             p.need(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
         p.need(self.reward_clip > 0, "ppo.reward_clip", "must be > 0 (scores are clipped to +-reward_clip)")
+        p.need(self.clip_eps_high == 0 or 0 < self.clip_eps_high < 10, "ppo.clip_eps_high",
+               "must be 0 (= clip_eps) or in (0, 10)")
+        p.need(self.dual_clip == 0 or self.dual_clip > 1, "ppo.dual_clip", "must be 0 (off) or > 1")
+        p.need(self.dual_clip == 0 or self.policy_loss == "ppo", "ppo.dual_clip", "applies to policy_loss=ppo only")
+        for key in ("loss_norm_len", "overlong_buffer"):
+            p.need(getattr(self, key) >= 0, f"ppo.{key}", "must be >= 0")
+        p.need(self.overlong_factor >= 0, "ppo.overlong_factor", "must be >= 0")
+        p.need(self.is_cap >= 1, "ppo.is_cap", "must be >= 1")
+        p.need(self.is_correction == "off" or self.old_logprobs == "learner", "ppo.is_correction",
+               "needs ppo.old_logprobs=learner (with the engines' log-probs as pi_old there is no mismatch to correct)")
+        p.need(self.policy_loss != "gspo" or self.advantage_estimator != "gae", "ppo.policy_loss",
+               "gspo weighs whole sequences by one advantage; gae gives one per token: use a group estimator")
         p.need(self.tis_cap == 0 or self.tis_cap >= 1, "ppo.tis_cap", "must be 0 (no correction) or >= 1")
         p.need(self.kl_target > 0, "ppo.kl_target", "must be > 0")
         p.need(self.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
@@ -541,8 +571,11 @@ class RunConfig:
         # vLLM reports log-probs renormalised over the top-p nucleus, which the learner never computes.
         p.need(ppo.old_logprobs == "learner" or r.top_p == 1, "ppo.old_logprobs",
                "rollout needs rollout.top_p=1 (the engines' log-probs are renormalised over the top-p nucleus)")
-        if ppo.advantage_estimator == "rloo":
-            p.need(r.samples_per_prompt >= 2, "rollout.samples_per_prompt", "rloo needs >= 2 samples per prompt")
+        if ppo.advantage_estimator in ("rloo", "grpo", "dr_grpo"):
+            p.need(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
+                   f"{ppo.advantage_estimator} needs >= 2 samples per prompt (group baselines)")
+        p.need(ppo.overlong_buffer <= r.max_new_tokens, "ppo.overlong_buffer",
+               f"must be at most rollout.max_new_tokens={r.max_new_tokens}")
         # Every learner rank must get at least one row of every minibatch.
         rows_per_minibatch = self.rollout_batch_size // ppo.minibatches if ppo.minibatches >= 1 else 0
         p.need(rows_per_minibatch >= 1, "ppo.minibatches",

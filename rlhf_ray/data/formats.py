@@ -49,6 +49,7 @@ EMPTY = "empty text"
 SAME = "chosen equals rejected"
 NO_PREFIX = "no shared prefix"
 NO_ASSISTANT = "no assistant turn"
+NOT_UTF8 = "not UTF-8 text"
 
 HH_ASSISTANT = "\n\nAssistant:"
 OnBadRow = Literal["error", "skip"]
@@ -131,6 +132,13 @@ def read_rows(source: str) -> tuple[list[tuple[int, dict]], str]:
     """
     path = Path(source)
     if path.suffix.lower() not in LOCAL_SUFFIXES:
+        from rlhf_ray.models.loading import looks_local
+
+        if path.exists() or looks_local(source):  # never sent to a hub as a dataset name
+            if not path.exists():
+                raise FileNotFoundError(f"data file {path} does not exist")
+            raise DataError(source, None, None, "unknown format",
+                            f"a local data file must end in {', '.join(LOCAL_SUFFIXES)}")
         from datasets import load_dataset
 
         return _numbered(load_dataset(source, split="train")), source
@@ -142,11 +150,17 @@ def read_rows(source: str) -> tuple[list[tuple[int, dict]], str]:
     from datasets import load_dataset
 
     if suffix == ".parquet":
-        return _numbered(load_dataset("parquet", data_files=str(path), split="train")), source
+        try:
+            return _numbered(load_dataset("parquet", data_files=str(path), split="train")), source
+        except Exception as e:  # noqa: BLE001 - whatever pyarrow says, the file is not Parquet
+            raise DataError(source, None, None, "not a Parquet file", f"{type(e).__name__}") from None
     try:
         return _numbered(load_dataset("json", data_files=str(path), split="train")), source
     except Exception:  # noqa: BLE001 - schema trouble of any kind: read the file ourselves
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(source, None, None, NOT_UTF8, f"byte {e.start}") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
@@ -165,15 +179,20 @@ def _numbered(ds) -> list[tuple[int, dict]]:
 
 def _read_jsonl(path: Path, source: str) -> list[tuple[int, dict]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                rows.append((lineno, _Unparsable(f"{NOT_UTF8} at byte {e.start}")))
+                continue
             if not line.strip():
                 continue
             try:
                 rows.append((lineno, json.loads(line)))
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 # Unreadable JSON is a bad row of its own kind; the loader decides error or skip.
-                rows.append((lineno, _Unparsable(str(e))))
+                rows.append((lineno, _Unparsable(str(e) if isinstance(e, json.JSONDecodeError) else "nested too deep")))
     return rows
 
 

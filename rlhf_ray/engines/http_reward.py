@@ -14,6 +14,7 @@ names, at call time in the process that calls, and appears in no message, log or
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import time
@@ -75,15 +76,21 @@ class HttpRewardClient:
         try:
             with _OPENER.open(request, timeout=self.timeout_s) as answer:
                 size = answer.headers.get("Content-Length")
+                if size is not None and not size.strip().isdigit():
+                    raise _Retryable(f"malformed Content-Length {size[:20]!r}")
                 if size is not None and int(size) > self.max_response_bytes:
                     raise self._too_large(url, int(size))
                 data = answer.read(self.max_response_bytes + 1)
+                if size is not None and len(data) < int(size):
+                    raise _Retryable(f"answer cut short ({len(data)} of {int(size)} bytes)")
         except urllib.error.HTTPError as e:
             if e.code == 429 or e.code >= 500:
                 raise _Retryable(f"HTTP {e.code}") from None
             raise RewardEndpointError(f"reward endpoint {url} answered HTTP {e.code} ({e.reason})") from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             raise _Retryable(f"{type(e).__name__}: {getattr(e, 'reason', e)}") from None
+        except http.client.HTTPException as e:  # a garbage status line, an answer cut short
+            raise _Retryable(f"malformed HTTP answer ({type(e).__name__})") from None
         if len(data) > self.max_response_bytes:
             raise self._too_large(url, len(data))
         return _parse_scores(url, data, n)
@@ -96,7 +103,7 @@ class HttpRewardClient:
 def _parse_scores(url: str, data: bytes, n: int) -> list[float]:
     try:
         scores = json.loads(data)["scores"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: absurdly nested JSON
         raise RewardEndpointError(f"reward endpoint {url} did not answer JSON with a 'scores' list") from None
     if not isinstance(scores, list) or len(scores) != n:
         got = len(scores) if isinstance(scores, list) else type(scores).__name__

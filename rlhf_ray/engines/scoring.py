@@ -122,13 +122,22 @@ def response_values(value_model, batch: RolloutBatch) -> torch.Tensor:
     return _response_outputs(_value_forward(value_model), value_model, batch).float() * batch.response_mask
 
 
-def _by_sorted_micro_batches(forward, batch: RolloutBatch, micro_batch_size: int) -> list[torch.Tensor]:
+def device_of(model) -> torch.device:
+    """Where ``model``'s weights live (its first parameter's device)."""
+    return next(model.parameters()).device
+
+
+def _by_sorted_micro_batches(forward, batch: RolloutBatch, micro_batch_size: int,
+                             device: torch.device) -> list[torch.Tensor]:
     """``forward`` (a tuple of ``[b, r]`` per-token or ``[b]`` per-sequence tensors) over
     length-sorted, padding-trimmed micro-batches, put back in row order: per-token outputs are
-    ``[B, R]`` with zeros past each micro-batch's width, as the full-width pass gives on padding."""
+    ``[B, R]`` with zeros past each micro-batch's width, as the full-width pass gives on padding.
+    Each micro-batch goes to ``device`` (the model's) and each answer comes back to host memory:
+    results travel to a driver that may have no accelerator at all."""
     outputs: list[torch.Tensor] = []
     for rows, mb in batch.length_sorted_micro_batches(micro_batch_size):
-        for k, part in enumerate(forward(mb)):
+        for k, part in enumerate(forward(mb.to(device))):
+            part = part.cpu()
             if len(outputs) == k:
                 shape = (batch.size, batch.response_mask.shape[1]) if part.dim() == 2 else (batch.size,)
                 outputs.append(part.new_zeros(shape))
@@ -143,13 +152,15 @@ def _by_sorted_micro_batches(forward, batch: RolloutBatch, micro_batch_size: int
 def batched_logprobs(model, batch: RolloutBatch, micro_batch_size: int, temperature: float = 1.0):
     """(log-probs, entropy) ``[B, R]`` each, computed in micro-batches without gradients."""
     logprobs, entropy = _by_sorted_micro_batches(
-        lambda mb: response_logprobs(model, mb, temperature, with_entropy=True), batch, micro_batch_size)
+        lambda mb: response_logprobs(model, mb, temperature, with_entropy=True), batch, micro_batch_size,
+        device_of(model))
     return logprobs, entropy
 
 
 @torch.no_grad()
 def batched_values(value_model, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
-    return _by_sorted_micro_batches(lambda mb: (response_values(value_model, mb),), batch, micro_batch_size)[0]
+    return _by_sorted_micro_batches(lambda mb: (response_values(value_model, mb),), batch, micro_batch_size,
+                                    device_of(value_model))[0]
 
 
 @torch.no_grad()
@@ -158,4 +169,4 @@ def batched_scores(reward_model, batch: RolloutBatch, micro_batch_size: int) -> 
     return _by_sorted_micro_batches(
         lambda mb: (reward_model(input_ids=mb.sequences, attention_mask=mb.attention_mask,
                                  position_ids=mb.position_ids()).float(),),
-        batch, micro_batch_size)[0]
+        batch, micro_batch_size, device_of(reward_model))[0]

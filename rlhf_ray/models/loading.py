@@ -14,6 +14,7 @@ from rlhf_ray.errors import BadInputError
 
 CONFIG_FILE = "config.json"
 PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")  # torch pickles: loading one may run code
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")  # what from_pretrained prefers
 
 
 class UnsafeWeightsError(BadInputError):
@@ -30,8 +31,8 @@ def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     raise ValueError(f"unknown dtype {name!r}")
 
 
-def _looks_local(path: str) -> bool:
-    # Hub ids are "name" or "org/name"; anything else can only be a local path.
+def looks_local(path: str) -> bool:
+    """Whether ``path`` can only be a local path: hub ids are "name" or "org/name"."""
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
 
 
@@ -47,14 +48,15 @@ def check_model_path(path: str | os.PathLike) -> str:
             raise FileNotFoundError(f"{path!r} is not a model folder: it has no {CONFIG_FILE}")
         names = os.listdir(path)
         pickles = sorted(n for n in names if n.endswith(PICKLE_WEIGHTS))
-        if pickles and not any(n.endswith(".safetensors") for n in names):
+        # What transformers loads first; another *.safetensors beside a pickle would not be read.
+        if pickles and not any(n in SAFE_WEIGHTS for n in names):
             raise UnsafeWeightsError(
                 f"model folder {path!r} has weights only as pickles ({', '.join(pickles)}), which can run code "
                 f"when loaded; convert them to safetensors (transformers: save_pretrained(..., "
                 f"safe_serialization=True)) and remove the pickles")
     elif os.path.exists(path):
         raise NotADirectoryError(f"model path {path!r} is a file, expected a model folder")
-    elif _looks_local(path):
+    elif looks_local(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     return path
 

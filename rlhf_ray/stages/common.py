@@ -106,5 +106,30 @@ def init_ray(cfg: RunConfig, log_to_driver: bool = True) -> None:
         # platform's environment itself (``Platform.apply_env``) before importing its engine.
         ray.init(address=cfg.ray_address, log_to_driver=log_to_driver)
     else:
+        protect_ray_token()
         ray.init(include_dashboard=False, dashboard_host="127.0.0.1", runtime_env={"env_vars": env}, log_to_driver=log_to_driver,
                  num_cpus=max(8, os.cpu_count() or 1))  # logical slots: roles mostly wait on each other
+
+
+def protect_ray_token() -> Path | None:
+    """The token file of a local Ray, readable by its owner only; returns its path (None when
+    token authentication is off or the token comes from the environment).
+
+    Ray 2.60 turns token authentication on for a local cluster, but writes ``~/.ray/auth_token``
+    with the default umask (0644: every user of the machine could read it). Its gRPC servers listen
+    on every interface whatever the node address, so the token is what keeps other hosts out:
+    it is created here with mode 0600 before Ray writes one, and an existing one is tightened."""
+    import secrets
+
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled" or os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        path.chmod(0o600)
+        return path
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))  # Ray's own generator: 256 random bits, hex
+    return path

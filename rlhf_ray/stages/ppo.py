@@ -127,8 +127,7 @@ class PPOTrainer(Recovery):
         scores = self.guards.regularise(rewards["score"], prompt_texts, response_texts, lengths)
         scored = prep.Scored(old_logprobs, ref_logprobs, rollout_logprobs, values, scores, truncated)
         kl_coef = self.kl_ctl.value
-        # Samples from older weights (ppo.overlap) are reweighted by pi_learner / pi_sampler.
-        prepared = prep.prepare_batch(batch, scored, cfg, kl_coef, importance_correction=ppo.overlap and recompute)
+        prepared = prep.prepare_batch(batch, scored, cfg, kl_coef, recomputed=recompute)
         guard_metrics = self.guards.inspect(prompt_texts, response_texts, lengths, prepared.scores,
                                             rewards.get(f"reward/{GOLD_COMPONENT}"))
         bad = prep.nonfinite_phase(mask, advantages=[prepared.advantages, prepared.returns])
@@ -157,9 +156,9 @@ class PPOTrainer(Recovery):
                         "rollout/engines": n_engines, **self.faults.metrics()})
         self.metrics.write(record)
         self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
-        n_samples = min(cfg.logging.samples_per_iteration, batch.size)
-        self.samples.write_many(prep.sample_rows(self.iteration, prompt_texts[:n_samples], response_texts, prepared,
-                                            rewards, truncated, version))
+        shown = prompt_texts[: cfg.logging.samples_per_iteration]
+        self.samples.write_many(prep.sample_rows(self.iteration, shown, response_texts, prepared, rewards, truncated,
+                                                 version))
         return record
 
     def _rollouts(self) -> tuple[int, int, list[str], list]:
@@ -217,14 +216,15 @@ class PPOTrainer(Recovery):
         ppo, roles = self.cfg.ppo, self.roles
         generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.iteration)
         stats: list[dict] = []
+        loss = prep.policy_loss_spec(self.cfg)
         for _ in range(ppo.epochs):
             order = torch.randperm(batch.size, generator=generator)
             for mb_index in order.tensor_split(ppo.minibatches):
                 minibatch = batch.select(mb_index)
                 ptx = self._ptx_minibatch(minibatch.size, generator) if self.ptx_examples else None
-                policy = roles.policy.submit("train_step", minibatch, ppo.clip_eps, ppo.entropy_coef, ppo.loss_agg,
-                                             temperature, ptx, ppo.ptx_coef, ppo.distill_coef, ppo.distill_kl_estimator)
-                critic = (roles.critic.submit("train_step", minibatch, ppo.value_clip_eps, ppo.loss_agg)
+                policy = roles.policy.submit("train_step", minibatch, loss, ppo.entropy_coef, temperature, ptx,
+                                             ppo.ptx_coef, ppo.distill_coef, ppo.distill_kl_estimator)
+                critic = (roles.critic.submit("train_step", minibatch, ppo.value_clip_eps, loss.agg, loss.norm_len)
                           if roles.critic else None)
                 # Learner ranks already all-reduced their stats: rank 0 speaks for each group.
                 stats.append({**policy.rank0(), **(critic.rank0() if critic else {})})

@@ -2,12 +2,13 @@
 iteration's metrics record: pure functions of tensors and the config (no Ray, no actors), so
 every branch runs in fast tests.
 
-The order is the paper's: sequence scores are clipped and a missing end of sequence is penalised;
+The order is the paper's: sequence scores are clipped, a missing end of sequence is penalised
+(and with ``ppo.overlong_buffer``, DAPO's soft penalty for running into the length cap);
 the KL to the reference is estimated per token; with a critic the KL penalty joins the token
 rewards and GAE gives advantages and returns, without one the penalty joins the sequence score
 and group baselines (GRPO, RLOO, REINFORCE++) give one advantage per sequence; advantages are
-whitened if asked; samples drawn with older weights (``ppo.overlap``) are reweighted by truncated
-importance sampling.
+whitened if asked; samples whose sampler differs from the learner (older weights with
+``ppo.overlap``, other numerics always) are reweighted by importance sampling, truncated or masked.
 """
 
 from __future__ import annotations
@@ -62,13 +63,28 @@ def final_scores(scores: torch.Tensor, truncated: torch.Tensor, reward_clip: flo
     return scores.clamp(-reward_clip, reward_clip) - missing_eos_penalty * truncated.to(scores.dtype)
 
 
+def importance_settings(cfg: RunConfig) -> tuple[str, str, float] | None:
+    """(mode, level, cap) of the correction for the sampler/learner mismatch, or None:
+    ``ppo.is_correction`` on every run, else with ``ppo.overlap`` token-level TIS at ``ppo.tis_cap``."""
+    ppo = cfg.ppo
+    if ppo.is_correction != "off":
+        return {"tis": "truncate", "mis": "mask"}[ppo.is_correction], ppo.is_level, ppo.is_cap
+    if ppo.overlap and ppo.tis_cap > 0:
+        return "truncate", "token", ppo.tis_cap
+    return None
+
+
 def prepare_batch(batch: RolloutBatch, scored: Scored, cfg: RunConfig, kl_coef: float,
-                  importance_correction: bool) -> Prepared:
-    """The training batch of one iteration. ``importance_correction``: the samples came from
-    older weights than the learner's (``ppo.overlap`` with learner log-probs), so tokens are
-    reweighted by ``pi_learner / pi_sampler``, capped at ``ppo.tis_cap``."""
+                  recomputed: bool) -> Prepared:
+    """The training batch of one iteration. ``recomputed``: the learner recomputed the old
+    log-probs, so they may differ from the sampler's (older weights with ``ppo.overlap``, other
+    numerics always): tokens are reweighted by ``pi_learner / pi_sampler`` as
+    ``importance_settings`` says."""
     ppo, mask = cfg.ppo, batch.response_mask
     scores = final_scores(scored.scores, scored.truncated, ppo.reward_clip, ppo.missing_eos_penalty)
+    if ppo.overlong_buffer:
+        scores = scores + algo.overlong_penalty(mask.sum(-1), cfg.rollout.max_new_tokens, ppo.overlong_buffer,
+                                                ppo.overlong_factor)
     old, ref = scored.old_logprobs, scored.ref_logprobs
     kl_per_seq = (algo.kl_estimate(old, ref, ppo.kl_estimator) * mask).sum(-1)
     returns = None
@@ -85,12 +101,25 @@ def prepare_batch(batch: RolloutBatch, scored: Scored, cfg: RunConfig, kl_coef: 
     if cfg.uses_critic:
         batch = batch.with_extras(old_values=scored.values, returns=returns)
     metrics: dict[str, float] = {}
-    if importance_correction and ppo.tis_cap > 0:
-        is_weights = algo.truncated_is_weights(old, scored.rollout_logprobs, mask, ppo.tis_cap)
-        batch = batch.with_extras(is_weights=is_weights)
-        metrics = {"tis/weight_mean": algo.masked_mean(is_weights, mask).item(),
-                   "tis/capped_fraction": algo.masked_mean((is_weights >= ppo.tis_cap).float(), mask).item()}
+    settings = importance_settings(cfg) if recomputed else None
+    if settings is not None:
+        mode, level, cap = settings
+        correction = algo.is_correction(old, scored.rollout_logprobs, mask, cap, level, mode)
+        batch = batch.with_extras(is_weights=correction.weights)
+        metrics = {"is/weight_mean": algo.masked_mean(correction.weights, mask).item(),
+                   "is/affected_fraction": correction.affected_fraction.item(),
+                   # KL(sampler || learner) on the sampled tokens: how far the engines' numerics drift.
+                   "is/sampler_learner_kl": algo.masked_mean(
+                       algo.kl_estimate(scored.rollout_logprobs, old, "k3"), mask).item()}
     return Prepared(batch, scores, kl_per_seq, advantages, returns, metrics)
+
+
+def policy_loss_spec(cfg: RunConfig) -> algo.PolicyLossSpec:
+    """The policy loss the config asks for, as the learners take it."""
+    ppo = cfg.ppo
+    return algo.PolicyLossSpec(kind=ppo.policy_loss, clip_eps=ppo.clip_eps, clip_eps_high=ppo.clip_eps_high or None,
+                               dual_clip=ppo.dual_clip or None, agg=ppo.loss_agg,
+                               norm_len=ppo.loss_norm_len or cfg.rollout.max_new_tokens)
 
 
 def nonfinite_phase(mask: torch.Tensor, **phases: list[torch.Tensor | None]) -> str | None:

@@ -121,15 +121,19 @@ def _serve(args) -> int:
     for source in args.gold:
         added = store.add_items(load_gold(source, on_bad_row=args.on_bad_row))
         print(f"{source}: {added} new gold items", flush=True)
-    for name in filter(None, (n.strip() for n in args.annotators.split(","))):
-        store.add_annotator(name)
+    existing = {a["name"] for a in store.annotators()}
+    new_links = {name: store.add_annotator(name) for name in filter(None, (n.strip() for n in args.annotators.split(",")))
+                 if name not in existing}
     if not store.items():
         raise ValueError("the database has no items yet: pass --pairs")
     app = StudioApp(store=store, criteria=criteria, guidelines=guidelines, max_body=args.max_body)
     server = make_server(app, args.host, args.port, allow_remote=args.allow_remote, quiet=not args.verbose)
     print(f"listening on {url_of(server)} (database {args.db}, {len(store.items())} items)", flush=True)
     for a in store.annotators():
-        print(f"  {a['name']}: {url_of(server, '/', a['token'])}", flush=True)
+        # Only a token's hash is stored: links are shown once, when the annotator is made.
+        shown = url_of(server, "/", new_links[a["name"]]) if a["name"] in new_links else \
+            "(link given when added; annotate add-annotator NAME makes a new one)"
+        print(f"  {a['name']}: {shown}", flush=True)
     if not store.annotators():
         print("  no annotators yet: rlhf-ray annotate add-annotator --db D NAME", flush=True)
     print(f"  stats: {url_of(server, '/stats', app.admin_token)}", flush=True)

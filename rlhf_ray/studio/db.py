@@ -2,7 +2,7 @@
 
 Tables: ``items`` (a prompt and two responses in a fixed canonical order, ``response_1`` /
 ``response_2``; ``needed`` = how many annotators should see it; ``gold`` = the known better one),
-``annotators`` (name, token), ``assignments`` (an item handed to an annotator, with ``flipped`` =
+``annotators`` (name, SHA-256 of the token: the token itself is shown once, never stored), ``assignments`` (an item handed to an annotator, with ``flipped`` =
 whether the page showed ``response_2`` on the left, so position bias can be measured), and
 ``judgements``.
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import secrets
 import sqlite3
@@ -101,12 +102,26 @@ def canonical(shown: str, flipped: bool) -> str:
     return shown
 
 
+def _token_hash(token: str) -> str:
+    """What the database keeps of a token (tokens are 144 random bits: a plain hash suffices)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _owner_only(path: Path) -> None:
+    """Creates ``path`` with mode 0600 if it is new, else tightens it: it holds who labelled what."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        path.chmod(0o600)
+
+
 class Store:
     """Thread-safe access to one annotation database (one connection, one lock: writes are tiny)."""
 
     def __init__(self, path: str | Path):
         self.path = str(path)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        _owner_only(Path(self.path))  # before SQLite opens it: its -wal and -shm files take the same mode
         self.lock = threading.RLock()
         self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self.conn.row_factory = sqlite3.Row
@@ -116,6 +131,19 @@ class Store:
         self.conn.create_function("studio_order", 2, _order, deterministic=True)
         with self.lock:
             self.conn.executescript(SCHEMA)
+            self._hash_stored_tokens()
+
+    def _hash_stored_tokens(self) -> None:
+        """Databases written before tokens were hashed hold them in clear text: hash them in place
+        (the links already given keep working) and drop the stored admin token (each server start
+        makes its own)."""
+        if self.meta("token_storage") == "sha256":
+            return
+        with self._tx():
+            for row in self.conn.execute("SELECT id, token FROM annotators").fetchall():
+                self.conn.execute("UPDATE annotators SET token=? WHERE id=?", (_token_hash(row[1]), row[0]))
+            self.conn.execute("DELETE FROM meta WHERE key='admin_token'")
+            self.conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('token_storage', 'sha256')")
 
     def close(self) -> None:
         with self.lock:
@@ -131,15 +159,6 @@ class Store:
     def meta(self, key: str, default: str | None = None) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else default
-
-    def admin_token(self) -> str:
-        """The token of the stats page and run viewer, made once per database."""
-        with self._tx():
-            token = self.meta("admin_token")
-            if token is None:
-                token = secrets.token_urlsafe(18)
-                self.conn.execute("INSERT INTO meta(key, value) VALUES ('admin_token', ?)", (token,))
-        return token
 
     def add_items(self, pairs: list[Pair], overlap: float = 0.0, overlap_k: int = 2, seed: int = 0) -> int:
         """Adds pairs not yet stored (same prompt and responses in either order = same item).
@@ -162,27 +181,26 @@ class Store:
         return added
 
     def add_annotator(self, name: str) -> str:
-        """The annotator's token (made on first use of the name)."""
+        """A new token for ``name`` (created on first use); only its hash is stored, so a name that
+        exists gets a new link and its old one stops working."""
         name = name.strip()
         if not name:
             raise ValueError("an annotator needs a name")
+        token = secrets.token_urlsafe(18)
         with self._tx():
-            row = self.conn.execute("SELECT token FROM annotators WHERE name=?", (name,)).fetchone()
-            if row:
-                return row[0]
-            token = secrets.token_urlsafe(18)
-            self.conn.execute("INSERT INTO annotators(name, token, created_at) VALUES (?,?,?)",
-                              (name, token, time.time()))
-            return token
+            self.conn.execute("INSERT INTO annotators(name, token, created_at) VALUES (?,?,?) "
+                              "ON CONFLICT(name) DO UPDATE SET token=excluded.token",
+                              (name, _token_hash(token), time.time()))
+        return token
 
     def annotators(self) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT id, name, token FROM annotators ORDER BY id")]
+        return [dict(r) for r in self.conn.execute("SELECT id, name FROM annotators ORDER BY id")]
 
     def annotator_by_token(self, token: str | None) -> dict | None:
         if not token:
             return None
         with self.lock:
-            row = self.conn.execute("SELECT id, name FROM annotators WHERE token=?", (token,)).fetchone()
+            row = self.conn.execute("SELECT id, name FROM annotators WHERE token=?", (_token_hash(token),)).fetchone()
         return dict(row) if row else None
 
     # --- labelling -----------------------------------------------------------------------------

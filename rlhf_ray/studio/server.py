@@ -6,7 +6,8 @@ Content-Security-Policy allowing only the studio's own scripts backs that up.
 
 Auth: every ``/api/`` call carries a token in the ``X-Studio-Token`` header (the pages take it
 from the ``?token=`` of their link). Annotator tokens open the labelling API; the admin token
-(made once per database, printed by ``serve``/``view``) opens the stats and run-viewer API. A
+(made at each server start, printed by ``serve``/``view``, never stored) opens the stats and
+run-viewer API. A
 missing or unknown token gets 401 before any body is read. Request bodies over ``max_body`` bytes
 (or with a malformed length) are refused unread; idle connections time out and at most
 ``StudioServer.max_threads`` are served at once. Errors reach the client as a message, never as
@@ -57,8 +58,8 @@ class StudioApp:
     admin_token: str = field(default="")
 
     def __post_init__(self):
-        if not self.admin_token:
-            self.admin_token = self.store.admin_token() if self.store else secrets.token_urlsafe(18)
+        if not self.admin_token:  # one per server start, kept in memory only
+            self.admin_token = secrets.token_urlsafe(18)
         self._send_lock = threading.Lock()
 
     # --- auth ----------------------------------------------------------------------------------
