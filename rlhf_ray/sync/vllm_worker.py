@@ -136,15 +136,15 @@ def reprocess_weight_aliases(model: torch.nn.Module) -> int:
     nothing and keeps what it derived from the old weights at the previous load: on CPU a packed
     copy of the matrix (oneDNN or sgl-kernel GEMM, ``dispatch_cpu_unquantized_gemm``), so the
     engine went on computing logits with the first weights while its embedding moved on. On GPU
-    the unquantized methods derive nothing and this is a cheap no-op. Quantized methods are left
-    alone: their post-processing is not safe to repeat on processed weights."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    the unquantized embedding method derives nothing and this is a cheap no-op. Only that method
+    (what a tied LM head uses) is re-run: quantized methods are not safe to repeat on processed
+    weights, and the CPU linear method drops its weight after packing."""
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     count = 0
     for module in weight_aliases(model):
         method = getattr(module, "quant_method", None)
-        if isinstance(method, UnquantizedLinearMethod | UnquantizedEmbeddingMethod):
+        if isinstance(method, UnquantizedEmbeddingMethod):
             method.process_weights_after_loading(module)
             count += 1
     return count
