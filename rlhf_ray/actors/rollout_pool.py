@@ -162,10 +162,6 @@ class RolloutPool:
         """The actor of the ``position``-th live engine (in id order)."""
         return list(self.engines.values())[position].actor
 
-    @property
-    def nodes(self) -> dict[int, str | None]:
-        return {i: e.node for i, e in self.engines.items()}
-
     def _start(self, pg: PlacementGroup, engine_id: int | None = None) -> Engine:
         engine_id = next(self._ids) if engine_id is None else engine_id
         ro = self.cfg.rollout
@@ -322,10 +318,6 @@ class RolloutPool:
 
     def generate(self, prompts: list[str], ids: list[list[int]], spec: SamplingSpec, iteration: int) -> list[Generation]:
         return self.finish(self.submit(prompts, ids, spec, iteration), iteration)
-
-    def call(self, verb: str, *args) -> list:
-        """``verb`` on every engine with the same arguments (eval's greedy answers, say)."""
-        return get_all([getattr(e.actor, verb).remote(*args) for e in self.engines.values()])
 
     # --- weights ------------------------------------------------------------------------------
     def connect(self, policy: WorkerGroup, bucket_bytes: int, transport: str, platform) -> None:
