@@ -23,6 +23,7 @@ class WeightSyncWorkerExtension:
     _rlhf_buffers: list[torch.Tensor] | None = None
     _rlhf_buffer_sizes: list[int] | None = None
     _rlhf_scratch: torch.Tensor | None = None  # receive_weights(load=False) copies here
+    _rlhf_aliases: tuple[torch.nn.Module, ...] = ()  # layers holding another's parameter (tied LM heads)
 
     def join_weight_sync(
         self,
@@ -39,8 +40,10 @@ class WeightSyncWorkerExtension:
         segment first and joins the shared-memory control group instead. Joining again replaces
         the previous group."""
         rank = rank_offset + self.rank
+        # Found once: a reload puts the same parameters back, so what is tied stays tied.
         model = _vllm_model(self)
-        quiet_known_reload_warnings(weight_aliases(model) if model is not None else [])
+        self._rlhf_aliases = tuple(weight_aliases(model)) if model is not None else ()
+        quiet_known_reload_warnings(self._rlhf_aliases)
         self._rlhf_group = self._rlhf_segment = None
         if shm_path:
             # Mapped before joining: the learner removes the name once everyone has joined.
@@ -91,9 +94,7 @@ class WeightSyncWorkerExtension:
                 # load consumed (calling load_weights again fails on CPU) and copies into the live
                 # storage.
                 self.reload_weights(weights_iterator=(w for i, buf in arrived() for w in mf.unpack(buf, buckets[i])))
-                model = _vllm_model(self)
-                if model is not None:
-                    reprocess_weight_aliases(model)
+                reprocess_weight_aliases(self._rlhf_aliases)
             else:
                 scratch = _scratch_buffer(self, shm.segment_bytes(manifest), group.device)
                 for i, buf in arrived():
@@ -127,9 +128,9 @@ def weight_aliases(model: torch.nn.Module) -> list[torch.nn.Module]:
     return aliases
 
 
-def reprocess_weight_aliases(model: torch.nn.Module) -> int:
-    """Re-runs weight post-processing on every layer that holds another layer's parameter (tied
-    embeddings); returns how many.
+def reprocess_weight_aliases(aliases: tuple[torch.nn.Module, ...]) -> int:
+    """Re-runs weight post-processing on the layers that hold another layer's parameter (tied
+    embeddings, from :func:`weight_aliases`); returns how many.
 
     vLLM's in-place reload post-processes only the layers that received tensors. A tied model's
     checkpoint names the shared tensor once (``embed_tokens``/``wte``), so its LM head receives
@@ -142,7 +143,7 @@ def reprocess_weight_aliases(model: torch.nn.Module) -> int:
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     count = 0
-    for module in weight_aliases(model):
+    for module in aliases:
         method = getattr(module, "quant_method", None)
         if isinstance(method, UnquantizedEmbeddingMethod):
             method.process_weights_after_loading(module)
