@@ -73,6 +73,18 @@ def test_bad_model_paths_name_the_key_and_the_problem(case, tmp_path, capsys, no
     assert re.search(expected, err), err
 
 
+def test_every_stage_checks_its_model_paths_before_writing(tmp_path, capsys, monkeypatch):
+    """``rm.init`` (read by ``rlhf-ray rm`` only) is checked like the model paths, and the run
+    folder is not even created."""
+    from rlhf_ray.stages import rm
+
+    monkeypatch.setattr(rm, "begin", lambda *a: pytest.fail("bad input was not caught before Ray started"))
+    assert main(["rm", f"run_dir={tmp_path / 'run'}", *BASE, f"rm.init={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"rlhf-ray: rm\.init: model path '.*/missing' does not exist$", err.strip()), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_safetensors_beside_a_stray_pickle_pass_the_model_check(tmp_path):
     from rlhf_ray.models.loading import check_model_path
 

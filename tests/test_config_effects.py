@@ -149,3 +149,17 @@ def test_collect_min_score_gap_and_eval_limits_are_checked():
         cfg("collect.min_score_gap=-1")
     with pytest.raises(Exception, match="eval.max_reference_texts: must be >= 1"):
         cfg("eval.max_reference_texts=0")
+
+
+def test_rollout_stop_strings_become_stop_tokens_and_longer_ones_are_refused():
+    from rlhf_ray.data.tokenize import stop_token_ids
+    from rlhf_ray.errors import BadInputError
+    from rlhf_ray.models.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})  # a chat template's end of turn
+    ids = stop_token_ids(tok, cfg("rollout.stop=['<|im_end|>', '=']").rollout.stop)
+    assert ids == (tok.eos_token_id, *tok.convert_tokens_to_ids(["<|im_end|>", "="]))
+    assert stop_token_ids(tok, cfg().rollout.stop) == (tok.eos_token_id,)
+    with pytest.raises(BadInputError, match=r"rollout\.stop: '<end>' is 5 tokens"):
+        stop_token_ids(tok, cfg("rollout.stop=[<end>]").rollout.stop)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from rlhf_ray.config import load_config
+from rlhf_ray.faults import FaultCounter, NonFiniteError
 from rlhf_ray.stages.ppo import PPOTrainer
-from rlhf_ray.stages.prepare import FaultCounter, NonFiniteError, nonfinite_phase
+from rlhf_ray.stages.prepare import nonfinite_phase
 from rlhf_ray.tracking import read_metrics
 
 NAN_ITERATIONS = {2, 5, 6}  # iterations whose reward scores are NaN
@@ -89,7 +90,7 @@ def test_nan_batches_dead_engines_and_a_dead_learner_are_survived_then_limits_st
     which stops training at the second. Then a killed reference scorer exceeds the restart limit."""
     import ray
 
-    from rlhf_ray.stages.ppo import ActorFailureError
+    from rlhf_ray.faults import ActorFailureError
 
     cfg = load_config(None, [
         f"run_dir={tmp_path}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64", "data.task=arithmetic",

@@ -60,6 +60,14 @@ def test_greedy_matches_transformers_generate(engine):
         assert tokens == expected and len(tokens) >= 1
 
 
+def test_greedy_ends_at_a_stop_token(engine):
+    """``rollout.stop`` tokens end greedy responses (eval) as EOS does, the stop token kept."""
+    free = engine.greedy(PROMPTS[:1], 8)[0]
+    stop = next(t for t in free[1:] if t != free[0])  # not the first token: something must come before
+    stopped = engine.greedy(PROMPTS[:1], 8, stop_token_ids=(stop,))[0]
+    assert stopped == free[: free.index(stop) + 1] and len(stopped) < len(free)
+
+
 def test_weight_sync_replaces_every_weight(tiny_model_dir):
     """A sender broadcasts other weights over gloo; the engine's model then holds them exactly."""
     from rlhf_ray.ports import free_port

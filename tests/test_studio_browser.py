@@ -311,15 +311,22 @@ def test_two_annotators_agree_and_their_export_trains_a_reward_model(page, ray_s
     r = export_preferences(store, prefs, min_agreement=1.0)
     assert r["written"] == 20 and r["left_out"] == {"no majority": 4, "both bad": 2}
 
-    cfg = load_config(None, [f"run_dir={tmp_path / 'rm'}", f"model.policy={tiny_model_dir}",
-                             f"data.preferences={prefs}", "data.eval_fraction=0.2", "rm.epochs=1", "rm.batch_size=8",
-                             "critic.num_ranks=1", "logging.tensorboard=false"])
+    # rm.init names the starting model (model.policy stays the built-in tiny one, never built);
+    # two ensemble members, seeded apart; scores left unnormalised.
+    cfg = load_config(None, [f"run_dir={tmp_path / 'rm'}", f"rm.init={tiny_model_dir}", "rm.ensemble_size=2",
+                             "rm.normalize=false", f"data.preferences={prefs}", "data.eval_fraction=0.2",
+                             "rm.epochs=1", "rm.batch_size=8", "critic.num_ranks=1", "logging.tensorboard=false"])
     summary = run_rm(cfg)
     assert summary["train_pairs"] + summary["held_out_pairs"] == 20 and summary["held_out_pairs"] >= 4
     assert 0.0 <= summary["held_out_accuracy"] <= 1.0
-    assert (Path(summary["models"][0]) / "reward_norm.json").exists()
-    losses = [row["rm_loss"] for row in read_metrics(tmp_path / "rm") if "rm_loss" in row]
-    assert len(losses) == summary["train_pairs"] // 8 and all(math.isfinite(x) for x in losses)
+    assert not (tmp_path / "rm" / "base_model").exists()
+    assert [Path(p).name for p in summary["models"]] == ["reward_model-0", "reward_model-1"]
+    for path in summary["models"]:
+        assert json.loads((Path(path) / "reward_norm.json").read_text()) == {"mean": 0.0, "std": 1.0}
+    rows = read_metrics(tmp_path / "rm")
+    losses = {m: [r["rm_loss"] for r in rows if "rm_loss" in r and r["member"] == m] for m in (0, 1)}
+    assert all(len(v) == summary["train_pairs"] // 8 and all(map(math.isfinite, v)) for v in losses.values())
+    assert losses[0] != losses[1]  # the members' heads start from different seeds
 
 
 def test_stats_page(page, tmp_path):

@@ -69,6 +69,7 @@ def test_finish_reasons(engine):
     )[0]
     assert stopped.finish_reason == "stop"
     assert stopped.response_ids == greedy[: greedy.index(stop) + 1]
+    assert engine.greedy(PROMPTS[:1], 6, stop_token_ids=(stop,))[0] == stopped.response_ids
 
 
 def test_greedy_matches_hf_generate(engine, hf_model):

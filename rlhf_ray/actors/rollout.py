@@ -34,8 +34,9 @@ class RolloutActor:
     ) -> list[list[float]]:
         return self.engine.score(prompt_ids_list, response_ids_list)
 
-    def greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        return self.engine.greedy(prompt_token_ids, max_new_tokens)
+    def greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: int,
+               stop_token_ids: tuple[int, ...] = ()) -> list[list[int]]:
+        return self.engine.greedy(prompt_token_ids, max_new_tokens, stop_token_ids)
 
     def join_weight_sync(
         self,

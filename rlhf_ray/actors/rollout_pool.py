@@ -23,12 +23,9 @@ from rlhf_ray.actors.rollout import RolloutActor
 from rlhf_ray.actors.worker_group import WorkerGroup, get_all
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines.sampling import Generation, SamplingSpec
+from rlhf_ray.faults import ActorFailureError, FaultCounter
 from rlhf_ray.sync.group import SyncLayout, plan_sync
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
-
-
-class ActorFailureError(RuntimeError):
-    """An actor died and the run may not (or may no longer) restart or replace it."""
 
 
 def engine_options(cfg, model_path: str) -> dict:
@@ -113,10 +110,10 @@ class RolloutPool:
                  on_replace=None) -> None:
         """Engines in ``groups`` (placed, one bundle each), built with ``options``
         (:func:`engine_options`). ``on_replace(n)`` is asked before n engines are replaced and
-        raises to refuse (the run's fault limit)."""
+        raises to refuse (the run's fault limit; by default ``faults.max_engine_replacements``
+        counted by the pool itself)."""
         self.cfg, self.options, self.pad_id = cfg, options, pad_id
-        self.on_replace = on_replace or self._count_replacements
-        self.replaced = 0
+        self.on_replace = on_replace or FaultCounter(0, cfg.faults.max_engine_replacements).take_replacements
         self.engines: dict[int, Engine] = {}
         self._ids = itertools.count()
         for pg in groups:
@@ -143,13 +140,6 @@ class RolloutPool:
     def wait_ready(self) -> None:
         """Until every engine is up; an engine that cannot start raises its error here."""
         get_all([e.actor.ready.remote() for e in self.engines.values()])
-
-    def _count_replacements(self, count: int) -> None:
-        limit = self.cfg.faults.max_engine_replacements
-        if self.replaced + count > limit:
-            raise ActorFailureError(f"{count} rollout engine(s) died and faults.max_engine_replacements={limit} "
-                                    f"is used up")
-        self.replaced += count
 
     # --- the engines --------------------------------------------------------------------------
     def __len__(self) -> int:

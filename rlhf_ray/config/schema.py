@@ -134,7 +134,7 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling; 1 = the whole vocabulary
     max_new_tokens: int = 16  # response length cap; longer responses are cut (truncated)
     samples_per_prompt: int = 1  # n responses per prompt (group size of grpo/rloo)
-    stop: list[str] = field(default_factory=list)  # extra stop strings besides EOS
+    stop: list[str] = field(default_factory=list)  # end-of-turn tokens besides EOS (each one token: <|im_end|>)
     gpu_memory_utilization: float = 0.3  # on CPU: share of host memory vLLM may reserve
     max_model_len: int = 256  # prompt + response positions per sequence; within the model's context
     enable_prefix_caching: bool = True  # reuse KV blocks of shared prompt prefixes (groups of samples)

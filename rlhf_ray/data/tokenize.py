@@ -3,6 +3,22 @@
 from __future__ import annotations
 
 from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.errors import BadInputError
+
+
+def stop_token_ids(tokenizer, stop: list[str]) -> tuple[int, ...]:
+    """EOS and the token of each ``rollout.stop`` string: a chat template's end of turn
+    (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``) is one special token, and engines compare
+    token ids (they never detokenize), so a stop string must be exactly one token."""
+    ids = [tokenizer.eos_token_id]
+    for text in stop:
+        tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise BadInputError(f"rollout.stop: {text!r} is {len(tokens)} tokens for this tokenizer "
+                                f"({tokenizer.convert_ids_to_tokens(tokens)}); each stop string must be one token, "
+                                f"such as the chat template's end-of-turn marker")
+        ids.append(tokens[0])
+    return tuple(dict.fromkeys(ids))
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:

@@ -84,12 +84,15 @@ class HFEngine:
         return [row[: len(r)].tolist() for row, r in zip(logprobs, response_ids_list)]
 
     @torch.no_grad()
-    def greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: int,
+               stop_token_ids: tuple[int, ...] = ()) -> list[list[int]]:
+        """Greedy responses, ending at EOS or any of ``stop_token_ids``."""
+        stop = list(dict.fromkeys([self.eos_id, *stop_token_ids]))
         ids, mask = self._left_padded(prompt_token_ids)
         out = self.model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                  eos_token_id=[self.eos_id], pad_token_id=self.pad_id)
+                                  eos_token_id=stop, pad_token_id=self.pad_id)
         new = out[:, ids.shape[1]:].tolist()
-        return [tokens[: _cut_at_stop(tokens, [self.eos_id])[0]] for tokens in new]
+        return [tokens[: _cut_at_stop(tokens, stop)[0]] for tokens in new]
 
     def join_weight_sync(self, master_addr: str, master_port: int, world_size: int, rank_offset: int, backend: str,
                          timeout: float = 300.0, shm_path: str | None = None) -> list[int]:

@@ -85,10 +85,13 @@ class VLLMEngine:
             scores.append([float(lps[j][seq[j]].logprob) for j in range(len(prompt), len(seq))])
         return scores
 
-    def greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    def greedy(self, prompt_token_ids: list[list[int]], max_new_tokens: int,
+               stop_token_ids: tuple[int, ...] = ()) -> list[list[int]]:
+        """Greedy responses, ending at the model's EOS or any of ``stop_token_ids``."""
         from vllm import SamplingParams
 
-        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, detokenize=False)
+        params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop_token_ids=list(stop_token_ids),
+                                detokenize=False)
         return [list(out.outputs[0].token_ids) for out in self._run(prompt_token_ids, params)]
 
     def join_weight_sync(

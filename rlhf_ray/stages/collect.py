@@ -19,7 +19,7 @@ from rlhf_ray.actors.rollout_pool import RolloutPool
 from rlhf_ray.actors.scorers import RewardActor
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.prompts import run_prompts
-from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
+from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids
 from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 
@@ -50,11 +50,12 @@ def run_collect(cfg: RunConfig) -> dict:
     policy = resolve_policy_path(cfg, run_dir)
     tokenizer = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
     prompts = run_prompts(cfg.data, cfg.seed, tokenizer)[: cfg.collect.num_prompts]
+    stop_ids = stop_token_ids(tokenizer, cfg.rollout.stop)
     begin(cfg, run_dir)
 
     ro, k = cfg.rollout, cfg.collect.responses_per_prompt
     spec = SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, n=k,
-                        stop_token_ids=(tokenizer.eos_token_id,), seed=cfg.seed)
+                        stop_token_ids=stop_ids, seed=cfg.seed)
     ids = encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)
     with RolloutPool.launch(cfg, policy, ro.num_engines, tokenizer.pad_token_id) as pool:
         generations = pool.generate(prompts, ids, spec, iteration=1)  # prompt-major: k per prompt, in order

@@ -12,7 +12,9 @@ BUILTIN_TINY = "builtin:tiny"
 
 
 def prepare_run(cfg: RunConfig) -> Path:
-    """The run's folder (created); nothing is written into it until ``begin``."""
+    """Checks the model folders and secrets (``check_inputs``), then the run's folder (created);
+    nothing is written into it until ``begin``."""
+    check_inputs(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -44,7 +46,8 @@ def check_inputs(cfg: RunConfig) -> None:
     from rlhf_ray.models.loading import check_model_path
 
     paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
-             ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward))]
+             ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward)),
+             ("rm.init", cfg.rm.init)]
     for key, path in paths:
         if path:
             try:

@@ -49,7 +49,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     """``{metric: {model name: value}}`` for the metrics that apply: gold score (with a task) and
     reward (with reward models or criteria) of greedy responses to ``prompts``; perplexity of the
     ``references`` (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
-    from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
+    from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.tasks import GOLD_REWARD
     from rlhf_ray.tasks.rewards import load_reward_function
@@ -58,6 +58,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     ro, sc = cfg.rollout, cfg.scorers
     paths = list(dict.fromkeys(models.values()))  # a checkpoint named twice is evaluated once
     tokenizers = {path: load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code) for path in paths}
+    stops = {path: stop_token_ids(tok, ro.stop) for path, tok in tokenizers.items()}
     # One engine per checkpoint on rollout capacity, all starting at once.
     pools = {path: RolloutPool.launch(cfg, path, 1, tokenizers[path].pad_token_id, wait=False) for path in paths}
     engines = {path: pool[0] for path, pool in pools.items()}
@@ -69,7 +70,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     try:
         prompt_ids = {path: encode_prompts(tok, prompts, cfg.data.max_prompt_tokens)
                       for path, tok in tokenizers.items()}
-        greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens)
+        greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens, stops[path])
                   for path in paths if prompts}
         max_len = min(cfg.data.max_seq_len, ro.max_model_len - 1)
         reference_batches = {path: encode_pairs(tok, [r.prompt for r in references], [r.response for r in references],

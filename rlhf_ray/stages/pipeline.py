@@ -16,6 +16,7 @@ from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
+    from rlhf_ray.data.tokenize import stop_token_ids
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.stages.eval import compare_checkpoints, eval_data
     from rlhf_ray.stages.ppo import run_ppo
@@ -24,9 +25,10 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     root = prepare_run(cfg)
     base = resolve_policy_path(cfg, root)
-    # The eval's data first: a bad file stops the pipeline before any training.
-    eval_inputs = (eval_data(cfg, load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code))
-                   if cfg.data.task else None)
+    # The eval's data and the stop strings first: bad input stops the pipeline before any training.
+    tokenizer = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
+    stop_token_ids(tokenizer, cfg.rollout.stop)
+    eval_inputs = eval_data(cfg, tokenizer) if cfg.data.task else None
     begin(cfg, root)
 
     def stage(name: str, **model_changes) -> RunConfig:

@@ -17,17 +17,17 @@ from tqdm import tqdm
 
 from rlhf_ray import algo
 from rlhf_ray.actors.placement import Roles, launch_roles, shutdown_roles
-from rlhf_ray.actors.rollout_pool import ActorFailureError, PendingGeneration
+from rlhf_ray.actors.rollout_pool import PendingGeneration
 from rlhf_ray.actors.worker_group import get_all
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
+from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids
 from rlhf_ray.engines.sampling import SamplingSpec
+from rlhf_ray.faults import FaultCounter
 from rlhf_ray.platform import detect
 from rlhf_ray.stages import prepare as prep
 from rlhf_ray.stages.common import (
     begin,
-    check_inputs,
     check_model_fits,
     prepare_run,
     resolve_policy_path,
@@ -39,7 +39,7 @@ from rlhf_ray.stages.sft import text_examples
 from rlhf_ray.tasks import GOLD_COMPONENT
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
 
-__all__ = ["ActorFailureError", "PPOTrainer", "run_ppo"]
+__all__ = ["PPOTrainer", "run_ppo"]
 
 
 class PPOTrainer(Recovery):
@@ -49,11 +49,11 @@ class PPOTrainer(Recovery):
 
         self.cfg = cfg
         self.platform = detect(cfg.backend)
-        check_inputs(cfg)
         self.run_dir = prepare_run(cfg)
         self.policy_path = resolve_policy_path(cfg, self.run_dir)
         check_model_fits(cfg, self.policy_path)
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
+        self.stop_ids = stop_token_ids(self.tokenizer, cfg.rollout.stop)
         self.prompts = PromptStream(run_prompts(cfg.data, cfg.seed, self.tokenizer), cfg.seed, cfg.data.shuffle)
         # Pretraining-mix text for the ptx loss (alignment-tax mitigation), read before any actor starts.
         self.ptx_examples = (text_examples(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
@@ -80,7 +80,7 @@ class PPOTrainer(Recovery):
         # Engine replacements and restarts survive a rollback to a checkpoint: their limits are on
         # what happened, not on iterations.
         survived = getattr(self, "faults", None)
-        self.faults = prep.FaultCounter(cfg.faults.max_consecutive_nonfinite, cfg.faults.max_engine_replacements)
+        self.faults = FaultCounter(cfg.faults.max_consecutive_nonfinite, cfg.faults.max_engine_replacements)
         if survived is not None:
             self.faults.engine_replacements, self.faults.restarts = survived.engine_replacements, survived.restarts
         self._pending: PendingGeneration | None = None  # ppo.overlap: the next batch, being sampled
@@ -205,7 +205,7 @@ class PPOTrainer(Recovery):
     def _submit(self, prompts: list[str], iteration: int) -> PendingGeneration:
         r = self.cfg.rollout
         spec = SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                            n=r.samples_per_prompt, stop_token_ids=(self.tokenizer.eos_token_id,),
+                            n=r.samples_per_prompt, stop_token_ids=self.stop_ids,
                             seed=self.cfg.seed * 1_000_003 + iteration * 10_007)
         ids = encode_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_tokens)
         return self.roles.rollout.submit(prompts, ids, spec, self.iteration)

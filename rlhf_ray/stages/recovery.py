@@ -8,9 +8,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rlhf_ray.actors.placement import shutdown_roles
-from rlhf_ray.actors.rollout_pool import ActorFailureError
 from rlhf_ray.actors.worker_group import get_all
 from rlhf_ray.config import config_to_dict, dump_config
+from rlhf_ray.faults import ActorFailureError
 from rlhf_ray.stages import checkpoint as ckpt
 from rlhf_ray.tracking import read_metrics
 
