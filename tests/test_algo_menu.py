@@ -151,6 +151,22 @@ def test_dr_grpo_subtracts_the_group_mean_without_dividing_by_its_std():
     assert out.tolist() == [-1.0, 1.0, 0.0, 0.0, -5.0, 5.0]  # GRPO would give +-0.707 for both spread groups
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_informative_groups_are_those_whose_scores_differ(dtype):
+    """DAPO's dynamic-sampling filter against a loop: a group is informative unless every score in
+    it equals the first; and exactly those groups get a non-zero GRPO advantage."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 2, (40,), generator=g).to(dtype)  # groups of 4 0/1 rewards: some all equal
+    scores[-4:] = 0.7
+    expected = [any(scores[i] != scores[k * 4] for i in range(k * 4, k * 4 + 4)) for k in range(10)]
+    out = algo.informative_groups(scores, 4)
+    assert out.tolist() == expected and 0 < sum(expected) < 10
+    moved = algo.group_advantages(scores, 4, "grpo").view(10, 4).abs().amax(-1) > 1e-3
+    assert moved.tolist() == expected
+    with pytest.raises(ValueError, match="whole number of groups"):
+        algo.informative_groups(scores[:-1], 4)
+
+
 def test_seq_mean_token_sum_norm_has_no_length_bias():
     """Two sequences with the same per-token loss: token-mean and seq-mean-token-mean weigh them by
     length or not at all; the norm mode weighs every token the same across lengths."""

@@ -163,3 +163,40 @@ def test_rollout_stop_strings_become_stop_tokens_and_longer_ones_are_refused():
     assert stop_token_ids(tok, cfg().rollout.stop) == (tok.eos_token_id,)
     with pytest.raises(BadInputError, match=r"rollout\.stop: '<end>' is 5 tokens"):
         stop_token_ids(tok, cfg("rollout.stop=[<end>]").rollout.stop)
+
+
+def test_model_dtype_reaches_every_role_and_the_reward_model_scores_in_it(tiny_model_dir, tmp_path):
+    """model.dtype: the engines, the learners (``LearnerSpec``) and both scorers load in it; a
+    bf16 reward model scores close to its fp32 self."""
+    from rlhf_ray.actors.placement import learner_spec
+    from rlhf_ray.actors.rollout_pool import engine_options
+    from rlhf_ray.actors.scorers import ReferenceActor, RewardActor
+    from rlhf_ray.data.batch import RolloutBatch
+    from rlhf_ray.models.heads import RewardModel
+
+    c = cfg("model.dtype=bfloat16")
+    assert engine_options(c, tiny_model_dir)["dtype"] == "bfloat16"
+    assert learner_spec(c, c.policy, tiny_model_dir).dtype == learner_spec(c, c.critic, tiny_model_dir).dtype == "bfloat16"
+    assert next(ReferenceActor(tiny_model_dir, c.model.dtype, "cpu", 8).model.parameters()).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    RewardModel.from_base(tiny_model_dir).save_pretrained(tmp_path / "rm")
+    batch = RolloutBatch.from_token_lists([[5, 6], [7]], [[8, 9], [10, 11, 12]], pad_id=0)
+    scores = {}
+    for dtype in ("float32", "bfloat16"):
+        actor = RewardActor([str(tmp_path / "rm")], "mean", [], [], "cpu", 8, dtype=cfg(f"model.dtype={dtype}").model.dtype)
+        assert {p.dtype for p in actor.models[0].parameters()} == {getattr(torch, dtype)}
+        scores[dtype] = actor.score(batch, ["", ""], ["", ""])["score"]
+    assert scores["bfloat16"].dtype == torch.float32 and torch.allclose(scores["bfloat16"], scores["float32"], atol=0.05)
+
+
+def test_learner_sections_reach_the_learner_spec():
+    """policy.* and critic.* (zero stage, offload, bf16, checkpointing) become each group's
+    ``LearnerSpec``; the two sections stay apart."""
+    from rlhf_ray.actors.placement import learner_spec
+
+    c = cfg("critic.offload_params=true", "critic.zero_stage=3", "critic.bf16=true", "critic.gradient_checkpointing=true",
+            "policy.offload_optimizer=true")
+    critic, policy = learner_spec(c, c.critic, "m"), learner_spec(c, c.policy, "m")
+    assert (critic.offload_params, critic.zero_stage, critic.bf16, critic.gradient_checkpointing) == (True, 3, True, True)
+    assert (policy.offload_params, policy.bf16, policy.gradient_checkpointing) == (False, False, False)
+    assert policy.offload_optimizer and not critic.offload_optimizer

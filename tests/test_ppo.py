@@ -217,9 +217,17 @@ def test_hf_rollout_engine_trains_and_keeps_parity(ray_session, tmp_path):
                   "ppo.overlong_buffer=4", "ppo.overlong_factor=0.5",
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.save_final=false",
-                  "logging.tensorboard=false")
+                  "logging.tensorboard=false", "ppo.dynamic_sampling=true", "ppo.dynamic_sampling_rounds=1")
     _, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
+    # DAPO's dynamic sampling (its selection is tested on its own in test_prepare): the stream moved
+    # by every prompt drawn, each batch still holds 8 prompts, of which at most the dropped filled.
+    logged = read_metrics(cfg.run_dir, "prompts.jsonl")
+    for r, log, next_log in zip(history, logged, [*logged[1:], None]):
+        assert 1 <= r["dynamic/rounds"] <= 2 and r["dynamic/filled_groups"] <= r["dynamic/dropped_groups"]
+        assert len(log["prompts"]) == 8 and r["dynamic/prompts_drawn"] >= 8
+        if next_log:
+            assert next_log["position"] - log["position"] == r["dynamic/prompts_drawn"]
     # Same model, same numerics: the sampler's log-probs are the learner's.
     assert max(r["logprob_gap_vllm_learner"] for r in history) < 1e-3
     assert history[0]["generated_tokens"] > 0

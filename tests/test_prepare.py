@@ -10,7 +10,14 @@ import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.stages.prepare import Scored, final_scores, iteration_record, prepare_batch
+from rlhf_ray.engines.sampling import Generation
+from rlhf_ray.stages.prepare import (
+    Scored,
+    final_scores,
+    iteration_record,
+    prepare_batch,
+    sample_informative_groups,
+)
 
 # Two prompts x two samples; responses of 3, 2, 1 and 3 tokens.
 BATCH = RolloutBatch.from_token_lists([[5, 6], [5, 6], [7], [7]], [[1, 2, 3], [4, 5], [6], [7, 8, 9]], pad_id=0)
@@ -143,3 +150,44 @@ def test_the_policy_loss_the_config_asks_for():
         "cispo", 0.28, None, "seq-mean-token-sum-norm", 12)
     spec = policy_loss_spec(cfg("ppo.dual_clip=3", "ppo.loss_norm_len=100"))
     assert (spec.kind, spec.clip_eps_high, spec.dual_clip, spec.norm_len) == ("ppo", None, 3.0, 100)
+
+
+ALIKE = {0, 3, 4, 5, 7}  # prompts whose two samples score the same
+
+
+@pytest.mark.parametrize("rounds", [3, 1])
+def test_dynamic_sampling_keeps_groups_that_scored_differently_and_refills(rounds):
+    """Prompts "p<k>", two samples each, scored alike when k is in ALIKE. Each round draws as many
+    prompts as groups are still missing. With 3 extra rounds allowed the batch is 4 informative
+    groups (4 rounds: p0-p3, p4-p5, p6-p7, p8); with 1 it is topped up with the first groups set aside."""
+    stream, drawn = iter(range(100)), []
+
+    def draw(count):
+        drawn.append(count)
+        return [f"p{next(stream)}" for _ in range(count)]
+
+    def generate(prompts):  # two samples per prompt, prompt-major, as the engines return them
+        return [Generation(i, [1, int(p[1:])], [2 + s], [-0.5], "stop") for i, p in enumerate(prompts) for s in range(2)]
+
+    def rewards_of(prompts, generations):
+        k = [int(prompts[g.prompt_index][1:]) for g in generations]
+        score = [0.0 if n in ALIKE else float(g.response_ids[0]) for n, g in zip(k, generations)]
+        return {"score": torch.tensor(score), "reward/prompt": torch.tensor(k, dtype=torch.float32)}
+
+    cfg = load_config(None, ["ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=2",
+                             "ppo.dynamic_sampling=true", f"ppo.dynamic_sampling_rounds={rounds}"])
+    first = draw(4)
+    groups = sample_informative_groups(first, generate(first), cfg, rewards_of, draw, generate)
+    prompts, generations, rewards = groups.batch()
+    if rounds == 3:
+        assert drawn == [4, 2, 2, 1] and prompts == ["p1", "p2", "p6", "p8"]
+        assert groups.metrics() == {"dynamic/rounds": 4, "dynamic/prompts_drawn": 9, "dynamic/dropped_groups": 5,
+                                    "dynamic/filled_groups": 0}
+    else:
+        assert drawn == [4, 2] and prompts == ["p1", "p2", "p0", "p3"]
+        assert groups.metrics() == {"dynamic/rounds": 2, "dynamic/prompts_drawn": 6, "dynamic/dropped_groups": 4,
+                                    "dynamic/filled_groups": 2}
+    # Rows stay with their prompt and their rewards, renumbered to the batch's prompts.
+    assert [g.prompt_index for g in generations] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(f"p{g.prompt_ids[1]}" == prompts[g.prompt_index] for g in generations)
+    assert rewards["reward/prompt"].tolist() == [float(p[1:]) for p in prompts for _ in range(2)]

@@ -63,12 +63,13 @@ class RewardActor:
                  function_weights: list[float], backend: str, micro_batch_size: int,
                  criteria: dict[str, str] | None = None, criteria_weights: dict[str, float] | None = None,
                  criteria_combine: str = "weighted",
-                 http: HttpRewardClient | None = None, http_weight: float = 1.0):
-        from rlhf_ray.models.heads import RewardModel
+                 http: HttpRewardClient | None = None, http_weight: float = 1.0,
+                 dtype: str = "float32", trust_remote_code: bool = False):
         from rlhf_ray.tasks.rewards import load_reward_function
 
         self.device = _init_process(backend).device
-        self.models = [RewardModel.from_pretrained(p).eval().to(self.device) for p in reward_model_paths]
+        self.dtype, self.trust_remote_code = dtype, trust_remote_code  # model.dtype, as the reference
+        self.models = [self._load_model(p) for p in reward_model_paths]
         # Calibration written by the reward-model stage: PPO sees scores of mean 0, std 1.
         self.norms = [_reward_norm(p) for p in reward_model_paths]
         self.combine = combine
@@ -106,15 +107,20 @@ class RewardActor:
             total += algo.combine_scores(torch.stack(per_criterion), self.criteria_weights, self.criteria_combine)
         return {"score": total, **{f"reward/{k}": v for k, v in components.items()}}
 
+    def _load_model(self, path: str):
+        from rlhf_ray.models.heads import RewardModel
+
+        model = RewardModel.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
+        return model.eval().to(self.device)
+
     def _judge(self, spec: str):
         """A criterion's judge, ``(batch, prompts, responses) -> scores [B]``, from
         ``rm:<reward model dir>`` (calibrated like the reward models) or ``module:function``."""
-        from rlhf_ray.models.heads import RewardModel
         from rlhf_ray.tasks.rewards import load_reward_function
 
         if spec.startswith("rm:"):
             path = spec.removeprefix("rm:")
-            model, (mean, std) = RewardModel.from_pretrained(path).eval().to(self.device), _reward_norm(path)
+            model, (mean, std) = self._load_model(path), _reward_norm(path)
             return lambda batch, prompts, responses: (self._model_scores(model, batch) - mean) / std
         fn = load_reward_function(spec)
         return lambda batch, prompts, responses: self._function_scores(spec, fn, prompts, responses)

@@ -9,6 +9,7 @@ from .advantages import (
     broadcast_to_tokens,
     gae,
     group_advantages,
+    informative_groups,
     overlong_penalty,
 )
 from .kl import KL_KINDS, kl_estimate, shape_rewards
@@ -78,6 +79,7 @@ __all__ = [
     "gae",
     "group_advantages",
     "gspo_policy_loss",
+    "informative_groups",
     "is_correction",
     "kl_estimate",
     "kl_penalty_loss",

@@ -90,3 +90,14 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int, facto
         raise ValueError(f"buffer_len must be in [1, max_len={max_len}], got {buffer_len}")
     over = (lengths.to(torch.float32) - (max_len - buffer_len)).clamp(min=0.0, max=float(buffer_len))
     return -factor * over / buffer_len
+
+
+def informative_groups(scores: torch.Tensor, group_size: int, atol: float = 1e-6) -> torch.Tensor:
+    """``[G]`` bool: which consecutive groups of ``group_size`` scores are not all equal (within
+    ``atol``). Under a per-group baseline (GRPO, Dr. GRPO, RLOO) an all-equal group has zero
+    advantage everywhere and teaches nothing: DAPO's dynamic sampling drops those."""
+    if group_size < 1 or scores.shape[0] % group_size != 0:
+        raise ValueError(f"batch of {scores.shape[0]} scores is not a whole number of groups of "
+                         f"group_size={group_size}")
+    groups = scores.view(-1, group_size)
+    return (groups.max(-1).values - groups.min(-1).values) > atol

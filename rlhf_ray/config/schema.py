@@ -316,6 +316,11 @@ class PPOConfig:
     is_correction: Literal["off", "tis", "mis"] = "off"
     is_level: Literal["token", "sequence"] = "token"  # a weight per token, or one per sequence (product)
     is_cap: float = 2.0
+    # DAPO's dynamic sampling: a group whose samples all scored the same has zero advantage under a
+    # group baseline; drop it and sample more prompts (at most dynamic_sampling_rounds extra rounds)
+    # until the batch holds prompts_per_iteration informative groups (the rest filled with dropped ones).
+    dynamic_sampling: bool = False
+    dynamic_sampling_rounds: int = 3  # extra generate+reward rounds per iteration, at most
     whiten_advantages: bool = True  # normalise advantages to mean 0, std 1 over the batch's tokens
     kl_coef: float = 0.05  # weight of the KL penalty to the reference (the starting value for adaptive controllers)
     # k1: log-ratio; k2: half its square; k3: the low-variance unbiased estimator
@@ -362,6 +367,12 @@ class PPOConfig:
         p.need(self.policy_loss != "gspo" or self.advantage_estimator != "gae", "ppo.policy_loss",
                "gspo weighs whole sequences by one advantage; gae gives one per token: use a group estimator")
         p.need(self.tis_cap == 0 or self.tis_cap >= 1, "ppo.tis_cap", "must be 0 (no correction) or >= 1")
+        p.need(self.dynamic_sampling_rounds >= 0, "ppo.dynamic_sampling_rounds", "must be >= 0")
+        p.need(not self.dynamic_sampling or self.advantage_estimator in ("grpo", "dr_grpo", "rloo"),
+               "ppo.dynamic_sampling", "drops groups whose samples scored alike, which only a per-group baseline "
+               "makes uninformative: use advantage_estimator grpo, dr_grpo or rloo")
+        p.need(not (self.dynamic_sampling and self.overlap), "ppo.dynamic_sampling",
+               "cannot run with ppo.overlap (the next batch is sampled before this one is scored)")
         p.need(self.kl_target > 0, "ppo.kl_target", "must be > 0")
         p.need(self.kl_horizon > 0, "ppo.kl_horizon", "must be > 0")
         return p
@@ -574,6 +585,8 @@ class RunConfig:
         if ppo.advantage_estimator in ("rloo", "grpo", "dr_grpo"):
             p.need(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
                    f"{ppo.advantage_estimator} needs >= 2 samples per prompt (group baselines)")
+        p.need(not ppo.dynamic_sampling or r.samples_per_prompt >= 2, "ppo.dynamic_sampling",
+               "needs rollout.samples_per_prompt >= 2 (groups of samples to compare)")
         p.need(ppo.overlong_buffer <= r.max_new_tokens, "ppo.overlong_buffer",
                f"must be at most rollout.max_new_tokens={r.max_new_tokens}")
         # Every learner rank must get at least one row of every minibatch.

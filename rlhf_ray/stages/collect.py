@@ -34,7 +34,8 @@ def _judge(cfg: RunConfig, tokenizer, prompts: list[str], responses: list[str]) 
         judge = GOLD_REWARD[cfg.data.task]
     models, functions = ([judge.removeprefix("rm:")], []) if judge.startswith("rm:") else ([], [judge])
     actor = ray.remote(RewardActor).options(num_cpus=cfg.scorers.num_cpus, num_gpus=cfg.scorers.num_gpus) \
-        .remote(models, "mean", functions, [1.0] * len(functions), cfg.backend, cfg.scorers.micro_batch_size)
+        .remote(models, "mean", functions, [1.0] * len(functions), cfg.backend, cfg.scorers.micro_batch_size,
+                dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
     try:
         batch = encode_pairs(tokenizer, prompts, responses, cfg.data.max_prompt_tokens, cfg.data.max_seq_len,
                              add_eos=False)

@@ -66,7 +66,8 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     if has_reward(cfg) and prompts:
         reward = ray.remote(RewardActor).options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus).remote(
             cfg.model.reward, cfg.model.reward_combine, [], [], cfg.backend, sc.micro_batch_size,
-            sc.criteria, sc.criteria_weights, sc.criteria_combine)
+            sc.criteria, sc.criteria_weights, sc.criteria_combine, dtype=cfg.model.dtype,
+            trust_remote_code=cfg.model.trust_remote_code)
     try:
         prompt_ids = {path: encode_prompts(tok, prompts, cfg.data.max_prompt_tokens)
                       for path, tok in tokenizers.items()}

@@ -21,18 +21,12 @@ from rlhf_ray.actors.rollout_pool import PendingGeneration
 from rlhf_ray.actors.worker_group import get_all
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids
+from rlhf_ray.data.tokenize import encode_prompts, stop_token_ids
 from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.faults import FaultCounter
 from rlhf_ray.platform import detect
 from rlhf_ray.stages import prepare as prep
-from rlhf_ray.stages.common import (
-    begin,
-    check_model_fits,
-    prepare_run,
-    resolve_policy_path,
-    reward_sources,
-)
+from rlhf_ray.stages.common import begin, check_model_fits, prepare_run, resolve_policy_path, reward_sources
 from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.stages.recovery import Recovery
 from rlhf_ray.stages.sft import text_examples
@@ -104,9 +98,12 @@ class PPOTrainer(Recovery):
 
         with timer("generate"):
             position, version, prompts, generations = self._rollouts()
-            batch, rollout_logprobs, truncated = prep.batch_from_generations(generations, self.tokenizer.pad_token_id)
-            prompt_texts = [prompts[g.prompt_index] for g in generations]
-            response_texts = self.tokenizer.batch_decode(batch.response_token_lists(), skip_special_tokens=True)
+            rewards, sampling = None, {}
+            if ppo.dynamic_sampling:  # rewarded per round, to drop groups that scored alike
+                groups = prep.sample_informative_groups(prompts, generations, cfg, self._rewards,
+                                                        self.prompts.next_batch, self._generate)
+                (prompts, generations, rewards), sampling = groups.batch(), groups.metrics()
+            batch, rollout_logprobs, truncated, prompt_texts, response_texts = self._texts(prompts, generations)
 
         with timer("score"):  # every scorer at once
             # ppo.old_logprobs=rollout: the engines' sampling log-probs stand in for the policy's.
@@ -114,11 +111,11 @@ class PPOTrainer(Recovery):
             policy_call = roles.policy.submit("logprobs", batch, temperature) if recompute else None
             critic_call = roles.critic.submit("values", batch) if roles.critic else None
             ref_call = roles.reference.submit("logprobs", batch, temperature)
-            reward_ref = roles.reward.score.remote(batch, prompt_texts, response_texts)
+            reward_ref = None if rewards else roles.reward.score.remote(batch, prompt_texts, response_texts)
             old_logprobs = policy_call.concat()[0] if recompute else rollout_logprobs
             values = critic_call.concat() if critic_call else None
             ref_logprobs = ref_call.concat()
-            rewards = get_all([reward_ref])[0]
+            rewards = rewards or get_all([reward_ref])[0]
 
         mask, lengths = batch.response_mask, batch.response_mask.sum(-1)
         bad = prep.nonfinite_phase(mask, score=[old_logprobs, ref_logprobs, values], reward=[rewards["score"]])
@@ -153,7 +150,7 @@ class PPOTrainer(Recovery):
         record = prep.iteration_record(
             self.iteration, position, prepared, scored, rewards, kl_coef, train_stats, guard_metrics, timer.seconds,
             recompute, {"policy_version": version, "policy_lag": self.iteration - 1 - version,
-                        "rollout/engines": n_engines, **self.faults.metrics()})
+                        "rollout/engines": n_engines, **sampling, **self.faults.metrics()})
         self.metrics.write(record)
         self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
         shown = prompt_texts[: cfg.logging.samples_per_iteration]
@@ -191,6 +188,16 @@ class PPOTrainer(Recovery):
         return record
 
     # --- the phases' remote work --------------------------------------------------------------
+    def _texts(self, prompts: list[str], generations: list):
+        """The batch of ``generations``, their sampling log-probs, truncation, prompt and response texts."""
+        batch, logprobs, truncated = prep.batch_from_generations(generations, self.tokenizer.pad_token_id)
+        response_texts = self.tokenizer.batch_decode(batch.response_token_lists(), skip_special_tokens=True)
+        return batch, logprobs, truncated, [prompts[g.prompt_index] for g in generations], response_texts
+
+    def _rewards(self, prompts: list[str], generations: list) -> dict:
+        batch, _, _, prompt_texts, response_texts = self._texts(prompts, generations)
+        return get_all([self.roles.reward.score.remote(batch, prompt_texts, response_texts)])[0]
+
     def _generate(self, prompts: list[str]):
         """Spreads the prompts over all engines and returns generations in prompt order."""
         return self.roles.rollout.finish(self._submit(prompts, self.iteration), self.iteration + 1)
@@ -221,7 +228,8 @@ class PPOTrainer(Recovery):
             order = torch.randperm(batch.size, generator=generator)
             for mb_index in order.tensor_split(ppo.minibatches):
                 minibatch = batch.select(mb_index)
-                ptx = self._ptx_minibatch(minibatch.size, generator) if self.ptx_examples else None
+                ptx = (prep.ptx_minibatch(self.ptx_examples, minibatch.size, generator, self.tokenizer, self.cfg.data)
+                       if self.ptx_examples else None)
                 policy = roles.policy.submit("train_step", minibatch, loss, ppo.entropy_coef, temperature, ptx,
                                              ppo.ptx_coef, ppo.distill_coef, ppo.distill_kl_estimator)
                 critic = (roles.critic.submit("train_step", minibatch, ppo.value_clip_eps, loss.agg, loss.norm_len)
@@ -229,13 +237,6 @@ class PPOTrainer(Recovery):
                 # Learner ranks already all-reduced their stats: rank 0 speaks for each group.
                 stats.append({**policy.rank0(), **(critic.rank0() if critic else {})})
         return {k: sum(s[k] for s in stats) / len(stats) for k in stats[0]}
-
-    def _ptx_minibatch(self, rows: int, generator: torch.Generator) -> RolloutBatch:
-        """``rows`` pretraining-mix examples drawn at random (reproducible from the iteration's seed)."""
-        picks = [self.ptx_examples[i]
-                 for i in torch.randint(len(self.ptx_examples), (rows,), generator=generator).tolist()]
-        return encode_pairs(self.tokenizer, [e.prompt for e in picks], [e.response for e in picks],
-                            self.cfg.data.max_prompt_tokens, self.cfg.data.max_seq_len)
 
     def _sync_weights(self) -> None:
         self.roles.rollout.sync(self.iteration + 1)

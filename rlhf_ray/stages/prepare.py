@@ -13,7 +13,8 @@ whitened if asked; samples whose sampler differs from the learner (older weights
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -21,6 +22,7 @@ from rlhf_ray import algo
 from rlhf_ray.actors.rollout_pool import pad_rows
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.data.tokenize import encode_pairs
 from rlhf_ray.engines.sampling import Generation
 
 
@@ -54,6 +56,57 @@ def batch_from_generations(generations: list[Generation], pad_id: int) -> tuple[
                                           pad_id)
     logprobs = pad_rows([g.logprobs for g in generations], batch.response_mask.shape[1])
     return batch, logprobs, torch.tensor([g.finish_reason == "length" for g in generations])
+
+
+@dataclass
+class GroupFilter:
+    """DAPO's dynamic sampling over rounds of sampled groups: groups whose samples scored alike
+    (``algo.informative_groups``) are set aside; ``batch`` gives ``target`` groups, the informative
+    ones in sampling order first, then set-aside ones if the rounds ran out (the batch keeps its size)."""
+
+    target: int
+    group_size: int
+    rounds: int = 0
+    kept: list = field(default_factory=list)  # (prompt, its generations, its rows of each reward)
+    dropped: list = field(default_factory=list)
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.target - len(self.kept))
+
+    def add(self, prompts: list[str], generations: list[Generation], rewards: dict[str, torch.Tensor]) -> None:
+        self.rounds += 1
+        n = self.group_size
+        informative = algo.informative_groups(rewards["score"], n)
+        for g, prompt in enumerate(prompts):
+            rows = slice(g * n, (g + 1) * n)
+            group = (prompt, generations[rows], {k: v[rows] for k, v in rewards.items()})
+            (self.kept if informative[g] else self.dropped).append(group)
+
+    def batch(self) -> tuple[list[str], list[Generation], dict[str, torch.Tensor]]:
+        """(prompts, generations renumbered to them, rewards) of the batch to train on."""
+        groups = (self.kept + self.dropped)[: self.target]
+        generations = [replace(gen, prompt_index=i) for i, (_, gens, _) in enumerate(groups) for gen in gens]
+        rewards = {k: torch.cat([r[k] for _, _, r in groups]) for k in groups[0][2]}
+        return [prompt for prompt, _, _ in groups], generations, rewards
+
+    def metrics(self) -> dict[str, int]:
+        return {"dynamic/rounds": self.rounds, "dynamic/prompts_drawn": len(self.kept) + len(self.dropped),
+                "dynamic/dropped_groups": len(self.dropped), "dynamic/filled_groups": self.missing}
+
+
+def sample_informative_groups(prompts: list[str], generations: list[Generation], cfg: RunConfig,
+                              rewards_of: Callable, draw_prompts: Callable, generate: Callable) -> GroupFilter:
+    """Scores each round (``rewards_of(prompts, generations)``), then draws as many prompts as
+    groups are still missing and samples them (``generate(prompts)``), at most
+    ``ppo.dynamic_sampling_rounds`` more times."""
+    groups = GroupFilter(len(prompts), cfg.rollout.samples_per_prompt)
+    while True:
+        groups.add(prompts, generations, rewards_of(prompts, generations))
+        if not groups.missing or groups.rounds > cfg.ppo.dynamic_sampling_rounds:
+            return groups
+        prompts = draw_prompts(groups.missing)
+        generations = generate(prompts)
 
 
 def final_scores(scores: torch.Tensor, truncated: torch.Tensor, reward_clip: float,
@@ -193,3 +246,11 @@ def sample_rows(iteration: int, prompts: list[str], responses: list[str], prepar
              "reward": prepared.scores[i].item(), "components": {k: v[i].item() for k, v in components.items()},
              "kl": prepared.kl_per_seq[i].item(), "truncated": bool(truncated[i]), "policy_version": version}
             for i in range(len(prompts))]
+
+
+def ptx_minibatch(examples: list, rows: int, generator: torch.Generator, tokenizer, data_cfg) -> RolloutBatch:
+    """``rows`` pretraining-mix examples (``ppo.ptx_data``) drawn at random with ``generator`` (the
+    iteration's seed makes the draw reproducible), encoded as SFT rows."""
+    picks = [examples[i] for i in torch.randint(len(examples), (rows,), generator=generator).tolist()]
+    return encode_pairs(tokenizer, [e.prompt for e in picks], [e.response for e in picks],
+                        data_cfg.max_prompt_tokens, data_cfg.max_seq_len)
