@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark scripts: machine facts, tables, result files, memory sampling.
+"""Helpers shared by the benchmark scripts: machine facts, command lines, tables, result files and
+their charts, memory sampling, this machine's limits.
 
 Not a benchmark itself (the leading underscore keeps it apart from the scripts).
 """
@@ -51,15 +52,66 @@ def announce(bench: str) -> dict:
     return facts
 
 
-def model_shape_parser(doc: str) -> argparse.ArgumentParser:
-    """A benchmark's command line: its docstring as help and the tiny model's shape flags (read
-    back by ``tiny_model_dir(name, TinyModelSpec.of_width(args.hidden, args.layers, ...))``)."""
+# ------------------------------------------------------------------------------------------------
+# Command lines and result files: the flags and the output every benchmark shares
+# ------------------------------------------------------------------------------------------------
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's command line: its docstring as help, the shared-machine note, and the flags
+    of its result files (``--no-json``; ``--replot``, read by ``replot_requested``)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHARED_NOTE)
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--intermediate", type=int, default=0, help="MLP width; 0 = 2 x hidden (builtin:tiny)")
+    results = parser.add_argument_group("result files")  # listed after the benchmark's own flags
+    results.add_argument("--no-json", action="store_true",
+                         help="do not write benchmarks/results/*.json (nor the chart)")
+    results.add_argument("--replot", metavar="JSON", help="only draw the PNG of an existing results JSON")
     return parser
+
+
+def add_model_shape(parser: argparse.ArgumentParser, hidden: int = 512, layers: int = 6, *,
+                    intermediate: str | None = None, dtype: str | None = None, seed: bool = True) -> None:
+    """The tiny Llama's shape flags: ``--hidden`` and ``--layers``; ``--intermediate`` (MLP width)
+    where the benchmark builds the model itself, ``intermediate`` saying what its 0 means;
+    ``--dtype`` where both sides of a comparison run in one dtype, ``dtype`` being its help;
+    ``--seed`` of the weights and the prompts."""
+    parser.add_argument("--hidden", type=int, default=hidden,
+                        help="hidden size (a multiple of 32: heads of 32)")
+    parser.add_argument("--layers", type=int, default=layers)
+    if intermediate:
+        parser.add_argument("--intermediate", type=int, default=0, help=f"MLP width; 0 = {intermediate}")
+    if dtype:
+        parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help=dtype)
+    if seed:
+        parser.add_argument("--seed", type=int, default=0)
+
+
+def add_config_overrides(parser: argparse.ArgumentParser, dest: str = "overrides",
+                         help: str = "extra config override (repeatable)") -> None:
+    """``--set KEY=VALUE`` (repeatable): rlhf_ray config overrides on top of the benchmark's job."""
+    parser.add_argument("--set", dest=dest, action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
+def replot_requested(args, chart) -> bool:
+    """With ``--replot JSON``, draws that results file's chart again (``chart(json_path, payload)``,
+    the function that drew it first) and says so: the benchmark then runs nothing."""
+    if not args.replot:
+        return False
+    path = Path(args.replot)
+    print(f"chart: {chart(path, json.loads(path.read_text()))}")
+    return True
+
+
+def publish(bench: str, payload: dict, chart, no_json: bool = False) -> None:
+    """Ends a benchmark's printout: the shared-machine note, then (unless ``no_json``) its results
+    file ``benchmarks/results/<bench>-<time>.json`` and the chart ``chart(json_path, payload)``
+    draws next to it. Charts read only the payload, so ``--replot`` draws the same one later."""
+    print(f"\n{SHARED_NOTE}")
+    if no_json:
+        return
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{bench}-{_dt.datetime.now():%Y%m%d-%H%M%S}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str))
+    print(f"results: {path}")
+    print(f"chart: {chart(path, payload)}")
 
 
 def tiny_model_dir(bench: str, spec) -> str:
@@ -109,14 +161,6 @@ def human_bytes(n: float) -> str:
             return f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
-
-
-def write_results(name: str, payload: dict) -> Path:
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    path = RESULTS_DIR / f"{name}-{stamp}.json"
-    path.write_text(json.dumps(payload, indent=2, default=str))
-    return path
 
 
 class TreeMemorySampler:

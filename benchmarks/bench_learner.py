@@ -42,31 +42,14 @@ Prints figures, asserts nothing; results to ``benchmarks/results/bench_learner-<
 
 from __future__ import annotations
 
+import argparse
 import os
-import socket
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import (
-    SHARED_NOTE,
-    announce,
-    matmul_peak,
-    median,
-    model_shape_parser,
-    print_table,
-    save_chart,
-    tiny_model_dir,
-    train_flops,
-    write_results,
-)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+import _bench_util as bench
 
 
 def build_batch(model_dir: str, rows: int, response_tokens: int, seed: int, uneven: bool = False):
@@ -143,7 +126,7 @@ def worker(rank: int, world: int, threads: int, dtype: str, model_dir: str, batc
     if world > 1:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         dist.barrier()
-    peak = matmul_peak(dtype, threads, seconds=1.5)  # side by side with the other ranks
+    peak = bench.matmul_peak(dtype, threads, seconds=1.5)  # side by side with the other ranks
     if world > 1:
         dist.barrier()
     torch.manual_seed(0)
@@ -211,9 +194,11 @@ def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict
                micro_batch_size: int, batching: str) -> dict:
     import torch.multiprocessing as mp
 
+    from rlhf_ray.ports import free_port
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     ps = [
         ctx.Process(target=worker, args=(r, procs, threads, dtype, model_dir, batch, steps, port,
                                          micro_batch_size, batching, q))
@@ -232,10 +217,10 @@ def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict
         os.environ["OMP_NUM_THREADS"] = env_before
     results.sort(key=lambda r: r["rank"])
     # A step ends for all ranks at the closing barrier: the slowest rank's time is the step time.
-    step_s = median([max(ts) for ts in zip(*(r["times"] for r in results))])
-    score_s = median([max(ts) for ts in zip(*(r["score_times"] for r in results))])
+    step_s = bench.median([max(ts) for ts in zip(*(r["times"] for r in results))])
+    score_s = bench.median([max(ts) for ts in zip(*(r["score_times"] for r in results))])
     n = results[0]["matmul_params"]
-    flops = train_flops(n, batch["real_tokens"])
+    flops = bench.train_flops(n, batch["real_tokens"])
     return {
         "layout": f"{procs}x{threads}",
         "batching": batching,
@@ -258,27 +243,14 @@ def run_layout(procs: int, threads: int, dtype: str, model_dir: str, batch: dict
 
 
 def main() -> None:
-    parser = model_shape_parser(__doc__)
-    parser.add_argument("--rows", type=int, default=32, help="sequences per optimiser step (all ranks)")
-    parser.add_argument("--response-tokens", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=4, help="measured steps per layout (+1 not counted)")
-    parser.add_argument("--layouts", default="1x1,1x2,2x1,2x2", help="PROCSxTHREADS, comma-separated")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
-    parser.add_argument("--micro-batch-size", type=int, default=16, help="rows per forward on one rank")
-    parser.add_argument("--uneven", action="store_true", help="response lengths drawn from 1..--response-tokens")
-    parser.add_argument("--batching", default="packed",
-                        help="comma-separated: padded (full-width micro-batches), trimmed (all-padding columns "
-                             "dropped, scoring rows length-sorted), packed (the learners' and scorers' default)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-json", action="store_true")
-    args = parser.parse_args()
-
+    args = parse_args()
+    if bench.replot_requested(args, chart):
+        return
     from rlhf_ray.models.tiny import TinyModelSpec
 
-    facts = announce("bench_learner")
-    model_dir = tiny_model_dir("bench_learner", TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate,
-                                                                         args.seed))
+    facts = bench.announce("bench_learner")
+    spec = TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate, args.seed)
+    model_dir = bench.tiny_model_dir("bench_learner", spec)
     batch = build_batch(model_dir, args.rows, args.response_tokens, args.seed, args.uneven)
     print(
         f"batch: {args.rows} rows x ({batch['prompt_width']} prompt + {args.response_tokens} response) = "
@@ -286,7 +258,43 @@ def main() -> None:
         f"{batch['padding_fraction']:.3f}",
         flush=True,
     )
+    runs = run_all(args, model_dir, batch)
+    cores = facts["cpus"] or 2
+    machine_peak = machine_peaks(runs, cores)
+    for r in runs:
+        r["mfu_layout"] = r["achieved_flops"] / r["layout_peak_flops"]
+        r["mfu_machine"] = r["achieved_flops"] / machine_peak.get(r["dtype"], float("nan"))
+    print()
+    table = print_runs(runs, args, batch, machine_peak, cores)
+    verdict = best_mfu_verdict(runs, machine_peak, args.goal)
+    print(verdict)
+    batch_figures = {k: v for k, v in batch.items() if k not in ("sequences", "attention_mask")}
+    payload = {"machine": facts, "args": vars(args), "table": table, "verdict": verdict,
+               "machine_peak_flops": machine_peak, "batch": batch_figures, "runs": runs}
+    bench.publish("bench_learner", payload, chart, args.no_json)
 
+
+def parse_args() -> argparse.Namespace:
+    parser = bench.arg_parser(__doc__)
+    bench.add_model_shape(parser, intermediate="2 x hidden (builtin:tiny)")
+    parser.add_argument("--rows", type=int, default=32, help="sequences per optimiser step (all ranks)")
+    parser.add_argument("--response-tokens", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps per layout (+1 not counted)")
+    parser.add_argument("--layouts", default="1x1,1x2,2x1,2x2", help="PROCSxTHREADS, comma-separated")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
+    parser.add_argument("--micro-batch-size", type=int, default=16, help="rows per forward on one rank")
+    parser.add_argument("--uneven", action="store_true",
+                        help="response lengths drawn from 1..--response-tokens")
+    parser.add_argument("--batching", default="packed",
+                        help="comma-separated: padded (full-width micro-batches), trimmed (all-padding "
+                             "columns dropped, scoring rows length-sorted), packed (the learners' and scorers' "
+                             "default)")
+    return parser.parse_args()
+
+
+def run_all(args, model_dir: str, batch: dict) -> list[dict]:
+    """Every dtype x layout x batching, one after the other."""
     runs = []
     for dtype in args.dtypes.split(","):
         for layout in args.layouts.split(","):
@@ -295,33 +303,22 @@ def main() -> None:
                 print(f"-- {dtype} {layout} {batching} ...", flush=True)
                 runs.append(run_layout(int(procs), int(threads or 1), dtype, model_dir, batch, args.steps,
                                        args.micro_batch_size, batching))
-    # The machine's peak per dtype: the best whole-machine (all ranks x threads = cpu count) layout.
-    cores = facts["cpus"] or 2
-    machine_peak = {}
+    return runs
+
+
+def machine_peaks(runs: list[dict], cores: int) -> dict[str, float]:
+    """The machine's peak per dtype: the best of the layouts that use every core (ranks x threads)."""
+    peaks: dict[str, float] = {}
     for r in runs:
         if r["procs"] * r["threads"] >= cores:
-            machine_peak[r["dtype"]] = max(machine_peak.get(r["dtype"], 0.0), r["layout_peak_flops"])
-    rows = []
-    for r in runs:
-        mp_ = machine_peak.get(r["dtype"], float("nan"))
-        r["mfu_layout"] = r["achieved_flops"] / r["layout_peak_flops"]
-        r["mfu_machine"] = r["achieved_flops"] / mp_
-        rows.append(
-            [
-                r["dtype"],
-                r["layout"],
-                r["batching"],
-                r["train_padding"],
-                r["step_s"],
-                r["tokens_per_s"],
-                r["achieved_flops"] / 1e9,
-                r["layout_peak_flops"] / 1e9,
-                f"{100 * r['mfu_layout']:.1f}%",
-                f"{100 * r['mfu_machine']:.1f}%",
-                r["score_padding"],
-                r["score_tokens_per_s"],
-            ]
-        )
+            peaks[r["dtype"]] = max(peaks.get(r["dtype"], 0.0), r["layout_peak_flops"])
+    return peaks
+
+
+def print_runs(runs: list[dict], args, batch: dict, machine_peak: dict, cores: int) -> str:
+    rows = [[r["dtype"], r["layout"], r["batching"], r["train_padding"], r["step_s"], r["tokens_per_s"],
+             r["achieved_flops"] / 1e9, r["layout_peak_flops"] / 1e9, f"{100 * r['mfu_layout']:.1f}%",
+             f"{100 * r['mfu_machine']:.1f}%", r["score_padding"], r["score_tokens_per_s"]] for r in runs]
     n = runs[0]["matmul_params"]
     title = (
         f"learner step, {args.hidden}x{args.layers} ({runs[0]['params'] / 1e6:.1f}M params, {n / 1e6:.1f}M in "
@@ -335,25 +332,16 @@ def main() -> None:
         + ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in machine_peak.items())
         + ")"
     )
-    print()
-    table = print_table(
-        [
-            "dtype",
-            "layout",
-            "batching",
-            "train pad",
-            "step s",
-            "train tok/s",
-            "GFLOP/s",
-            "peak GFLOP/s",
-            "MFU (layout)",
-            "MFU (machine)",
-            "score pad",
-            "score tok/s",
-        ],
+    return bench.print_table(
+        ["dtype", "layout", "batching", "train pad", "step s", "train tok/s", "GFLOP/s", "peak GFLOP/s",
+         "MFU (layout)", "MFU (machine)", "score pad", "score tok/s"],
         rows,
         title=title,
     )
+
+
+def best_mfu_verdict(runs: list[dict], machine_peak: dict, goal: float) -> str:
+    """The best MFU against the machine's peak and whether it meets the goal."""
     # A CPU without bf16 instructions emulates it: its "peak" is a small fraction of fp32's, and
     # MFU against it says nothing about how well the step uses the machine.
     emulated = {d for d, v in machine_peak.items() if d != "float32" and v < machine_peak.get("float32", 0.0)}
@@ -362,53 +350,27 @@ def main() -> None:
               "float32's: no native support on this CPU)")
     counted = [r for r in runs if r["dtype"] not in emulated] or runs
     best = max(counted, key=lambda r: r["mfu_machine"] if r["mfu_machine"] == r["mfu_machine"] else -1)
-    verdict = (
+    return (
         f"best MFU vs the machine's peak: {100 * best['mfu_machine']:.1f}% ({best['dtype']} {best['layout']}); "
-        f"goal {100 * args.goal:.0f}%: {'met' if best['mfu_machine'] >= args.goal else 'NOT met'}"
+        f"goal {100 * goal:.0f}%: {'met' if best['mfu_machine'] >= goal else 'NOT met'}"
     )
-    print(verdict)
-    print(f"\n{SHARED_NOTE}")
-    if not args.no_json:
-        path = write_results(
-            "bench_learner",
-            {
-                "machine": facts,
-                "args": vars(args),
-                "table": table,
-                "verdict": verdict,
-                "machine_peak_flops": machine_peak,
-                "batch": {k: v for k, v in batch.items() if k not in ("sequences", "attention_mask")},
-                "runs": runs,
-            },
-        )
-        short = {"float32": "fp32", "bfloat16": "bf16"}
-        labels = [f"{short.get(r['dtype'], r['dtype'])} {r['layout']} {r['batching']}" for r in runs]
-        png = save_chart(
-            path,
-            [
-                {
-                    "title": "training tokens/s (ranks x threads)",
-                    "labels": labels,
-                    "series": {"tokens/s": [r["tokens_per_s"] for r in runs]},
-                    "ylabel": "tokens/s",
-                },
-                {
-                    "title": "MFU vs the machine's measured matmul peak",
-                    "labels": labels,
-                    "series": {"MFU %": [100 * r["mfu_machine"] for r in runs]},
-                    "ylabel": "%",
-                    "hline": (100 * args.goal, f"goal {100 * args.goal:.0f}%"),
-                },
-                {
-                    "title": "scoring tokens/s (forward only)",
-                    "labels": labels,
-                    "series": {"tokens/s": [r["score_tokens_per_s"] for r in runs]},
-                    "ylabel": "tokens/s",
-                },
-            ],
-            f"bench_learner {facts['date']}",
-        )
-        print(f"results: {path}\nchart: {png}")
+
+
+def chart(path, payload: dict):
+    """Training tokens/s, MFU against the machine's peak and the goal, scoring tokens/s; per run."""
+    runs, goal = payload["runs"], payload["args"]["goal"]
+    short = {"float32": "fp32", "bfloat16": "bf16"}
+    labels = [f"{short.get(r['dtype'], r['dtype'])} {r['layout']} {r['batching']}" for r in runs]
+    panels = [
+        {"title": "training tokens/s (ranks x threads)", "labels": labels,
+         "series": {"tokens/s": [r["tokens_per_s"] for r in runs]}, "ylabel": "tokens/s"},
+        {"title": "MFU vs the machine's measured matmul peak", "labels": labels,
+         "series": {"MFU %": [100 * r["mfu_machine"] for r in runs]}, "ylabel": "%",
+         "hline": (100 * goal, f"goal {100 * goal:.0f}%")},
+        {"title": "scoring tokens/s (forward only)", "labels": labels,
+         "series": {"tokens/s": [r["score_tokens_per_s"] for r in runs]}, "ylabel": "tokens/s"},
+    ]
+    return bench.save_chart(path, panels, f"bench_learner {payload['machine']['date']}")
 
 
 if __name__ == "__main__":

@@ -33,14 +33,12 @@ asserts nothing; results to ``benchmarks/results/bench_memory-<time>.{json,png}`
 
 from __future__ import annotations
 
-import argparse
 import os
-import socket
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import SHARED_NOTE, announce, print_table, save_chart, tiny_model_dir, write_results
+import _bench_util as bench
 
 LORA = {"rank": 8, "alpha": 16.0}
 SETTINGS = {
@@ -52,12 +50,6 @@ SETTINGS = {
     "all": {"lora": LORA, "gradient_checkpointing": True, "zero_stage": 3, "offload_optimizer": True,
             "offload_params": True},
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status_mb(field: str) -> float:
@@ -126,9 +118,11 @@ def worker(rank: int, world: int, port: int, model_dir: str, role: str, setting:
 def run_setting(world: int, model_dir: str, role: str, setting: dict, rows: int, seq: int, steps: int) -> list[dict]:
     import torch.multiprocessing as mp
 
+    from rlhf_ray.ports import free_port
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=worker, args=(r, world, port, model_dir, role, setting, rows, seq, steps, queue))
              for r in range(world)]
     for p in procs:
@@ -140,8 +134,7 @@ def run_setting(world: int, model_dir: str, role: str, setting: dict, rows: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHARED_NOTE)
+    parser = bench.arg_parser(__doc__)
     parser.add_argument("--sizes", default="384x4,640x6,1024x10", help="HIDDENxLAYERS, comma-separated")
     parser.add_argument("--settings", default="full,lora,ckpt,zero3-offload,all",
                         help=f"comma-separated, of: {', '.join(SETTINGS)}")
@@ -150,36 +143,49 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=16, help="sequences per optimizer step, over all ranks")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sequence")
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
+    if bench.replot_requested(args, chart):
+        return
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ["OMP_NUM_THREADS"] = "1"
 
-    from tqdm import tqdm
-
-    from rlhf_ray.models.tiny import TinyModelSpec
-
-    facts = announce("bench_memory")
+    facts = bench.announce("bench_memory")
     names = args.settings.split(",")
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"--settings: unknown {unknown}; choose from {list(SETTINGS)}")
+    runs = run_all(args, names)
+    print()
+    table = print_runs(runs, args)
+    payload = {"machine": facts, "args": vars(args), "table": table, "runs": runs}
+    bench.publish("bench_memory", payload, chart, args.no_json)
+
+
+def run_all(args, names: list[str]) -> list[dict]:
+    """Every size x setting, one after the other: each rank's figures and their sums."""
+    from tqdm import tqdm
+
+    from rlhf_ray.models.tiny import TinyModelSpec
+
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     runs = []
     with tqdm(total=len(sizes) * len(names), desc="bench_memory", unit="run") as bar:
         for hidden, layers in sizes:
             spec = TinyModelSpec.of_width(hidden, layers)
-            model_dir = tiny_model_dir("bench_memory", spec)
+            model_dir = bench.tiny_model_dir("bench_memory", spec)
             params = 10 * hidden * hidden * layers  # attention 4 h^2 + MLP 3 x h x 2h per layer
             for name in names:
                 bar.set_postfix(size=f"{hidden}x{layers}", setting=name)
                 ranks = run_setting(args.ranks, model_dir, args.role, SETTINGS[name], args.rows, args.seq,
                                     args.steps)
-                runs.append({"size": f"{hidden}x{layers}", "approx_params": params, "setting": name, "ranks": ranks,
-                             "step_peak_mb_sum": sum(r["step_peak_mb"] for r in ranks),
+                runs.append({"size": f"{hidden}x{layers}", "approx_params": params, "setting": name,
+                             "ranks": ranks, "step_peak_mb_sum": sum(r["step_peak_mb"] for r in ranks),
                              "peak_rss_mb_sum": sum(r["peak_rss_mb"] for r in ranks)})
                 bar.update(1)
+    return runs
 
+
+def print_runs(runs: list[dict], args) -> str:
     rows = []
     for r in runs:
         full = next((x for x in runs if x["size"] == r["size"] and x["setting"] == "full"), None)
@@ -189,20 +195,19 @@ def main() -> None:
                      r0["model_mb"], r0["step_peak_mb"], r0["peak_rss_mb"], r["step_peak_mb_sum"], f"{vs_full:.2f}"])
     title = (f"{args.role} learner, {args.ranks} ranks, {args.rows} rows x {args.seq} tokens per step, "
              f"{args.steps} steps; MB = 2^20 bytes; 'vs full' = summed step peak / the full setting's")
-    print()
-    table = print_table(["size", "params", "setting", "trainable", "model MB", "step peak MB", "peak RSS MB",
-                         "step peak MB (all ranks)", "vs full"], rows, title=title)
-    print(f"\n{SHARED_NOTE}")
-    if args.no_json:
-        return
-    path = write_results("bench_memory", {"machine": facts, "args": vars(args), "table": table, "runs": runs})
+    return bench.print_table(["size", "params", "setting", "trainable", "model MB", "step peak MB",
+                              "peak RSS MB", "step peak MB (all ranks)", "vs full"], rows, title=title)
+
+
+def chart(path, payload: dict):
+    """The learner step's peak over the RSS before loading, summed over the ranks: per size, per setting."""
+    runs, args = payload["runs"], payload["args"]
+    names = args["settings"].split(",")
     labels = [r["size"] for r in runs if r["setting"] == names[0]]
     series = {n: [r["step_peak_mb_sum"] for r in runs if r["setting"] == n] for n in names}
-    png = save_chart(path, [{"title": f"learner step peak over RSS before loading, all {args.ranks} ranks",
-                             "labels": labels, "series": series, "ylabel": "MB"}],
-                     f"bench_memory ({args.role}) {facts['date']}")
-    print(f"results: {path}\nchart: {png}")
-
+    panel = {"title": f"learner step peak over RSS before loading, all {args['ranks']} ranks",
+             "labels": labels, "series": series, "ylabel": "MB"}
+    return bench.save_chart(path, [panel], f"bench_memory ({args['role']}) {payload['machine']['date']}")
 
 if __name__ == "__main__":
     main()

@@ -19,7 +19,6 @@ syncs after each run (plus the in-loop sync phase). Prints figures, asserts noth
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -31,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from _bench_util import machine_facts, median, print_table, save_chart, write_results
+import _bench_util as bench
 
 from rlhf_ray.cluster import local
 
@@ -70,30 +69,32 @@ def run_setup(state_path: Path, out_dir: Path, name: str, args) -> dict:
     return {
         "engines": engines, "engine_nodes": engine_nodes, "learner_node": nodes[rank0["node_id"]]["name"],
         "sync_address": report["sync_address"], "engine_ips": [a["ip"] for a in report["placement"]["rollout"]],
-        "iteration_s": median([r["time/iteration_s"] for r in later]),
-        "generate_s": median([r["time/generate_s"] for r in later]),
-        "sync_phase_s": median([r["time/sync_s"] for r in later]),
-        "sync_s": median(report["sync_s"]), "sync_s_all": report["sync_s"],
-        "weight_bytes": report["weight_bytes"], "tokens_per_iteration": median([r["generated_tokens"] for r in later]),
+        "iteration_s": bench.median([r["time/iteration_s"] for r in later]),
+        "generate_s": bench.median([r["time/generate_s"] for r in later]),
+        "sync_phase_s": bench.median([r["time/sync_s"] for r in later]),
+        "sync_s": bench.median(report["sync_s"]), "sync_s_all": report["sync_s"],
+        "weight_bytes": report["weight_bytes"],
+        "tokens_per_iteration": bench.median([r["generated_tokens"] for r in later]),
         "history": report["history"],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--iterations", type=int, default=4)
-    p.add_argument("--prompts", type=int, default=16, help="prompts per iteration (x 4 samples)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--hidden", type=int, default=256, help="builtin:tiny width")
-    p.add_argument("--layers", type=int, default=4, help="builtin:tiny depth")
-    p.add_argument("--sync-repeats", type=int, default=5)
-    args = p.parse_args(argv)
+    parser = bench.arg_parser(__doc__)
+    parser.add_argument("--iterations", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per iteration (x 4 samples)")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    bench.add_model_shape(parser, 256, 4, seed=False)
+    parser.add_argument("--sync-repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    if bench.replot_requested(args, chart):
+        return 0
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a throwaway cluster on this machine only
     for key, value in (("DS_ACCELERATOR", "cpu"), ("VLLM_CPU_KVCACHE_SPACE", "1"), ("OMP_NUM_THREADS", "1"),
                        ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(key, value)
-    facts = machine_facts()
+    facts = bench.announce("bench_multinode")
     work = Path(tempfile.mkdtemp(prefix="bench-multinode-"))
     state_path = work / "cluster.json"
     state = local.up(2, 1, rollout_cpus=1, learner_cpus=4, state_path=state_path)
@@ -105,10 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     one, two, same = (results[n] for n in SETUPS)
     rows = [[n, r["engines"], ",".join(r["engine_nodes"]), r["iteration_s"], r["generate_s"], r["sync_phase_s"],
              r["sync_s"]] for n, r in results.items()]
-    print_table(["setup", "engines", "engine nodes", "iteration s", "generate s", "sync phase s", "sync s"], rows,
-                title=f"PPO on a local {state.mode} cluster, builtin:tiny {args.hidden}x{args.layers} "
-                      f"({one['weight_bytes'] / 1e6:.1f} MB of weights), {args.prompts}x4 samples x "
-                      f"{args.new_tokens} tokens")
+    title = (f"PPO on a local {state.mode} cluster, builtin:tiny {args.hidden}x{args.layers} "
+             f"({one['weight_bytes'] / 1e6:.1f} MB of weights), {args.prompts}x4 samples x {args.new_tokens} tokens")
+    bench.print_table(["setup", "engines", "engine nodes", "iteration s", "generate s", "sync phase s", "sync s"],
+                      rows, title=title)
     figures = {
         "iteration_speedup_two_vs_one_rollout_node": one["iteration_s"] / two["iteration_s"],
         "generate_speedup_two_vs_one_rollout_node": one["generate_s"] / two["generate_s"],
@@ -116,17 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     for k, v in figures.items():
         print(f"{k}: {v:.2f}")
-    path = write_results("bench_multinode", {"machine": facts, "network": state.mode, "args": vars(args),
-                                             "figures": figures, "setups": results})
-    png = save_chart(path, [
-        {"title": "PPO iteration (median, after the first)", "labels": list(SETUPS), "ylabel": "seconds",
-         "series": {"generate": [r["generate_s"] for r in results.values()],
-                    "rest": [r["iteration_s"] - r["generate_s"] for r in results.values()]}, "stacked": True},
-        {"title": "weight sync learner -> engine(s) (median)", "labels": list(SETUPS), "ylabel": "seconds",
-         "series": {"timed sync": [r["sync_s"] for r in results.values()]}},
-    ], f"bench_multinode ({state.mode})")
-    print(f"results: {path}\nchart: {png}")
+    payload = {"machine": facts, "network": state.mode, "args": vars(args), "figures": figures, "setups": results}
+    bench.publish("bench_multinode", payload, chart, args.no_json)
     return 0
+
+
+def chart(path, payload: dict):
+    """Iteration time (generate and the rest) and the timed weight sync, per setup."""
+    setups = payload["setups"]
+    labels = list(setups)
+    return bench.save_chart(path, [
+        {"title": "PPO iteration (median, after the first)", "labels": labels, "ylabel": "seconds",
+         "series": {"generate": [r["generate_s"] for r in setups.values()],
+                    "rest": [r["iteration_s"] - r["generate_s"] for r in setups.values()]}, "stacked": True},
+        {"title": "weight sync learner -> engine(s) (median)", "labels": labels, "ylabel": "seconds",
+         "series": {"timed sync": [r["sync_s"] for r in setups.values()]}},
+    ], f"bench_multinode ({payload['network']})")
 
 
 if __name__ == "__main__":

@@ -22,15 +22,15 @@ JSON and a chart (reward per iteration, median s/iteration) go to
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
 import time
+from statistics import fmean
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import SHARED_NOTE, announce, median, print_table, write_results
+import _bench_util as bench
 from bench_ppo import BASE
 from bench_ppo import VARIANTS as PPO_VARIANTS
 
@@ -62,16 +62,18 @@ def run_variant(variant: str, args, root: str) -> dict:
     finally:
         trainer.close()
     return {"variant": variant, "overrides": overrides, "step_s": step_s, "records": records,
-            "median_step_s": median(step_s[1:]),
+            "median_step_s": bench.median(step_s[1:]),
             "rewards": [r["reward_mean"] for r in records]}
 
 
-def save_figure(json_path, results: list[dict], title: str):
+def chart(json_path, payload: dict):
+    """Reward per iteration of every variant (same seed) and the median seconds per step()."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results = payload["runs"]
     fig, (ax_r, ax_t) = plt.subplots(1, 2, figsize=(12, 4.5))
     for res in results:
         ax_r.plot(range(1, len(res["rewards"]) + 1), res["rewards"], marker="o", label=res["variant"])
@@ -83,7 +85,8 @@ def save_figure(json_path, results: list[dict], title: str):
     ax_t.bar_label(bars, fmt="%.3g")
     ax_t.set_ylabel("s / iteration (median after warm-up)")
     ax_t.set_title("wall-clock seconds per step()")
-    fig.suptitle(f"{title}\n{SHARED_NOTE}", fontsize=9)
+    title = f"bench_overlap {payload['machine']['date']} {' '.join(payload['args']['overrides'])}"
+    fig.suptitle(f"{title}\n{bench.SHARED_NOTE}", fontsize=9)
     fig.tight_layout()
     png = json_path.with_suffix(".png")
     fig.savefig(png, dpi=110)
@@ -95,37 +98,35 @@ def print_report(results: list[dict], args) -> tuple[str, str]:
     """The comparison table and the reward trajectories, printed and returned as text."""
     off = next((r for r in results if r["variant"] == "off"), results[0])
     print()
-    table = print_table(
+    table = bench.print_table(
         ["variant", "median s/it", "vs off", *[f"{p} s" for p in PHASES], "reward first 3", "reward last 3",
          "gap (lag 1)", "tis weight"],
         [[r["variant"], r["median_step_s"], r["median_step_s"] / off["median_step_s"],
-          *[median([x.get(f"time/{p}_s", 0.0) for x in r["records"][1:]]) for p in PHASES],
-          sum(r["rewards"][:3]) / 3, sum(r["rewards"][-3:]) / 3,
-          median([x["logprob_gap_vllm_learner"] for x in r["records"] if x.get("policy_lag") == 1]),
-          median([x.get("is/weight_mean") for x in r["records"]])] for r in results],
+          *[bench.median([x.get(f"time/{p}_s", 0.0) for x in r["records"][1:]]) for p in PHASES],
+          fmean(r["rewards"][:3]), fmean(r["rewards"][-3:]),
+          bench.median([x["logprob_gap_vllm_learner"] for x in r["records"] if x.get("policy_lag") == 1]),
+          bench.median([x.get("is/weight_mean") for x in r["records"]])] for r in results],
         title=f"{args.iterations} iterations per variant, {args.hidden}x{args.layers} tiny Llama, seed {args.seed}; "
               "s/it = wall-clock step(), phases = the driver's wait in each (medians after the first); "
               "gap = mean |sampler - learner| token log-prob",
     )
     print("\nreward per iteration:")
-    trajectories = print_table(["variant", *[str(i + 1) for i in range(args.iterations)]],
-                               [[r["variant"], *r["rewards"]] for r in results])
+    trajectories = bench.print_table(["variant", *[str(i + 1) for i in range(args.iterations)]],
+                                     [[r["variant"], *r["rewards"]] for r in results])
     return table, trajectories
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHARED_NOTE)
-    parser.add_argument("--iterations", type=int, default=10, help="iterations per variant (the first is warm-up)")
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
+    parser = bench.arg_parser(__doc__)
+    parser.add_argument("--iterations", type=int, default=10,
+                        help="iterations per variant (the first is warm-up)")
+    bench.add_model_shape(parser, 128, 2)
     parser.add_argument("--variants", default="off,on", help=f"any of {','.join(VARIANTS)}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra config override (repeatable)")
+    bench.add_config_overrides(parser)
     parser.add_argument("--verbose", action="store_true", help="show the actors' logs")
-    parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args()
+    if bench.replot_requested(args, chart):
+        return
 
     import ray
 
@@ -133,7 +134,7 @@ def main() -> None:
     from rlhf_ray.stages.common import init_ray
 
     init_ray(load_config(), log_to_driver=args.verbose)
-    facts = announce("bench_overlap")
+    facts = bench.announce("bench_overlap")
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_overlap_") as root:
         for variant in args.variants.split(","):
@@ -142,13 +143,8 @@ def main() -> None:
     ray.shutdown()
 
     table, trajectories = print_report(results, args)
-    print(f"\n{SHARED_NOTE}")
-    if not args.no_json:
-        path = write_results("bench_overlap", {"machine": facts, "args": vars(args), "table": table,
-                                               "trajectories": trajectories, "runs": results})
-        png = save_figure(path, results, f"bench_overlap {facts['date']} {' '.join(args.overrides)}")
-        print(f"results: {path}\nchart: {png}")
-
+    payload = {"machine": facts, "args": vars(args), "table": table, "trajectories": trajectories, "runs": results}
+    bench.publish("bench_overlap", payload, chart, args.no_json)
 
 if __name__ == "__main__":
     main()

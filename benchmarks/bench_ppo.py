@@ -40,18 +40,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import (
-    SHARED_NOTE,
-    announce,
-    gloo_baselines,
-    human_bytes,
-    matmul_peaks,
-    median,
-    print_table,
-    save_chart,
-    train_flops,
-    write_results,
-)
+import _bench_util as bench
 
 PHASES = ("generate", "score", "train", "sync")
 
@@ -144,20 +133,17 @@ def run_one(hidden: int, layers: int, variant: str, iterations: int, extra: list
 
 def summarise(result: dict) -> dict:
     recs = result["records"]
-    tokens = median([r["generated_tokens"] for r in recs])
+    tokens = bench.median([r["generated_tokens"] for r in recs])
     row = {"tokens": tokens}
-    for phase in (*PHASES, "iteration"):
-        secs = median([r.get(f"time/{phase}_s") for r in recs])
-        rate = median(
-            [r["generated_tokens"] / r[f"time/{phase}_s"] for r in recs if r.get(f"time/{phase}_s")]
-        )
-        row[f"{phase}_s"], row[f"{phase}_tok_s"] = secs, rate
-    row["sync_bytes_per_s"] = median(
+    for phase in (*PHASES, "iteration"):  # the trainer's own metrics of each phase
+        row[f"{phase}_s"] = bench.median([r.get(f"time/{phase}_s") for r in recs])
+        row[f"{phase}_tok_s"] = bench.median([r.get(f"throughput/{phase}_tokens_per_s") for r in recs])
+    row["sync_bytes_per_s"] = bench.median(
         [result["sync_total_bytes"] / r["time/sync_s"] for r in recs if r.get("time/sync_s")]
     )
     real = [r["prompt_tokens"] + r["generated_tokens"] for r in recs]
-    row["padding_fraction"] = median([1 - n / r["batch_positions"] for n, r in zip(real, recs)])
-    row["real_tokens"] = median(real)
+    row["padding_fraction"] = bench.median([1 - n / r["batch_positions"] for n, r in zip(real, recs)])
+    row["real_tokens"] = bench.median(real)
     row["train_tokens_per_s"] = row["real_tokens"] * result["epochs"] / row["train_s"]
     return row
 
@@ -171,7 +157,7 @@ def add_limits(result: dict, limits: dict) -> None:
     # learner ranks runs 1 thread and can at best reach the 1-thread peak on its own core).
     per = peaks.get(dtype, {})
     peak = max(per.get("2", float("nan")), 2 * per.get("1", float("nan"))) if per else float("nan")
-    flops = train_flops(
+    flops = bench.train_flops(
         result["matmul_params"], s["real_tokens"] * result["epochs"] * result["models_trained"]
     )
     s["train_flops_per_s"] = flops / s["train_s"]
@@ -183,196 +169,145 @@ def add_limits(result: dict, limits: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=SHARED_NOTE,
-    )
-    parser.add_argument(
-        "--sizes",
-        default="64x2,256x4,512x6",
-        help="comma-separated HIDDENxLAYERS of builtin:tiny (hidden a multiple of 32)",
-    )
-    parser.add_argument("--variants", default="gae,grpo", help=f"any of {','.join(VARIANTS)}")
-    parser.add_argument("--iterations", type=int, default=3, help="measured iterations after 1 warm-up")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override (repeatable), e.g. --set rollout.num_engines=1",
-    )
-    parser.add_argument(
-        "--no-baselines", action="store_true", help="skip measuring gloo/memcpy/matmul limits first"
-    )
-    parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
-    parser.add_argument("--verbose", action="store_true", help="show the actors' logs")
-    parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/*.json")
-    args = parser.parse_args()
-
+    args = parse_args()
+    if bench.replot_requested(args, chart):
+        return
     import ray
 
     from rlhf_ray.config import load_config
-    from rlhf_ray.models.tiny import CHARSET
     from rlhf_ray.stages.common import init_ray
 
     init_ray(load_config(), log_to_driver=args.verbose)  # local Ray, platform env, quiet engines
-    facts = announce("bench_ppo")
-
-    limits: dict = {}
-    if not args.no_baselines:
-        limits["sync_baselines"] = gloo_baselines()
-        limits["matmul_peak_flops"] = matmul_peaks()
-        b = limits["sync_baselines"]
-        print(
-            f"this machine now: gloo broadcast {b['broadcast_bytes_per_s'] / 1e9:.2f} GB/s, memcpy "
-            f"{b['memcpy_bytes_per_s'] / 1e9:.2f} GB/s (64 MB buffers); matmul peak "
-            + ", ".join(
-                f"{d} {t} thr {v / 1e9:.1f} GFLOP/s"
-                for d, per in limits["matmul_peak_flops"].items()
-                for t, v in per.items()
-            ),
-            flush=True,
-        )
+    facts = bench.announce("bench_ppo")
+    limits = {} if args.no_baselines else measure_limits()
     if args.overrides:
         print(f"overrides: {' '.join(args.overrides)}", flush=True)
+    results = run_all(args, limits)
+    ray.shutdown()
+
+    table = print_phase_tables(results, args.iterations)
+    limits_table = print_limits_table(results, args.goal)
+    payload = {"machine": facts, "args": vars(args), "limits": limits, "table": table,
+               "limits_table": limits_table, "runs": results}
+    bench.publish("bench_ppo", payload, chart, args.no_json)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = bench.arg_parser(__doc__)
+    parser.add_argument("--sizes", default="64x2,256x4,512x6",
+                        help="comma-separated HIDDENxLAYERS of builtin:tiny (hidden a multiple of 32)")
+    parser.add_argument("--variants", default="gae,grpo", help=f"any of {','.join(VARIANTS)}")
+    parser.add_argument("--iterations", type=int, default=3, help="measured iterations after 1 warm-up")
+    bench.add_config_overrides(parser,
+                               help="extra config override (repeatable), e.g. --set rollout.num_engines=1")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="skip measuring gloo/memcpy/matmul limits first")
+    parser.add_argument("--goal", type=float, default=0.30, help="MFU goal (fraction of measured peak)")
+    parser.add_argument("--verbose", action="store_true", help="show the actors' logs")
+    return parser.parse_args()
+
+
+def measure_limits() -> dict:
+    """This machine's ceilings now: gloo broadcast and memcpy (the weight sync's), matmul peaks (the
+    learners')."""
+    limits = {"sync_baselines": bench.gloo_baselines(), "matmul_peak_flops": bench.matmul_peaks()}
+    b = limits["sync_baselines"]
+    peaks = ", ".join(f"{d} {t} thr {v / 1e9:.1f} GFLOP/s"
+                      for d, per in limits["matmul_peak_flops"].items() for t, v in per.items())
+    print(f"this machine now: gloo broadcast {b['broadcast_bytes_per_s'] / 1e9:.2f} GB/s, memcpy "
+          f"{b['memcpy_bytes_per_s'] / 1e9:.2f} GB/s (64 MB buffers); matmul peak {peaks}", flush=True)
+    return limits
+
+
+def run_all(args, limits: dict) -> list[dict]:
+    """Every size x variant, one trainer after the other: each run's records, summary and figures
+    against ``limits``."""
+    from rlhf_ray.models.tiny import CHARSET
 
     vocab = len(CHARSET) + 4
-    results, rows = [], []
+    results = []
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as root:
         for hidden, layers in parse_sizes(args.sizes):
             for variant in args.variants.split(","):
                 print(f"-- {variant} h{hidden} x{layers} ...", flush=True)
                 res = run_one(hidden, layers, variant, args.iterations, args.overrides, root)
-                res["summary"] = s = summarise(res)
+                res["summary"] = summarise(res)
                 res["params"] = param_count(hidden, layers, vocab)
                 res["matmul_params"] = res["params"] - vocab * hidden  # input embedding: a lookup
                 add_limits(res, limits)
                 results.append(res)
-                print(
-                    f"   startup {res['startup_s']:.1f} s, warm-up iteration "
-                    f"{res['warmup']['time/iteration_s']:.2f} s, measured {args.iterations}",
-                    flush=True,
-                )
-                rows.append(
-                    [
-                        variant,
-                        f"{hidden}x{layers}",
-                        f"{res['params'] / 1e6:.2f}M",
-                        s["tokens"],
-                        *[s[f"{p}_s"] for p in (*PHASES, "iteration")],
-                        *[s[f"{p}_tok_s"] for p in ("generate", "iteration")],
-                        human_bytes(res["sync_total_bytes"]),
-                        f"{s['sync_bytes_per_s'] / 1e6:.0f} MB/s",
-                    ]
-                )
-    ray.shutdown()
+                print(f"   startup {res['startup_s']:.1f} s, warm-up iteration "
+                      f"{res['warmup']['time/iteration_s']:.2f} s, measured {args.iterations}", flush=True)
+    return results
 
+
+def print_phase_tables(results: list[dict], iterations: int) -> str:
+    """Seconds per phase, synced bytes and bandwidth; then every phase's generated tokens/s. The
+    first table's text is returned."""
+    rows = []
+    for r in results:
+        s = r["summary"]
+        rows.append([r["variant"], f"{r['hidden']}x{r['layers']}", f"{r['params'] / 1e6:.2f}M", s["tokens"],
+                     *[s[f"{p}_s"] for p in (*PHASES, "iteration")],
+                     *[s[f"{p}_tok_s"] for p in ("generate", "iteration")],
+                     bench.human_bytes(r["sync_total_bytes"]), f"{s['sync_bytes_per_s'] / 1e6:.0f} MB/s"])
     print()
-    table = print_table(
-        [
-            "variant",
-            "size",
-            "params",
-            "tokens",
-            "gen s",
-            "score s",
-            "train s",
-            "sync s",
-            "iter s",
-            "gen tok/s",
-            "iter tok/s",
-            "synced",
-            "sync bw",
-        ],
+    table = bench.print_table(
+        ["variant", "size", "params", "tokens", "gen s", "score s", "train s", "sync s", "iter s",
+         "gen tok/s", "iter tok/s", "synced", "sync bw"],
         rows,
-        title=f"median of {args.iterations} iterations after 1 warm-up (tokens = generated per iteration)",
+        title=f"median of {iterations} iterations after 1 warm-up (tokens = generated per iteration)",
     )
     print()
-    # The per-phase tokens/s (generated tokens / phase seconds) for every phase, as a second table.
-    print_table(
+    bench.print_table(
         ["variant", "size", *[f"{p} tok/s" for p in (*PHASES, "iteration")]],
-        [
-            [
-                r["variant"],
-                f"{r['hidden']}x{r['layers']}",
-                *[r["summary"][f"{p}_tok_s"] for p in (*PHASES, "iteration")],
-            ]
-            for r in results
-        ],
+        [[r["variant"], f"{r['hidden']}x{r['layers']}",
+          *[r["summary"][f"{p}_tok_s"] for p in (*PHASES, "iteration")]] for r in results],
         title="generated tokens per second of each phase",
     )
+    return table
+
+
+def print_limits_table(results: list[dict], goal: float) -> str:
+    rows = []
+    for r in results:
+        s = r["summary"]
+        rows.append([r["variant"], f"{r['hidden']}x{r['layers']}", s["padding_fraction"],
+                     s["train_tokens_per_s"], s["train_flops_per_s"] / 1e9, f"{100 * s['mfu']:.1f}%",
+                     s["sync_bytes_per_s"] / 1e9, s["sync_over_bcast"], s["sync_over_memcpy"]])
     print()
-    limits_table = print_table(
+    return bench.print_table(
         ["variant", "size", "pad", "train tok/s", "train GFLOP/s", "MFU", "sync GB/s", "/bcast", "/memcpy"],
-        [
-            [
-                r["variant"],
-                f"{r['hidden']}x{r['layers']}",
-                r["summary"]["padding_fraction"],
-                r["summary"]["train_tokens_per_s"],
-                r["summary"]["train_flops_per_s"] / 1e9,
-                f"{100 * r['summary']['mfu']:.1f}%",
-                r["summary"]["sync_bytes_per_s"] / 1e9,
-                r["summary"]["sync_over_bcast"],
-                r["summary"]["sync_over_memcpy"],
-            ]
-            for r in results
-        ],
+        rows,
         title=(
             "against this machine's limits measured in this run: MFU = 6 x N x real tokens x epochs x models "
-            f"/ train s / 2-core matmul peak = max(2 thr, 2 x 1 thr) (goal {100 * args.goal:.0f}%); pad = padded / all positions"
+            f"/ train s / 2-core matmul peak = max(2 thr, 2 x 1 thr) (goal {100 * goal:.0f}%); "
+            "pad = padded / all positions"
         ),
     )
-    print(f"\n{SHARED_NOTE}")
-    if not args.no_json:
-        path = write_results(
-            "bench_ppo",
-            {
-                "machine": facts,
-                "args": vars(args),
-                "limits": limits,
-                "table": table,
-                "limits_table": limits_table,
-                "runs": results,
-            },
-        )
-        labels = [f"{r['variant']} {r['hidden']}x{r['layers']}" for r in results]
-        panels = [
-            {
-                "title": "median seconds per phase",
-                "labels": labels,
-                "stacked": True,
-                "series": {p: [r["summary"][f"{p}_s"] for r in results] for p in PHASES},
-                "ylabel": "s / iteration",
-            },
-            {
-                "title": "train phase MFU vs measured matmul peak",
-                "labels": labels,
-                "series": {"MFU %": [100 * r["summary"]["mfu"] for r in results]},
-                "ylabel": "%",
-                "hline": (100 * args.goal, f"goal {100 * args.goal:.0f}%"),
-            },
-        ]
-        if limits.get("sync_baselines"):
-            b = limits["sync_baselines"]
-            panels.append(
-                {
-                    "title": "weight sync vs raw gloo broadcast / memcpy (GB/s)",
-                    "labels": [*labels, "gloo bcast", "memcpy"],
-                    "series": {
-                        "GB/s": [
-                            *[r["summary"]["sync_bytes_per_s"] / 1e9 for r in results],
-                            b["broadcast_bytes_per_s"] / 1e9,
-                            b["memcpy_bytes_per_s"] / 1e9,
-                        ]
-                    },
-                    "ylabel": "GB/s",
-                }
-            )
-        png = save_chart(path, panels, f"bench_ppo {facts['date']} {' '.join(args.overrides)}")
-        print(f"results: {path}\nchart: {png}")
+
+
+def chart(path, payload: dict):
+    """Seconds per phase, the train phase's MFU against the goal and, when measured, the sync's
+    bandwidth next to the raw gloo broadcast and memcpy."""
+    results, goal = payload["runs"], payload["args"]["goal"]
+    labels = [f"{r['variant']} {r['hidden']}x{r['layers']}" for r in results]
+    panels = [
+        {"title": "median seconds per phase", "labels": labels, "stacked": True,
+         "series": {p: [r["summary"][f"{p}_s"] for r in results] for p in PHASES}, "ylabel": "s / iteration"},
+        {"title": "train phase MFU vs measured matmul peak", "labels": labels,
+         "series": {"MFU %": [100 * r["summary"]["mfu"] for r in results]}, "ylabel": "%",
+         "hline": (100 * goal, f"goal {100 * goal:.0f}%")},
+    ]
+    b = payload["limits"].get("sync_baselines")
+    if b:
+        sync = [r["summary"]["sync_bytes_per_s"] / 1e9 for r in results]
+        panels.append({"title": "weight sync vs raw gloo broadcast / memcpy (GB/s)",
+                       "labels": [*labels, "gloo bcast", "memcpy"],
+                       "series": {"GB/s": [*sync, b["broadcast_bytes_per_s"] / 1e9,
+                                           b["memcpy_bytes_per_s"] / 1e9]}, "ylabel": "GB/s"})
+    title = f"bench_ppo {payload['machine']['date']} {' '.join(payload['args']['overrides'])}"
+    return bench.save_chart(path, panels, title)
 
 
 if __name__ == "__main__":

@@ -20,22 +20,14 @@ asserts nothing; results to ``benchmarks/results/bench_rollout-<time>.{json,png}
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import (
-    SHARED_NOTE,
-    announce,
-    median,
-    model_shape_parser,
-    print_table,
-    save_chart,
-    tiny_model_dir,
-    write_results,
-)
+import _bench_util as bench
 
 
 def hf_side(model_dir: str, prompts: list[str], max_new: int, repeats: int, threads: int, dtype: str) -> list[float]:
@@ -101,124 +93,116 @@ def vllm_side(
 
 
 def main() -> None:
-    parser = model_shape_parser(__doc__)
-    parser.add_argument("--batches", default="32,128", help="sequences per generate call, comma-separated")
-    parser.add_argument("--group", type=int, default=4, help="samples per prompt (the prompt is repeated)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--threads",
-        default="1,2",
-        help="torch threads of the HF side, comma-separated: each is measured; the ratio uses the fastest",
-    )
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="both sides")
-    parser.add_argument("--no-prefix-caching", action="store_true", help="vLLM enable_prefix_caching=False")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-json", action="store_true")
-    args = parser.parse_args()
-
+    args = parse_args()
+    if bench.replot_requested(args, chart):
+        return
     from rlhf_ray.models.tiny import TinyModelSpec
     from rlhf_ray.platform import detect
     from rlhf_ray.tasks import get_task
 
     detect("auto").apply_env()  # VLLM_CPU_KVCACHE_SPACE and friends, as the rollout actors get them
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    facts = announce("bench_rollout")
-    model_dir = tiny_model_dir("bench_rollout", TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate,
-                                                                         args.seed))
+    facts = bench.announce("bench_rollout")
+    spec = TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate, args.seed)
+    model_dir = bench.tiny_model_dir("bench_rollout", spec)
     sizes = [int(b) for b in args.batches.split(",")]
     base = get_task("arithmetic", args.seed).prompts(max(sizes))
     batches = {n: [p for p in base[: max(1, n // args.group)] for _ in range(args.group)][:n] for n in sizes}
-
     threads = [int(t) for t in args.threads.split(",")]
+    hf_by_t, vl_by_t = time_both_sides(args, model_dir, batches, threads)
+
+    runs = [compare_at(n, n * args.max_new_tokens, hf_by_t, vl_by_t) for n in sizes]
+    print()
+    table = print_runs(runs, args, threads)
+    for r in runs:
+        pick = "vllm" if r["ratio"] >= 1 else "hf"
+        print(f"{r['sequences']} sequences: {pick} is the faster rollout engine here "
+              f"(rollout.engine={pick}, rollout.num_cpus={r['vllm_threads' if pick == 'vllm' else 'hf_threads']})")
+    payload = {"machine": facts, "args": vars(args), "table": table, "runs": runs}
+    bench.publish("bench_rollout", payload, chart, args.no_json)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = bench.arg_parser(__doc__)
+    bench.add_model_shape(parser, intermediate="2 x hidden (builtin:tiny)", dtype="both sides")
+    parser.add_argument("--batches", default="32,128", help="sequences per generate call, comma-separated")
+    parser.add_argument("--group", type=int, default=4, help="samples per prompt (the prompt is repeated)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", default="1,2",
+                        help="torch threads of the HF side, comma-separated: each is measured; the ratio uses "
+                             "the fastest")
+    parser.add_argument("--no-prefix-caching", action="store_true", help="vLLM enable_prefix_caching=False")
+    return parser.parse_args()
+
+
+def time_both_sides(args, model_dir: str, batches: dict[int, list[str]], threads: list[int]
+                    ) -> tuple[dict, dict]:
+    """Seconds of every generate call, ``{threads: {sequences: [s, ...]}}``: HF ``generate`` first,
+    then one vLLM engine per thread count."""
     hf_by_t: dict[int, dict[int, list[float]]] = {t: {} for t in threads}
     for t in threads:
-        for n in sizes:
+        for n, prompts in batches.items():
             print(f"-- hf generate, {n} sequences, {t} thread(s) ...", flush=True)
-            hf_by_t[t][n] = hf_side(model_dir, batches[n], args.max_new_tokens, args.repeats, t, args.dtype)
+            hf_by_t[t][n] = hf_side(model_dir, prompts, args.max_new_tokens, args.repeats, t, args.dtype)
     vl_by_t: dict[int, dict[int, list[float]]] = {}
     for t in threads:
         print(f"-- vllm, {t} thread(s) ...", flush=True)
-        vl_by_t[t] = vllm_side(model_dir, batches, args.max_new_tokens, args.repeats, not args.no_prefix_caching,
-                               t, args.dtype)
-    best_t = {n: min(threads, key=lambda t: median(hf_by_t[t][n])) for n in sizes}
-    best_vt = {n: min(threads, key=lambda t: median(vl_by_t[t][n])) for n in sizes}
-    hf = {n: hf_by_t[best_t[n]][n] for n in sizes}
-    vl = {n: vl_by_t[best_vt[n]][n] for n in sizes}
+        vl_by_t[t] = vllm_side(model_dir, batches, args.max_new_tokens, args.repeats,
+                               not args.no_prefix_caching, t, args.dtype)
+    return hf_by_t, vl_by_t
 
-    rows, runs = [], []
-    for n in sizes:
-        toks = n * args.max_new_tokens
-        h, v = median(hf[n]), median(vl[n])
-        runs.append(
-            {
-                "sequences": n,
-                "tokens": toks,
-                "hf_s": hf[n],
-                "vllm_s": vl[n],
-                "hf_tokens_per_s": toks / h,
-                "vllm_tokens_per_s": toks / v,
-                "ratio": h / v,
-                "hf_threads": best_t[n],
-                "hf_s_by_threads": {str(t): hf_by_t[t][n] for t in threads},
-                "vllm_threads": best_vt[n],
-                "vllm_s_by_threads": {str(t): vl_by_t[t][n] for t in threads},
-            }
-        )
-        rows.append([n, toks, *[median(hf_by_t[t][n]) for t in threads], *[median(vl_by_t[t][n]) for t in threads],
-                     toks / h, toks / v, h / v])
+
+def compare_at(n: int, tokens: int, hf_by_t: dict, vl_by_t: dict) -> dict:
+    """Batches of ``n`` sequences (``tokens`` generated): each side at its fastest thread count, and
+    the rollout ratio vLLM / HF."""
+    hf_t = min(hf_by_t, key=lambda t: bench.median(hf_by_t[t][n]))
+    vl_t = min(vl_by_t, key=lambda t: bench.median(vl_by_t[t][n]))
+    h, v = bench.median(hf_by_t[hf_t][n]), bench.median(vl_by_t[vl_t][n])
+    return {
+        "sequences": n,
+        "tokens": tokens,
+        "hf_s": hf_by_t[hf_t][n],
+        "vllm_s": vl_by_t[vl_t][n],
+        "hf_tokens_per_s": tokens / h,
+        "vllm_tokens_per_s": tokens / v,
+        "ratio": h / v,
+        "hf_threads": hf_t,
+        "hf_s_by_threads": {str(t): hf_by_t[t][n] for t in hf_by_t},
+        "vllm_threads": vl_t,
+        "vllm_s_by_threads": {str(t): vl_by_t[t][n] for t in vl_by_t},
+    }
+
+
+def print_runs(runs: list[dict], args, threads: list[int]) -> str:
+    rows = [[r["sequences"], r["tokens"], *[bench.median(r["hf_s_by_threads"][str(t)]) for t in threads],
+             *[bench.median(r["vllm_s_by_threads"][str(t)]) for t in threads], r["hf_tokens_per_s"],
+             r["vllm_tokens_per_s"], r["ratio"]] for r in runs]
     title = (
         f"{args.hidden}x{args.layers} {args.dtype}, {args.max_new_tokens} new tokens per sequence (forced), group "
         f"{args.group}, both sides on {args.threads} threads (tok/s and the ratio: each side's fastest), vLLM prefix caching "
         f"{'off' if args.no_prefix_caching else 'on'}; median of {args.repeats} after 1 warm-up"
     )
-    print()
-    table = print_table(
-        [
-            "sequences",
-            "tokens",
-            *[f"hf s ({t} thr)" for t in threads],
-            *[f"vllm s ({t} thr)" for t in threads],
-            "hf tok/s",
-            "vllm tok/s",
-            "vllm / hf",
-        ],
+    return bench.print_table(
+        ["sequences", "tokens", *[f"hf s ({t} thr)" for t in threads],
+         *[f"vllm s ({t} thr)" for t in threads], "hf tok/s", "vllm tok/s", "vllm / hf"],
         rows,
         title=title,
     )
-    for r in runs:
-        pick = "vllm" if r["ratio"] >= 1 else "hf"
-        print(f"{r['sequences']} sequences: {pick} is the faster rollout engine here "
-              f"(rollout.engine={pick}, rollout.num_cpus={r['vllm_threads' if pick == 'vllm' else 'hf_threads']})")
-    print(f"\n{SHARED_NOTE}")
-    if not args.no_json:
-        path = write_results(
-            "bench_rollout", {"machine": facts, "args": vars(args), "table": table, "runs": runs}
-        )
-        labels = [f"{r['sequences']} seqs" for r in runs]
-        png = save_chart(
-            path,
-            [
-                {
-                    "title": "generated tokens/s",
-                    "labels": labels,
-                    "series": {
-                        "HF generate": [r["hf_tokens_per_s"] for r in runs],
-                        "vLLM": [r["vllm_tokens_per_s"] for r in runs],
-                    },
-                    "ylabel": "tokens/s",
-                },
-                {
-                    "title": "vLLM / HF (tokens/s ratio)",
-                    "labels": labels,
-                    "series": {"ratio": [r["ratio"] for r in runs]},
-                    "ylabel": "x",
-                    "hline": (1.0, "parity"),
-                },
-            ],
-            f"bench_rollout {facts['date']}",
-        )
-        print(f"results: {path}\nchart: {png}")
+
+
+def chart(path, payload: dict):
+    """Generated tokens/s of both sides and their ratio, per batch size."""
+    runs = payload["runs"]
+    labels = [f"{r['sequences']} seqs" for r in runs]
+    panels = [
+        {"title": "generated tokens/s", "labels": labels, "ylabel": "tokens/s",
+         "series": {"HF generate": [r["hf_tokens_per_s"] for r in runs],
+                    "vLLM": [r["vllm_tokens_per_s"] for r in runs]}},
+        {"title": "vLLM / HF (tokens/s ratio)", "labels": labels,
+         "series": {"ratio": [r["ratio"] for r in runs]}, "ylabel": "x", "hline": (1.0, "parity")},
+    ]
+    return bench.save_chart(path, panels, f"bench_rollout {payload['machine']['date']}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Prints figures, asserts nothing; results to ``benchmarks/results/bench_weight_sy
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -33,7 +32,7 @@ from rlhf_ray.ports import free_port
 from rlhf_ray.sync import manifest_for
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _bench_util import gloo_baselines, machine_facts, median, print_table, save_chart, write_results
+import _bench_util as bench
 
 SIZES = {  # head size 32, as the stages' tiny models
     "10m": TinyModelSpec.of_width(512, 3, 1536),  # 9.9M parameters
@@ -108,9 +107,9 @@ def bench_size(name: str, model_dir: str, bucket_sizes: list[int], repeats: int,
                         receives.append(receive_s)
                     key = "sync" if load else "handover"
                     row[f"{key}_first_s"] = walls[0]
-                    row[f"{key}_s"] = median(walls[1:])
-                    row[f"{key}_send_s"] = median(sends[1:])
-                    row[f"{key}_receive_s"] = median(receives[1:])
+                    row[f"{key}_s"] = bench.median(walls[1:])
+                    row[f"{key}_send_s"] = bench.median(sends[1:])
+                    row[f"{key}_receive_s"] = bench.median(receives[1:])
                 rows.append(row)
                 print(f"  {name} {transport} {row['bucket_mb']:g} MB: sync {row['sync_s']:.3f} s, "
                       f"hand-over {row['handover_s']:.3f} s", flush=True)
@@ -121,20 +120,22 @@ def bench_size(name: str, model_dir: str, bucket_sizes: list[int], repeats: int,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = bench.arg_parser(__doc__)
     parser.add_argument("--sizes", default="10m,50m,200m", help=f"any of {','.join(SIZES)}")
     parser.add_argument("--buckets-mb", default="16,64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "rlhf_ray_bench_models"))
     args = parser.parse_args()
+    if bench.replot_requested(args, chart):
+        return
 
     platform = detect(args.backend)
     if not platform.shm_weight_sync:
         raise SystemExit("the shared-memory transport is CPU-only: run this benchmark with --backend cpu")
     platform.apply_env()
     env = dict(platform.process_env(), RAY_DEDUP_LOGS="0", VLLM_LOGGING_LEVEL="WARNING")
-    facts = machine_facts()
+    facts = bench.announce("bench_weight_sync")
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
 
     bucket_sizes = [int(float(mb) * 2**20) for mb in args.buckets_mb.split(",")]
@@ -143,7 +144,7 @@ def main() -> None:
         model_dir = str(build_tiny_model(os.path.join(args.model_root, name), SIZES[name]))
         # The ceilings are measured again for each size, right before its syncs: on a shared
         # machine the load moves within minutes.
-        limits = gloo_baselines(platform.dist_backend, BASELINE_BYTES)
+        limits = bench.gloo_baselines(platform.dist_backend, BASELINE_BYTES)
         ceiling = {"gloo": limits["broadcast_bytes_per_s"], "memcpy": limits["memcpy_bytes_per_s"]}
         print(f"{name}: limits ({BASELINE_BYTES >> 20} MB buffers, two Ray actors): raw gloo broadcast "
               f"{ceiling['gloo'] / 1e9:.2f} GB/s, memcpy {ceiling['memcpy'] / 1e9:.2f} GB/s", flush=True)
@@ -156,7 +157,7 @@ def main() -> None:
             rows.append(r)
     ray.shutdown()
 
-    table = print_table(
+    table = bench.print_table(
         ["model", "MB", "transport", "bucket", "n", "first s", "sync s", "GB/s", "vs limit", "hand-over s",
          "GB/s", "vs limit", "limit GB/s", "goal"],
         [[r["model"], r["bytes"] / 1e6, r["transport"], f"{r['bucket_mb']:g}M", r["buckets"], r["sync_first_s"],
@@ -165,21 +166,23 @@ def main() -> None:
         title="weight sync: full sync (hand-over + vLLM reload) and hand-over alone; 'vs limit' = bytes/s over "
         "the transport's ceiling (broadcast: raw gloo; shm: memcpy), same run",
     )
-    path = write_results("bench_weight_sync", {
-        "machine": facts, "args": vars(args), "baseline_buffer_bytes": BASELINE_BYTES,
-        "rows": rows, "table": table,
-    })
+    payload = {"machine": facts, "args": vars(args), "baseline_buffer_bytes": BASELINE_BYTES, "rows": rows,
+               "table": table}
+    bench.publish("bench_weight_sync", payload, chart, args.no_json)
+
+
+def chart(path, payload: dict):
+    """Each sync's bandwidth, full and hand-over only: as a fraction of its transport's ceiling, in GB/s."""
+    rows = payload["rows"]
     labels = [f"{r['model']} {r['transport']} {r['bucket_mb']:g}M" for r in rows]
-    png = save_chart(path, [
+    return bench.save_chart(path, [
         {"title": "fraction of the transport's ceiling (broadcast: gloo, shm: memcpy)", "labels": labels,
          "series": {"full sync": [r["sync_vs_limit"] for r in rows],
                     "hand-over only": [r["handover_vs_limit"] for r in rows]}, "ylabel": "fraction"},
         {"title": "GB/s", "labels": labels,
          "series": {"full sync": [r["sync_gb_per_s"] for r in rows],
                     "hand-over only": [r["handover_gb_per_s"] for r in rows]}, "ylabel": "GB/s"},
-    ], f"bench_weight_sync {facts['date']}")
-    print(f"results: {path}\nchart: {png}")
-
+    ], f"bench_weight_sync {payload['machine']['date']}")
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -46,15 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_util import (
-    SHARED_NOTE,
-    TreeMemorySampler,
-    announce,
-    median,
-    print_table,
-    save_chart,
-    write_results,
-)
+import _bench_util as bench
 
 REWARD = "rlhf_ray.tasks.rewards:digit_fraction"
 # rlhf_ray's settings for this job beyond the shared ones (--set overrides any): one update per
@@ -69,9 +62,121 @@ SPEED_SETTINGS = ("ppo.old_logprobs=rollout", "scorers.reference_replicas=2", "r
 PHASES = ("generate", "score", "train", "sync")
 
 
+def main() -> None:
+    args = parse_args()
+    if args.side:  # this process is a child running one side
+        child_main(args)
+        return
+    if bench.replot_requested(args, chart):
+        return
+    exit_unless_runnable(args)
+    facts = bench.announce("compare_trl")
+    workdir = tempfile.mkdtemp(prefix="compare_trl_")
+    args.model_dir, params = build_model(args, workdir)
+    job = describe_job(args, params)
+    print(job, flush=True)
+    results = run_sides(args, workdir)
+
+    print()
+    print(job)
+    sums = {side: summarise(res) for side, res in results.items() if res.get("ok")}
+    table = print_summary(sums)
+    print_failures(results)
+    phase_table = print_phases(results["rlhf_ray"]) if results.get("rlhf_ray", {}).get("ok") else ""
+    print_memory_by_process(results)
+    if args.profile:
+        print_profiles(results, args.profile_rate)
+    payload = {"machine": facts, "args": vars(args), "job": job, "table": table, "phase_table": phase_table,
+               "summary": sums, "runs": results}
+    bench.publish("compare_trl", payload, chart, args.no_json)
+    print(f"work dir (model, logs): {workdir}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = bench.arg_parser(__doc__)
+    bench.add_model_shape(
+        parser, intermediate="4 x hidden (512x6: 25.3M)",
+        dtype="both sides: float32, or bf16 mixed precision (TRL's default: autocast; rlhf_ray: bf16 vLLM "
+              "and reference, DeepSpeed bf16 with fp32 master weights)")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
+    parser.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--updates", type=int, default=5,
+                        help="measured iterations (+1 warm-up, not counted)")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--kl", type=float, default=0.02, help="KL coefficient (TRL's beta)")
+    parser.add_argument("--num-prompts", type=int, default=512, help="size of the prompt pool")
+    parser.add_argument("--engines", type=int, default=1, help="rlhf_ray: vLLM rollout engines")
+    parser.add_argument("--ranks", type=int, default=1,
+                        help="rlhf_ray: DeepSpeed policy ranks (the machine's cores split between them)")
+    parser.add_argument("--trl-threads", type=int, default=0,
+                        help="TRL: torch threads (0 = torch's default, one per core); on a loaded 2-core "
+                             "machine 1 can be much faster (see docs/performance.md, threads)")
+    bench.add_config_overrides(parser, dest="rlhf_set", help="extra rlhf_ray config override (repeatable)")
+    parser.add_argument("--sides", default="rlhf_ray,trl,trl_vllm",
+                        help="which runs, in order: rlhf_ray, trl (HF generate), trl_vllm (vLLM colocate)")
+    parser.add_argument("--profile", action="store_true",
+                        help="py-spy on every working process, measured iterations only")
+    parser.add_argument("--profile-rate", type=int, default=25, help="py-spy samples per second")
+    parser.add_argument("--side-timeout", type=int, default=420, help="seconds before a side is killed")
+    parser.add_argument("--vllm-timeout", type=int, default=240, help="seconds for the trl_vllm attempt")
+    parser.add_argument("--verbose", action="store_true", help="actors' logs and progress bars (in the logs)")
+    # Internal: the child processes.
+    parser.add_argument("--_side", dest="side", help=argparse.SUPPRESS)
+    parser.add_argument("--_result", dest="result", help=argparse.SUPPRESS)
+    parser.add_argument("--_workdir", dest="workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--_model-dir", dest="model_dir", help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+def model_len(args) -> int:
+    """The engines' context on both sides: a prompt (<= 32 tokens) and a response, with room to spare."""
+    return max(64, 2 * args.max_new_tokens + 32)
+
+
 # ------------------------------------------------------------------------------------------------
 # Child side: rlhf_ray
 # ------------------------------------------------------------------------------------------------
+def rlhf_ray_overrides(args) -> list[str]:
+    """rlhf_ray's config for the shared job, then ``SPEED_SETTINGS`` and ``--set``."""
+    return [
+        f"run_dir={args.workdir}/rlhf_ray_run",
+        f"model.policy={args.model_dir}",
+        f"seed={args.seed}",
+        "data.task=arithmetic",
+        f"data.num_prompts={args.num_prompts}",
+        "scorers.use_task_gold_as_reward=false",
+        f"scorers.reward_functions={REWARD}",
+        "ppo.advantage_estimator=grpo",
+        f"rollout.samples_per_prompt={args.group}",
+        f"ppo.prompts_per_iteration={args.prompts}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        "rollout.temperature=1.0",
+        "rollout.top_p=1.0",
+        f"rollout.max_model_len={model_len(args)}",
+        "data.max_prompt_tokens=32",
+        "rollout.gpu_memory_utilization=0.05",
+        f"rollout.num_engines={args.engines}",
+        f"policy.num_ranks={args.ranks}",
+        f"policy.num_cpus={max(1, (os.cpu_count() or 1) // args.ranks)}",  # the cores, split between ranks
+        f"policy.lr={args.lr}",
+        "policy.weight_decay=0.0",
+        "policy.grad_clip=1.0",
+        f"policy.micro_batch_size={args.prompts * args.group // args.ranks}",
+        f"ppo.kl_coef={args.kl}",
+        "ppo.kl_controller=fixed",
+        "ppo.epochs=1",
+        "ppo.minibatches=1",
+        f"ppo.iterations={args.updates + 1}",
+        "sync.parity_every=0",
+        "checkpoint.save_final=false",
+        f"model.dtype={args.dtype}",
+        f"policy.bf16={str(args.dtype == 'bfloat16').lower()}",
+        *SPEED_SETTINGS,
+        *args.rlhf_set,
+    ]
+
+
 def side_rlhf_ray(args, out: dict) -> None:
     import ray
 
@@ -80,45 +185,7 @@ def side_rlhf_ray(args, out: dict) -> None:
     from rlhf_ray.stages.ppo import PPOTrainer
 
     init_ray(load_config(), log_to_driver=args.verbose)  # local Ray, platform env, quiet engines
-    cfg = load_config(
-        None,
-        [
-            f"run_dir={args.workdir}/rlhf_ray_run",
-            f"model.policy={args.model_dir}",
-            f"seed={args.seed}",
-            "data.task=arithmetic",
-            f"data.num_prompts={args.num_prompts}",
-            "scorers.use_task_gold_as_reward=false",
-            f"scorers.reward_functions={REWARD}",
-            "ppo.advantage_estimator=grpo",
-            f"rollout.samples_per_prompt={args.group}",
-            f"ppo.prompts_per_iteration={args.prompts}",
-            f"rollout.max_new_tokens={args.max_new_tokens}",
-            "rollout.temperature=1.0",
-            "rollout.top_p=1.0",
-            f"rollout.max_model_len={max(64, 2 * args.max_new_tokens + 32)}",
-            "data.max_prompt_tokens=32",
-            "rollout.gpu_memory_utilization=0.05",
-            f"rollout.num_engines={args.engines}",
-            f"policy.num_ranks={args.ranks}",
-            f"policy.num_cpus={max(1, (os.cpu_count() or 1) // args.ranks)}",  # the cores, split between ranks
-            f"policy.lr={args.lr}",
-            "policy.weight_decay=0.0",
-            "policy.grad_clip=1.0",
-            f"policy.micro_batch_size={args.prompts * args.group // args.ranks}",
-            f"ppo.kl_coef={args.kl}",
-            "ppo.kl_controller=fixed",
-            "ppo.epochs=1",
-            "ppo.minibatches=1",
-            f"ppo.iterations={args.updates + 1}",
-            "sync.parity_every=0",
-            "checkpoint.save_final=false",
-            f"model.dtype={args.dtype}",
-            f"policy.bf16={str(args.dtype == 'bfloat16').lower()}",
-            *SPEED_SETTINGS,
-            *args.rlhf_set,
-        ],
-    )
+    cfg = load_config(None, rlhf_ray_overrides(args))
     start = time.perf_counter()
     trainer = PPOTrainer(cfg)
     out["startup_s"] = time.perf_counter() - start
@@ -190,11 +257,49 @@ class PySpy:
 # ------------------------------------------------------------------------------------------------
 # Child side: TRL
 # ------------------------------------------------------------------------------------------------
+def grpo_config(args, use_vllm: bool):
+    """TRL's settings for the shared job: one generation batch, one epoch and one optimiser step
+    per iteration, constant learning rate, no warm-up."""
+    from trl import GRPOConfig
+
+    vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
+            "vllm_max_model_length": model_len(args)} if use_vllm else {}
+    return GRPOConfig(
+        output_dir=os.path.join(args.workdir, "trl_vllm" if use_vllm else "trl"),
+        per_device_train_batch_size=args.prompts * args.group,
+        gradient_accumulation_steps=1,
+        steps_per_generation=1,
+        num_generations=args.group,
+        num_iterations=1,
+        max_completion_length=args.max_new_tokens,
+        temperature=1.0,
+        top_p=1.0,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=args.kl,
+        epsilon=0.2,
+        max_steps=args.updates + 1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=args.dtype == "bfloat16",  # TRL's own default is bf16 (autocast on CPU)
+        fp16=False,
+        seed=args.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=not args.verbose,
+        **vllm,
+    )
+
+
 def side_trl(args, out: dict, use_vllm: bool) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     from rlhf_ray.tasks import get_task
     from rlhf_ray.tasks.rewards import digit_fraction
@@ -230,49 +335,11 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
         profiler = None
 
     clock = StepClock()
-    batch = args.prompts * args.group
-    extra = {}
-    if use_vllm:
-        extra = {
-            "use_vllm": True,
-            "vllm_mode": "colocate",
-            "vllm_gpu_memory_utilization": 0.3,
-            "vllm_max_model_length": max(64, 2 * args.max_new_tokens + 32),
-        }
-    config = GRPOConfig(
-        output_dir=os.path.join(args.workdir, "trl_vllm" if use_vllm else "trl"),
-        per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1,
-        steps_per_generation=1,
-        num_generations=args.group,
-        num_iterations=1,
-        max_completion_length=args.max_new_tokens,
-        temperature=1.0,
-        top_p=1.0,
-        learning_rate=args.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=1.0,
-        beta=args.kl,
-        epsilon=0.2,
-        max_steps=args.updates + 1,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        bf16=args.dtype == "bfloat16",  # TRL's own default is bf16 (autocast on CPU)
-        fp16=False,
-        seed=args.seed,
-        dataloader_num_workers=0,
-        disable_tqdm=not args.verbose,
-        **extra,
-    )
     start = time.perf_counter()
     trainer = GRPOTrainer(
         model=model,
         reward_funcs=digit_fraction_reward,
-        args=config,
+        args=grpo_config(args, use_vllm),
         train_dataset=dataset,
         processing_class=tokenizer,
         callbacks=[clock],
@@ -311,45 +378,76 @@ def child_main(args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Parent: runs the sides one after the other, samples their memory, prints the tables
+# Parent: prepares the job, runs the sides one after the other and samples their memory
 # ------------------------------------------------------------------------------------------------
-def run_side(side: str, args, workdir: str, argv: list[str]) -> dict:
+def exit_unless_runnable(args) -> None:
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        sys.exit("compare_trl needs TRL: pip install -e '.[bench]' (trl==1.16.0)")
+    if args.hidden % 32:
+        sys.exit("--hidden must be a multiple of 32 (vLLM's CPU attention needs heads of size 32)")
+
+
+def build_model(args, workdir: str) -> tuple[str, int]:
+    """The Llama both sides train (MLP 4 x hidden unless ``--intermediate``), built in the work
+    dir: its path and parameter count."""
+    from safetensors import safe_open
+
+    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+
+    spec = TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate or 4 * args.hidden, args.seed)
+    model_dir = str(build_tiny_model(os.path.join(workdir, "model"), spec))
+    with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
+        params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
+    return model_dir, params
+
+
+def describe_job(args, params: int) -> str:
+    return (
+        f"model {args.hidden}x{args.layers} ({params / 1e6:.1f}M params, {args.dtype}), {args.prompts} prompts x "
+        f"group {args.group} = {args.prompts * args.group} sequences/iteration, <= {args.max_new_tokens} new tokens, "
+        f"lr {args.lr}, KL {args.kl}, {args.updates} measured updates + 1 warm-up; rlhf_ray layout: "
+        f"{args.engines} vLLM engine(s), {args.ranks} DeepSpeed policy rank(s), reference + reward actors, "
+        f"{' '.join([*SPEED_SETTINGS, *args.rlhf_set])}"
+    )
+
+
+def run_sides(args, workdir: str) -> dict[str, dict]:
+    """Every side of ``--sides``, one after the other; each one's result, by side."""
+    results = {}
+    for side in args.sides.split(","):
+        res = results[side] = run_side(side, args, workdir)
+        status = "ok" if res.get("ok") else f"FAILED: {first_error_line(res)}"
+        startup_s = res.get("startup_s", float("nan"))
+        print(f"   {side}: {status} (wall {res['wall_s']:.0f} s, startup {startup_s:.1f} s)", flush=True)
+    return results
+
+
+def run_side(side: str, args, workdir: str) -> dict:
+    """One side in a child process (this script again, with the same flags and ``--_side``) while
+    its process tree's memory is sampled: the child's result with wall time, memory and profile."""
     result_path = os.path.join(workdir, f"{side}.json")
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        *argv,
-        "--_side",
-        side,
-        "--_result",
-        result_path,
-        "--_workdir",
-        workdir,
-        "--_model-dir",
-        args.model_dir,
-    ]
     log_path = os.path.join(workdir, f"{side}.log")
+    timeout = args.vllm_timeout if side == "trl_vllm" else args.side_timeout
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_side", side,
+           "--_result", result_path, "--_workdir", workdir, "--_model-dir", args.model_dir]
     print(f"-- {side}: running (log {log_path})", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-        with TreeMemorySampler(proc.pid) as mem:
+        with bench.TreeMemorySampler(proc.pid) as mem:
             try:
-                proc.wait(timeout=args.side_timeout if side != "trl_vllm" else args.vllm_timeout)
+                proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 _kill_tree(proc)
-        rc = proc.returncode
-    res = {
-        "side": side,
-        "ok": False,
-        "returncode": rc,
-        "log": log_path,
-        "wall_s": time.perf_counter() - start,
-    }
+    rc = proc.returncode
+    res = {"side": side, "ok": False, "returncode": rc, "log": log_path,
+           "wall_s": time.perf_counter() - start}
     if os.path.exists(result_path):
         res.update(json.loads(Path(result_path).read_text()))
     elif rc is None or rc < 0:
-        res["error"] = f"timed out after {args.side_timeout if side != 'trl_vllm' else args.vllm_timeout} s"
+        res["error"] = f"timed out after {timeout} s"
     else:
         res["error"] = f"exited with {rc} without a result; last log line: {_last_line(log_path)}"
     res["memory"] = mem.summary()
@@ -357,6 +455,11 @@ def run_side(side: str, args, workdir: str, argv: list[str]) -> dict:
         res["profile"] = {role: summarise_pyspy(path, res["profiles"]["seconds"], args.profile_rate)
                           for role, path in res["profiles"]["paths"].items()}
     return res
+
+
+def first_error_line(res: dict) -> str:
+    lines = (res.get("error") or "").strip().splitlines()
+    return lines[0] if lines else ""
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -428,249 +531,83 @@ def summarise(res: dict) -> dict:
     iters, toks = res.get("iteration_s", []), res.get("generated_tokens", [])
     n = min(len(iters), len(toks))
     iters, toks = iters[1:n], toks[1:n]
-    secs = median(iters)
+    secs = bench.median(iters)
     return {
         "measured": len(iters),
         "iteration_s": secs,
-        "tokens": median(toks),
-        "tokens_per_s": median([t / i for t, i in zip(toks, iters)]),
+        "tokens": bench.median(toks),
+        "tokens_per_s": bench.median([t / i for t, i in zip(toks, iters)]),
         "warmup_s": res["iteration_s"][0] if res.get("iteration_s") else float("nan"),
         "peak_rss": res["memory"]["peak_rss_bytes"],
         "peak_pss": res["memory"]["peak_pss_bytes"],
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=SHARED_NOTE,
-    )
-    parser.add_argument("--hidden", type=int, default=512, help="hidden size (multiple of 32; heads of 32)")
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument(
-        "--intermediate", type=int, default=0, help="MLP width; 0 = 4 x hidden (512x6: 25.3M)"
-    )
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
-    parser.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument(
-        "--updates", type=int, default=5, help="measured iterations (+1 warm-up, not counted)"
-    )
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--kl", type=float, default=0.02, help="KL coefficient (TRL's beta)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-prompts", type=int, default=512, help="size of the prompt pool")
-    parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="both sides: float32, or bf16 mixed precision (TRL's default: autocast; rlhf_ray: bf16 vLLM and "
-        "reference, DeepSpeed bf16 with fp32 master weights)",
-    )
-    parser.add_argument("--engines", type=int, default=1, help="rlhf_ray: vLLM rollout engines")
-    parser.add_argument("--ranks", type=int, default=1,
-                        help="rlhf_ray: DeepSpeed policy ranks (the machine's cores split between them)")
-    parser.add_argument(
-        "--trl-threads",
-        type=int,
-        default=0,
-        help="TRL: torch threads (0 = torch's default, one per core); on a loaded 2-core machine 1 can be "
-        "much faster (see docs/performance.md, threads)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="rlhf_set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra rlhf_ray config override (repeatable)",
-    )
-    parser.add_argument(
-        "--sides",
-        default="rlhf_ray,trl,trl_vllm",
-        help="which runs, in order: rlhf_ray, trl (HF generate), trl_vllm (vLLM colocate)",
-    )
-    parser.add_argument("--profile", action="store_true", help="py-spy on every working process, measured iterations only")
-    parser.add_argument("--profile-rate", type=int, default=25, help="py-spy samples per second")
-    parser.add_argument("--side-timeout", type=int, default=420, help="seconds before a side is killed")
-    parser.add_argument("--vllm-timeout", type=int, default=240, help="seconds for the trl_vllm attempt")
-    parser.add_argument("--verbose", action="store_true", help="actors' logs and progress bars (in the logs)")
-    parser.add_argument("--no-json", action="store_true", help="do not write benchmarks/results/*.json")
-    parser.add_argument("--replot", metavar="JSON", help="only draw the PNG of an existing results JSON")
-    # Internal: the child processes.
-    parser.add_argument("--_side", dest="side", help=argparse.SUPPRESS)
-    parser.add_argument("--_result", dest="result", help=argparse.SUPPRESS)
-    parser.add_argument("--_workdir", dest="workdir", help=argparse.SUPPRESS)
-    parser.add_argument("--_model-dir", dest="model_dir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.side:
-        child_main(args)
-        return
-    if args.replot:
-        replot(args.replot)
-        return
+# ------------------------------------------------------------------------------------------------
+# Parent: the tables and the chart
+# ------------------------------------------------------------------------------------------------
+def rlhf_ray_over_trl(sums: dict) -> dict | None:
+    """Every summary figure of rlhf_ray over TRL's (HF generate), when both ran."""
+    if "rlhf_ray" not in sums or "trl" not in sums:
+        return None
+    a, b = sums["rlhf_ray"], sums["trl"]
+    return {k: a[k] / b[k] if b[k] else float("nan") for k in a if k != "measured"}
 
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        sys.exit("compare_trl needs TRL: pip install -e '.[bench]' (trl==1.16.0)")
-    if args.hidden % 32:
-        sys.exit("--hidden must be a multiple of 32 (vLLM's CPU attention needs heads of size 32)")
-    argv = sys.argv[1:]
-    facts = announce("compare_trl")
 
-    from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
-
-    workdir = tempfile.mkdtemp(prefix="compare_trl_")
-    spec = TinyModelSpec(
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_heads=args.hidden // 32,
-        num_kv_heads=args.hidden // 32,
-        intermediate_size=args.intermediate or 4 * args.hidden,
-        seed=args.seed,
-    )
-    args.model_dir = str(build_tiny_model(os.path.join(workdir, "model"), spec))
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(args.model_dir, "model.safetensors"), "pt") as f:
-        params = sum(_prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
-    job = (
-        f"model {args.hidden}x{args.layers} ({params / 1e6:.1f}M params, {args.dtype}), {args.prompts} prompts x "
-        f"group {args.group} = {args.prompts * args.group} sequences/iteration, <= {args.max_new_tokens} new tokens, "
-        f"lr {args.lr}, KL {args.kl}, {args.updates} measured updates + 1 warm-up; rlhf_ray layout: "
-        f"{args.engines} vLLM engine(s), {args.ranks} DeepSpeed policy rank(s), reference + reward actors, "
-        f"{' '.join([*SPEED_SETTINGS, *args.rlhf_set])}"
-    )
-    print(job, flush=True)
-
-    results = {}
-    for side in args.sides.split(","):
-        res = run_side(side, args, workdir, argv)
-        results[side] = res
-        status = (
-            "ok"
-            if res.get("ok")
-            else f"FAILED: {res.get('error', '').splitlines()[0] if res.get('error') else ''}"
-        )
-        print(
-            f"   {side}: {status} (wall {res['wall_s']:.0f} s, startup {res.get('startup_s', float('nan')):.1f} s)",
-            flush=True,
-        )
-
-    print()
-    print(job)
-    rows, sums = [], {}
-    for side, res in results.items():
-        if not res.get("ok"):
-            continue
-        s = sums[side] = summarise(res)
-        rows.append(
-            [
-                side,
-                s["measured"],
-                s["warmup_s"],
-                s["iteration_s"],
-                s["tokens"],
-                s["tokens_per_s"],
-                f"{s['peak_rss'] / 2**30:.2f} GiB",
-                f"{s['peak_pss'] / 2**30:.2f} GiB",
-            ]
-        )
-    if "rlhf_ray" in sums and "trl" in sums:
-        a, b = sums["rlhf_ray"], sums["trl"]
-        rows.append(
-            [
-                "rlhf_ray / trl",
-                "",
-                a["warmup_s"] / b["warmup_s"],
-                a["iteration_s"] / b["iteration_s"],
-                a["tokens"] / b["tokens"] if b["tokens"] else float("nan"),
-                a["tokens_per_s"] / b["tokens_per_s"],
-                f"{a['peak_rss'] / b['peak_rss']:.2f}x",
-                f"{a['peak_pss'] / b['peak_pss']:.2f}x",
-            ]
-        )
-    table = print_table(
-        [
-            "run",
-            "iters",
-            "warm-up s",
-            "s/iter",
-            "gen tokens/iter",
-            "gen tokens/s",
-            "peak RSS (tree)",
-            "peak PSS (tree)",
-        ],
+def print_summary(sums: dict) -> str:
+    """The comparison: each side's medians, then rlhf_ray / trl column by column."""
+    rows = [[side, s["measured"], s["warmup_s"], s["iteration_s"], s["tokens"], s["tokens_per_s"],
+             f"{s['peak_rss'] / 2**30:.2f} GiB", f"{s['peak_pss'] / 2**30:.2f} GiB"]
+            for side, s in sums.items()]
+    ratio = rlhf_ray_over_trl(sums)
+    if ratio:
+        rows.append(["rlhf_ray / trl", "", ratio["warmup_s"], ratio["iteration_s"], ratio["tokens"],
+                     ratio["tokens_per_s"], f"{ratio['peak_rss']:.2f}x", f"{ratio['peak_pss']:.2f}x"])
+    return bench.print_table(
+        ["run", "iters", "warm-up s", "s/iter", "gen tokens/iter", "gen tokens/s", "peak RSS (tree)",
+         "peak PSS (tree)"],
         rows,
         title="medians over the measured iterations (tokens/s: median of each iteration's tokens / seconds)",
     )
+
+
+def print_failures(results: dict) -> None:
     for side, res in results.items():
         if not res.get("ok"):
-            first = (res.get("error") or "").strip().splitlines()
-            print(f"{side}: FAILED - {first[0] if first else 'no error text'} (full log: {res['log']})")
+            print(f"{side}: FAILED - {first_error_line(res) or 'no error text'} (full log: {res['log']})")
 
-    phase_table = ""
-    if results.get("rlhf_ray", {}).get("ok"):
-        recs = results["rlhf_ray"]["records"][1:]
-        it = median([r["time/iteration_s"] for r in recs])
-        prow = [
-            [
-                p,
-                median([r[f"time/{p}_s"] for r in recs]),
-                100 * median([r[f"time/{p}_s"] for r in recs]) / it,
-                median([r["generated_tokens"] / r[f"time/{p}_s"] for r in recs]),
-            ]
-            for p in PHASES
-        ]
-        wall = median(results["rlhf_ray"]["iteration_s"][1:])
-        prow.append(
-            [
-                "sum of phases",
-                it,
-                100.0,
-                median([r["generated_tokens"] / r["time/iteration_s"] for r in recs]),
-            ]
-        )
-        prow.append(["step() wall", wall, 100 * wall / it, float("nan")])
-        print()
-        phase_table = print_table(
-            ["phase", "median s", "% of phases", "gen tokens/s"],
-            prow,
-            title="rlhf_ray per-phase breakdown (its own metrics, measured iterations)",
-        )
-        sync_s = median([r["time/sync_s"] for r in recs])
-        print(
-            f"weight sync: {results['rlhf_ray']['sync_total_bytes'] / 1e6:.1f} MB in {sync_s:.3f} s = "
-            f"{results['rlhf_ray']['sync_total_bytes'] / sync_s / 1e6:.0f} MB/s"
-        )
+
+def phase_seconds(run: dict) -> dict[str, float]:
+    """rlhf_ray's median seconds per phase over the measured iterations, from its own metrics."""
+    return {p: bench.median([r[f"time/{p}_s"] for r in run["records"][1:]]) for p in PHASES}
+
+
+def print_phases(run: dict) -> str:
+    """rlhf_ray's per-phase table (its own ``time/`` and ``throughput/`` metrics against the wall
+    time of ``step()``), then the weight sync's rate."""
+    recs = run["records"][1:]
+    seconds = phase_seconds(run)
+    phases_s = bench.median([r["time/iteration_s"] for r in recs])
+    step_s = bench.median(run["iteration_s"][1:])
+    rows = [[p, s, 100 * s / phases_s, bench.median([r.get(f"throughput/{p}_tokens_per_s") for r in recs])]
+            for p, s in seconds.items()]
+    rows.append(["sum of phases", phases_s, 100.0,
+                 bench.median([r["throughput/iteration_tokens_per_s"] for r in recs])])
+    rows.append(["step() wall", step_s, 100 * step_s / phases_s, float("nan")])
+    print()
+    table = bench.print_table(["phase", "median s", "% of phases", "gen tokens/s"], rows,
+                              title="rlhf_ray per-phase breakdown (its own metrics, measured iterations)")
+    sync_bytes, sync_s = run["sync_total_bytes"], seconds["sync"]
+    print(f"weight sync: {sync_bytes / 1e6:.1f} MB in {sync_s:.3f} s = {sync_bytes / sync_s / 1e6:.0f} MB/s")
+    return table
+
+
+def print_memory_by_process(results: dict) -> None:
     for side, res in results.items():
         mem = res.get("memory", {}).get("rss_by_process_at_peak", {})
         if mem:
             top = ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in list(mem.items())[:8])
             print(f"{side} RSS at its peak, by process: {top}")
-    if args.profile:
-        print_profiles(results, args.profile_rate)
-    print(f"\n{SHARED_NOTE}")
-    if not args.no_json:
-        for res in results.values():
-            res.pop("traceback", None) if res.get("ok") else None
-        path = write_results(
-            "compare_trl",
-            {
-                "machine": facts,
-                "args": vars(args),
-                "job": job,
-                "table": table,
-                "phase_table": phase_table,
-                "summary": sums,
-                "runs": results,
-            },
-        )
-        print(f"results: {path}")
-        print(f"chart: {chart(path, results, sums, job, facts)}")
-    print(f"work dir (model, logs): {workdir}")
 
 
 def print_profiles(results: dict, rate: int) -> None:
@@ -686,65 +623,32 @@ def print_profiles(results: dict, rate: int) -> None:
             print("  self:      " + "; ".join(f"{100 * v / work:.0f}% {k}" for k, v in prof["by_leaf"]))
 
 
-def chart(path, results: dict, sums: dict, job: str, facts: dict):
-    """PNG next to the JSON: seconds per phase (rlhf_ray's phases, TRL's whole iteration) and the
+def chart(path: Path, payload: dict) -> Path:
+    """Seconds per iteration by phase (rlhf_ray's phases, TRL's whole iteration) and the
     rlhf_ray / TRL ratios."""
-    labels, series = [], {p: [] for p in (*PHASES, "whole iteration (TRL)")}
-    if results.get("rlhf_ray", {}).get("ok"):
-        recs = results["rlhf_ray"]["records"][1:]
+    runs, sums = payload["runs"], payload["summary"]
+    whole = "whole iteration (TRL)"
+    labels, series = [], {p: [] for p in (*PHASES, whole)}
+    if runs.get("rlhf_ray", {}).get("ok"):
         labels.append("rlhf_ray")
-        for p in PHASES:
-            series[p].append(median([r[f"time/{p}_s"] for r in recs]))
-        series["whole iteration (TRL)"].append(0.0)
+        for p, s in phase_seconds(runs["rlhf_ray"]).items():
+            series[p].append(s)
+        series[whole].append(0.0)
     for side in ("trl", "trl_vllm"):
         if side in sums:
             labels.append(side)
             for p in PHASES:
                 series[p].append(0.0)
-            series["whole iteration (TRL)"].append(sums[side]["iteration_s"])
-    panels = [
-        {
-            "title": "median seconds per iteration, by phase",
-            "labels": labels,
-            "stacked": True,
-            "series": series,
-            "ylabel": "s / iteration",
-        }
-    ]
-    if "rlhf_ray" in sums and "trl" in sums:
-        a, b = sums["rlhf_ray"], sums["trl"]
-        names = ["s/iter", "gen tokens/s", "peak RSS", "peak PSS"]
-        vals = [
-            a["iteration_s"] / b["iteration_s"],
-            a["tokens_per_s"] / b["tokens_per_s"],
-            a["peak_rss"] / b["peak_rss"],
-            a["peak_pss"] / b["peak_pss"],
-        ]
-        panels.append(
-            {
-                "title": "rlhf_ray / TRL",
-                "labels": names,
-                "series": {"ratio": vals},
-                "ylabel": "x",
-                "hline": (1.0, "parity"),
-            }
-        )
-    return save_chart(path, panels, f"compare_trl {facts.get('date', '')}: {job[:110]}")
-
-
-def replot(json_path: str) -> None:
-    """Draws the chart of an existing results JSON (``--replot``)."""
-    data = json.loads(Path(json_path).read_text())
-    runs = data["runs"]
-    sums = data.get("summary") or {k: summarise(v) for k, v in runs.items() if v.get("ok")}
-    print(f"chart: {chart(json_path, runs, sums, data.get('job', ''), data.get('machine', {}))}")
-
-
-def _prod(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+            series[whole].append(sums[side]["iteration_s"])
+    panels = [{"title": "median seconds per iteration, by phase", "labels": labels, "stacked": True,
+               "series": series, "ylabel": "s / iteration"}]
+    ratio = rlhf_ray_over_trl(sums)
+    if ratio:
+        keys = ("iteration_s", "tokens_per_s", "peak_rss", "peak_pss")
+        panels.append({"title": "rlhf_ray / TRL", "labels": ["s/iter", "gen tokens/s", "peak RSS", "peak PSS"],
+                       "series": {"ratio": [ratio[k] for k in keys]}, "ylabel": "x", "hline": (1.0, "parity")})
+    title = f"compare_trl {payload['machine'].get('date', '')}: {payload['job'][:110]}"
+    return bench.save_chart(path, panels, title)
 
 
 if __name__ == "__main__":
