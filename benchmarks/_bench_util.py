@@ -392,6 +392,14 @@ def save_chart(json_path: Path, panels: list[dict], title: str) -> Path:
         ax.set_title(panel["title"], fontsize=10)
         if len(series) > 1 or panel.get("stacked"):
             ax.legend(fontsize=8)
+    return save_figure(fig, json_path, title)
+
+
+def save_figure(fig, json_path: Path, title: str) -> Path:
+    """Titles ``fig`` (with the shared-machine note) and writes it next to its results JSON
+    (same name, ``.png``)."""
+    import matplotlib.pyplot as plt
+
     fig.suptitle(f"{title}\n{SHARED_NOTE}", fontsize=9)
     fig.tight_layout()
     png = Path(json_path).with_suffix(".png")

@@ -86,12 +86,7 @@ def chart(json_path, payload: dict):
     ax_t.set_ylabel("s / iteration (median after warm-up)")
     ax_t.set_title("wall-clock seconds per step()")
     title = f"bench_overlap {payload['machine']['date']} {' '.join(payload['args']['overrides'])}"
-    fig.suptitle(f"{title}\n{bench.SHARED_NOTE}", fontsize=9)
-    fig.tight_layout()
-    png = json_path.with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    return bench.save_figure(fig, json_path, title)
 
 
 def print_report(results: list[dict], args) -> tuple[str, str]:

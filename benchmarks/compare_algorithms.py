@@ -1,6 +1,6 @@
 """The method menu on one task with one budget: PPO, GRPO, Dr. GRPO, DAPO, GSPO, CISPO and DPO.
 
-    python benchmarks/compare_algorithms.py [--iterations 20] [--methods ppo,grpo,dapo] [--out runs/compare_algorithms]
+    python benchmarks/compare_algorithms.py [--iterations 40] [--methods ppo,grpo,dapo] [--out runs/compare_algorithms]
 
 SFT once (``configs/method_sft.yaml``: two-digit addition, a tiny model that answers in the right
 format but is often wrong), then each ``configs/method_<name>.yaml`` from that model with the same
@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_util import SHARED_NOTE, announce, write_results  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _bench_util as bench
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RL_METHODS = ["ppo", "grpo", "dr_grpo", "dapo", "gspo", "cispo"]
@@ -31,9 +33,8 @@ METHODS = [*RL_METHODS, "dpo"]
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SHARED_NOTE)
-    parser.add_argument("--iterations", type=int, default=20, help="PPO-family iterations per method")
+    parser = bench.arg_parser(__doc__)
+    parser.add_argument("--iterations", type=int, default=40, help="PPO-family iterations per method")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--out", default="runs/compare_algorithms", help="run folders (the SFT model is reused)")
     args = parser.parse_args()
@@ -64,14 +65,24 @@ def train_sft(out: Path) -> str:
 
 
 def run_method(name: str, out: Path, sft_model: str, iterations: int) -> dict:
-    """One method's run: its per-iteration figures and where its final policy is."""
-    from rlhf_ray.stages.dpo import run_dpo
+    """One method's figures and where its final policy is; a method already run into ``out``
+    with the same iterations is read back, not run again (a later call adds methods)."""
+    saved = out / name / "comparison.json"
+    if saved.exists() and json.loads(saved.read_text()).get("iterations") == iterations:
+        return json.loads(saved.read_text())
+    result = {"iterations": iterations, **_train(name, method_config(name, out, sft_model, iterations))}
+    saved.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _train(name: str, cfg) -> dict:
     from rlhf_ray.stages.ppo import run_ppo
     from rlhf_ray.tracking import read_metrics
 
-    cfg = method_config(name, out, sft_model, iterations)
     start = time.perf_counter()
     if name == "dpo":
+        from rlhf_ray.stages.dpo import run_dpo
+
         summary = run_dpo(cfg)
         steps = [r for r in read_metrics(cfg.run_dir) if "dpo_loss" in r]
         return {"model": summary["model"], "wall_s": time.perf_counter() - start, "steps": len(steps),
@@ -111,12 +122,14 @@ def markdown_table(results: dict, gold: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def chart(path: Path, results: dict, gold: dict[str, float], title: str) -> Path:
+def chart(json_path: Path, payload: dict) -> Path:
+    """Training curves and held-out scores of a results payload (also for ``--replot``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    results, gold = payload["methods"], payload["held_out_gold"]
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, r in results.items():
         if "gold_per_iteration" in r:
@@ -130,28 +143,23 @@ def chart(path: Path, results: dict, gold: dict[str, float], title: str) -> Path
     bars.bar_label(drawn, fmt="%.3f", fontsize=8)
     bars.set(ylabel="held-out gold score (greedy)", title="final policies on held-out prompts")
     bars.tick_params(axis="x", rotation=20)
-    fig.suptitle(f"{title}\n{SHARED_NOTE}", fontsize=9)
-    fig.tight_layout()
-    png = path.with_suffix(".png")
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return png
+    title = f"compare_algorithms {payload['machine']['date']}, {payload['iterations']} iterations"
+    return bench.save_figure(fig, json_path, title)
 
 
 def main() -> None:
     args = parse_args()
-    facts = announce("compare_algorithms")
+    if bench.replot_requested(args, chart):
+        return
+    facts = bench.announce("compare_algorithms")
     out = Path(args.out).resolve()
     sft_model = train_sft(out)
     results = {name: run_method(name, out, sft_model, args.iterations) for name in args.methods.split(",")}
     gold = held_out_gold(out, {"sft": sft_model, **{name: r["model"] for name, r in results.items()}})
     table = markdown_table(results, gold)
     print(table)
-    path = write_results("compare_algorithms", {"machine": facts, "iterations": args.iterations,
-                                                "held_out_gold": gold, "methods": results, "table": table})
-    png = chart(path, results, gold, f"compare_algorithms {facts['date']}, {args.iterations} iterations")
-    print(f"results: {path}\nchart: {png}")
-    print(json.dumps(gold))
+    bench.publish("compare_algorithms", {"machine": facts, "iterations": args.iterations, "held_out_gold": gold,
+                                         "methods": results, "table": table}, chart, args.no_json)
 
 
 if __name__ == "__main__":

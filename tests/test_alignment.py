@@ -115,7 +115,8 @@ def aligned_run(ray_session, tmp_path_factory):
         "ppo.iterations=2", "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4",
         "ppo.prompts_per_iteration=8", "ppo.epochs=2", "ppo.minibatches=2", "policy.num_ranks=2",
         "policy.zero_stage=3", "policy.micro_batch_size=16", "policy.lr=3e-3", "checkpoint.save_final=false",
-        "ppo.ptx_coef=1.0", "ppo.distill_coef=0.1"])  # ptx data: the task's SFT demonstrations
+        "ppo.ptx_coef=1.0", "ppo.distill_coef=0.1",  # ptx data: the task's SFT demonstrations
+        "ppo.is_correction=mis", "ppo.is_level=sequence"])  # sampler/learner mismatch masked per sequence
     trainer = PPOTrainer(cfg)
     try:
         trainer.fit()
@@ -140,3 +141,7 @@ def test_ppo_logs_finite_positive_ptx_and_distill_losses_and_each_criterion(alig
     assert rows[1]["ptx_loss"] < rows[0]["ptx_loss"] - 0.1, rows
     # The policy moves away from the reference, which the distillation term measures.
     assert rows[1]["distill_loss"] > rows[0]["distill_loss"]
+    # MIS on every iteration: vLLM and the learner hold the same weights, so the mismatch is
+    # numerical noise, far below the cap, and no sequence leaves the loss.
+    for row in rows:
+        assert 0 <= row["is/sampler_learner_kl"] < 1e-3 and row["is/affected_fraction"] == 0.0, row

@@ -85,11 +85,26 @@ def test_every_stage_checks_its_model_paths_before_writing(tmp_path, capsys, mon
     assert not (tmp_path / "run").exists()
 
 
+def test_damaged_model_files_are_named_before_any_work(tmp_path, tiny_model_dir, capsys, no_expensive_work):
+    """A truncated weights file and a tokenizer.json cut short (an interrupted download) are named
+    by file, under the key that points at the folder."""
+    import shutil
+
+    for name, damage in (("model.safetensors", lambda b: b[: len(b) // 2]), ("tokenizer.json", lambda b: b[:100])):
+        folder = tmp_path / name
+        shutil.copytree(tiny_model_dir, folder)
+        (folder / name).write_bytes(damage((folder / name).read_bytes()))
+        err = _ppo_error(capsys, tmp_path / "run", f"model.critic={folder}")
+        assert err.startswith(f"rlhf-ray: model.critic: model folder '{folder}': {name} is not "), err
+
+
 def test_safetensors_beside_a_stray_pickle_pass_the_model_check(tmp_path):
     from rlhf_ray.models.loading import check_model_path
 
+    from safetensors.torch import save_file
+
     folder = _model_folder(tmp_path / "m", "pytorch_model.bin")
-    (folder / "model.safetensors").write_bytes(b"\0")
+    save_file({"w": torch.zeros(1)}, folder / "model.safetensors")
     assert check_model_path(folder) == str(folder)
     sharded = _model_folder(tmp_path / "sharded", "pytorch_model-00001-of-00002.bin")
     (sharded / "model.safetensors.index.json").write_text("{}")

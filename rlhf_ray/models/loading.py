@@ -54,11 +54,41 @@ def check_model_path(path: str | os.PathLike) -> str:
                 f"model folder {path!r} has weights only as pickles ({', '.join(pickles)}), which can run code "
                 f"when loaded; convert them to safetensors (transformers: save_pretrained(..., "
                 f"safe_serialization=True)) and remove the pickles")
+        check_model_files(path, names)
     elif os.path.exists(path):
         raise NotADirectoryError(f"model path {path!r} is a file, expected a model folder")
     elif looks_local(path):
         raise FileNotFoundError(f"model path {path!r} does not exist")
     return path
+
+
+class DamagedModelError(BadInputError):
+    """A model folder with a file that cannot be what its name says (truncated, not JSON, ...)."""
+
+
+def check_model_files(path: str, names: list[str]) -> None:
+    """The folder's JSON files parse and its safetensors headers fit their files: a truncated
+    download or a half-written copy is named here, not deep in a worker's traceback. Reads
+    headers only (no tensor data)."""
+    import json
+
+    from safetensors import safe_open
+
+    for name in sorted(names):
+        file = os.path.join(path, name)
+        if name.endswith(".json"):
+            try:
+                with open(file, encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DamagedModelError(f"model folder {path!r}: {name} is not valid JSON ({e})") from None
+        elif name.endswith(".safetensors"):
+            try:
+                with safe_open(file, framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors raises its own error type for every header problem
+                raise DamagedModelError(f"model folder {path!r}: {name} is not a complete safetensors file "
+                                        f"({e}); download or copy it again") from None
 
 
 def _from_pretrained(loader, path: str | os.PathLike, **kwargs):
