@@ -139,6 +139,8 @@ def test_reference_logps_are_reused_only_for_the_same_model_numerics_and_pairs(t
      (r"^rlhf-ray: dpo: no held-out pairs \(data\.eval_fraction is 0 or the data is tiny\); preference accuracy "
       r"cannot be measured$")),
     (["data.preferences={tmp}/missing.jsonl"], r"^rlhf-ray: data file .*/missing\.jsonl does not exist$"),
+    (["data.task=", "scorers.reward_functions=[m:f]"],
+     r"^rlhf-ray: dpo: no preference pairs: give data\.preferences \(or data\.task for the built-in task's pairs\)$"),
     (["dpo.beta=-1"], r"^rlhf-ray: invalid config \(defaults\):\n  dpo\.beta: must be > 0$"),
 ])
 def test_bad_input_stops_rlhf_ray_dpo_before_ray_starts(overrides, expected, tmp_path, capsys, monkeypatch):

@@ -27,10 +27,13 @@ def load_preference_data(cfg: RunConfig, tokenizer, stage: str):
         pairs = formats.apply_prompt_limit(pairs, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow, report)
         if report.eventful:
             print(report.summary())
-    else:
+    elif cfg.data.task:
         from rlhf_ray.tasks import get_task
 
         pairs = formats.task_preferences(get_task(cfg.data.task, cfg.seed), cfg.data.num_preference_pairs)
+    else:
+        raise BadInputError(f"{stage}: no preference pairs: give data.preferences (or data.task for the built-in "
+                            f"task's pairs)")
     train, held_out = formats.split_holdout(pairs, cfg.data.eval_fraction, cfg.seed)
     if not held_out:
         raise BadInputError(f"{stage}: no held-out pairs (data.eval_fraction is 0 or the data is tiny); "
