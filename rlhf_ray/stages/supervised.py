@@ -75,5 +75,6 @@ def train_epochs(name: str, n_rows: int, epochs: int, batch_size: int, seed: int
                 bar.set_postfix({key: f"{stats[key]:.3f}" for key in progress})
             evaluations.append(evaluate())
             metrics.write({**tags, "step": step, "epoch": epoch, **evaluations[-1]})
-            print(f"{name} epoch {epoch}: " + ", ".join(f"held-out {k} {v:.3f}" for k, v in evaluations[-1].items()))
+            print(f"{name} epoch {epoch}: held-out "
+                  + ", ".join(f"{key.removeprefix('eval_')} {value:.3f}" for key, value in evaluations[-1].items()))
     return evaluations, step
