@@ -82,6 +82,31 @@ def test_the_learners_dpo_loss_starts_at_log_2_and_its_steps_raise_the_margin(ti
     assert stats["dpo_margin"] == pytest.approx(stats["dpo_chosen_reward"] - stats["dpo_rejected_reward"], abs=1e-5)
 
 
+def test_every_rank_scores_an_equal_shard(tokenizer):
+    """ZeRO-3 ranks must run as many forward passes: 7 rows over 4 ranks go as 8 (the last row
+    repeated), and the answer is the 7 rows' in order."""
+    from rlhf_ray.stages.dpo import sequence_logprobs
+
+    class Ranks:  # WorkerGroup's contiguous shards; each rank answers its rows' token-id sums
+        def __init__(self, n: int):
+            self.n, self.shard_sizes = n, []
+
+        def __len__(self) -> int:
+            return self.n
+
+        def gather(self, verb: str, batch: RolloutBatch) -> torch.Tensor:
+            assert verb == "sequence_logprobs"
+            shards = batch.chunk(self.n)
+            self.shard_sizes.append([shard.size for shard in shards])
+            return torch.cat([shard.sequences.sum(-1).float() for shard in shards])
+
+    chosen, _ = _pairs(tokenizer, 7)
+    ranks = Ranks(4)
+    assert torch.equal(sequence_logprobs(ranks, chosen), chosen.sequences.sum(-1).float())
+    assert ranks.shard_sizes == [[2, 2, 2, 2]]
+    assert torch.equal(sequence_logprobs(Ranks(7), chosen), chosen.sequences.sum(-1).float())
+
+
 @pytest.mark.parametrize("override,expected", [
     ("dpo.beta=0", "dpo.beta: must be > 0"),
     ("dpo.kind=kto", "dpo.kind must be one of sigmoid, ipo; got 'kto'"),

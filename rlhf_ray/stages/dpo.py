@@ -49,7 +49,7 @@ def run_dpo(cfg: RunConfig) -> dict:
     spec = learner_spec(cfg, pol, policy_path, dpo.batch_size, dpo.lr)
     with WorkerGroup.launch(PolicyLearnerActor, spec, pol, pg) as learners:  # stopped on any failure too
         ref = reference_logps(run_dir / REF_CACHE, pairs, reference_fingerprint(cfg, policy_path, pairs),
-                              lambda batch: learners.gather("sequence_logprobs", batch))
+                              lambda batch: sequence_logprobs(learners, batch))
         pairs = {key: batch.with_extras(ref_logps=ref[key]) for key, batch in pairs.items()}
 
         def train_step(rows: list[int]) -> dict[str, float]:
@@ -58,7 +58,7 @@ def run_dpo(cfg: RunConfig) -> dict:
                                  dpo.beta, dpo.kind, dpo.label_smoothing)
 
         def evaluate() -> dict[str, float]:
-            chosen, rejected = (learners.gather("sequence_logprobs", pairs[f"held_out_{side}"]) for side in SIDES)
+            chosen, rejected = (sequence_logprobs(learners, pairs[f"held_out_{side}"]) for side in SIDES)
             out = algo.dpo_loss(chosen, rejected, ref["held_out_chosen"], ref["held_out_rejected"], dpo.beta,
                                 dpo.kind, dpo.label_smoothing)
             return {f"eval_{key}": value for key, value in dpo_metrics(out).items()}
@@ -78,6 +78,15 @@ def run_dpo(cfg: RunConfig) -> dict:
     print(f"dpo done: held-out reward accuracy {before['eval_dpo_accuracy']:.3f} -> {after['eval_dpo_accuracy']:.3f}, "
           f"margin {before['eval_dpo_margin']:.3f} -> {after['eval_dpo_margin']:.3f}; policy in {model_dir}")
     return summary
+
+
+def sequence_logprobs(learners: WorkerGroup, batch: RolloutBatch) -> torch.Tensor:
+    """The policy's summed response log-probs of every row ``[B]``. The rows are padded (the last
+    one repeated) to a multiple of the ranks: with equal shards every rank runs as many forward
+    passes, which ZeRO-3 needs (each pass gathers the sharded parameters from all ranks)."""
+    padding = -batch.size % len(learners)
+    padded = RolloutBatch.concat([batch, batch.select(torch.full((padding,), batch.size - 1))]) if padding else batch
+    return learners.gather("sequence_logprobs", padded)[: batch.size]
 
 
 def reference_fingerprint(cfg: RunConfig, model_path: str, pairs: dict[str, RolloutBatch]) -> str:
