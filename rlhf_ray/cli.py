@@ -14,6 +14,7 @@ from rlhf_ray.errors import BadInputError
 STAGES = {
     "sft": "rlhf_ray.stages.sft:run_sft",
     "rm": "rlhf_ray.stages.rm:run_rm",
+    "dpo": "rlhf_ray.stages.dpo:run_dpo",
     "ppo": "rlhf_ray.stages.ppo:run_ppo",
     "eval": "rlhf_ray.stages.eval:run_eval",
     "collect": "rlhf_ray.stages.collect:run_collect",

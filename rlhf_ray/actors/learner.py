@@ -224,6 +224,20 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         logprobs, _ = self.logprobs(shard, 1.0)
         return float(-(logprobs * shard.response_mask).sum()), float(shard.response_mask.sum())
 
+    def sequence_logprobs(self, shard: RolloutBatch) -> torch.Tensor:
+        """Each row's summed response log-probs ``[B]`` under the current policy (no gradients):
+        DPO's reference pass before the first step and its held-out evaluation."""
+        self.engine.eval()
+        return scoring.batched_sequence_logprobs(self.engine, shard, self.spec.micro_batch_size)
+
+    def dpo_step(self, chosen: RolloutBatch, rejected: RolloutBatch, beta: float, kind: str,
+                 label_smoothing: float) -> dict[str, float]:
+        """One optimiser step of DPO on this rank's shard of preference pairs: ``chosen`` and
+        ``rejected`` are row-aligned and each carries the frozen reference's sequence log-probs in
+        its ``ref_logps`` extra (``[B]``, computed once before training)."""
+        return self._train_on((chosen, rejected),
+                              lambda pair: dpo_pair_loss(self.engine, *pair, beta, kind, label_smoothing))
+
     # --- weight sync (driver sets it up; every rank takes part in the gather) ---------------
     def weight_manifest(self, bucket_bytes: int) -> dict:
         from rlhf_ray.sync.manifest import build_manifest
@@ -238,6 +252,25 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         else:
             for _ in tensors:  # take part in the gathers, send nothing
                 pass
+
+
+def dpo_pair_loss(model, chosen: RolloutBatch, rejected: RolloutBatch, beta: float, kind: str,
+                  label_smoothing: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """DPO's loss of ``model`` (with gradients) on row-aligned preference pairs whose batches each
+    carry the reference's sequence log-probs in their ``ref_logps`` extra, and its metrics."""
+    out = algo.dpo_loss(scoring.sequence_logprobs(model, chosen), scoring.sequence_logprobs(model, rejected),
+                        chosen.extras["ref_logps"], rejected.extras["ref_logps"], beta, kind, label_smoothing)
+    return out.loss, dpo_metrics(out)
+
+
+def dpo_metrics(out: algo.DPOOutput) -> dict[str, float]:
+    """DPO's loss and its implicit rewards: the share of pairs whose chosen response earns more
+    (reward accuracy), the mean gap (margin) and the mean reward of each side."""
+    return {"dpo_loss": out.loss.item(),
+            "dpo_accuracy": algo.preference_accuracy(out.chosen_rewards, out.rejected_rewards).item(),
+            "dpo_margin": (out.chosen_rewards - out.rejected_rewards).mean().item(),
+            "dpo_chosen_reward": out.chosen_rewards.mean().item(),
+            "dpo_rejected_reward": out.rejected_rewards.mean().item()}
 
 
 class CriticLearnerActor(_LearnerBase):

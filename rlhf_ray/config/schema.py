@@ -24,7 +24,7 @@ class _Problems(list):
 
 
 def _stage_problems(name: str, epochs: int, lr: float, batch_size: int) -> list[Problem]:
-    """What the supervised stages (sft, rm) share."""
+    """What the supervised stages (sft, rm, dpo) share."""
     p = _Problems()
     p.need(epochs >= 1, f"{name}.epochs", "must be >= 1")
     p.need(lr > 0, f"{name}.lr", "must be > 0")
@@ -121,6 +121,37 @@ class RewardModelConfig:
         p.need(self.margin >= 0, "rm.margin", "must be >= 0")
         p.need(self.margin_weight >= 0, "rm.margin_weight", "must be >= 0")
         return p
+
+
+@dataclass
+class DPOConfig:
+    """Direct Preference Optimisation (Rafailov et al. 2023) on the preference pairs ``rm`` reads;
+    learner resources, ZeRO and LoRA settings come from ``policy``, the frozen reference is the
+    starting policy (model.policy: the SFT output in the pipeline)."""
+
+    epochs: int = 2  # passes over the preference pairs
+    lr: float = 1e-4  # peak learning rate (AdamW)
+    batch_size: int = 32  # preference pairs per optimiser step, over all ranks
+    beta: float = 0.1  # strength of the implicit KL to the reference: implicit reward = beta * log(pi / ref)
+    kind: Literal["sigmoid", "ipo"] = "sigmoid"  # sigmoid: DPO's logistic loss; ipo: IPO's squared loss (Azar et al. 2023)
+    label_smoothing: float = 0.0  # sigmoid only: assumed share of flipped labels (conservative DPO)
+
+    def problems(self) -> list[Problem]:
+        p = _Problems(_stage_problems("dpo", self.epochs, self.lr, self.batch_size))
+        p.need(self.beta > 0, "dpo.beta", "must be > 0")
+        p.need(0 <= self.label_smoothing < 0.5, "dpo.label_smoothing",
+               "must be in [0, 0.5) (at 0.5 chosen and rejected would be interchangeable)")
+        p.need(self.kind == "sigmoid" or self.label_smoothing == 0, "dpo.label_smoothing",
+               "applies to dpo.kind=sigmoid only (ipo's squared loss has no label-noise term)")
+        return p
+
+
+@dataclass
+class PipelineConfig:
+    """``rlhf-ray pipeline``: SFT, then the preference stage(s), then the eval table."""
+
+    # ppo: SFT -> reward model -> PPO -> eval; dpo: SFT -> DPO -> eval (no reward model, no rollouts)
+    method: Literal["ppo", "dpo"] = "ppo"
 
 
 @dataclass
@@ -550,6 +581,8 @@ class RunConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RewardModelConfig = field(default_factory=RewardModelConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
 
@@ -566,8 +599,8 @@ class RunConfig:
         Each section checks its own fields; what ties sections together is checked here."""
         p = _Problems()
         for section in (self.model, self.data, self.rollout, self.scorers, self.ppo, self.sync, self.safeguards,
-                        self.checkpoint, self.faults, self.logging, self.cluster, self.sft, self.rm, self.eval,
-                        self.collect):
+                        self.checkpoint, self.faults, self.logging, self.cluster, self.sft, self.rm, self.dpo,
+                        self.eval, self.collect):
             p.extend(section.problems())
         p.extend(self.policy.problems("policy"))
         p.extend(self.critic.problems("critic"))
@@ -601,6 +634,8 @@ class RunConfig:
                    f"(ppo.prompts_per_iteration x rollout.samples_per_prompt / ppo.minibatches)")
         p.need(self.sft.batch_size >= self.policy.num_ranks, "sft.batch_size",
                f"{self.sft.batch_size} rows cannot split over policy.num_ranks={self.policy.num_ranks}")
+        p.need(self.dpo.batch_size >= self.policy.num_ranks, "dpo.batch_size",
+               f"{self.dpo.batch_size} pairs cannot split over policy.num_ranks={self.policy.num_ranks}")
         p.need(self.rm.batch_size >= self.critic.num_ranks, "rm.batch_size",
                f"{self.rm.batch_size} pairs cannot split over critic.num_ranks={self.critic.num_ranks}")
         p.need(self.sync.transport != "shm" or self.backend != "cuda", "sync.transport",

@@ -117,6 +117,12 @@ def response_logprobs(model, batch: RolloutBatch, temperature: float = 1.0, with
     return logprobs, entropy_from_logits(logits) * batch.response_mask
 
 
+def sequence_logprobs(model, batch: RolloutBatch) -> torch.Tensor:
+    """Each row's log-likelihood of its whole response (its tokens' log-probs summed): ``[B]``,
+    DPO's sequence log-probs."""
+    return response_logprobs(model, batch).sum(-1)  # padding is already 0
+
+
 def response_values(value_model, batch: RolloutBatch) -> torch.Tensor:
     """Values of the states before each response token: ``[B, R]``."""
     return _response_outputs(_value_forward(value_model), value_model, batch).float() * batch.response_mask
@@ -155,6 +161,13 @@ def batched_logprobs(model, batch: RolloutBatch, micro_batch_size: int, temperat
         lambda mb: response_logprobs(model, mb, temperature, with_entropy=True), batch, micro_batch_size,
         device_of(model))
     return logprobs, entropy
+
+
+@torch.no_grad()
+def batched_sequence_logprobs(model, batch: RolloutBatch, micro_batch_size: int) -> torch.Tensor:
+    """:func:`sequence_logprobs` ``[B]`` computed in micro-batches without gradients."""
+    return _by_sorted_micro_batches(lambda mb: (sequence_logprobs(model, mb),), batch, micro_batch_size,
+                                    device_of(model))[0]
 
 
 @torch.no_grad()

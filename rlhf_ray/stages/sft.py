@@ -7,9 +7,6 @@ optimiser step, plus held-out loss per epoch) and ``summary.json``.
 from __future__ import annotations
 
 import json
-import random
-
-from tqdm import tqdm
 
 from rlhf_ray.actors.learner import PolicyLearnerActor
 from rlhf_ray.actors.placement import learner_placement_group, learner_spec
@@ -17,6 +14,7 @@ from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.tokenize import encode_pairs
 from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
+from rlhf_ray.stages.supervised import train_epochs
 from rlhf_ray.tracking import MetricsWriter, plot_metrics
 
 
@@ -80,24 +78,13 @@ def run_sft(cfg: RunConfig) -> dict:
             parts = learners.submit("sft_eval_loss", encode(held_out)).results()
             return sum(p[0] for p in parts) / max(1.0, sum(p[1] for p in parts))
 
+        def train_step(rows: list[int]) -> dict[str, float]:
+            return learners.call("sft_step", encode([train[j] for j in rows]))
+
         metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
-        rng = random.Random(cfg.seed)
-        steps_per_epoch = max(1, len(train) // sft.batch_size)
-        step, eval_losses = 0, [held_out_loss()]
-        metrics.write({"step": 0, "epoch": 0, "eval_loss": eval_losses[0]})
-        with tqdm(total=sft.epochs * steps_per_epoch, desc="sft", unit="step") as bar:
-            for epoch in range(1, sft.epochs + 1):
-                order = list(range(len(train)))
-                rng.shuffle(order)
-                for i in range(steps_per_epoch):
-                    batch = encode([train[j] for j in order[i * sft.batch_size:(i + 1) * sft.batch_size]])
-                    stats = learners.call("sft_step", batch)
-                    step += 1
-                    metrics.write({"step": step, "epoch": epoch, **stats})
-                    bar.update()
-                    bar.set_postfix(loss=f"{stats['sft_loss']:.3f}")
-                eval_losses.append(held_out_loss())
-                metrics.write({"step": step, "epoch": epoch, "eval_loss": eval_losses[-1]})
+        evaluations, step = train_epochs("sft", len(train), sft.epochs, sft.batch_size, cfg.seed, train_step,
+                                         lambda: {"eval_loss": held_out_loss()}, metrics, progress=("sft_loss",))
+        eval_losses = [e["eval_loss"] for e in evaluations]
 
         model_dir = run_dir / "model"
         learners.run("save", str(model_dir))
