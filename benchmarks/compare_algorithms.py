@@ -105,6 +105,7 @@ def held_out_gold(out: Path, models: dict[str, str]) -> dict[str, float]:
 
     cfg = load_config(CONFIGS / "method_grpo.yaml", [f"run_dir={out / 'eval'}", "eval.max_new_tokens=6"])
     prompts, references = eval_data(cfg, load_tokenizer(models["sft"]))
+    (out / "eval").mkdir(parents=True, exist_ok=True)
     report = compare_checkpoints(cfg, models, out / "eval", prompts, references)
     return {name: row["gold_score"] for name, row in report["models"].items()}
 

@@ -99,9 +99,9 @@ def test_damaged_model_files_are_named_before_any_work(tmp_path, tiny_model_dir,
 
 
 def test_safetensors_beside_a_stray_pickle_pass_the_model_check(tmp_path):
-    from rlhf_ray.models.loading import check_model_path
-
     from safetensors.torch import save_file
+
+    from rlhf_ray.models.loading import check_model_path
 
     folder = _model_folder(tmp_path / "m", "pytorch_model.bin")
     save_file({"w": torch.zeros(1)}, folder / "model.safetensors")

@@ -72,7 +72,7 @@ def check_model_files(path: str, names: list[str]) -> None:
     headers only (no tensor data)."""
     import json
 
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     for name in sorted(names):
         file = os.path.join(path, name)
@@ -86,7 +86,7 @@ def check_model_files(path: str, names: list[str]) -> None:
             try:
                 with safe_open(file, framework="pt") as f:
                     f.keys()
-            except Exception as e:  # safetensors raises its own error type for every header problem
+            except (SafetensorError, OSError) as e:
                 raise DamagedModelError(f"model folder {path!r}: {name} is not a complete safetensors file "
                                         f"({e}); download or copy it again") from None
 
