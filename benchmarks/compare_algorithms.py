@@ -87,7 +87,7 @@ def _train(name: str, cfg) -> dict:
         steps = [r for r in read_metrics(cfg.run_dir) if "dpo_loss" in r]
         return {"model": summary["model"], "wall_s": time.perf_counter() - start, "steps": len(steps),
                 "seconds_per_step": (time.perf_counter() - start) / max(1, len(steps)),
-                "held_out_accuracy": summary.get("held_out_accuracy")}
+                "held_out_accuracy": summary["held_out"]["eval_dpo_accuracy"]}
     history = [r for r in run_ppo(cfg) if "skipped_nonfinite" not in r]
     return {"model": str(Path(cfg.run_dir) / "policy"), "wall_s": time.perf_counter() - start,
             "gold_per_iteration": [r["gold_score_mean"] for r in history],

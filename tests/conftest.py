@@ -46,13 +46,13 @@ class RewardServer:
     bytes than a small limit (``/big-unsized`` without a Content-Length); ``/down`` answers 503.
     With ``token`` set, requests without ``Authorization: Bearer <token>`` get 401."""
 
-    def __init__(self, token: str = "", stall_s: float = 1.0):
+    def __init__(self, token: str = "", stall_s: float = 60.0):
         import http.server
         import json
         import threading
-        import time
 
         self.token, self.seen = token, []  # seen: (path, Authorization header) per request
+        self.release = threading.Event()  # ends a stall early (at close)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -64,7 +64,7 @@ class RewardServer:
                 if self.path == "/down":
                     return self._send(503, b"{}")
                 if self.path == "/slow-first" and sum(p == self.path for p, _ in server.seen) == 1:
-                    time.sleep(stall_s)
+                    server.release.wait(stall_s)
                 if self.path.startswith("/big"):
                     return self._send(200, b'{"scores": [' + b"0.0, " * 1000 + b"0.0]}", self.path == "/big")
                 scores = [sum(c.isdigit() for c in r) / max(1, len(r)) for r in body["responses"]]
@@ -90,6 +90,7 @@ class RewardServer:
         return f"http://127.0.0.1:{self._httpd.server_address[1]}{path}"
 
     def close(self) -> None:
+        self.release.set()
         self._httpd.shutdown()
         self._httpd.server_close()
 
