@@ -48,6 +48,35 @@ def test_matrix_builds_each_architecture_with_its_traits(arch_dirs):
         assert torch.equal(first, next(iter(again.state_dict().values())))
 
 
+# Attention projections as each architecture names them (what users write in lora.target_modules).
+ATTENTION = {"phi3": ["qkv_proj", "o_proj"], "gpt2": ["c_attn", "c_proj"]}
+
+
+def test_lora_targets_are_checked_against_each_architectures_modules(arch_dirs):
+    """On a meta-device skeleton (no weights read): Llama-style names fit every architecture but
+    Phi-3 (fused qkv) and GPT-2 (Conv1D c_attn), which are refused naming their own layers."""
+    from rlhf_ray.models.lora import missing_target_modules
+
+    for arch, path in arch_dirs.items():
+        missing, linear = missing_target_modules(path, ["q_proj", "v_proj"])
+        assert missing == ([] if arch not in ATTENTION else ["q_proj", "v_proj"]), arch
+        assert missing_target_modules(path, ATTENTION.get(arch, ["q_proj", "o_proj"]))[0] == [], arch
+        assert set(ATTENTION.get(arch, ["q_proj", "o_proj"])) <= set(linear), (arch, linear)
+
+
+def test_a_lora_target_the_model_lacks_stops_the_stage_before_ray(arch_dirs, tmp_path, capsys, monkeypatch):
+    from rlhf_ray.cli import main
+    from rlhf_ray.stages import sft
+
+    monkeypatch.setattr(sft, "begin", lambda *a: pytest.fail("bad input was not caught before Ray started"))
+    argv = ["sft", f"run_dir={tmp_path}", f"model.policy={arch_dirs['gpt2']}", "policy.lora.rank=4",
+            "policy.lora.target_modules=[q_proj, v_proj]", "data.max_prompt_tokens=32"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rlhf-ray: policy.lora.target_modules: q_proj, v_proj name no module of ") and \
+        "its linear layers: c_attn, c_fc, c_proj" in err, err
+
+
 def test_unknown_architecture_names_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture 'bloom'.*gemma"):
         build_tiny_architecture(tmp_path / "x", "bloom")

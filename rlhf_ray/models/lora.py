@@ -43,6 +43,24 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return get_peft_model(model, config)
 
 
+def missing_target_modules(model_path: str, targets: list[str], trust_remote_code: bool = False
+                           ) -> tuple[list[str], list[str]]:
+    """(the ``targets`` that name no module of the model, the names of its linear layers), read
+    from a skeleton of the model on the meta device: no weight is loaded. peft matches a target
+    against a module's full name or its last parts, as here; GPT-2's linear layers are ``Conv1D``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    linear = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                     if isinstance(module, nn.Linear | Conv1D)})
+    return missing, linear
+
+
 def is_lora(model: nn.Module) -> bool:
     return any(".lora_" in name for name, _ in model.named_parameters())
 

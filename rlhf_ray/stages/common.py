@@ -69,6 +69,24 @@ def check_model_fits(cfg: RunConfig, model_path: str) -> None:
     if problems:
         raise ConfigError("config does not fit the model " + model_path + ":\n"
                           + "\n".join(f"  {key}: {msg}" for key, msg in problems))
+    check_lora_targets(cfg, "policy", model_path)
+    if cfg.uses_critic:
+        check_lora_targets(cfg, "critic", cfg.model.critic or model_path)
+
+
+def check_lora_targets(cfg: RunConfig, section: str, model_path: str) -> None:
+    """Refuses ``<section>.lora.target_modules`` naming no module of the model (GPT-2 has no
+    q_proj), before any actor starts; the message lists the model's linear layers."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.lora import missing_target_modules
+
+    lora = getattr(cfg, section).lora
+    if not (lora.rank and lora.target_modules):
+        return
+    missing, linear = missing_target_modules(model_path, lora.target_modules, cfg.model.trust_remote_code)
+    if missing:
+        raise ConfigError(f"{section}.lora.target_modules: {', '.join(missing)} name no module of {model_path}; "
+                          f"its linear layers: {', '.join(linear)} (or leave the list empty: every linear layer)")
 
 
 def reward_sources(cfg: RunConfig) -> tuple[list[str], list[float]]:

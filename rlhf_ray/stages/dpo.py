@@ -24,7 +24,7 @@ from rlhf_ray.actors.placement import learner_placement_group, learner_spec
 from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
+from rlhf_ray.stages.common import begin, check_lora_targets, prepare_run, resolve_policy_path
 from rlhf_ray.stages.supervised import encode_side, load_preference_data, train_epochs
 from rlhf_ray.tracking import MetricsWriter, plot_metrics
 
@@ -37,6 +37,7 @@ def run_dpo(cfg: RunConfig) -> dict:
 
     run_dir = prepare_run(cfg)
     policy_path = resolve_policy_path(cfg, run_dir)
+    check_lora_targets(cfg, "policy", policy_path)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_preference_data(cfg, tokenizer, "dpo")
     # Encoded once: every batch is a selection of rows, each carrying its reference log-probs.

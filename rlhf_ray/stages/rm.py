@@ -17,7 +17,7 @@ from rlhf_ray.actors.learner import RewardLearnerActor
 from rlhf_ray.actors.placement import learner_placement_group, learner_spec
 from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
-from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
+from rlhf_ray.stages.common import begin, check_lora_targets, prepare_run, resolve_policy_path
 from rlhf_ray.stages.supervised import encode_side, load_preference_data, train_epochs
 from rlhf_ray.tracking import MetricsWriter, plot_metrics
 
@@ -29,6 +29,7 @@ def run_rm(cfg: RunConfig) -> dict:
 
     run_dir = prepare_run(cfg)
     init_path = cfg.rm.init or resolve_policy_path(cfg, run_dir)
+    check_lora_targets(cfg, "critic", init_path)
     tokenizer = load_tokenizer(init_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_preference_data(cfg, tokenizer, "rm")
     begin(cfg, run_dir)

@@ -13,7 +13,7 @@ from rlhf_ray.actors.placement import learner_placement_group, learner_spec
 from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.tokenize import encode_pairs
-from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
+from rlhf_ray.stages.common import begin, check_lora_targets, prepare_run, resolve_policy_path
 from rlhf_ray.stages.supervised import train_epochs
 from rlhf_ray.tracking import MetricsWriter, plot_metrics
 
@@ -59,6 +59,7 @@ def run_sft(cfg: RunConfig) -> dict:
 
     run_dir = prepare_run(cfg)
     base_path = resolve_policy_path(cfg, run_dir)
+    check_lora_targets(cfg, "policy", base_path)
     tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_sft_data(cfg, tokenizer)
     begin(cfg, run_dir)
