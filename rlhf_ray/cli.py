@@ -105,11 +105,11 @@ def _check_sync(args) -> int:
     import json
 
     from rlhf_ray.engines.sync_roundtrip import sync_roundtrip
-    from rlhf_ray.models.loading import check_model_path
+    from rlhf_ray.models.loading import check_model_folder
 
     try:
         for model in args.models:
-            check_model_path(model)
+            check_model_folder(model)
     except (BadInputError, FileNotFoundError, NotADirectoryError) as e:
         print(f"rlhf-ray: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,6 @@ def check_model_path(path: str | os.PathLike) -> str:
                 f"model folder {path!r} has weights only as pickles ({', '.join(pickles)}), which can run code "
                 f"when loaded; convert them to safetensors (transformers: save_pretrained(..., "
                 f"safe_serialization=True)) and remove the pickles")
-        check_model_files(path, names)
     elif os.path.exists(path):
         raise NotADirectoryError(f"model path {path!r} is a file, expected a model folder")
     elif looks_local(path):
@@ -66,15 +65,19 @@ class DamagedModelError(BadInputError):
     """A model folder with a file that cannot be what its name says (truncated, not JSON, ...)."""
 
 
-def check_model_files(path: str, names: list[str]) -> None:
-    """The folder's JSON files parse and its safetensors headers fit their files: a truncated
-    download or a half-written copy is named here, not deep in a worker's traceback. Reads
-    headers only (no tensor data)."""
+def check_model_folder(path: str | os.PathLike) -> str:
+    """``check_model_path``, then the folder's JSON files parse and its safetensors headers fit
+    their files: a truncated download or a half-written copy is named before a run starts, not
+    deep in a worker's traceback. Reads headers only (no tensor data); for the checks of user
+    input at a stage's start, while every load calls only the cheap ``check_model_path``."""
     import json
 
     from safetensors import SafetensorError, safe_open
 
-    for name in sorted(names):
+    path = check_model_path(path)
+    if not os.path.isdir(path):
+        return path  # a hub name: transformers fetches and checks it
+    for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
         if name.endswith(".json"):
             try:
@@ -89,6 +92,7 @@ def check_model_files(path: str, names: list[str]) -> None:
             except (SafetensorError, OSError) as e:
                 raise DamagedModelError(f"model folder {path!r}: {name} is not a complete safetensors file "
                                         f"({e}); download or copy it again") from None
+    return path
 
 
 def _from_pretrained(loader, path: str | os.PathLike, **kwargs):

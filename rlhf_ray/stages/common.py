@@ -43,7 +43,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """Model folders and secrets the run needs, each checked before any actor starts; the error
     names the config key."""
     from rlhf_ray.config import ConfigError
-    from rlhf_ray.models.loading import check_model_path
+    from rlhf_ray.models.loading import check_model_folder
 
     paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
              ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward)),
@@ -51,7 +51,7 @@ def check_inputs(cfg: RunConfig) -> None:
     for key, path in paths:
         if path:
             try:
-                check_model_path(path)
+                check_model_folder(path)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
     token = cfg.scorers.http.token_env

@@ -172,7 +172,7 @@ def compare_checkpoints(cfg: RunConfig, models: dict[str, str], run_dir: Path, p
 
 
 def run_eval(cfg: RunConfig) -> dict:
-    from rlhf_ray.models.loading import check_model_path, load_tokenizer
+    from rlhf_ray.models.loading import check_model_folder, load_tokenizer
 
     if not cfg.eval.models:
         raise ValueError("eval.models is empty: name the checkpoints to compare, e.g. "
@@ -184,7 +184,7 @@ def run_eval(cfg: RunConfig) -> dict:
                 for name, judge in cfg.scorers.criteria.items() if judge.startswith("rm:")}}
     for key, path in paths.items():
         try:
-            check_model_path(path)
+            check_model_folder(path)
         except (FileNotFoundError, NotADirectoryError) as e:
             raise FileNotFoundError(f"{key}: {e}") from None
     tokenizer = load_tokenizer(next(iter(cfg.eval.models.values())), trust_remote_code=cfg.model.trust_remote_code)
