@@ -18,6 +18,11 @@ from pathlib import Path
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Printable ASCII minus the characters that never occur in text we train on.
 CHARSET = string.digits + string.ascii_letters + " +-*/=?.,:;!'\"()[]#\n"
+# What tool calls in the Hermes/Qwen form (``<tool_call>{"name": ...}</tool_call>``) need beyond
+# CHARSET; appended, so every other character keeps its id. Only models built with
+# ``TinyModelSpec(tool_chars=True)`` have them (the multi-turn agent tasks): adding them to every
+# tiny model would change its random weights.
+TOOL_CHARS = "<>{}_"
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class TinyModelSpec:
     intermediate_size: int = 256
     max_positions: int = 256
     seed: int = 0
+    tool_chars: bool = False  # the tokenizer knows TOOL_CHARS too
 
     @classmethod
     def of_width(cls, hidden_size: int, num_layers: int, intermediate_size: int = 0, seed: int = 0) -> TinyModelSpec:
@@ -39,11 +45,11 @@ class TinyModelSpec:
                    intermediate_size=intermediate_size or 2 * hidden_size, seed=seed)
 
 
-def build_tokenizer():
+def build_tokenizer(tool_chars: bool = False):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARSET])}
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, UNK, *CHARSET, *(TOOL_CHARS if tool_chars else "")])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -68,7 +74,7 @@ def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModel
     spec_json = json.dumps(spec.__dict__, sort_keys=True)
     if marker.exists() and marker.read_text() == spec_json:
         return out
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(spec.tool_chars)
     cfg = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,

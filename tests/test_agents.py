@@ -1,0 +1,353 @@
+"""Multi-turn rollouts with tools, in one process (no Ray): the tool-call parser, the tool runner
+and its failures, trajectories built token in, token out, the turn formats, the built-in
+calculator task, and the rollout loop (with a real HF engine, and with a scripted policy where a
+policy that calls tools is needed: a random tiny model never writes a tool call)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+
+import agent_tool_faults as faults
+import pytest
+
+from rlhf_ray.agents import (
+    Environment,
+    Limits,
+    Step,
+    Tool,
+    ToolCall,
+    ToolCallError,
+    ToolRunner,
+    Trajectory,
+    parse_tool_calls,
+)
+from rlhf_ray.agents.loop import BAD_CALL, AgentRollout, EngineSampler
+from rlhf_ray.agents.render import ChatTemplateFormat, PlainFormat, turn_format
+from rlhf_ray.agents.runner import DIED, GARBAGE, RAISED, TIMEOUT
+from rlhf_ray.agents.trajectory import DONE, MAX_TOKENS, MAX_TURNS
+from rlhf_ray.engines.sampling import Generation, SamplingSpec
+from rlhf_ray.models.tiny import build_tokenizer
+from rlhf_ray.tasks.multiplication import (
+    CALC,
+    CalculatorEnv,
+    MultiplicationTask,
+    calc,
+    call_text,
+    gold_reward,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(tool_chars=True)
+
+
+# --- parsing tool calls -------------------------------------------------------------------------
+def test_tool_calls_parse_in_order_and_bad_ones_say_what_is_wrong():
+    message = ('let me see <tool_call>{"name": "calc", "arguments": {"expr": "2*3"}}</tool_call> and '
+               '<tool_call>{"name": "calc", "arguments": {"expr": "4"}}</tool_call>')
+    assert parse_tool_calls(message, {"calc"}) == [ToolCall("calc", {"expr": "2*3"}), ToolCall("calc", {"expr": "4"})]
+    assert parse_tool_calls("no call here, just 6", {"calc"}) == []
+    cases = {'<tool_call>{"name": "calc", "arguments": {"expr": </tool_call>': "not JSON",
+             '<tool_call>{"arguments": {}}</tool_call>': '{"name"',
+             '<tool_call>["calc"]</tool_call>': '{"name"',
+             '<tool_call>{"name": "calc", "arguments": "2*3"}</tool_call>': "arguments must be a JSON object",
+             '<tool_call>{"name": "rm", "arguments": {}}</tool_call>': "unknown tool 'rm'; tools: calc",
+             '<tool_call>{"name": "calc", "argu': "unclosed <tool_call>"}
+    for message, error in cases.items():
+        [parsed] = parse_tool_calls(message, {"calc"})
+        assert isinstance(parsed, ToolCallError) and error in parsed.error, (message, parsed)
+    # A call without arguments has empty ones.
+    assert parse_tool_calls('<tool_call>{"name": "calc"}</tool_call>') == [ToolCall("calc", {})]
+
+
+# --- the tool runner ----------------------------------------------------------------------------
+def _tool(function, name=None) -> Tool:
+    return Tool(name or function.__name__, function, "test tool")
+
+
+def test_tool_runner_turns_every_failure_into_an_error_result_and_keeps_serving():
+    tools = [CALC, _tool(faults.raises), _tool(faults.hangs), _tool(faults.garbage), _tool(faults.kills_its_process),
+             _tool(faults.floods)]
+    with ToolRunner(tools, workers=2, timeout_s=1.0, max_chars=50) as runner:
+        assert runner.run(ToolCall("calc", {"expr": "37*58"})).content == "2146"
+        raised = runner.run(ToolCall("raises", {"x": 7}))
+        assert (raised.error, raised.content) == (RAISED, "error: RuntimeError: cannot handle 7")
+        bad_arguments = runner.run(ToolCall("calc", {"expression": "1+1"}))  # wrong keyword: the tool raises
+        assert bad_arguments.error == RAISED and "expression" in bad_arguments.content
+        start = time.monotonic()
+        hung = runner.run(ToolCall("hangs", {"seconds": 60}))
+        assert hung.error == TIMEOUT and "did not answer within 1 s" in hung.content
+        assert time.monotonic() - start < 10  # killed at its limit, not waited for
+        assert runner.run(ToolCall("garbage", {})).error == GARBAGE
+        assert runner.run(ToolCall("kills_its_process", {})).error == DIED
+        flood = runner.run(ToolCall("floods", {"n": 10_000}))
+        assert flood.error == "" and flood.content.startswith("x" * 50) and "cut at 50 characters" in flood.content
+        # After a timeout and a crash, fresh processes serve the next calls.
+        assert [runner.run(ToolCall("calc", {"expr": f"{i}*2"})).content for i in range(3)] == ["0", "2", "4"]
+
+
+def test_tool_runner_refuses_a_function_a_tool_process_cannot_import():
+    with pytest.raises(ValueError, match="tool 'inline': its function must be a module-level function"):
+        ToolRunner([Tool("inline", lambda: 1, "not importable")])
+
+
+def test_a_slow_tool_does_not_hold_up_the_other_calls():
+    with ToolRunner([_tool(faults.hangs), _tool(faults.echo)], workers=2, timeout_s=5.0) as runner:
+        slow = runner.submit(ToolCall("hangs", {"seconds": 1.5}))
+        fast = runner.submit(ToolCall("echo", {"text": "hi"}))
+        assert fast.result(timeout=1.2).content == "hi" and not slow.done()
+        assert slow.result().content == "woke up"
+
+
+# --- trajectories and turn formats --------------------------------------------------------------
+def test_trajectory_appends_tokens_as_given_and_marks_only_the_policys():
+    t = Trajectory(0, [5, 6])
+    t.add_generation([10, 11, 2], [-0.1, -0.2, -0.3], "ab")
+    t.add_observation([20, 21], "tool", "r")
+    t.add_generation([12, 2], [-0.4, -0.5], "c")
+    assert t.tokens == [5, 6, 10, 11, 2, 20, 21, 12, 2]
+    assert t.policy_mask == [1, 1, 1, 0, 0, 1, 1]
+    assert t.logprobs == [-0.1, -0.2, -0.3, 0.0, 0.0, -0.4, -0.5]
+    assert (t.generated_tokens, t.observed_tokens, t.policy_turns) == (5, 2, 2)
+    assert [(turn.role, turn.start, turn.end) for turn in t.turns] == [("assistant", 0, 3), ("tool", 3, 5),
+                                                                       ("assistant", 5, 7)]
+    assert t.room(Limits(max_tokens=10, max_new_tokens=8)) == 3
+    with pytest.raises(ValueError, match="2 generated tokens but 1 log-probs"):
+        t.add_generation([1, 2], [-1.0], "x")
+
+
+def test_plain_format_lays_out_turns_as_the_demonstrations_do(tokenizer):
+    fmt = PlainFormat(tokenizer)
+    task = MultiplicationTask()
+    prompt = fmt.prompt_ids("37*58=", [CALC.schema()])
+    call = tokenizer(call_text("37*58"), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    observed = fmt.observation_ids([{"role": "tool", "content": "2146"}], call)
+    answer = tokenizer("2146", add_special_tokens=False)["input_ids"]
+    demo = tokenizer(task.transcript(37, 58), add_special_tokens=False)["input_ids"]
+    assert prompt == tokenizer("37*58=")["input_ids"]
+    assert call + observed + answer == demo  # RL trajectories and SFT demonstrations share one layout
+
+
+# A Hermes-style template (Qwen 2.5's layout), for the chat-template format on the tiny tokenizer.
+HERMES_TEMPLATE = (
+    "{% if tools %}<s>system\nTools: {{ tools | map(attribute='function.name') | join(',') }}</s>\n{% endif %}"
+    "{% for m in messages %}"
+    "{% if m.role == 'tool' %}<s>user\n<tool_response>{{ m.content }}</tool_response></s>\n"
+    "{% else %}<s>{{ m.role }}\n{{ m.content }}</s>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+def test_chat_template_observations_continue_the_policys_turn_as_the_template_renders_it():
+    tokenizer = build_tokenizer(tool_chars=True)
+    tokenizer.chat_template = HERMES_TEMPLATE
+    fmt = turn_format(tokenizer)
+    assert isinstance(fmt, ChatTemplateFormat) and fmt.turn_end == "</s>\n"
+    prompt = fmt.prompt_ids("3*4=", [CALC.schema()])
+    call = tokenizer(call_text("3*4"), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    observed = fmt.observation_ids([{"role": "tool", "content": "12"}], call)
+    # The same conversation rendered whole: the pieces appended turn by turn equal it token for token.
+    whole = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "3*4="}, {"role": "assistant", "content": call_text("3*4")},
+         {"role": "tool", "content": "12"}], tools=[CALC.schema()], tokenize=False, add_generation_prompt=True)
+    assert prompt + call + observed == tokenizer(whole, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(observed) == "\n<s>user\n<tool_response>12</tool_response></s>\n<s>assistant\n"
+    assert isinstance(turn_format(build_tokenizer()), PlainFormat)
+
+
+# --- the built-in calculator task ---------------------------------------------------------------
+def test_calculator_tool_computes_arithmetic_and_refuses_anything_else():
+    assert (calc("37*58"), calc("(7+3)/4"), calc("-3*2"), calc("9/3")) == (2146, 2.5, -6, 3)
+    for bad in ("__import__('os').getcwd()", "2**100000", "x*2", "[1]*3"):
+        with pytest.raises(ValueError, match="not arithmetic"):
+            calc(bad)
+
+
+def test_multiplication_gold_scorer_reads_the_final_answer():
+    task = MultiplicationTask()
+    assert task.gold_score("37*58=", task.transcript(37, 58)) == 1.0
+    assert task.gold_score("37*58=", "2146") == 1.0
+    assert task.gold_score("37*58=", task.transcript(37, 58, answer=2147)) == 0.0
+    assert task.gold_score("37*58=", call_text("37*58")) == 0.0  # asked, never answered
+    assert gold_reward(["10*10=", "10*10="], ["100", "10"]) == [1.0, 0.0]
+    with pytest.raises(ValueError, match="not a multiplication prompt"):
+        task.gold_score("3+4=", "7")
+
+
+def test_multiplication_demonstrations_mostly_use_the_tool_and_some_are_imperfect():
+    task = MultiplicationTask()
+    rows = task.sft_examples(400, error_rate=0.2, no_tool_rate=0.25)
+    with_tool = [r for r in rows if "<tool_call>" in r["response"]]
+    right = [task.gold_score(r["prompt"], r["response"]) for r in with_tool]
+    assert 0.65 < len(with_tool) / len(rows) < 0.85
+    assert 0.7 < sum(right) / len(right) < 0.95  # the imperfect ones
+    assert all(task.gold_score(r["prompt"], r["response"]) == 0.0 for r in rows if r not in with_tool)
+    assert len(set(task.prompts(50, "train")) & set(task.prompts(50, "eval"))) < 5
+    pair = task.preference_pairs(1)[0]
+    assert task.gold_score(pair["prompt"], pair["chosen"]) == 1.0 > task.gold_score(pair["prompt"], pair["rejected"])
+
+
+# --- the rollout loop ---------------------------------------------------------------------------
+class ScriptedPolicy:
+    """A stand-in for a policy that calls tools (a random tiny model never writes one): the reply
+    to a prompt is ``script(prompt_text)``, tokenised, ended with EOS, each token at log-prob -0.5.
+    Records when each call was answered."""
+
+    engines = 2
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script, self.answered = tokenizer, script, []
+
+    def submit(self, prompt_ids, spec):
+        future = Future()
+        generations = []
+        for i, ids in enumerate(prompt_ids):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            reply = self.tokenizer(self.script(text), add_special_tokens=False)["input_ids"] + [2]
+            finish = "stop" if len(reply) <= spec.max_new_tokens else "length"
+            reply = reply[: spec.max_new_tokens]
+            generations.append(Generation(i, list(ids), reply, [-0.5] * len(reply), finish))
+        self.answered.append((time.monotonic(), [self.tokenizer.decode(ids) for ids in prompt_ids]))
+        threading.Timer(0.01, future.set_result, [generations]).start()
+        return future
+
+
+class ToolEnv(Environment):
+    tools = [CALC, _tool(faults.hangs), _tool(faults.raises)]  # noqa: RUF012
+
+    def reset(self, row):
+        self.prompt = row["prompt"]
+        return row["prompt"]
+
+    def step(self, message):
+        return Step(reward=1.0 if message.strip() == "done" else 0.0, done=True)
+
+
+def _call(name, **arguments):
+    import json
+
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}) + "</tool_call>"
+
+
+def test_rollout_runs_tools_between_turns_and_answers_bad_calls_with_errors(tokenizer):
+    script = {"a": [_call("calc", expr="6*7"), "done"],
+              "b": ['<tool_call>{"name": "calc", oops</tool_call>', _call("raises", x=1), "done"],
+              "c": [_call("calc", expr="1+1"), _call("calc", expr="2+2"), _call("calc", expr="3+3"), "3"]}
+
+    def policy(text):
+        return script[text[0]][text.count("<tool_response>")]
+
+    runner = ToolRunner(ToolEnv.tools, workers=2, timeout_s=5.0)
+    rollout = AgentRollout(ToolEnv, PlainFormat(tokenizer), tokenizer, runner, Limits(max_turns=3, max_tokens=400, max_new_tokens=100))
+    with runner:
+        trajectories, stats = rollout.run([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}], 1,
+                                          SamplingSpec(seed=0), ScriptedPolicy(tokenizer, policy))
+    a, b, c = trajectories
+    assert [t.role for t in a.turns] == ["assistant", "tool", "assistant"]
+    assert a.turns[1].text == "\n<tool_response>42</tool_response>\n" and a.turns[1].tool == "calc"
+    assert (a.reward, a.finish) == (1.0, DONE)
+    assert b.turns[1].error == BAD_CALL and "not JSON" in b.turns[1].text
+    assert b.turns[3].error == RAISED and "RuntimeError: cannot handle 1" in b.turns[3].text
+    assert (b.reward, b.finish) == (1.0, DONE)
+    # c asks a third time on its last turn: no turn is left to read the result, so it ends there.
+    assert (c.policy_turns, c.finish, c.reward) == (3, MAX_TURNS, None)
+    metrics = stats.metrics()
+    assert metrics["agent/tool_calls"] == 5 and metrics["agent/tool_errors"] == 2
+    assert metrics["agent/bad_tool_calls"] == 1 and metrics["agent/tool_timeouts"] == 0
+    assert metrics["agent/turns_mean"] == pytest.approx(8 / 3)
+    assert metrics["agent/generated_tokens"] == sum(t.generated_tokens for t in trajectories)
+    assert metrics["agent/observed_tokens"] == sum(t.observed_tokens for t in trajectories) > 0
+    for t in trajectories:  # token in, token out: each turn's tokens are the sampled ones, in order
+        for turn in t.turns:
+            ids = t.response_ids[turn.start: turn.end]
+            assert all(t.policy_mask[turn.start: turn.end]) == (turn.role == "assistant")
+            if turn.role == "assistant":
+                assert t.logprobs[turn.start: turn.end] == [-0.5] * len(ids)
+
+
+def test_a_trajectory_waiting_on_a_slow_tool_holds_up_no_other(tokenizer):
+    script = {"s": [_call("hangs", seconds=1.0), "done"], "q": ["x", "y", "done"]}
+
+    class Chat(ToolEnv):
+        def step(self, message):  # replies "go on" twice, so "q" takes three turns
+            return Step(reward=1.0, done=message.strip() == "done", observation="go on")
+
+    def policy(text):
+        return script[text[0]][text.count("<tool_response>") + text.count("go on")]
+
+    sampler = ScriptedPolicy(tokenizer, policy)
+    runner = ToolRunner(Chat.tools, workers=1, timeout_s=10.0)
+    with runner:
+        start = time.monotonic()
+        (slow, quick), _ = AgentRollout(Chat, PlainFormat(tokenizer), tokenizer, runner,
+                                         Limits(max_new_tokens=100)).run(
+            [{"prompt": "s"}, {"prompt": "q"}], 1, SamplingSpec(), sampler)
+    assert slow.finish == quick.finish == DONE and quick.policy_turns == 3
+    quick_done = max(t for t, prompts in sampler.answered if any(p.startswith("q") for p in prompts))
+    assert quick_done - start < 0.8  # all three of q's turns while s's tool still ran
+    assert max(t for t, _ in sampler.answered) - start >= 1.0
+
+
+def test_rollout_limits_end_trajectories_and_timeouts_are_counted(tokenizer):
+    def policy(text):
+        return _call("hangs", seconds=30) if text.startswith("t") else "7" * 90
+
+    runner = ToolRunner(ToolEnv.tools, workers=2, timeout_s=0.5)
+    with runner:
+        (timed, long), stats = AgentRollout(ToolEnv, PlainFormat(tokenizer), tokenizer, runner,
+                                            Limits(max_turns=2, max_tokens=300, max_new_tokens=80)).run(
+            [{"prompt": "t"}, {"prompt": "l"}], 1, SamplingSpec(), ScriptedPolicy(tokenizer, policy))
+    assert "did not answer within 0.5 s" in timed.turns[1].text and timed.turns[1].error == TIMEOUT
+    assert timed.finish == MAX_TURNS
+    assert long.finish == MAX_TOKENS and long.truncated and long.generated_tokens == 80
+    assert stats.metrics()["agent/tool_timeouts"] == 1
+    # The token budget: an observation that would leave the policy no room ends the trajectory.
+    tight = ToolRunner([CALC], workers=1)
+    with tight:
+        (t,), _ = AgentRollout(CalculatorEnv, PlainFormat(tokenizer), tokenizer, tight,
+                               Limits(max_tokens=len(call_text("2*2")) + 5, max_new_tokens=100)).run(
+            [{"prompt": "2*2="}], 1, SamplingSpec(), ScriptedPolicy(tokenizer, lambda text: call_text("2*2")))
+    assert t.finish == MAX_TOKENS and [turn.role for turn in t.turns] == ["assistant"]
+
+
+def test_rollout_with_a_real_engine_keeps_its_tokens_and_log_probs_exactly(tiny_model_dir):
+    """A real tiny model through HF generate: the trajectory's tokens are the engine's, turn by turn."""
+    from rlhf_ray.engines.hf_engine import HFEngine
+
+    tokenizer = build_tokenizer()
+
+    class Chat(Environment):
+        def reset(self, row):
+            return row["prompt"]
+
+        def step(self, message):
+            return Step(observation="more", reward=0.5)
+
+    class Recording(EngineSampler):
+        def __init__(self, engine):
+            super().__init__(engine)
+            self.outputs = []
+
+        def submit(self, prompt_ids, spec):
+            future = super().submit(prompt_ids, spec)
+            future.add_done_callback(lambda f: self.outputs.extend(f.result()))
+            return future
+
+    sampler = Recording(HFEngine(tiny_model_dir))
+    stop = tuple(range(2, 60))  # a random model's turns end within a few tokens: several turns fit
+    with ToolRunner([]) as runner:
+        trajectories, stats = AgentRollout(Chat, PlainFormat(tokenizer), tokenizer, runner,
+                                           Limits(max_turns=3, max_tokens=60, max_new_tokens=8)).run(
+            [{"prompt": "1*2="}, {"prompt": "3*4="}], 2, SamplingSpec(seed=1, stop_token_ids=stop), sampler)
+    assert stats.metrics()["agent/turns_mean"] > 1
+    for t in trajectories:
+        assert t.finish in (MAX_TURNS, MAX_TOKENS)
+        for turn in (turn for turn in t.turns if turn.role == "assistant"):
+            # The engine's generation for exactly this context, found among all it produced.
+            context = t.tokens[: len(t.prompt_ids) + turn.start]
+            made = [(g.response_ids, g.logprobs) for g in sampler.outputs if g.prompt_ids == context]
+            assert (t.response_ids[turn.start: turn.end], t.logprobs[turn.start: turn.end]) in made
+        for turn in (turn for turn in t.turns if turn.role == "user"):
+            assert tokenizer.decode(t.response_ids[turn.start: turn.end]) == "\nmore\n"
