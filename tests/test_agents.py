@@ -5,12 +5,14 @@ policy that calls tools is needed: a random tiny model never writes a tool call)
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from concurrent.futures import Future
 
 import agent_tool_faults as faults
 import pytest
+import torch
 
 from rlhf_ray.agents import (
     Environment,
@@ -351,3 +353,147 @@ def test_rollout_with_a_real_engine_keeps_its_tokens_and_log_probs_exactly(tiny_
             assert (t.response_ids[turn.start: turn.end], t.logprobs[turn.start: turn.end]) in made
         for turn in (turn for turn in t.turns if turn.role == "user"):
             assert tokenizer.decode(t.response_ids[turn.start: turn.end]) == "\nmore\n"
+
+
+# --- into training: the batch, the advantages, the gradient -------------------------------------
+def _two_turn_trajectories() -> list[Trajectory]:
+    """Row 0: generate 3, observe 2, generate 2. Row 1: generate 2 (one turn)."""
+    a = Trajectory(0, [5, 6])
+    a.add_generation([10, 11, 2], [-0.1, -0.2, -0.3], "")
+    a.add_observation([20, 21], "tool", "")
+    a.add_generation([12, 2], [-0.4, -0.5], "")
+    b = Trajectory(1, [7])
+    b.add_generation([13, 2], [-0.6, -0.7], "")
+    b.truncated = True
+    return [a, b]
+
+
+def test_the_learners_batch_holds_each_trajectory_token_for_token_with_only_the_policys_marked():
+    from rlhf_ray.stages.prepare import batch_from_trajectories
+
+    trajectories = _two_turn_trajectories()
+    batch, logprobs, truncated = batch_from_trajectories(trajectories, pad_id=0)
+    for row, t in enumerate(trajectories):
+        real = batch.attention_mask[row].bool()
+        assert batch.sequences[row][real].tolist() == t.tokens
+        n = len(t.response_ids)
+        assert batch.response_mask[row, :n].tolist() == t.policy_mask
+        assert logprobs[row, :n].tolist() == pytest.approx(t.logprobs)
+    assert batch.response_token_lists() == [t.response_ids for t in trajectories]
+    assert truncated.tolist() == [False, True]
+    # Trimming and micro-batching keep the observed tokens (real, only out of the loss).
+    trimmed = batch.trimmed()
+    assert trimmed.response_mask.shape[1] == 7 and trimmed.response_token_lists() == batch.response_token_lists()
+
+
+def _gae_reference(rewards, values, mask, gamma, lam):
+    """GAE over each row's masked tokens alone, as if the unmasked ones were not there."""
+    advantages = torch.zeros_like(rewards)
+    for row in range(rewards.shape[0]):
+        steps = [t for t in range(rewards.shape[1]) if mask[row, t]]
+        running, next_value = 0.0, 0.0
+        for t in reversed(steps):
+            delta = rewards[row, t] + gamma * next_value - values[row, t]
+            running = delta + gamma * lam * running
+            advantages[row, t] = running
+            next_value = values[row, t]
+    return advantages
+
+
+def test_gae_skips_the_observed_tokens_as_if_they_were_not_there():
+    from rlhf_ray import algo
+
+    generator = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(3, 9, generator=generator), torch.randn(3, 9, generator=generator)
+    mask = torch.tensor([[1, 1, 0, 0, 1, 1, 0, 1, 0], [1, 1, 1, 1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 0, 0, 0, 0, 0]])
+    advantages, returns = algo.gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(advantages, _gae_reference(rewards, values, mask, 0.9, 0.8))
+    assert (advantages[mask == 0] == 0).all() and (returns[mask == 0] == 0).all()
+    assert returns[mask == 1].tolist() == pytest.approx((advantages + values)[mask == 1].tolist())
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_advantages_and_kl_of_a_multi_turn_batch_live_on_the_policys_tokens_only(estimator):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.prepare import Scored, batch_from_trajectories, prepare_batch
+
+    trajectories = _two_turn_trajectories()
+    batch, logprobs, truncated = batch_from_trajectories(trajectories, pad_id=0)
+    cfg = load_config(None, [f"ppo.advantage_estimator={estimator}", "rollout.samples_per_prompt=2",
+                             "ppo.prompts_per_iteration=1", "ppo.kl_estimator=k1"])
+    ref = torch.full_like(logprobs, -1.0)
+    scored = Scored(logprobs, ref, logprobs, torch.ones_like(logprobs), torch.tensor([1.0, 0.0]), truncated)
+    prepared = prepare_batch(batch, scored, cfg, kl_coef=0.1, recomputed=False)
+    policy = batch.response_mask.bool()
+    assert (prepared.advantages[~policy] == 0).all() and (prepared.advantages[policy] != 0).all()
+    expected_kl = [sum(lp + 1.0 for lp in t.logprobs if lp) for t in trajectories]  # k1 over generated tokens
+    assert prepared.kl_per_seq.tolist() == pytest.approx(expected_kl)
+
+
+def test_observed_tokens_get_no_gradient_from_the_policy_objective(tiny_model_dir):
+    """The learner's objective on a real model: d(loss)/d(logits) is zero at every position that
+    predicts an observed token, and not at the policy's."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray import algo
+    from rlhf_ray.actors.learner import policy_objective
+    from rlhf_ray.engines import scoring
+    from rlhf_ray.stages.prepare import batch_from_trajectories
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    scoring.disable_packing(model)  # positions as laid out: position P-1+j predicts response token j
+    batch, logprobs, _ = batch_from_trajectories(_two_turn_trajectories(), pad_id=0)
+    generator = torch.Generator().manual_seed(1)
+    batch = batch.with_extras(old_logprobs=logprobs, advantages=torch.randn(logprobs.shape, generator=generator),
+                              ref_logprobs=logprobs - 0.3)
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    model.lm_head.register_forward_hook(keep)
+    loss = algo.PolicyLossSpec(kind="ppo", clip_eps=0.2, agg="token-mean")
+    total, _ = policy_objective(model, batch, loss, entropy_coef=0.01, temperature=1.0, distill_coef=0.1)
+    total.backward()
+    P, R = batch.prompt_len, batch.response_mask.shape[1]
+    per_position = captured["logits"].grad[:, P - 1: P - 1 + R].abs().sum(-1)  # [B, R]
+    policy = batch.response_mask.bool()
+    assert (per_position[~policy] == 0).all()
+    assert (per_position[policy] > 0).all()
+
+
+def test_environment_rewards_replace_the_reward_sources_score_where_given():
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
+
+    cfg = load_config(None, ["agent.env=task", "data.task=multiplication"])
+    rollouts = MultiTurnRollouts(cfg, build_tokenizer(tool_chars=True))
+    a, b = _two_turn_trajectories()
+    a.reward = 1.0
+    rewards = rollouts.rewards({"score": torch.tensor([0.2, 0.3]), "reward/gold_reward": torch.tensor([0.0, 0.0])},
+                               [a, b])
+    assert rewards["score"].tolist() == pytest.approx([1.0, 0.3])
+    assert rollouts.metrics()["agent/env_rewarded_fraction"] == 0.5
+    rows = rollouts.with_turns([{"prompt": "p"}], [a])
+    assert [turn["role"] for turn in rows[0]["turns"]] == ["assistant", "tool", "assistant"]
+    rollouts.close()
+
+
+def test_agent_config_is_checked_before_any_work():
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.errors import BadInputError
+    from rlhf_ray.stages.agent_rollout import environment_class
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["agent.env=task", "data.task=", "ppo.dynamic_sampling=true", "agent.tool_timeout_s=0",
+                           "rollout.samples_per_prompt=2"])
+    for key in ("agent.env: task needs data.task", "ppo.dynamic_sampling: is not supported",
+                "agent.tool_timeout_s: must be > 0"):
+        assert key in str(e.value)
+    assert environment_class(load_config(None, ["agent.env=task", "data.task=multiplication"])) is CalculatorEnv
+    for env, message in [("task", "data.task 'arithmetic' has no environment"),
+                         ("no_such_module:Env", "agent.env: cannot import 'no_such_module'"),
+                         ("rlhf_ray.tasks.multiplication:calc", "is not a class with reset(row) and step(message)")]:
+        with pytest.raises(BadInputError, match=re.escape(message)):
+            environment_class(load_config(None, [f"agent.env={env}"]))

@@ -181,18 +181,7 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
 
         def loss_fn(rows: RolloutBatch | tuple[RolloutBatch, RolloutBatch]):
             mb, ptx_mb = rows if ptx is not None else (rows, None)
-            logprobs, entropy = scoring.response_logprobs(self.engine, mb, temperature, with_entropy=True)
-            out = algo.policy_loss(loss, logprobs, mb.extras["old_logprobs"], mb.extras["advantages"],
-                                   mb.response_mask, mb.extras.get("is_weights"))
-            entropy_mean = algo.masked_mean(entropy, mb.response_mask)
-            total = out.loss - entropy_coef * entropy_mean
-            stats = {"policy_loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
-                     "approx_kl": out.approx_kl.item(), "entropy": entropy_mean.item()}
-            if distill_coef:
-                distill = algo.kl_penalty_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask,
-                                               distill_kl, loss.agg, loss.norm_len)
-                total = total + distill_coef * distill
-                stats["distill_loss"] = distill.item()
+            total, stats = policy_objective(self.engine, mb, loss, entropy_coef, temperature, distill_coef, distill_kl)
             if ptx_mb is not None:
                 # Plain language modelling: the model's own distribution, no sampling temperature.
                 ptx_loss = algo.language_model_loss(scoring.response_logprobs(self.engine, ptx_mb),
@@ -252,6 +241,27 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         else:
             for _ in tensors:  # take part in the gathers, send nothing
                 pass
+
+
+def policy_objective(model, mb: RolloutBatch, loss: algo.PolicyLossSpec, entropy_coef: float, temperature: float,
+                     distill_coef: float = 0.0, distill_kl: str = "k2") -> tuple[torch.Tensor, dict[str, float]]:
+    """The policy's loss on one micro-batch, and its stats: the ``loss`` surrogate minus the
+    entropy bonus, plus ``distill_coef`` times KL(policy || reference). Every term reads only the
+    tokens the policy generated (``response_mask``): the observed tokens of multi-turn rows get
+    no gradient."""
+    logprobs, entropy = scoring.response_logprobs(model, mb, temperature, with_entropy=True)
+    out = algo.policy_loss(loss, logprobs, mb.extras["old_logprobs"], mb.extras["advantages"], mb.response_mask,
+                           mb.extras.get("is_weights"))
+    entropy_mean = algo.masked_mean(entropy, mb.response_mask)
+    total = out.loss - entropy_coef * entropy_mean
+    stats = {"policy_loss": out.loss.item(), "clip_fraction": out.clip_fraction.item(),
+             "approx_kl": out.approx_kl.item(), "entropy": entropy_mean.item()}
+    if distill_coef:
+        distill = algo.kl_penalty_loss(logprobs, mb.extras["ref_logprobs"], mb.response_mask, distill_kl, loss.agg,
+                                       loss.norm_len)
+        total = total + distill_coef * distill
+        stats["distill_loss"] = distill.item()
+    return total, stats
 
 
 def dpo_pair_loss(model, chosen: RolloutBatch, rejected: RolloutBatch, beta: float, kind: str,

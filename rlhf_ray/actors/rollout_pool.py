@@ -11,17 +11,17 @@ which prompts while engines come and go.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Self
 
 import ray
-import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.actors.rollout import RolloutActor
 from rlhf_ray.actors.worker_group import WorkerGroup, get_all
-from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch, pad_rows
 from rlhf_ray.engines.sampling import Generation, SamplingSpec
 from rlhf_ray.faults import ActorFailureError, FaultCounter
 from rlhf_ray.sync.group import SyncLayout, plan_sync
@@ -309,6 +309,10 @@ class RolloutPool:
     def generate(self, prompts: list[str], ids: list[list[int]], spec: SamplingSpec, iteration: int) -> list[Generation]:
         return self.finish(self.submit(prompts, ids, spec, iteration), iteration)
 
+    def sampler(self) -> PoolSampler:
+        """The engines as a multi-turn rollout's sampler (``rlhf_ray.agents.loop``)."""
+        return PoolSampler(self)
+
     # --- weights ------------------------------------------------------------------------------
     def connect(self, policy: WorkerGroup, bucket_bytes: int, transport: str, platform) -> None:
         """Every worker of every engine joins policy rank 0's sync group, over the transport that
@@ -386,6 +390,54 @@ class RolloutPool:
                 raise WeightSyncParityError(f"rollout engine {i} after the sync of iteration {iteration}: {e}") from None
 
 
+class PoolSampler:
+    """The pool's engines for a multi-turn rollout: each call of a turn goes to the engine with the
+    fewest calls in flight. A call whose engine died is sent to another one: the trajectories'
+    tokens so far are the driver's, so only that turn is sampled again (``retried_calls``). The
+    dead engines are ``dead``; the driver hands them to ``RolloutPool.lost`` after the rollout."""
+
+    def __init__(self, pool: RolloutPool) -> None:
+        self.pool = pool
+        self.in_flight = dict.fromkeys(pool.engines, 0)
+        self.dead: list[int] = []
+        self.retried_calls = 0
+
+    @property
+    def engines(self) -> int:
+        return max(1, len(self.in_flight) - len(self.dead))
+
+    def submit(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Future:
+        result: Future = Future()
+        self._attempt(prompt_ids, spec, result)
+        return result
+
+    def _attempt(self, prompt_ids: list[list[int]], spec: SamplingSpec, result: Future) -> None:
+        live = [i for i in self.in_flight if i not in self.dead]
+        if not live:
+            result.set_exception(ActorFailureError("every rollout engine died during a multi-turn rollout"))
+            return
+        engine = min(live, key=self.in_flight.__getitem__)
+        self.in_flight[engine] += 1
+        call = self.pool.engines[engine].actor.generate.remote(prompt_ids, spec).future()
+
+        def done(call: Future) -> None:  # on a Ray thread
+            self.in_flight[engine] -= 1
+            error = call.exception()
+            if isinstance(error, ray.exceptions.RayActorError):
+                if engine not in self.dead:
+                    print(f"rollout engine {engine} died during a multi-turn rollout ({type(error).__name__}); "
+                          f"its turns go to the other engines")
+                    self.dead.append(engine)
+                self.retried_calls += 1
+                self._attempt(prompt_ids, spec, result)
+            elif error is not None:
+                result.set_exception(error)
+            else:
+                result.set_result(call.result())
+
+        call.add_done_callback(done)
+
+
 def weight_sync_layout(sender, engines: list, transport: str, workers_per_engine: int, platform) -> SyncLayout:
     """Engines on the sender's (policy rank 0's) node take the weights through shared memory when
     ``transport`` (``sync.transport``) and the platform allow; the rest join one broadcast group."""
@@ -410,10 +462,3 @@ def _node_id(_actor) -> str:
     """Run inside an actor (``__ray_call__``): the Ray node it lives on."""
     return ray.get_runtime_context().get_node_id()
 
-
-def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
-    """Ragged per-token rows as ``[len(rows), width]``, zero-padded on the right."""
-    out = torch.zeros(len(rows), width)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row[:width], dtype=torch.float32)
-    return out

@@ -19,9 +19,11 @@ def gae(
     """Generalised Advantage Estimation (Schulman et al. 2015), returns ``(advantages, returns)``.
 
     delta_t = r_t + gamma * V_{t+1} - V_t and A_t = delta_t + gamma * lam * A_{t+1}, with the
-    value after the last real token taken as 0 (the response ends the episode). Real tokens
-    must be a contiguous prefix of each row. returns = advantages + values on real tokens
-    (the critic's targets); padding gets 0 in both.
+    value after the last real token taken as 0 (the response ends the episode). Tokens outside
+    ``mask`` are not steps: in a multi-turn row the tokens the policy observed (tool results)
+    sit between its own, and t+1 is the policy's next token after them, as if they were part of
+    the environment's transition. returns = advantages + values on real tokens (the critic's
+    targets); the rest gets 0 in both.
     """
     real = mask.bool()
     rewards = zero_padding(rewards, real)
@@ -31,9 +33,10 @@ def gae(
     advantages_reversed = []
     for t in reversed(range(values.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        last_gae = zero_padding(delta + gamma * lam * last_gae, real[:, t])
-        advantages_reversed.append(last_gae)
-        next_value = values[:, t]
+        # A token outside the mask carries the later step's value and advantage over itself.
+        last_gae = torch.where(real[:, t], delta + gamma * lam * last_gae, last_gae)
+        next_value = torch.where(real[:, t], values[:, t], next_value)
+        advantages_reversed.append(zero_padding(last_gae, real[:, t]))
     advantages = torch.stack(advantages_reversed[::-1], dim=1)
     returns = zero_padding(advantages + values, real)
     return advantages, returns

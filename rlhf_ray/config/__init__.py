@@ -2,6 +2,7 @@
 
 from rlhf_ray.config.loader import ConfigError, config_to_dict, dump_config, load_config
 from rlhf_ray.config.schema import (
+    AgentConfig,
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
@@ -22,6 +23,7 @@ from rlhf_ray.config.schema import (
 )
 
 __all__ = [
+    "AgentConfig",
     "CheckpointConfig",
     "ClusterConfig",
     "ConfigError",

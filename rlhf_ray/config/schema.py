@@ -197,6 +197,33 @@ class RolloutConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Multi-turn rollouts with tools (docs/agents.md): off while ``env`` is empty."""
+
+    env: str = ""  # module:Class of an rlhf_ray.agents.Environment, or "task": data.task's own environment
+    max_turns: int = 4  # policy turns per trajectory (rollout.max_new_tokens caps each one)
+    max_tokens: int = 192  # response tokens per trajectory, generated and observed together
+    tool_timeout_s: float = 10.0  # per tool call: past it the tool's process is killed, the policy told so
+    tool_workers: int = 4  # tool calls running at once, each in its own process
+    max_tool_output_chars: int = 1000  # a tool's output is cut to this many characters
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.env)
+
+    def problems(self) -> list[Problem]:
+        p = _Problems()
+        p.need(not self.env or self.env == "task" or ":" in self.env, "agent.env",
+               f"{self.env!r} is neither module:Class nor task")
+        p.need(self.max_turns >= 1, "agent.max_turns", "must be >= 1")
+        p.need(self.max_tokens >= 1, "agent.max_tokens", "must be >= 1")
+        p.need(self.tool_timeout_s > 0, "agent.tool_timeout_s", "must be > 0")
+        p.need(self.tool_workers >= 1, "agent.tool_workers", "must be >= 1")
+        p.need(self.max_tool_output_chars >= 1, "agent.max_tool_output_chars", "must be >= 1")
+        return p
+
+
+@dataclass
 class LoraConfig:
     """LoRA adapters (peft) on a learner: only adapters (and a critic's value head) train. Weight
     sync sends merged weights under the base model's names, so rollout engines need no LoRA.
@@ -568,6 +595,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)  # multi-turn rollouts with tools (PPO)
     policy: LearnerConfig = field(default_factory=LearnerConfig)  # PPO's policy learners; sft trains on them too
     # PPO's critic learners; rm trains its reward models on these resources and ZeRO settings too.
     critic: LearnerConfig = field(default_factory=LearnerConfig)
@@ -598,7 +626,7 @@ class RunConfig:
         """Returns (dotted key, problem) for every impossible value; empty when the config is sound.
         Each section checks its own fields; what ties sections together is checked here."""
         p = _Problems()
-        for section in (self.model, self.data, self.rollout, self.scorers, self.ppo, self.sync, self.safeguards,
+        for section in (self.model, self.data, self.rollout, self.agent, self.scorers, self.ppo, self.sync, self.safeguards,
                         self.checkpoint, self.faults, self.logging, self.cluster, self.sft, self.rm, self.dpo,
                         self.eval, self.collect):
             p.extend(section.problems())
@@ -612,6 +640,15 @@ class RunConfig:
                f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
                f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
                f"{data.max_prompt_tokens + r.max_new_tokens}")
+        if self.agent.enabled:
+            ag = self.agent
+            p.need(r.max_model_len >= data.max_prompt_tokens + ag.max_tokens, "agent.max_tokens",
+                   f"{ag.max_tokens} does not fit rollout.max_model_len={r.max_model_len} after a prompt of "
+                   f"data.max_prompt_tokens={data.max_prompt_tokens}")
+            p.need(ag.env != "task" or bool(data.task), "agent.env", "task needs data.task")
+            p.need(not ppo.overlap, "ppo.overlap", "is not supported with multi-turn rollouts (agent.env)")
+            p.need(not ppo.dynamic_sampling, "ppo.dynamic_sampling",
+                   "is not supported with multi-turn rollouts (agent.env)")
         # vLLM reports log-probs renormalised over the top-p nucleus, which the learner never computes.
         p.need(ppo.old_logprobs == "learner" or r.top_p == 1, "ppo.old_logprobs",
                "rollout needs rollout.top_p=1 (the engines' log-probs are renormalised over the top-p nucleus)")

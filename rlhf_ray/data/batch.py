@@ -3,6 +3,10 @@
 Rows are (prompt, response) pairs laid out as ``[prompt left-padded to P | response right-padded
 to R]`` so every row's response starts at column P: per-token quantities over the response
 (log-probs, values, advantages) are all ``[B, R]`` and align with ``response_mask``.
+
+``response_mask`` marks the tokens the policy generated, the only ones trained on. In a
+multi-turn row (``rlhf_ray.agents``) the response also holds tokens the policy observed (tool
+results, the environment's replies): real tokens (``attention_mask`` 1) with ``response_mask`` 0.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class RolloutBatch:
     sequences: torch.Tensor  # [B, P+R] token ids
     attention_mask: torch.Tensor  # [B, P+R] 1 on real prompt and response tokens
-    response_mask: torch.Tensor  # [B, R] 1 on real response tokens
+    response_mask: torch.Tensor  # [B, R] 1 on response tokens the policy generated
     prompt_len: int  # P
     # Optional per-token [B, R] or per-sequence [B] tensors, filled in as the iteration goes.
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -34,6 +38,10 @@ class RolloutBatch:
     @property
     def responses(self) -> torch.Tensor:
         return self.sequences[:, self.prompt_len :]
+
+    def response_lengths(self) -> torch.Tensor:
+        """``[B]`` real response tokens per row, generated and observed."""
+        return self.attention_mask[:, self.prompt_len:].sum(-1)
 
     def position_ids(self) -> torch.Tensor:
         return position_ids_from_mask(self.attention_mask)
@@ -71,7 +79,7 @@ class RolloutBatch:
         columns were masked out of attention."""
         R = self.response_mask.shape[1]
         P = max(1, int(self.attention_mask[:, : self.prompt_len].sum(-1).max()))
-        kept_r = max(1, int(self.response_mask.sum(-1).max()))
+        kept_r = max(1, int(self.response_lengths().max()))
         cols = slice(self.prompt_len - P, self.prompt_len + kept_r)
         return RolloutBatch(
             sequences=self.sequences[:, cols],
@@ -103,8 +111,11 @@ class RolloutBatch:
 
     @staticmethod
     def from_token_lists(
-        prompts: list[list[int]], responses: list[list[int]], pad_id: int
+        prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+        policy_masks: list[list[int]] | None = None,
     ) -> RolloutBatch:
+        """``policy_masks``: per response token, 1 if the policy generated it (multi-turn rows);
+        by default every response token is the policy's."""
         P = max(len(p) for p in prompts)
         R = max(1, max(len(r) for r in responses))
         B = len(prompts)
@@ -117,11 +128,12 @@ class RolloutBatch:
             if r:
                 seq[i, P : P + len(r)] = torch.tensor(r, dtype=torch.long)
                 attn[i, P : P + len(r)] = 1
-                resp_mask[i, : len(r)] = 1
+                resp_mask[i, : len(r)] = 1 if policy_masks is None else torch.tensor(policy_masks[i],
+                                                                                      dtype=torch.float32)
         return RolloutBatch(seq, attn, resp_mask, P)
 
     def response_token_lists(self) -> list[list[int]]:
-        lengths = self.response_mask.sum(-1).long().tolist()
+        lengths = self.response_lengths().tolist()
         return [self.responses[i, :n].tolist() for i, n in enumerate(lengths)]
 
     def prompt_token_lists(self) -> list[list[int]]:
@@ -131,3 +143,11 @@ class RolloutBatch:
             out.append(row[self.attention_mask[i, : self.prompt_len].bool()].tolist())
         return out
 
+
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Ragged per-token rows as ``[len(rows), width]``, zero-padded on the right."""
+    out = torch.zeros(len(rows), width)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row[:width], dtype=torch.float32)
+    return out

@@ -28,14 +28,19 @@ def begin(cfg: RunConfig, run_dir: Path) -> None:
 
 
 def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
-    """``builtin:tiny`` becomes a tiny model built offline into the run directory."""
+    """``builtin:tiny`` becomes a tiny model built offline into the run directory (its tokenizer
+    knows the tool-call characters when the run or its task uses tools)."""
     if cfg.model.policy != BUILTIN_TINY:
         from rlhf_ray.models.loading import check_model_path
 
         return check_model_path(cfg.model.policy)
+    from dataclasses import replace
+
     from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
+    from rlhf_ray.tasks import ENVIRONMENTS
 
     spec = TinyModelSpec.of_width(cfg.model.tiny_hidden_size, cfg.model.tiny_layers, seed=cfg.seed)
+    spec = replace(spec, tool_chars=cfg.agent.enabled or cfg.data.task in ENVIRONMENTS)
     return str(build_tiny_model(run_dir / "base_model", spec))
 
 

@@ -26,6 +26,7 @@ from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.faults import FaultCounter
 from rlhf_ray.platform import detect
 from rlhf_ray.stages import prepare as prep
+from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
 from rlhf_ray.stages.common import begin, check_model_fits, prepare_run, resolve_policy_path, reward_sources
 from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.stages.recovery import Recovery
@@ -55,6 +56,7 @@ class PPOTrainer(Recovery):
         self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
         self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
         self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
+        self.agents = MultiTurnRollouts(cfg, self.tokenizer) if cfg.agent.enabled else None  # tool-using turns
         self._reset_state()
         resume = cfg.checkpoint.resume == "auto"
         resume_from = self._resume_point(asked=True) if resume else None  # fails before any actor starts
@@ -116,6 +118,8 @@ class PPOTrainer(Recovery):
             values = critic_call.concat() if critic_call else None
             ref_logprobs = ref_call.concat()
             rewards = rewards or get_all([reward_ref])[0]
+            if self.agents:  # the environment's rewards where it gave them
+                rewards = self.agents.rewards(rewards, generations)
 
         mask, lengths = batch.response_mask, batch.response_mask.sum(-1)
         bad = prep.nonfinite_phase(mask, score=[old_logprobs, ref_logprobs, values], reward=[rewards["score"]])
@@ -150,12 +154,13 @@ class PPOTrainer(Recovery):
         record = prep.iteration_record(
             self.iteration, position, prepared, scored, rewards, kl_coef, train_stats, guard_metrics, timer.seconds,
             recompute, {"policy_version": version, "policy_lag": self.iteration - 1 - version,
-                        "rollout/engines": n_engines, **sampling, **self.faults.metrics()})
+                        "rollout/engines": n_engines, **sampling, **self.faults.metrics(),
+                        **(self.agents.metrics() if self.agents else {})})
         self.metrics.write(record)
         self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
         shown = prompt_texts[: cfg.logging.samples_per_iteration]
-        self.samples.write_many(prep.sample_rows(self.iteration, shown, response_texts, prepared, rewards, truncated,
-                                                 version))
+        rows = prep.sample_rows(self.iteration, shown, response_texts, prepared, rewards, truncated, version)
+        self.samples.write_many(self.agents.with_turns(rows, generations) if self.agents else rows)
         return record
 
     def _rollouts(self) -> tuple[int, int, list[str], list]:
@@ -174,23 +179,11 @@ class PPOTrainer(Recovery):
         self._pending = self._start_generation(self.iteration + 1) if self.cfg.ppo.overlap and not last else None
         return position, version, prompts, generations
 
-    # --- non-finite batches -----------------------------------------------------------------
-    def _skip_batch(self, phase: str, position: int, prompts: list[str], timer: PhaseTimer) -> dict:
-        """A batch with non-finite values in ``phase`` trains nothing; its prompts are used up and
-        the iteration counts, so the data order and the metrics stay those of a clean run."""
-        self.faults.batch_done(phase, self.iteration + 1)
-        self.iteration += 1
-        print(f"ppo: iteration {self.iteration}: non-finite {phase} values, batch skipped "
-              f"({self.faults.consecutive_nonfinite} in a row)")
-        record = prep.skipped_record(self.iteration, position, phase, timer.seconds, self.faults.metrics())
-        self.metrics.write(record)
-        self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
-        return record
-
     # --- the phases' remote work --------------------------------------------------------------
     def _texts(self, prompts: list[str], generations: list):
         """The batch of ``generations``, their sampling log-probs, truncation, prompt and response texts."""
-        batch, logprobs, truncated = prep.batch_from_generations(generations, self.tokenizer.pad_token_id)
+        to_batch = prep.batch_from_trajectories if self.agents else prep.batch_from_generations
+        batch, logprobs, truncated = to_batch(generations, self.tokenizer.pad_token_id)
         response_texts = self.tokenizer.batch_decode(batch.response_token_lists(), skip_special_tokens=True)
         return batch, logprobs, truncated, [prompts[g.prompt_index] for g in generations], response_texts
 
@@ -199,7 +192,10 @@ class PPOTrainer(Recovery):
         return get_all([self.roles.reward.score.remote(batch, prompt_texts, response_texts)])[0]
 
     def _generate(self, prompts: list[str]):
-        """Spreads the prompts over all engines and returns generations in prompt order."""
+        """Spreads the prompts over all engines and returns generations (with ``agent.env``:
+        trajectories) in prompt order."""
+        if self.agents:
+            return self.agents.run(self.roles.rollout, prompts, self._spec(self.iteration), self.iteration + 1)
         return self.roles.rollout.finish(self._submit(prompts, self.iteration), self.iteration + 1)
 
     def _start_generation(self, iteration: int) -> PendingGeneration:
@@ -209,13 +205,15 @@ class PPOTrainer(Recovery):
         pending.position = position
         return pending
 
-    def _submit(self, prompts: list[str], iteration: int) -> PendingGeneration:
+    def _spec(self, iteration: int) -> SamplingSpec:
         r = self.cfg.rollout
-        spec = SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+        return SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
                             n=r.samples_per_prompt, stop_token_ids=self.stop_ids,
                             seed=self.cfg.seed * 1_000_003 + iteration * 10_007)
+
+    def _submit(self, prompts: list[str], iteration: int) -> PendingGeneration:
         ids = encode_prompts(self.tokenizer, prompts, self.cfg.data.max_prompt_tokens)
-        return self.roles.rollout.submit(prompts, ids, spec, self.iteration)
+        return self.roles.rollout.submit(prompts, ids, self._spec(iteration), self.iteration)
 
     def _train(self, batch: RolloutBatch, temperature: float) -> dict:
         """``ppo.epochs`` passes, each over ``ppo.minibatches`` shuffled minibatches; policy and
@@ -265,8 +263,7 @@ class PPOTrainer(Recovery):
             history.append(record)
             bar.update(1)
             bar.set_postfix(reward=f"{record['reward_mean']:.3f}", kl=f"{record['kl_to_ref']:.3f}")
-            stop = self.guards.stop_reason(record)
-            if stop:
+            if stop := self.guards.stop_reason(record):
                 print(f"ppo: early stop at iteration {self.iteration}: {stop}")
                 break
         if cfg.checkpoint.every:
@@ -282,6 +279,8 @@ class PPOTrainer(Recovery):
 
     def close(self) -> None:
         shutdown_roles(self.roles)
+        if self.agents:
+            self.agents.close()
 
 
 def run_ppo(cfg: RunConfig) -> list[dict]:

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from rlhf_ray import algo
-from rlhf_ray.actors.rollout_pool import pad_rows
 from rlhf_ray.config import RunConfig
-from rlhf_ray.data.batch import RolloutBatch
+from rlhf_ray.data.batch import RolloutBatch, pad_rows
 from rlhf_ray.data.tokenize import encode_pairs
 from rlhf_ray.engines.sampling import Generation
 
@@ -56,6 +55,17 @@ def batch_from_generations(generations: list[Generation], pad_id: int) -> tuple[
                                           pad_id)
     logprobs = pad_rows([g.logprobs for g in generations], batch.response_mask.shape[1])
     return batch, logprobs, torch.tensor([g.finish_reason == "length" for g in generations])
+
+
+def batch_from_trajectories(trajectories: list, pad_id: int) -> tuple[RolloutBatch, torch.Tensor, torch.Tensor]:
+    """``batch_from_generations`` for multi-turn trajectories (``rlhf_ray.agents.Trajectory``):
+    each row's response is its turns' tokens as sampled and observed, ``response_mask`` marks the
+    policy's, the log-probs are the engines' (0 on observed tokens); truncated: the last turn ran
+    out of tokens before its end token."""
+    batch = RolloutBatch.from_token_lists([t.prompt_ids for t in trajectories], [t.response_ids for t in trajectories],
+                                          pad_id, [t.policy_mask for t in trajectories])
+    logprobs = pad_rows([t.logprobs for t in trajectories], batch.response_mask.shape[1])
+    return batch, logprobs, torch.tensor([t.truncated for t in trajectories])
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Checkpoints and recovery of a PPO run, as the trainer's mixin: save an atomic checkpoint,
-resume from the newest complete one, and restart every actor after a learner or scorer died.
+"""Checkpoints and recovery of a PPO run, as the trainer's mixin: skip a batch with non-finite
+values, save an atomic checkpoint, resume from the newest complete one, and restart every actor
+after a learner or scorer died.
 The file mechanics are in :mod:`rlhf_ray.stages.checkpoint`; what a checkpoint holds of the
 driver is what ``PPOTrainer._reset_state`` sets up."""
 
@@ -12,12 +13,25 @@ from rlhf_ray.actors.worker_group import get_all
 from rlhf_ray.config import config_to_dict, dump_config
 from rlhf_ray.faults import ActorFailureError
 from rlhf_ray.stages import checkpoint as ckpt
-from rlhf_ray.tracking import read_metrics
+from rlhf_ray.stages import prepare as prep
+from rlhf_ray.tracking import PhaseTimer, read_metrics
 
 
 class Recovery:
     """Needs of its host: ``cfg``, ``run_dir``, ``roles``, ``iteration``, ``prompts``, ``kl_ctl``,
     ``guards``, ``faults``, ``_pending``, the logs, ``_reset_state``, ``_launch`` and ``_sync_weights``."""
+
+    def _skip_batch(self, phase: str, position: int, prompts: list[str], timer: PhaseTimer) -> dict:
+        """A batch with non-finite values in ``phase`` trains nothing; its prompts are used up and
+        the iteration counts, so the data order and the metrics stay those of a clean run."""
+        self.faults.batch_done(phase, self.iteration + 1)
+        self.iteration += 1
+        print(f"ppo: iteration {self.iteration}: non-finite {phase} values, batch skipped "
+              f"({self.faults.consecutive_nonfinite} in a row)")
+        record = prep.skipped_record(self.iteration, position, phase, timer.seconds, self.faults.metrics())
+        self.metrics.write(record)
+        self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
+        return record
 
     def save_checkpoint(self) -> Path:
         """Everything a resumed run needs, as one atomic ``checkpoints/iter-N`` folder."""
