@@ -13,6 +13,7 @@ from concurrent.futures import Future
 import agent_tool_faults as faults
 import pytest
 import torch
+from agent_helpers import MoreEnv, RecordingSampler
 
 from rlhf_ray.agents import (
     Environment,
@@ -25,7 +26,7 @@ from rlhf_ray.agents import (
     Trajectory,
     parse_tool_calls,
 )
-from rlhf_ray.agents.loop import BAD_CALL, AgentRollout, EngineSampler
+from rlhf_ray.agents.loop import BAD_CALL, AgentRollout
 from rlhf_ray.agents.render import ChatTemplateFormat, PlainFormat, turn_format
 from rlhf_ray.agents.runner import DIED, GARBAGE, RAISED, TIMEOUT
 from rlhf_ray.agents.trajectory import DONE, MAX_TOKENS, MAX_TURNS
@@ -320,27 +321,10 @@ def test_rollout_with_a_real_engine_keeps_its_tokens_and_log_probs_exactly(tiny_
 
     tokenizer = build_tokenizer()
 
-    class Chat(Environment):
-        def reset(self, row):
-            return row["prompt"]
-
-        def step(self, message):
-            return Step(observation="more", reward=0.5)
-
-    class Recording(EngineSampler):
-        def __init__(self, engine):
-            super().__init__(engine)
-            self.outputs = []
-
-        def submit(self, prompt_ids, spec):
-            future = super().submit(prompt_ids, spec)
-            future.add_done_callback(lambda f: self.outputs.extend(f.result()))
-            return future
-
-    sampler = Recording(HFEngine(tiny_model_dir))
+    sampler = RecordingSampler(HFEngine(tiny_model_dir))
     stop = tuple(range(2, 60))  # a random model's turns end within a few tokens: several turns fit
     with ToolRunner([]) as runner:
-        trajectories, stats = AgentRollout(Chat, PlainFormat(tokenizer), tokenizer, runner,
+        trajectories, stats = AgentRollout(MoreEnv, PlainFormat(tokenizer), tokenizer, runner,
                                            Limits(max_turns=3, max_tokens=60, max_new_tokens=8)).run(
             [{"prompt": "1*2="}, {"prompt": "3*4="}], 2, SamplingSpec(seed=1, stop_token_ids=stop), sampler)
     assert stats.metrics()["agent/turns_mean"] > 1

@@ -235,3 +235,28 @@ def test_hf_rollout_engine_trains_and_keeps_parity(ray_session, tmp_path):
     assert history[0]["clip_fraction"] == 0.0 and history[0]["approx_kl"] < 1e-6
     samples = read_metrics(cfg.run_dir, "samples.jsonl")
     assert all(s["reward"] <= 1.0 for s in samples)  # digit share minus the overlong penalty
+
+
+def test_multi_turn_ppo_trains_on_the_policys_tokens_through_the_pool_and_keeps_parity(ray_session, tmp_path):
+    """agent.env: trajectories of several turns on the pool's engine, the environment's rewards,
+    only the policy's tokens counted and trained on; the parity check after every sync runs on
+    those rows (observed tokens inside them) and passes. The HF engine starts in seconds; vLLM's
+    tokens through the same loop are checked in tests/test_vllm_engine.py."""
+    stop = "[" + ",".join(f"'{c}'" for c in "abcdefghijklmnopqrstuvwxyz") + "]"  # short turns: several fit
+    cfg = _config(tmp_path, "agent.env=agent_helpers:MoreEnv", "agent.max_turns=3", "agent.max_tokens=30",
+                  f"rollout.stop={stop}", "rollout.engine=hf", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
+                  "rollout.samples_per_prompt=2", "ppo.prompts_per_iteration=4", "rollout.num_engines=1",
+                  "policy.num_ranks=1", "sync.parity_every=1", "checkpoint.save_final=false",
+                  "logging.tensorboard=false", "logging.samples_per_iteration=8")
+    _, history = _fit(cfg)
+    assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
+    for r in history:
+        assert r["agent/turns_mean"] > 1 and r["agent/observed_tokens"] > 0
+        # The environment rewards every message it sees; only a trajectory whose first turn was cut
+        # at the token limit never reached it (the reward function scores that one).
+        assert 1 - r.get("agent/finish_max_tokens", 0) - 1e-9 <= r["agent/env_rewarded_fraction"] <= 1
+        # The learners' batch counts the policy's tokens only: the observed ones are masked out.
+        assert r["generated_tokens"] == r["agent/generated_tokens"]
+    samples = read_metrics(cfg.run_dir, "samples.jsonl")
+    assert len(samples) == 16 and all(s["turns"][0]["role"] == "assistant" for s in samples)
+    assert any(turn["role"] == "user" and turn["text"] == "\nmore\n" for s in samples for turn in s["turns"])

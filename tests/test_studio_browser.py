@@ -259,6 +259,39 @@ def test_run_viewer_shows_hostile_output_as_text(page, tmp_path):
         server.server_close()
 
 
+def test_run_viewer_shows_each_turn_of_a_multi_turn_sample(page, tmp_path):
+    """agent.env samples: each turn its own block with its role, tool and error; tool calls and
+    results shown as text, never as markup."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"iteration": 1, "reward_mean": 1.0}) + "\n")
+    call = '<tool_call>{"name": "calc", "arguments": {"expr": "37*58"}}</tool_call>'
+    turns = [{"role": "assistant", "text": call}, {"role": "tool", "text": "<tool_response>2146</tool_response>",
+                                                   "tool": "calc"},
+             {"role": "assistant", "text": call}, {"role": "tool", "text": "error: did not answer", "tool": "calc",
+                                                   "error": "timeout"},
+             {"role": "assistant", "text": "2146"}]
+    (run / "samples.jsonl").write_text(json.dumps(
+        {"iteration": 1, "prompt": "37*58=", "response": "...", "reward": 1.0, "components": {}, "kl": 0.0,
+         "truncated": False, "turns": turns, "finish": "done"}) + "\n")
+    app = StudioApp(store=None, run_dir=str(run))
+    server = serve(app)
+    try:
+        page.goto(url_of(server, "/view", app.admin_token))
+        page.wait_for_selector("#samples .turn")
+        roles = page.eval_on_selector_all("#samples .turn", "ts => ts.map(t => t.dataset.role)")
+        assert roles == ["assistant", "tool", "assistant", "tool", "assistant"]
+        assert page.locator("#samples .turn.failed").count() == 1
+        assert "tool · calc · timeout" in page.text_content("#samples .turn.failed .role")
+        text = page.text_content("#samples")
+        assert call in text and "<tool_response>2146</tool_response>" in text
+        assert page.locator("#samples tool_call, #samples tool_response").count() == 0
+        assert page.errors == []
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def load_script(name: str):
     """A module of scripts/ (not a package), e.g. the walkthrough's stand-in annotators."""
     spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")

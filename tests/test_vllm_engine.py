@@ -92,3 +92,45 @@ def test_engine_is_not_pinned_to_one_core(engine):
     assert os.sched_getaffinity(0) == allowed
     assert not [p for p in psutil.Process().children(recursive=True) if p.name().startswith("VLLM::")]
     assert len(engine.generate(PROMPTS[:1], SamplingSpec(temperature=1.0, max_new_tokens=4, n=1, seed=0))) == 1
+
+
+def test_multi_turn_rollout_hands_the_learner_the_engines_tokens_position_for_position(engine, hf_model,
+                                                                                      tiny_model_dir):
+    """Trajectories through vLLM, turn after turn: the learner's batch row is the prompt, then each
+    turn's tokens exactly as vLLM sampled them and as the environment's reply was encoded; the
+    learner's log-probs of the generated tokens are vLLM's sampling log-probs."""
+    from agent_helpers import MoreEnv, RecordingSampler
+
+    from rlhf_ray.agents import Limits, ToolRunner
+    from rlhf_ray.agents.loop import AgentRollout
+    from rlhf_ray.agents.render import PlainFormat
+    from rlhf_ray.engines import scoring
+    from rlhf_ray.models.loading import load_tokenizer
+    from rlhf_ray.stages.prepare import batch_from_trajectories
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    reply = PlainFormat(tokenizer).observation_ids([{"role": "user", "content": "more"}], [])
+    sampler = RecordingSampler(engine)
+    stop = tuple(range(2, 60))  # a random model's turns end within a few tokens: several turns fit
+    with ToolRunner([]) as runner:
+        trajectories, stats = AgentRollout(MoreEnv, PlainFormat(tokenizer), tokenizer, runner,
+                                           Limits(max_turns=3, max_tokens=48, max_new_tokens=8)).run(
+            [{"prompt": "12+7="}, {"prompt": "3+4="}], 2, SamplingSpec(seed=5, stop_token_ids=stop), sampler)
+    assert stats.metrics()["agent/turns_mean"] > 1.5 and stats.observed_tokens > 0
+    batch, logprobs, _ = batch_from_trajectories(trajectories, tokenizer.pad_token_id)
+    for row, t in enumerate(trajectories):
+        expected, generated = list(t.prompt_ids), []
+        for turn in t.turns:
+            if turn.role == "assistant":
+                [made] = [g for g in sampler.outputs if g.prompt_ids == expected and
+                          g.response_ids == t.response_ids[turn.start: turn.end]]
+                expected += made.response_ids
+                generated += [1] * len(made.response_ids)
+            else:
+                expected += reply
+                generated += [0] * len(reply)
+        assert batch.sequences[row][batch.attention_mask[row].bool()].tolist() == expected
+        assert batch.response_mask[row, : len(generated)].tolist() == generated
+    learner = scoring.response_logprobs(hf_model, batch)
+    policy = batch.response_mask.bool()
+    assert (learner - logprobs)[policy].abs().max() < 1e-3

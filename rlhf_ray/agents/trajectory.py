@@ -39,7 +39,7 @@ class Turn:
 
 @dataclass
 class Trajectory:
-    index: int  # the prompt (row) it answers, in the rollout batch
+    prompt_index: int  # the prompt (row) it answers, in the rollout batch
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)
     policy_mask: list[int] = field(default_factory=list)  # per response token: 1 if the policy generated it

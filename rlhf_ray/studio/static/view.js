@@ -92,8 +92,16 @@ function renderTable() {
       ...comps.map((c) => el("td", { class: "num" }, fmt((s.components || {})[c]))),
       el("td", { class: "num" }, fmt(s.kl)),
       el("td", {}, ...Object.entries(s.flags).filter(([, v]) => v).map(([k]) => el("span", { class: "flag" }, k))),
-      el("td", { class: "cell" }, s.prompt), el("td", { class: "cell response" }, s.response)));
+      el("td", { class: "cell" }, s.prompt), responseCell(s)));
   }
+}
+
+// A multi-turn sample (agent.env) shows each turn as its own block: the policy's messages, each
+// tool's result (with the tool's name and any error) and the environment's replies, as text.
+function responseCell(s) {
+  if (!Array.isArray(s.turns)) return el("td", { class: "cell response" }, s.response);
+  return el("td", { class: "cell response" }, ...s.turns.map((t) => el("div", { class: `turn ${t.error ? "failed" : ""}`, "data-role": t.role },
+    el("span", { class: "role" }, [t.role, t.tool, t.error].filter(Boolean).join(" · ")), t.text)));
 }
 
 function renderCompare() {
