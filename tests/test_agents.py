@@ -237,17 +237,19 @@ def _call(name, **arguments):
 def test_rollout_runs_tools_between_turns_and_answers_bad_calls_with_errors(tokenizer):
     script = {"a": [_call("calc", expr="6*7"), "done"],
               "b": ['<tool_call>{"name": "calc", oops</tool_call>', _call("raises", x=1), "done"],
-              "c": [_call("calc", expr="1+1"), _call("calc", expr="2+2"), _call("calc", expr="3+3"), "3"]}
+              "c": [_call("calc", expr="1+1"), _call("calc", expr="2+2"), _call("calc", expr="3+3"), "3"],
+              # Two calls in one message: two results in one observation, so the reply is at index 2.
+              "d": [_call("calc", expr="5*5") + " and " + _call("calc", expr="1+2"), None, "done"]}
 
     def policy(text):
         return script[text[0]][text.count("<tool_response>")]
 
     runner = ToolRunner(ToolEnv.tools, workers=2, timeout_s=5.0)
-    rollout = AgentRollout(ToolEnv, PlainFormat(tokenizer), tokenizer, runner, Limits(max_turns=3, max_tokens=400, max_new_tokens=100))
+    rollout = AgentRollout(ToolEnv, PlainFormat(tokenizer), tokenizer, runner, Limits(max_turns=3, max_tokens=400, max_new_tokens=160))
     with runner:
-        trajectories, stats = rollout.run([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}], 1,
+        trajectories, stats = rollout.run([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}, {"prompt": "d"}], 1,
                                           SamplingSpec(seed=0), ScriptedPolicy(tokenizer, policy))
-    a, b, c = trajectories
+    a, b, c, d = trajectories
     assert [t.role for t in a.turns] == ["assistant", "tool", "assistant"]
     assert a.turns[1].text == "\n<tool_response>42</tool_response>\n" and a.turns[1].tool == "calc"
     assert (a.reward, a.finish) == (1.0, DONE)
@@ -256,10 +258,13 @@ def test_rollout_runs_tools_between_turns_and_answers_bad_calls_with_errors(toke
     assert (b.reward, b.finish) == (1.0, DONE)
     # c asks a third time on its last turn: no turn is left to read the result, so it ends there.
     assert (c.policy_turns, c.finish, c.reward) == (3, MAX_TURNS, None)
+    # Two calls in one message: one observation, results in call order.
+    assert d.turns[1].text == "\n<tool_response>25</tool_response>\n<tool_response>3</tool_response>\n"
+    assert d.turns[1].tool == "calc,calc" and d.finish == DONE
     metrics = stats.metrics()
-    assert metrics["agent/tool_calls"] == 5 and metrics["agent/tool_errors"] == 2
+    assert metrics["agent/tool_calls"] == 7 and metrics["agent/tool_errors"] == 2
     assert metrics["agent/bad_tool_calls"] == 1 and metrics["agent/tool_timeouts"] == 0
-    assert metrics["agent/turns_mean"] == pytest.approx(8 / 3)
+    assert metrics["agent/turns_mean"] == pytest.approx(10 / 4)
     assert metrics["agent/generated_tokens"] == sum(t.generated_tokens for t in trajectories)
     assert metrics["agent/observed_tokens"] == sum(t.observed_tokens for t in trajectories) > 0
     for t in trajectories:  # token in, token out: each turn's tokens are the sampled ones, in order
@@ -481,3 +486,35 @@ def test_agent_config_is_checked_before_any_work():
                          ("rlhf_ray.tasks.multiplication:calc", "is not a class with reset(row) and step(message)")]:
         with pytest.raises(BadInputError, match=re.escape(message)):
             environment_class(load_config(None, [f"agent.env={env}"]))
+
+
+@pytest.mark.slow
+def test_a_turn_whose_engine_died_is_sampled_again_on_another(ray_session):
+    """Failure injection: two stand-in engine actors behind the pool's sampler, one of which dies
+    on its first call; that turn comes back from the other, counted, and the dead one is named."""
+    import os
+
+    import ray
+
+    from rlhf_ray.actors.rollout_pool import Engine, PoolSampler
+
+    @ray.remote(num_cpus=0, max_restarts=0)
+    class StandInEngine:
+        def __init__(self, dies: bool):
+            self.dies = dies
+
+        def generate(self, prompt_ids, spec):
+            if self.dies:
+                os._exit(1)
+            return [Generation(i, list(p), [7, 2], [-0.5, -0.5], "stop") for i, p in enumerate(prompt_ids)]
+
+    class Pool:
+        engines = {0: Engine(0, StandInEngine.remote(True), None, None),  # noqa: RUF012
+                   1: Engine(1, StandInEngine.remote(False), None, None)}
+
+    sampler = PoolSampler(Pool())
+    # Fewest calls in flight: the first call goes to engine 0 (which dies), the second to engine 1.
+    calls = [sampler.submit([[1, 2], [3]], SamplingSpec()) for _ in range(2)]
+    for call in calls:
+        assert [g.response_ids for g in call.result(timeout=120)] == [[7, 2], [7, 2]]
+    assert sampler.dead == [0] and sampler.retried_calls == 1 and sampler.engines == 1

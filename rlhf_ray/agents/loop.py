@@ -89,7 +89,7 @@ class AgentRollout:
                 envs[id(trajectory)] = env
                 trajectories.append(trajectory)
         ready, pending = list(trajectories), {}  # pending: Future -> ("generate", [trajectories]) | ("tool", trajectory)
-        waiting: dict[int, list] = {}  # id(trajectory) -> its calls' futures or results, in call order
+        waiting: dict[int, list] = {}  # id(trajectory) -> its calls as (tool name, future or result), in call order
         while ready or pending:
             if ready:
                 self._generate(ready, spec, sampler, pending, stats)
@@ -101,7 +101,8 @@ class AgentRollout:
                     for trajectory, generation in zip(what, future.result()):
                         ready += self._after_generation(trajectory, generation, envs[id(trajectory)], pending,
                                                         waiting, stats)
-                elif all(not isinstance(r, Future) or r.done() for _, r in waiting[id(what)]):
+                # The last of a turn's calls to finish hands them all on (several may finish at once).
+                elif id(what) in waiting and all(not isinstance(r, Future) or r.done() for _, r in waiting[id(what)]):
                     ready += self._tool_results(what, waiting.pop(id(what)), stats)
         for trajectory in trajectories:
             stats.add(trajectory)
