@@ -518,3 +518,11 @@ def test_a_turn_whose_engine_died_is_sampled_again_on_another(ray_session):
     for call in calls:
         assert [g.response_ids for g in call.result(timeout=120)] == [[7, 2], [7, 2]]
     assert sampler.dead == [0] and sampler.retried_calls == 1 and sampler.engines == 1
+
+
+def test_a_pipeline_refuses_an_environment_that_does_not_load_before_its_first_stage(tmp_path, capsys):
+    from rlhf_ray.cli import main
+
+    assert main(["pipeline", f"run_dir={tmp_path / 'run'}", "agent.env=no_such_module:Env"]) == 2
+    assert "agent.env: cannot import 'no_such_module'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.yaml").exists()

@@ -45,8 +45,8 @@ def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Model folders and secrets the run needs, each checked before any actor starts; the error
-    names the config key."""
+    """Model folders, secrets and the agent's environment the run needs, each checked before any
+    actor starts; the error names the config key."""
     from rlhf_ray.config import ConfigError
     from rlhf_ray.models.loading import check_model_folder
 
@@ -59,6 +59,10 @@ def check_inputs(cfg: RunConfig) -> None:
                 check_model_folder(path)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
+    if cfg.agent.enabled:  # the environment class loads (a pipeline would find out only at its PPO stage)
+        from rlhf_ray.stages.agent_rollout import environment_class
+
+        environment_class(cfg)
     token = cfg.scorers.http.token_env
     if cfg.scorers.http.urls and token and not os.environ.get(token):
         raise ConfigError(f"scorers.http.token_env: the environment variable {token} (the reward endpoint's "
