@@ -526,3 +526,16 @@ def test_a_pipeline_refuses_an_environment_that_does_not_load_before_its_first_s
     assert main(["pipeline", f"run_dir={tmp_path / 'run'}", "agent.env=no_such_module:Env"]) == 2
     assert "agent.env: cannot import 'no_such_module'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_engine_calls_stay_within_their_prompt_token_budget(tokenizer):
+    """A call's prompts fit one engine step (vLLM's CPU backend crashes on a seeded prefill split
+    over steps): the loop cuts a batch of long contexts into calls of at most ``call_tokens``."""
+    sampler = ScriptedPolicy(tokenizer, lambda text: "done")
+    with ToolRunner([]) as runner:
+        trajectories, stats = AgentRollout(ToolEnv, PlainFormat(tokenizer), tokenizer, runner, Limits(),
+                                           call_tokens=25).run([{"prompt": "x" * 10}] * 6, 1, SamplingSpec(),
+                                                               sampler)
+    sizes = [sum(len(tokenizer(p)["input_ids"]) for p in prompts) for _, prompts in sampler.answered]
+    assert all(t.finish == DONE for t in trajectories)
+    assert max(sizes) <= 25 and sum(sizes) == 60 and stats.generate_calls == len(sizes) == 4  # 2 engines x 2 calls

@@ -68,11 +68,15 @@ class RolloutStats:
 
 
 class AgentRollout:
-    def __init__(self, env_cls: type[Environment], turn_format, tokenizer, runner: ToolRunner, limits: Limits):
+    def __init__(self, env_cls: type[Environment], turn_format, tokenizer, runner: ToolRunner, limits: Limits,
+                 call_tokens: int = 4096):
         """``turn_format``: ``rlhf_ray.agents.render``'s format for ``tokenizer``; ``runner`` runs the
-        tools of ``env_cls`` (the same list)."""
+        tools of ``env_cls`` (the same list). ``call_tokens``: the most prompt tokens one engine call
+        carries, so its prompts are prefilled in one engine step (vLLM's default batch budget): a
+        seeded request whose prefill vLLM splits over steps crashes vLLM's CPU backend (0.32:
+        "CPU Generator does not use offset"), and multi-turn prompts grow long."""
         self.env_cls, self.format, self.tokenizer = env_cls, turn_format, tokenizer
-        self.runner, self.limits = runner, limits
+        self.runner, self.limits, self.call_tokens = runner, limits, call_tokens
         self.tool_names = set(runner.tools)
         self.schemas = [t.schema() for t in env_cls.tools]
 
@@ -110,18 +114,33 @@ class AgentRollout:
 
     def _generate(self, ready: list[Trajectory], spec: SamplingSpec, sampler, pending: dict,
                   stats: RolloutStats) -> None:
-        """One engine call per group of trajectories with the same room left, split over the engines."""
+        """One engine call per group of trajectories with the same room left, split over the engines
+        and cut where its prompts would pass ``call_tokens``."""
         by_room: dict[int, list[Trajectory]] = {}
         for trajectory in ready:
             by_room.setdefault(trajectory.room(self.limits), []).append(trajectory)
         for room, group in by_room.items():
             size = math.ceil(len(group) / sampler.engines)
-            for start in range(0, len(group), size):
-                part = group[start: start + size]
+            for part in self._within_budget([group[start: start + size] for start in range(0, len(group), size)]):
                 seed = None if spec.seed is None else spec.seed + stats.generate_calls * 10_007
                 call = replace(spec, n=1, max_new_tokens=room, seed=seed)
                 pending[sampler.submit([t.tokens for t in part], call)] = ("generate", part)
                 stats.generate_calls += 1
+
+    def _within_budget(self, parts: list[list[Trajectory]]) -> list[list[Trajectory]]:
+        """``parts`` cut into consecutive runs of at most ``call_tokens`` prompt tokens (a longer
+        prompt goes alone)."""
+        out = []
+        for part in parts:
+            run, tokens = [], 0
+            for trajectory in part:
+                if run and tokens + len(trajectory.tokens) > self.call_tokens:
+                    out.append(run)
+                    run, tokens = [], 0
+                run.append(trajectory)
+                tokens += len(trajectory.tokens)
+            out.append(run)
+        return out
 
     def _after_generation(self, trajectory: Trajectory, generation: Generation, env: Environment, pending: dict,
                           waiting: dict, stats: RolloutStats) -> list[Trajectory]:
