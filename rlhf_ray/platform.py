@@ -54,7 +54,10 @@ class Platform:
                 # The engine core (scheduler) in the caller's process instead of a spawned one.
                 "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
             }
-        return {"NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", "0")}
+        # Nothing forced on CUDA: NCCL_CUMEM_ENABLE=0, once needed beside vLLM's CUDA graphs, is
+        # stale with vLLM 0.32 and NCCL 2.27+ (OpenRLHF and SkyRL dropped it), and a value set in
+        # some processes of a NCCL group but not in others breaks the group.
+        return {}
 
     def apply_env(self) -> None:
         for key, value in self.process_env().items():

@@ -22,12 +22,16 @@ class _Problems(list):
         if not ok:
             self.append((key, msg))
 
+    def need_learning_rate(self, lr: float, key: str) -> None:
+        # Above 1 no AdamW run trains: such a value is a typo (1e3 for 1e-3), not a choice.
+        self.need(0 < lr <= 1, key, f"must be in (0, 1] (a learning rate); got {lr:g}")
+
 
 def _stage_problems(name: str, epochs: int, lr: float, batch_size: int) -> list[Problem]:
     """What the supervised stages (sft, rm, dpo) share."""
     p = _Problems()
     p.need(epochs >= 1, f"{name}.epochs", "must be >= 1")
-    p.need(lr > 0, f"{name}.lr", "must be > 0")
+    p.need_learning_rate(lr, f"{name}.lr")
     p.need(batch_size >= 1, f"{name}.batch_size", "must be >= 1")
     return p
 
@@ -233,7 +237,7 @@ class LearnerConfig:
         p = _Problems()
         p.need(self.num_ranks >= 1, f"{name}.num_ranks", "must be >= 1")
         p.need(self.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
-        p.need(self.lr > 0, f"{name}.lr", "must be > 0")
+        p.need_learning_rate(self.lr, f"{name}.lr")
         p.need(self.weight_decay >= 0, f"{name}.weight_decay", "must be >= 0")
         p.need(self.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0: no clipping)")
         p.need(self.micro_batch_size >= 1, f"{name}.micro_batch_size", "must be >= 1")
@@ -449,13 +453,20 @@ class SyncConfig:
     # learner's node, CPU only; the GPU twin, CUDA IPC, is not built); auto: shm where it can, broadcast for the rest
     transport: Literal["broadcast", "shm", "auto"] = "broadcast"
     parity_every: int = 0  # parity check after every N-th sync; 0 = never
-    parity_atol: float = 1e-3  # largest log-prob gap between learner and engine a parity check accepts
+    # What a parity check accepts between learner and engine; 0: model.dtype's default
+    # (sync/parity.py TOLERANCE_BY_DTYPE: float32 1e-3 / 1e-4 / 1.0, bfloat16 1.0 / 0.05 / 0.5)
+    parity_atol: float = 0.0  # largest per-token log-prob gap
+    parity_mean_atol: float = 0.0  # mean per-token log-prob gap
+    parity_greedy_agreement: float = 0.0  # mean share of each greedy row before its first differing token
 
     def problems(self) -> list[Problem]:
         p = _Problems()
         p.need(self.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
         p.need(self.parity_every >= 0, "sync.parity_every", "must be >= 0")
-        p.need(self.parity_atol > 0, "sync.parity_atol", "must be > 0")
+        p.need(self.parity_atol >= 0, "sync.parity_atol", "must be >= 0 (0: by model.dtype)")
+        p.need(self.parity_mean_atol >= 0, "sync.parity_mean_atol", "must be >= 0 (0: by model.dtype)")
+        p.need(0 <= self.parity_greedy_agreement <= 1, "sync.parity_greedy_agreement",
+               "must be in [0, 1] (0: by model.dtype)")
         return p
 
 
@@ -644,8 +655,13 @@ class RunConfig:
                "restarts resume from a checkpoint: set checkpoint.every > 0")
         p.need(not ppo.ptx_coef or bool(ppo.ptx_data or data.sft or data.task), "ppo.ptx_data",
                "ppo.ptx_coef > 0 needs text: give ppo.ptx_data, data.sft or data.task")
+        return p + plan_problems(self)
+
+    def reward_problems(self) -> list[Problem]:
+        """What a stage that pays rewards (PPO) needs besides ``validate``: a reward source. SFT,
+        RM, DPO, collect and eval run without one."""
         sc = self.scorers
         has_reward = bool(self.model.reward or sc.reward_functions or sc.http.urls or sc.criteria
-                          or (data.task and sc.use_task_gold_as_reward))
-        p.need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
-        return p + plan_problems(self)
+                          or (self.data.task and sc.use_task_gold_as_reward))
+        why = "no reward source: give reward models, reward functions, an endpoint or a task"
+        return [] if has_reward else [("model.reward", why)]

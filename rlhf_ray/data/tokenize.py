@@ -26,7 +26,11 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> lis
     (the part nearest the response): what every role is given as a prompt."""
     if not prompts:
         return []
-    return [ids[-max_prompt_tokens:] for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    bos = tokenizer.bos_token_id
+    encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    # A chat template that writes BOS itself (Llama-3's) plus the tokenizer's own would double it.
+    encoded = [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in encoded]
+    return [ids[-max_prompt_tokens:] for ids in encoded]
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int,

@@ -6,6 +6,7 @@ GPU (NCCL); :mod:`rlhf_ray.platform` decides which.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Iterator
@@ -128,6 +129,24 @@ class DeepSpeedStrategy:
             "steps_per_print": 2**31 - 1,  # metrics are ours to log
             "wall_clock_breakdown": False,
         }
+
+    @contextlib.contextmanager
+    def model_init(self) -> Iterator[None]:
+        """Build the model inside it. Under ZeRO-3, transformers' ``from_pretrained`` then loads
+        every parameter straight into DeepSpeed's partitions (``zero.Init``, switched on by a live
+        ``HfDeepSpeedConfig``): each rank holds its shard only, where without it every rank first
+        holds the whole model (a 70B model whole on one GPU, eight copies in host memory).
+        Outside the block, models load whole again (transformers keeps only a weak reference)."""
+        if self.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        partitioned_loading = HfDeepSpeedConfig(self.ds_config())
+        try:
+            yield
+        finally:
+            del partitioned_loading
 
     def prepare(self, model: torch.nn.Module):
         """Applies the memory savers asked for (gradient checkpointing, LoRA) to ``model`` and wraps

@@ -48,11 +48,11 @@ def run_collect(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    policy = resolve_policy_path(cfg, run_dir)
+    policy = resolve_policy_path(cfg)
     tokenizer = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
     prompts = run_prompts(cfg.data, cfg.seed, tokenizer)[: cfg.collect.num_prompts]
     stop_ids = stop_token_ids(tokenizer, cfg.rollout.stop)
-    begin(cfg, run_dir)
+    policy = begin(cfg, run_dir, policy)
 
     ro, k = cfg.rollout, cfg.collect.responses_per_prompt
     spec = SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, n=k,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from rlhf_ray.config import RunConfig, dump_config
@@ -11,24 +14,43 @@ from rlhf_ray.platform import detect
 BUILTIN_TINY = "builtin:tiny"
 
 
-def prepare_run(cfg: RunConfig) -> Path:
-    """Checks the model folders and secrets (``check_inputs``), then the run's folder (created);
-    nothing is written into it until ``begin``."""
+def prepare_run(cfg: RunConfig, pays_rewards: bool = False) -> Path:
+    """Checks the model folders and secrets (``check_inputs``) and, for a stage that
+    ``pays_rewards``, that the config names a reward; returns the run's folder, which is neither
+    created nor written until ``begin``."""
+    from rlhf_ray.config import ConfigError
+
+    if pays_rewards and (problems := cfg.reward_problems()):
+        raise ConfigError("\n".join(f"{key}: {msg}" for key, msg in problems))
     check_inputs(cfg)
-    run_dir = Path(cfg.run_dir).resolve()
+    return Path(cfg.run_dir).resolve()
+
+
+def begin(cfg: RunConfig, run_dir: Path, model_path: str | None = None) -> str | None:
+    """Every input was checked: creates ``run_dir``, records the config in it (a failed start
+    leaves the previous run's untouched), moves a staged ``builtin:tiny`` model (from
+    ``resolve_policy_path``) into ``run_dir/base_model`` and joins or starts Ray. Returns where
+    ``model_path`` is now."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def begin(cfg: RunConfig, run_dir: Path) -> None:
-    """Every input was checked: records the config in ``run_dir`` (a failed start leaves the
-    previous run's untouched) and joins or starts Ray."""
     (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if model_path in _STAGED_MODELS:
+        from rlhf_ray.models.loading import atomic_dir
+
+        with atomic_dir(run_dir / "base_model") as tmp:
+            shutil.move(model_path, tmp)
+        shutil.rmtree(Path(model_path).parent, ignore_errors=True)
+        model_path = str(run_dir / "base_model")
     init_ray(cfg)
+    return model_path
 
 
-def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
-    """``builtin:tiny`` becomes a tiny model built offline into the run directory."""
+# builtin:tiny models built before the run's folder may be written (their tokenizer reads the data).
+_STAGED_MODELS: set[str] = set()
+
+
+def resolve_policy_path(cfg: RunConfig) -> str:
+    """``builtin:tiny`` becomes a tiny model built offline into a staging folder, moved into the
+    run directory by ``begin`` once every input is checked."""
     if cfg.model.policy != BUILTIN_TINY:
         from rlhf_ray.models.loading import check_model_path
 
@@ -36,7 +58,11 @@ def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
     from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
 
     spec = TinyModelSpec.of_width(cfg.model.tiny_hidden_size, cfg.model.tiny_layers, seed=cfg.seed)
-    return str(build_tiny_model(run_dir / "base_model", spec))
+    staging = Path(tempfile.mkdtemp(prefix="rlhf-ray-base-model-"))
+    atexit.register(shutil.rmtree, staging, True)  # a start refused after the build leaves nothing
+    path = str(build_tiny_model(staging / "base_model", spec))
+    _STAGED_MODELS.add(path)
+    return path
 
 
 def check_inputs(cfg: RunConfig) -> None:

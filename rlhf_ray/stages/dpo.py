@@ -36,14 +36,14 @@ def run_dpo(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    policy_path = resolve_policy_path(cfg, run_dir)
+    policy_path = resolve_policy_path(cfg)
     check_lora_targets(cfg, "policy", policy_path)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_preference_data(cfg, tokenizer, "dpo")
     # Encoded once: every batch is a selection of rows, each carrying its reference log-probs.
     pairs = {f"{split}_{side}": encode_side(cfg, tokenizer, rows, side)
              for split, rows in (("train", train), ("held_out", held_out)) for side in SIDES}
-    begin(cfg, run_dir)
+    policy_path = begin(cfg, run_dir, policy_path)
 
     dpo, pol = cfg.dpo, cfg.policy
     pg = learner_placement_group(pol, cfg.cluster.placement_timeout_s)

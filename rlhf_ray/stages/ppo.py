@@ -24,7 +24,6 @@ from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.tokenize import encode_prompts, stop_token_ids
 from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.faults import FaultCounter
-from rlhf_ray.platform import detect
 from rlhf_ray.stages import prepare as prep
 from rlhf_ray.stages.common import begin, check_model_fits, prepare_run, resolve_policy_path, reward_sources
 from rlhf_ray.stages.guards import RolloutGuards
@@ -42,9 +41,8 @@ class PPOTrainer(Recovery):
         from rlhf_ray.models.loading import load_tokenizer
 
         self.cfg = cfg
-        self.platform = detect(cfg.backend)
-        self.run_dir = prepare_run(cfg)
-        self.policy_path = resolve_policy_path(cfg, self.run_dir)
+        self.run_dir = prepare_run(cfg, pays_rewards=True)
+        self.policy_path = resolve_policy_path(cfg)
         check_model_fits(cfg, self.policy_path)
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.rollout.stop)
@@ -52,13 +50,13 @@ class PPOTrainer(Recovery):
         # Pretraining-mix text for the ptx loss (alignment-tax mitigation), read before any actor starts.
         self.ptx_examples = (text_examples(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
                              if cfg.ppo.ptx_coef else [])
-        self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
-        self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
-        self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
         self._reset_state()
         resume = cfg.checkpoint.resume == "auto"
         resume_from = self._resume_point(asked=True) if resume else None  # fails before any actor starts
-        begin(cfg, self.run_dir)  # only once every input is known good
+        self.policy_path = begin(cfg, self.run_dir, self.policy_path)  # only once every input is known good
+        self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
+        self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
+        self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
         self._launch()
         if resume:
             self.resume(resume_from)
@@ -88,7 +86,7 @@ class PPOTrainer(Recovery):
         # Engines admitted before the first rollout are checked on their greedy answers to these.
         self.roles.rollout.probe_prompts = encode_prompts(self.tokenizer, self.prompts.prompts[:4],
                                                           cfg.data.max_prompt_tokens)
-        self.roles.rollout.connect(self.roles.policy, cfg.sync.bucket_mb << 20, cfg.sync.transport, self.platform)
+        self.roles.rollout.connect(self.roles.policy, cfg.sync.bucket_mb << 20, cfg.sync.transport)
 
     # --- one iteration ------------------------------------------------------------------------
     def step(self) -> dict:

@@ -28,11 +28,11 @@ def run_rm(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    init_path = cfg.rm.init or resolve_policy_path(cfg, run_dir)
+    init_path = cfg.rm.init or resolve_policy_path(cfg)
     check_lora_targets(cfg, "critic", init_path)
     tokenizer = load_tokenizer(init_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_preference_data(cfg, tokenizer, "rm")
-    begin(cfg, run_dir)
+    init_path = begin(cfg, run_dir, init_path)
 
     def encode(pairs, side):
         return encode_side(cfg, tokenizer, pairs, side)

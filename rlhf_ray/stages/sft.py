@@ -58,11 +58,11 @@ def run_sft(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    base_path = resolve_policy_path(cfg, run_dir)
+    base_path = resolve_policy_path(cfg)
     check_lora_targets(cfg, "policy", base_path)
     tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_sft_data(cfg, tokenizer)
-    begin(cfg, run_dir)
+    base_path = begin(cfg, run_dir, base_path)
 
     sft, pol = cfg.sft, cfg.policy
     pg = learner_placement_group(pol, cfg.cluster.placement_timeout_s)
