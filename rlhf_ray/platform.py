@@ -38,7 +38,14 @@ class Platform:
                 # spawn re-imports vLLM, ~10 s) and no second copy of the runtime in memory.
                 kwargs["distributed_executor_backend"] = "uni"
             return kwargs
-        return {"gpu_memory_utilization": gpu_memory_utilization}
+        if tensor_parallel_size == 1:
+            return {"gpu_memory_utilization": gpu_memory_utilization}
+        # Inside a Ray placement group vLLM would pick its Ray executor, which places one worker
+        # per single-GPU bundle and refuses the engine actor's one bundle of tensor_parallel_size
+        # GPUs ("Placement group bundle cannot have more than 1 GPU"). Its multiprocessing
+        # executor instead starts the workers in this actor, one on each GPU Ray gave it (verl's
+        # design; the bundles stay as config/cluster_fit.py describes them).
+        return {"gpu_memory_utilization": gpu_memory_utilization, "distributed_executor_backend": "mp"}
 
     def process_env(self) -> dict[str, str]:
         """Environment variables every role's process needs on this platform."""

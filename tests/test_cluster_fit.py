@@ -90,10 +90,24 @@ def test_colocated_scorers_ride_on_rank0_bundle():
 
 
 def test_fractional_gpus_above_one_are_rejected():
-    problems = plan_problems(gpu(["rollout.num_gpus=0.75", "rollout.tensor_parallel_size=2"]))
-    assert any(k == "rollout.tensor_parallel_size" and "1.5 GPUs" in m and "whole GPUs" in m
-               for k, m in problems)
-    assert plan_problems(gpu(["rollout.num_gpus=0.5", "rollout.tensor_parallel_size=2"])) == []
+    problems = plan_problems(gpu(["policy.num_gpus=1.5"]))
+    assert any(k == "policy.num_gpus" and "1.5 GPUs" in m and "whole GPUs" in m for k, m in problems)
+
+
+def test_tensor_parallel_engines_hold_whole_gpus_in_one_actor():
+    """One bundle of tensor_parallel_size whole GPUs per engine, its workers started by vLLM's
+    multiprocessing executor inside the actor (vLLM's Ray executor refuses a bundle of more than one
+    GPU); a worker cannot share a GPU, and a CUDA run's engines need GPUs at all."""
+    from rlhf_ray.platform import detect
+
+    assert detect("cuda").vllm_engine_kwargs(0.9, 2)["distributed_executor_backend"] == "mp"
+    assert "distributed_executor_backend" not in detect("cuda").vllm_engine_kwargs(0.9, 1)
+    rollout = next(a for a in role_asks(gpu(["rollout.tensor_parallel_size=2"])) if a.role == "rollout")
+    assert rollout.bundles()[0][1] == 2  # the engine's one bundle: both workers' GPUs
+    for bad, why in ((["rollout.num_gpus=0.5", "rollout.tensor_parallel_size=2"], "one whole GPU"),
+                     (["backend=cuda", "rollout.num_gpus=0"], "0 leaves the engine without any")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(None, bad)
 
 
 def test_cpus_checked_when_given():

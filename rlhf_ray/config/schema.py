@@ -619,6 +619,13 @@ class RunConfig:
         p.need(bool(self.run_dir.strip()), "run_dir", "must name a folder (empty would write into the current one)")
         p.need(r.engine == "vllm" or (self.backend != "cuda" and r.tensor_parallel_size == 1), "rollout.engine",
                "hf runs on CPU with one worker per engine: use vllm with backend=cuda or tensor_parallel_size > 1")
+        p.need(self.backend != "cuda" or r.engine != "vllm" or r.num_gpus > 0, "rollout.num_gpus",
+               "backend=cuda runs vLLM on GPUs: give each engine worker one (0 leaves the engine without any)")
+        # The engine's actor holds all tensor_parallel_size GPUs and vLLM's multiprocessing executor
+        # puts one worker on each (platform.vllm_engine_kwargs): a worker cannot share a GPU.
+        p.need(r.tensor_parallel_size == 1 or r.num_gpus in (0, 1), "rollout.num_gpus",
+               f"with tensor_parallel_size={r.tensor_parallel_size} every worker needs one whole GPU: "
+               f"set rollout.num_gpus=1 (a fraction shares a GPU, which only a one-worker engine can)")
         p.need(r.max_model_len >= data.max_prompt_tokens + r.max_new_tokens, "rollout.max_model_len",
                f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
                f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
