@@ -140,6 +140,8 @@ def reprocess_weight_aliases(aliases: tuple[torch.nn.Module, ...]) -> int:
     the unquantized embedding method derives nothing and this is a cheap no-op. Only that method
     (what a tied LM head uses) is re-run: quantized methods are not safe to repeat on processed
     weights, and the CPU linear method drops its weight after packing."""
+    if not aliases:  # the HF engine's receiver (it ties by storage) runs where vLLM is not installed
+        return 0
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     count = 0
