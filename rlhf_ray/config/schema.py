@@ -558,6 +558,9 @@ class ClusterConfig:
     nodes: int = 0  # nodes of the cluster the plan is for
     gpus_per_node: int = 0  # GPUs on each node
     cpus_per_node: int = 0  # CPUs on each node
+    # Memory of one GPU in GB; with it, a learner rank's training step (model states, activations,
+    # logits) is estimated from the policy's config.json before any actor starts (0: no memory check)
+    gpu_memory_gb: float = 0.0
     # How long to wait for Ray to place every role's resources before giving up with an error that
     # names what did not fit (0: wait forever, e.g. for a slow autoscaler).
     placement_timeout_s: float = 600.0
@@ -567,6 +570,7 @@ class ClusterConfig:
         for key in ("nodes", "gpus_per_node", "cpus_per_node"):
             p.need(getattr(self, key) >= 0, f"cluster.{key}", "must be >= 0 (0: no fit check)")
         p.need(self.placement_timeout_s >= 0, "cluster.placement_timeout_s", "must be >= 0 (0: wait forever)")
+        p.need(self.gpu_memory_gb >= 0, "cluster.gpu_memory_gb", "must be >= 0 (0: no memory check)")
         return p
 
 
