@@ -242,11 +242,12 @@ def learner_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem]:
                  f"a smaller {name}.micro_batch_size" if lc.micro_batch_size > 1 else "",
                  f"{name}.offload_optimizer=true" if not lc.offload_optimizer and lc.zero_stage >= 1 else "",
                  f"more {name}.num_ranks" if lc.zero_stage >= 2 else ""]
-        problems.append((f"{name}.gradient_checkpointing" if not lc.gradient_checkpointing else f"{name}.micro_batch_size",
-                         f"one {name} rank needs ~{need.total / 1e9:.0f} GB for a training step ({parts} GB, "
-                         f"micro_batch_size {lc.micro_batch_size} x {tokens} tokens) but a GPU of "
-                         f"cluster.gpu_memory_gb={gpu_gb:g} leaves ~{GPU_MEMORY_USABLE * gpu_gb:.0f} GB; try "
-                         f"{', '.join(f for f in fixes if f)}"))
+        key = f"{name}.gradient_checkpointing" if not lc.gradient_checkpointing else f"{name}.micro_batch_size"
+        message = (f"one {name} rank needs ~{need.total / 1e9:.0f} GB for a training step ({parts} GB, "
+                   f"micro_batch_size {lc.micro_batch_size} x {tokens} tokens) but a GPU of "
+                   f"cluster.gpu_memory_gb={gpu_gb:g} leaves ~{GPU_MEMORY_USABLE * gpu_gb:.0f} GB; "
+                   f"try {', '.join(f for f in fixes if f)}")
+        problems.append((key, message))
     return problems
 
 
