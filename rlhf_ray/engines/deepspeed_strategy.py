@@ -281,13 +281,17 @@ def _gathered(params: list[torch.nn.Parameter]):
 
 
 def rng_state() -> dict:
-    """Python, NumPy and torch RNG states of this process, as tensors and plain values (so that
-    ``torch.load(weights_only=True)`` reads them back)."""
+    """Python, NumPy, torch and (where there is a GPU) CUDA RNG states of this process, as tensors
+    and plain values (so that ``torch.load(weights_only=True)`` reads them back). CUDA's drives
+    dropout and sampling on the GPU: without it a resumed learner draws other masks."""
     import numpy as np
 
     name, keys, *rest = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -297,3 +301,7 @@ def set_rng_state(state: dict) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        # One state per device this process sees; a resume may see as many (a rank sees one).
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -6,7 +6,7 @@ checks what runs first on a GPU: DeepSpeed learner steps at ZeRO 0, 2 and 3 (bf1
 loading each rank's shard only), with batches moved to the device and host tensors returned; the
 reference, critic and reward scoring passes; the receiving side of the weight sync taking new
 weights through the manifest and buckets into a model on the device; and the learner-vs-rollout
-log-prob gap against the tolerance of the run's dtype. One JSON line per check (step time,
+log-prob gap against the tolerance of the run's dtype; and the RNG states a checkpoint keeps. One JSON line per check (step time,
 tokens/s, sync GB/s, the gap); exit status 1 when any check fails.
 """
 
@@ -140,6 +140,22 @@ def weight_sync(model_dir: str, device: str, dtype: str) -> dict:
             "tolerance_mean": tolerance.mean_abs}
 
 
+def rng_roundtrip(device: str) -> dict:
+    """A checkpoint's RNG states (CUDA's included on a GPU) load with ``weights_only`` and replay
+    the same random draws on the device."""
+    import io
+
+    from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
+
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    first = torch.rand(4, device=device)
+    buffer.seek(0)
+    set_rng_state(torch.load(buffer, weights_only=True))
+    again = torch.rand(4, device=device)
+    return {"check": "rng_roundtrip", "ok": bool(torch.equal(first, again)) and ("cuda" in rng_state()) == (device == "cuda")}
+
+
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -168,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
                                      TinyModelSpec.of_width(args.hidden, args.layers)))
     checks = [(f"learner_zero{z}", lambda z=z: learner_steps(model_dir, z, args.device, args.steps)) for z in (0, 2, 3)]
     checks += [("scoring", lambda: scoring_passes(model_dir, args.device, dtype)),
-               ("weight_sync", lambda: weight_sync(model_dir, args.device, dtype))]
+               ("weight_sync", lambda: weight_sync(model_dir, args.device, dtype)),
+               ("rng_roundtrip", lambda: rng_roundtrip(args.device))]
     failed = 0
     for name, check in checks:
         try:
