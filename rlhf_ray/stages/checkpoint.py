@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.config import flatten_config
 from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
 from rlhf_ray.errors import BadInputError
 
@@ -144,24 +145,14 @@ def check_resumable(path: Path, config: dict) -> None:
     import yaml
 
     read_trainer_state(path)
-    saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
-    now = _flatten(config)
+    saved = flatten_config(yaml.safe_load((path / "config.yaml").read_text()) or {})
+    now = flatten_config(config)
     differ = [k for k in sorted(set(saved) | set(now))
               if k.startswith(RESUME_MUST_MATCH) and saved.get(k) != now.get(k)]
     if differ:
         lines = "\n".join(f"  {k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
         raise CheckpointError(f"cannot resume from {path}: the config differs in keys a resumed run must "
                               f"keep:\n{lines}\nrestore them, or start a new run_dir")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "fields":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _problem(path: Path) -> str:

@@ -12,7 +12,7 @@ BUILTIN_TINY = "builtin:tiny"
 
 
 def prepare_run(cfg: RunConfig) -> Path:
-    """Checks the model folders and secrets (``check_inputs``), then the run's folder (created);
+    """Checks the model folders, tracker packages and secrets (``check_inputs``), then the run's folder (created);
     nothing is written into it until ``begin``."""
     check_inputs(cfg)
     run_dir = Path(cfg.run_dir).resolve()
@@ -40,10 +40,11 @@ def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Model folders and secrets the run needs, each checked before any actor starts; the error
-    names the config key."""
+    """Model folders, tracker packages and secrets the run needs, each checked before any actor
+    starts; the error names the config key."""
     from rlhf_ray.config import ConfigError
     from rlhf_ray.models.loading import check_model_folder
+    from rlhf_ray.tracking import missing_tracker_packages
 
     paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
              ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward)),
@@ -54,6 +55,10 @@ def check_inputs(cfg: RunConfig) -> None:
                 check_model_folder(path)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
+    missing = missing_tracker_packages(cfg)
+    if missing:
+        raise ConfigError(f"logging.trackers: {', '.join(missing)} not installed: pip install 'rlhf-ray[trackers]' "
+                          f"(or leave the tracker out of logging.trackers)")
     token = cfg.scorers.http.token_env
     if cfg.scorers.http.urls and token and not os.environ.get(token):
         raise ConfigError(f"scorers.http.token_env: the environment variable {token} (the reward endpoint's "
