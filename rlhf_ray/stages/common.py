@@ -12,8 +12,8 @@ BUILTIN_TINY = "builtin:tiny"
 
 
 def prepare_run(cfg: RunConfig) -> Path:
-    """Checks the model folders, tracker packages and secrets (``check_inputs``), then the run's folder (created);
-    nothing is written into it until ``begin``."""
+    """Checks the model folders, tracker packages and secrets (``check_inputs``), then the run's
+    folder (created); nothing is written into it until ``begin``."""
     check_inputs(cfg)
     run_dir = Path(cfg.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

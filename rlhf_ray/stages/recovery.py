@@ -17,7 +17,8 @@ from rlhf_ray.tracking import read_metrics
 
 class Recovery:
     """Needs of its host: ``cfg``, ``run_dir``, ``roles``, ``iteration``, ``prompts``, ``kl_ctl``,
-    ``guards``, ``faults``, ``_pending``, the logs and ``trackers``, ``_reset_state``, ``_launch`` and ``_sync_weights``."""
+    ``guards``, ``faults``, ``_pending``, the logs and ``trackers``, ``_reset_state``, ``_launch``
+    and ``_sync_weights``."""
 
     def save_checkpoint(self) -> Path:
         """Everything a resumed run needs, as one atomic ``checkpoints/iter-N`` folder."""
