@@ -278,6 +278,16 @@ class Trackers:
             for tracker in self.trackers:
                 tracker.close(failed)
 
+    @contextmanager
+    def closed_on_failure(self):
+        """Closes the tracker runs as failed when the block raises (a stage that could not start
+        its actors), and leaves them open otherwise."""
+        try:
+            yield
+        except BaseException:
+            self.close(failed=True)
+            raise
+
     def __enter__(self) -> Self:
         return self
 

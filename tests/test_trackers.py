@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -172,10 +173,38 @@ def test_every_tracker_gets_the_metrics_config_and_samples_and_no_secret(offline
         assert not path.is_file() or b"tok-3f9a-never-logged" not in path.read_bytes(), path
 
 
+class RecordingTracker:
+    def __init__(self):
+        self.closed: list[bool] = []  # the ``failed`` of each close
+
+    def close(self, failed: bool) -> None:
+        self.closed.append(failed)
+
+
+def test_tracker_runs_close_once_as_failed_exactly_when_the_stage_fails():
+    from rlhf_ray.tracking import Trackers
+
+    for fails in (False, True):
+        tracker = RecordingTracker()
+        with pytest.raises(RuntimeError) if fails else nullcontext(), Trackers([tracker], "step"):
+            if fails:
+                raise RuntimeError("a learner died")
+        assert tracker.closed == [fails]
+    # PPO's trainer: a failed start closes them (as failed), a good one leaves them open for fit().
+    started, failed_start = Trackers([RecordingTracker()], "iteration"), Trackers([RecordingTracker()], "iteration")
+    with started.closed_on_failure():
+        pass
+    with pytest.raises(RuntimeError), failed_start.closed_on_failure():
+        raise RuntimeError("no room for the actors")
+    failed_start.close()  # PPOTrainer.close() after that: nothing more
+    assert started.trackers[0].closed == [] and failed_start.trackers[0].closed == [True]
+
+
 def test_a_stage_that_fails_closes_its_tracker_runs_as_failed(offline_trackers, mlflow_store, tmp_path):
     cfg = load_config(None, [f"run_dir={tmp_path}", "logging.trackers=[wandb,mlflow]",
                              f"logging.mlflow_tracking_uri={mlflow_store}"])
-    with pytest.raises(RuntimeError), open_trackers(cfg, tmp_path, "sft", "step") as trackers:
+    trackers = open_trackers(cfg, tmp_path, "sft", "step")
+    with pytest.raises(RuntimeError), trackers.closed_on_failure():
         MetricsWriter(tmp_path, step_key="step", mirror=trackers.log_metrics).write({"step": 1, "sft_loss": 2.0})
         raise RuntimeError("a learner died")
     assert wandb_run(tmp_path)["exit_code"] == 1

@@ -59,10 +59,11 @@ class PPOTrainer(Recovery):
         self.metrics = MetricsWriter(self.run_dir, mirror=self.trackers.log_metrics)
         self.samples = MetricsWriter(self.run_dir, "samples.jsonl", mirror=self.trackers.log_samples)
         self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
-        begin(cfg, self.run_dir)  # only once every input is known good
-        self._launch()
-        if resume:
-            self.resume(resume_from)
+        with self.trackers.closed_on_failure():  # e.g. no room for the actors
+            begin(cfg, self.run_dir)  # only once every input is known good
+            self._launch()
+            if resume:
+                self.resume(resume_from)
 
     def _reset_state(self) -> None:
         """The driver's state at iteration 0 (a checkpoint replaces all of it)."""
