@@ -68,6 +68,17 @@ def wandb_run(run_dir: Path) -> dict:
     return {"config": config, "history": history, "exit_code": exit_code}
 
 
+def wandb_sync_dry_run(run_dir: Path) -> str:
+    """The first line of ``wandb sync --dry-run <run_dir>/wandb/offline-run-*`` (in this process:
+    a new one would spend seconds importing wandb)."""
+    from click.testing import CliRunner
+    from wandb.cli import cli
+
+    result = CliRunner().invoke(cli.cli, ["sync", "--dry-run", *map(str, run_dir.glob("wandb/offline-run-*"))])
+    assert result.exit_code == 0, result.output
+    return result.output.splitlines()[0].removeprefix("wandb: ").rstrip(":")
+
+
 def mlflow_run(run_dir: Path, store: str = ""):
     """(client, the run of ``run_dir`` in ``store``; by default the store in ``run_dir``)."""
     from mlflow import MlflowClient
@@ -234,6 +245,7 @@ def test_short_ppo_run_reads_back_from_wandb_offline_and_mlflow(short_ppo_run):
         [(r["iteration"], r["reward_mean"], r["kl_to_ref"]) for r in logged]
     tables = [row for row in wandb["history"] if "samples" in row]
     assert [(row["iteration"], row["samples"]["nrows"]) for row in tables] == [(1, 32), (2, 32)]
+    assert wandb_sync_dry_run(run_dir) == "Would sync 1 run(s)"  # what `wandb sync` would upload later
 
     client, run = mlflow_run(run_dir)
     assert run.info.status == "FINISHED" and run.data.params["ppo.advantage_estimator"] == "grpo"
