@@ -96,6 +96,8 @@ class TrackedRun:
 
 
 class Tracker(Protocol):
+    """One tracker's run of one stage: opened with a ``TrackedRun``, fed by ``Trackers``."""
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_samples(self, columns: list[str], rows: list[list], step: int) -> None: ...
     def rewind(self, step: int) -> None: ...
@@ -178,7 +180,7 @@ class WandbTracker:
 
 class MlflowTracker:
     """An MLflow run in the experiment ``logging.project``: metrics, the config as parameters and
-    as ``config.yaml``, and each step's samples as a table artifact (``samples/<step>.json``)."""
+    as ``config.yaml``, and each step's samples as a table artifact (``samples/iteration_000001.json``)."""
 
     def __init__(self, run: TrackedRun):
         from mlflow import MlflowClient
