@@ -245,7 +245,7 @@ def test_dpo_raises_held_out_reward_accuracy_and_margin_and_saves_a_loadable_pol
     cfg = load_config(None, [
         f"run_dir={tmp_path}", f"model.policy={tiny_model_dir}", "data.num_preference_pairs=640",
         "data.eval_fraction=0.25", "dpo.epochs=3", "dpo.lr=1e-3", "dpo.batch_size=32", f"dpo.beta={BETA}", "policy.num_ranks=1",
-        "policy.micro_batch_size=16", "logging.tensorboard=false"])
+        "policy.micro_batch_size=16", "logging.trackers=[]"])
     summary = run_dpo(cfg)
 
     before, after = summary["held_out_before"], summary["held_out"]

@@ -162,7 +162,7 @@ def test_overlap_trains_one_update_off_policy_with_tis_while_engines_come_and_go
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=2",
                   "rollout.elastic=true", "rollout.min_engines=1", "rollout.max_engines=2", "rollout.engine=hf",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.every=2",
-                  "checkpoint.save_final=false", "logging.tensorboard=false")
+                  "checkpoint.save_final=false", "logging.trackers=[]")
     trainer = PPOTrainer(cfg)
     pids = ray.get([a.__ray_call__.remote(lambda _: os.getpid()) for a in trainer.roles.rollout])
     start, rollouts, sizes = trainer._start_generation, trainer._rollouts, []
@@ -217,7 +217,7 @@ def test_hf_rollout_engine_trains_and_keeps_parity(ray_session, tmp_path):
                   "ppo.overlong_buffer=4", "ppo.overlong_factor=0.5",
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.save_final=false",
-                  "logging.tensorboard=false", "ppo.dynamic_sampling=true", "ppo.dynamic_sampling_rounds=1")
+                  "logging.trackers=[]", "ppo.dynamic_sampling=true", "ppo.dynamic_sampling_rounds=1")
     _, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     # DAPO's dynamic sampling (its selection is tested on its own in test_prepare): the stream moved

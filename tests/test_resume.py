@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from rlhf_ray.config import load_config
 from rlhf_ray.stages import checkpoint as ckpt
-from rlhf_ray.tracking import MetricsWriter, truncate_jsonl
+from rlhf_ray.tracking import MetricsWriter, open_trackers, truncate_jsonl
 
 
 def _fake_learners(tmp: Path) -> None:
@@ -60,7 +61,7 @@ def test_resume_without_a_loadable_checkpoint_is_refused_and_loses_nothing(tmp_p
         ckpt.save_checkpoint(run_dir, 2, {"iteration": 2}, "", _fake_learners)
         (ckpt.checkpoint_root(run_dir) / "iter-000002" / "policy" / "shard.pt").write_bytes(b"x")
         (ckpt.checkpoint_root(run_dir) / ".tmp-iter-000004").mkdir()
-    code = main(["ppo", "--resume", f"run_dir={run_dir}", "model.tiny_hidden_size=64", "logging.tensorboard=false"])
+    code = main(["ppo", "--resume", f"run_dir={run_dir}", "model.tiny_hidden_size=64", "logging.trackers=[]"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and "Nothing was changed" in err and "Traceback" not in err
     if damage == "every checkpoint damaged":
@@ -106,11 +107,15 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def test_rewound_metrics_show_each_step_once_in_tensorboard(tmp_path):
     """A run logs steps 1-5 and dies; its successor resumes from step 3 and logs 4-6."""
-    first = MetricsWriter(tmp_path, tensorboard_step="iteration")
-    first.write_many([{"iteration": i, "reward_mean": float(i)} for i in range(1, 6)])
-    second = MetricsWriter(tmp_path, tensorboard_step="iteration")
-    assert second.rewind(3) == 2
-    second.write_many([{"iteration": i, "reward_mean": 10.0 * i} for i in range(4, 7)])
+    cfg = load_config(None, [f"run_dir={tmp_path}", "logging.trackers=[tensorboard]"])
+    first = open_trackers(cfg, tmp_path, "ppo", "iteration")
+    MetricsWriter(tmp_path, mirror=first.log_metrics).write_many(
+        [{"iteration": i, "reward_mean": float(i)} for i in range(1, 6)])
+    with open_trackers(cfg, tmp_path, "ppo", "iteration") as second:
+        metrics = MetricsWriter(tmp_path, mirror=second.log_metrics)
+        assert metrics.rewind(3) == 2
+        second.rewind(3)
+        metrics.write_many([{"iteration": i, "reward_mean": 10.0 * i} for i in range(4, 7)])
     assert tensorboard_scalars(tmp_path, "reward_mean") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0),
                                                             (6, 60.0)]
 

@@ -81,6 +81,18 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    """A config tree (``config_to_dict``) as ``{dotted key: value}``. Mappings whose keys are the
+    user's own (``data.fields``) and empty ones stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "fields":
+            flat.update(flatten_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from rlhf_ray.config.cluster_fit import plan_problems
 
@@ -473,11 +474,23 @@ class SyncConfig:
 @dataclass
 class LoggingConfig:
     samples_per_iteration: int = 16  # rollouts written to samples.jsonl each PPO iteration
-    tensorboard: bool = True  # also write TensorBoard event files beside metrics.jsonl
+    # Where metrics, the resolved config and PPO's samples go besides metrics.jsonl; [] = nowhere else.
+    # wandb: offline with WANDB_MODE=offline (upload later with `wandb sync`); files in run_dir/wandb.
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "rlhf-ray"  # the W&B project and the MLflow experiment runs are filed under
+    wandb_entity: str = ""  # W&B team or user; "" = the account's default entity
+    # "" = MLFLOW_TRACKING_URI when set, else a SQLite store in run_dir (mlflow.db; artifacts in mlartifacts/)
+    mlflow_tracking_uri: str = ""
 
     def problems(self) -> list[Problem]:
         p = _Problems()
         p.need(self.samples_per_iteration >= 0, "logging.samples_per_iteration", "must be >= 0")
+        p.need(len(set(self.trackers)) == len(self.trackers), "logging.trackers", "names a tracker twice")
+        p.need(bool(self.project.strip()), "logging.project", "must name a project")
+        # The config is written to config.yaml and to every tracker: credentials go in the environment.
+        p.need(not urlsplit(self.mlflow_tracking_uri).password, "logging.mlflow_tracking_uri",
+               "holds a password, which would be logged with the config: give it in MLFLOW_TRACKING_PASSWORD "
+               "(and the user in MLFLOW_TRACKING_USERNAME)")
         return p
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.config import flatten_config
 from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
 from rlhf_ray.errors import BadInputError
 
@@ -152,8 +153,8 @@ def check_resumable(path: Path, config: dict) -> None:
         why = f"{type(saved).__name__}" if isinstance(saved, Exception) else "not a mapping of sections"
         raise CheckpointError(f"checkpoint {path}: config.yaml is unreadable ({why}); delete the checkpoint "
                               f"folder to resume from an older one")
-    saved = _flatten(saved)
-    now = _flatten(config)
+    saved = flatten_config(saved)
+    now = flatten_config(config)
     differ = [k for k in sorted(set(saved) | set(now))
               if k.startswith(RESUME_MUST_MATCH) and saved.get(k) != now.get(k)]
     if differ:
@@ -164,16 +165,6 @@ def check_resumable(path: Path, config: dict) -> None:
                     "checkpoint's num_ranks and zero_stage; the ranks may be placed on other nodes or GPUs)")
         raise CheckpointError(f"cannot resume from {path}: the config differs in keys a resumed run must "
                               f"keep:\n{lines}\n{how}")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "fields":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _problem(path: Path) -> str:

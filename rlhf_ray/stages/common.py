@@ -15,7 +15,7 @@ BUILTIN_TINY = "builtin:tiny"
 
 
 def prepare_run(cfg: RunConfig, pays_rewards: bool = False) -> Path:
-    """Checks the model folders and secrets (``check_inputs``) and, for a stage that
+    """Checks the model folders, tracker packages and secrets (``check_inputs``) and, for a stage that
     ``pays_rewards``, that the config names a reward; returns the run's folder, which is neither
     created nor written until ``begin``."""
     from rlhf_ray.config import ConfigError
@@ -66,10 +66,11 @@ def resolve_policy_path(cfg: RunConfig) -> str:
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Model folders and secrets the run needs, each checked before any actor starts; the error
-    names the config key."""
+    """Model folders, tracker packages and secrets the run needs, each checked before any actor
+    starts; the error names the config key."""
     from rlhf_ray.config import ConfigError
     from rlhf_ray.models.loading import check_model_folder
+    from rlhf_ray.tracking import missing_tracker_packages
 
     paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
              ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward)),
@@ -80,6 +81,10 @@ def check_inputs(cfg: RunConfig) -> None:
                 check_model_folder(path)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
+    missing = missing_tracker_packages(cfg)
+    if missing:
+        raise ConfigError(f"logging.trackers: {', '.join(missing)} not installed: pip install 'rlhf-ray[trackers]' "
+                          f"(or leave the tracker out of logging.trackers)")
     token = cfg.scorers.http.token_env
     if cfg.scorers.http.urls and token and not os.environ.get(token):
         raise ConfigError(f"scorers.http.token_env: the environment variable {token} (the reward endpoint's "

@@ -30,7 +30,7 @@ from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.stages.recovery import Recovery
 from rlhf_ray.stages.sft import text_examples
 from rlhf_ray.tasks import GOLD_COMPONENT
-from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
+from rlhf_ray.tracking import MetricsWriter, PhaseTimer, open_trackers, plot_metrics
 
 __all__ = ["PPOTrainer", "run_ppo"]
 
@@ -54,12 +54,14 @@ class PPOTrainer(Recovery):
         resume = cfg.checkpoint.resume == "auto"
         resume_from = self._resume_point(asked=True) if resume else None  # fails before any actor starts
         self.policy_path = begin(cfg, self.run_dir, self.policy_path)  # only once every input is known good
-        self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
-        self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
+        self.trackers = open_trackers(cfg, self.run_dir, "ppo", "iteration")  # a failed resume check opens none
+        self.metrics = MetricsWriter(self.run_dir, mirror=self.trackers.log_metrics)
+        self.samples = MetricsWriter(self.run_dir, "samples.jsonl", mirror=self.trackers.log_samples)
         self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
-        self._launch()
-        if resume:
-            self.resume(resume_from)
+        with self.trackers.closed_on_failure():  # e.g. no room for the actors
+            self._launch()
+            if resume:
+                self.resume(resume_from)
 
     def _reset_state(self) -> None:
         """The driver's state at iteration 0 (a checkpoint replaces all of it)."""
@@ -245,8 +247,7 @@ class PPOTrainer(Recovery):
 
     # --- the whole run ------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        cfg = self.cfg
-        history = []
+        cfg, history = self.cfg, []
         bar = tqdm(total=cfg.ppo.iterations, initial=self.iteration, desc="ppo", unit="it")
         while self.iteration < cfg.ppo.iterations:
             try:
@@ -272,6 +273,7 @@ class PPOTrainer(Recovery):
         if cfg.checkpoint.save_final:
             self.save(Path(self.run_dir) / "policy")
         plot_metrics(self.run_dir)
+        self.trackers.close()  # finished; a run that stops before this is closed as failed by close()
         return history
 
     def save(self, out_dir: Path) -> None:
@@ -279,6 +281,7 @@ class PPOTrainer(Recovery):
         self.roles.policy.run("save", str(out_dir))
 
     def close(self) -> None:
+        self.trackers.close(failed=True)
         shutdown_roles(self.roles)
 
 
@@ -289,9 +292,6 @@ def run_ppo(cfg: RunConfig) -> list[dict]:
     finally:
         trainer.close()
     done = [r for r in history if "skipped_nonfinite" not in r]
-    if done:
-        print(f"ppo done: {len(history)} iterations, reward {done[0]['reward_mean']:.3f} -> "
-              f"{done[-1]['reward_mean']:.3f}, run dir {trainer.run_dir}")
-    else:
-        print(f"ppo done: {len(history)} iterations in this process, run dir {trainer.run_dir}")
+    rewards = f", reward {done[0]['reward_mean']:.3f} -> {done[-1]['reward_mean']:.3f}" if done else " in this process"
+    print(f"ppo done: {len(history)} iterations{rewards}, run dir {trainer.run_dir}")
     return history
