@@ -83,3 +83,13 @@ def detect(requested: str = "auto") -> Platform:
     if requested == "cpu":
         return Platform(name="cpu", dist_backend="gloo", device="cpu")
     raise ValueError(f"backend must be auto, cpu or cuda, got {requested!r}")
+
+
+def gpu_uuid() -> str | None:
+    """The UUID of this process's current CUDA device (what NCCL tells devices apart by); None
+    without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)

@@ -465,3 +465,14 @@ def test_mixed_shared_memory_and_broadcast(cluster):
     sync(sender, engines, bucket_bytes=100_000)
     for engine in engines:
         assert_parity(sender, engine, responses)
+
+
+def test_an_engine_on_the_learners_gpu_is_found_by_uuid():
+    """NCCL refuses two ranks on one GPU; processes name their devices by index differently, so
+    the check compares UUIDs (None: a CPU process, never a clash)."""
+    from rlhf_ray.sync.group import engines_on_sender_gpu
+
+    engines = [["GPU-a", "GPU-b"], ["GPU-c"], [None]]
+    assert engines_on_sender_gpu("GPU-b", engines) == [0]
+    assert engines_on_sender_gpu("GPU-z", engines) == []
+    assert engines_on_sender_gpu(None, [[None], [None]]) == []

@@ -17,7 +17,7 @@ from rlhf_ray import algo
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
 from rlhf_ray.models.lora import LoraSettings
-from rlhf_ray.platform import detect
+from rlhf_ray.platform import detect, gpu_uuid
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,9 @@ class WeightSyncSource:
     sends. The host class provides ``rank``, ``platform`` and ``node_ip()``."""
 
     weight_sender = None
+
+    def device_uuid(self) -> str | None:
+        return gpu_uuid()
 
     def create_weight_segment(self, manifest: dict) -> str:
         """Rank 0 makes the shared-memory segment that engines on its node map before joining;

@@ -25,7 +25,7 @@ from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines.sampling import Generation, SamplingSpec
 from rlhf_ray.faults import ActorFailureError, FaultCounter
 from rlhf_ray.platform import detect
-from rlhf_ray.sync.group import SyncLayout, plan_sync
+from rlhf_ray.sync.group import SyncLayout, engines_on_sender_gpu, plan_sync
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity, parity_tolerance
 
 
@@ -402,7 +402,14 @@ def weight_sync_layout(sender, engines: list, transport: str, workers_per_engine
 
 
 def open_weight_sync(sender, engines: list, manifest: dict, layout: SyncLayout, backend: str) -> None:
-    """Connects the sender (the policy learner's sync verbs) with every engine, as ``layout`` says."""
+    """Connects the sender (the policy learner's sync verbs) with every engine, as ``layout`` says.
+    Refuses, before NCCL would, an engine worker on learner rank 0's GPU."""
+    if backend == "nccl":
+        sender_uuid, *engine_uuids = ray.get([sender.device_uuid.remote(), *(e.device_uuids.remote() for e in engines)])
+        if shared := engines_on_sender_gpu(sender_uuid, engine_uuids):
+            raise ValueError(f"rollout engine(s) {shared} have a worker on learner rank 0's GPU ({sender_uuid}): "
+                             f"NCCL cannot join two ranks on one GPU; give the rollout and learner roles separate "
+                             f"GPUs (rollout.ray_resources, policy.ray_resources)")
     shm_path = ray.get(sender.create_weight_segment.remote(manifest)) if layout.shm_world > 1 else None
     port, address = ray.get([sender.free_port.remote(), sender.node_ip.remote()])
     refs = [sender.open_weight_sync.remote(port, layout.broadcast_world, layout.shm_world)]

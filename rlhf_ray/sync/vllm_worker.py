@@ -53,6 +53,12 @@ class WeightSyncWorkerExtension:
             self._rlhf_group = open_group(master_addr, master_port, rank, world_size, backend, timeout)
         return rank
 
+    def device_uuid(self) -> str | None:
+        """This worker's GPU (its UUID, what NCCL tells devices apart by); None on CPU."""
+        from rlhf_ray.platform import gpu_uuid
+
+        return gpu_uuid()
+
     @torch.no_grad()
     def receive_weights(self, manifest: dict, load: bool = True) -> int:
         """Receives every bucket of ``manifest`` and loads it in place; returns the bytes received.
