@@ -102,7 +102,7 @@ def test_a_template_that_writes_bos_is_not_given_a_second_one():
 @pytest.mark.slow
 def test_sft_rm_ppo_on_chat_files_with_a_bpe_tokenizer(ray_session, tmp_path):
     """SFT -> RM -> PPO on a tied Qwen2 with the BPE ChatML tokenizer, every stage reading chat
-    files; the rollout engine stops at <|im_end|>."""
+    files; the vLLM engines stop at <|im_end|>."""
     from rlhf_ray.config import load_config
     from rlhf_ray.models.tiny import build_tiny_architecture
     from rlhf_ray.stages.ppo import run_ppo
@@ -113,8 +113,7 @@ def test_sft_rm_ppo_on_chat_files_with_a_bpe_tokenizer(ray_session, tmp_path):
     files = write_chat_files(tmp_path / "data", ArithmeticTask(), n_sft=384, n_pairs=128, n_prompts=16)
     common = ["data.task=", "data.max_prompt_tokens=32", "policy.num_ranks=1", "critic.num_ranks=1",
               "policy.micro_batch_size=32", "critic.micro_batch_size=32", "rollout.num_engines=1",
-              "rollout.max_new_tokens=6", "rollout.max_model_len=64",
-              "rollout.engine=hf"]  # vLLM's EOS stop is its own; the chat path is the same either way
+              "rollout.max_new_tokens=6", "rollout.max_model_len=64", "rollout.gpu_memory_utilization=0.05"]
 
     def cfg(stage: str, policy: Path, *more: str):
         return load_config(None, [f"run_dir={tmp_path / stage}", f"model.policy={policy}", *common, *more])
