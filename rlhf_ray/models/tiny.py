@@ -117,6 +117,24 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 
+def tiny_config(arch: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, max_positions: int = 256):
+    """The transformers config of a tiny ``arch`` (a key of :data:`ARCHITECTURES`) for ``tokenizer``."""
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    config_name, fields = ARCHITECTURES[arch]
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    if config_name == "GPT2Config":
+        return transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
+                                       n_head=hidden_size // 32, n_positions=max_positions, **special, **fields)
+    return getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32, max_position_embeddings=max_positions, **special, **fields)
+
+
 def build_tiny_architecture(out_dir: str | os.PathLike, arch: str, hidden_size: int = 64, num_layers: int = 2,
                             max_positions: int = 256, seed: int = 0) -> Path:
     """A tiny random-weight checkpoint of ``arch`` (a key of :data:`ARCHITECTURES`) with the
@@ -124,8 +142,6 @@ def build_tiny_architecture(out_dir: str | os.PathLike, arch: str, hidden_size: 
     import torch
     import transformers
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     out = Path(out_dir)
     marker = out / "tiny_spec.json"
     spec_json = json.dumps({"arch": arch, "hidden_size": hidden_size, "num_layers": num_layers,
@@ -133,21 +149,31 @@ def build_tiny_architecture(out_dir: str | os.PathLike, arch: str, hidden_size: 
     if marker.exists() and marker.read_text() == spec_json:
         return out
     tokenizer = build_tokenizer()
-    config_name, fields = ARCHITECTURES[arch]
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
-    if config_name == "GPT2Config":
-        cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
-                                      n_head=hidden_size // 32, n_positions=max_positions, **special, **fields)
-    else:
-        cfg = getattr(transformers, config_name)(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
-            num_key_value_heads=hidden_size // 32, max_position_embeddings=max_positions, **special, **fields)
+    cfg = tiny_config(arch, tokenizer, hidden_size, num_layers, max_positions)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with _replaced_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "tiny_spec.json").write_text(spec_json)
+    return out
+
+
+def build_tiny_reward_model(out_dir: str | os.PathLike, arch: str, num_labels: int = 1, seed: int = 0,
+                            tokenizer=None) -> Path:
+    """A tiny random ``AutoModelForSequenceClassification`` checkpoint of ``arch`` (the folder format
+    of Skywork-Reward and of TRL's and OpenRLHF's reward trainers) with ``tokenizer`` (default the
+    character tokenizer), written as safetensors into ``out_dir``."""
+    import torch
+    import transformers
+
+    tokenizer = tokenizer or build_tokenizer()
+    config = tiny_config(arch, tokenizer)
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    out = Path(out_dir)
+    with _replaced_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out

@@ -43,6 +43,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """Model folders and secrets the run needs, each checked before any actor starts; the error
     names the config key."""
     from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.heads import check_score_head
     from rlhf_ray.models.loading import check_model_folder
 
     paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
@@ -51,7 +52,9 @@ def check_inputs(cfg: RunConfig) -> None:
     for key, path in paths:
         if path:
             try:
-                check_model_folder(path)
+                folder = check_model_folder(path)
+                if key != "model.policy":  # read as a reward or value model (or its start): one score
+                    check_score_head(folder)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
     token = cfg.scorers.http.token_env
