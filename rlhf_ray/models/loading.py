@@ -137,6 +137,13 @@ def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
     return _from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
 
 
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether a model folder holds a tokenizer (every ``save_pretrained`` of one writes
+    tokenizer_config.json); a hub name is assumed to."""
+    path = os.path.expanduser(str(path))
+    return not os.path.isdir(path) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     """Tokenizer with a pad token (eos if it has none) that pads on the left, for generation."""
     from transformers import AutoTokenizer
