@@ -22,6 +22,28 @@ def tiny_model_dir(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama"))
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained offline on a few sentences, with ChatML turn markers
+    (a Qwen-like tokenizer, nothing like the built-in character-level one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = ["What is 12+30? It is 42, I think.", "Be brief. 7*6 is 42.", "user assistant system"] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                   chat_template=CHATML)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole test session (starting Ray costs seconds)."""

@@ -13,28 +13,9 @@ from rlhf_ray.data.tokenize import encode_pairs, tokenizer_identity
 from rlhf_ray.models.loading import load_tokenizer
 from rlhf_ray.models.tiny import build_tiny_reward_model
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 MESSAGES = [[{"role": "user", "content": "What is 12+30?"}], [{"role": "system", "content": "Be brief."},
                                                              {"role": "user", "content": "7*6?"}]]
 RESPONSES = ["42, I think.", "42"]
-
-
-def byte_level_bpe():
-    """A byte-level BPE tokenizer trained offline on a few sentences, with ChatML turn markers
-    (a Qwen-like tokenizer, nothing like the policy's character-level one)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = ["What is 12+30? It is 42, I think.", "Be brief. 7*6 is 42.", "user assistant system"] * 20
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   chat_template=CHATML)
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +38,9 @@ def _actor_scores(rm_path, policy_dir, policy_tokenizer, prompts: list[str]) -> 
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["text", "chat"])
-def test_a_reward_model_with_another_tokenizer_reads_the_text_its_own_way(tmp_path, tiny_model_dir,
-                                                                           policy_tokenizer, chat):
-    bpe = byte_level_bpe()
+def test_a_reward_model_with_another_tokenizer_reads_the_text_its_own_way(tmp_path, tiny_model_dir, policy_tokenizer,
+                                                                           bpe_tokenizer, chat):
+    bpe = bpe_tokenizer
     rm_path = build_tiny_reward_model(tmp_path / "qwen-rm", "qwen2", tokenizer=bpe)
     # The policy (no chat template) renders chat prompts as plain text; the prompt carries its messages.
     prompts = [ChatPrompt(render_prompt(m, policy_tokenizer), m) if chat else m[-1]["content"] + " "
