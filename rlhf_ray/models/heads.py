@@ -54,8 +54,8 @@ def score_count(config: dict) -> int | None:
 
 
 def check_score_head(path: str | os.PathLike) -> None:
-    """Refuses a local sequence-classification folder whose head gives more than one score per
-    sequence (a classifier, or a multi-objective head): reading from config.json only."""
+    """Refuses a local sequence-classification folder whose head gives other than one score per
+    sequence (a classifier, a multi-objective head), from its config.json alone."""
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
         return  # a hub name: checked when it loads
