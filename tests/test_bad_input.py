@@ -99,6 +99,15 @@ def test_reward_classifiers_must_give_one_score(tmp_path, capsys, no_expensive_w
         main(["ppo", f"run_dir={tmp_path / 'run'}", *BASE, f"model.reward=[{one}]", f"model.critic={one}"])
 
 
+def test_a_critic_start_with_another_vocabulary_is_refused(tmp_path, capsys, no_expensive_work, bpe_tokenizer):
+    from rlhf_ray.models.tiny import build_tiny_reward_model
+
+    qwen = build_tiny_reward_model(tmp_path / "qwen", "qwen2", tokenizer=bpe_tokenizer)
+    err = _ppo_error(capsys, tmp_path / "run", f"model.critic={qwen}")
+    assert re.search(r"^rlhf-ray: model\.critic: the tokenizer of .*/qwen gives \d+ of the policy's \d+ tokens "
+                     r"another id \(e\.g\. .*\); the critic reads the policy's token ids", err), err
+
+
 def test_the_gpu_configs_accept_a_reward_classifier_folder(tmp_path):
     """The shipped GPU configs name Skywork-Reward (a sequence classifier); such a folder, local,
     passes the input checks (the policy stays a hub name, which transformers checks itself)."""

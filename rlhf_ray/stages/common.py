@@ -75,6 +75,27 @@ def check_model_fits(cfg: RunConfig, model_path: str) -> None:
     check_lora_targets(cfg, "policy", model_path)
     if cfg.uses_critic:
         check_lora_targets(cfg, "critic", cfg.model.critic or model_path)
+    if cfg.uses_critic and cfg.model.critic:
+        check_critic_reads_policy_ids(cfg, model_path)
+
+
+def check_critic_reads_policy_ids(cfg: RunConfig, policy_path: str) -> None:
+    """The critic values the policy's token ids as they are: a ``model.critic`` start (say a
+    reward model of another family) whose vocabulary gives any of the policy's tokens another id
+    is refused. A vocabulary with extra tokens (a reward model's added pad token) reads them alike."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.loading import has_tokenizer, load_tokenizer
+
+    critic = cfg.model.critic
+    if not has_tokenizer(critic):
+        return
+    critic_vocab = load_tokenizer(critic, cfg.model.trust_remote_code).get_vocab()
+    policy_vocab = load_tokenizer(policy_path, cfg.model.trust_remote_code).get_vocab()
+    moved = [token for token, i in policy_vocab.items() if critic_vocab.get(token) != i]
+    if moved:
+        raise ConfigError(f"model.critic: the tokenizer of {critic} gives {len(moved)} of the policy's "
+                          f"{len(policy_vocab)} tokens another id (e.g. {moved[0]!r}); the critic reads the "
+                          f"policy's token ids, so start it from a model with the policy's vocabulary")
 
 
 def check_lora_targets(cfg: RunConfig, section: str, model_path: str) -> None:
