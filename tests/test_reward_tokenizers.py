@@ -63,7 +63,9 @@ def test_a_reward_model_with_the_policys_tokenizer_reads_the_policys_ids(tmp_pat
     """Sameness is read from the tokenizer itself (a copy saved elsewhere is the same), and the
     batch's own ids are scored, EOS included."""
     rm_path = build_tiny_reward_model(tmp_path / "llama-rm", "llama")  # the character tokenizer, its own copy
-    assert tokenizer_identity(load_tokenizer(rm_path)) == tokenizer_identity(policy_tokenizer)
+    used = load_tokenizer(rm_path)
+    used(["a", "abc"], padding=True, truncation=True, max_length=2)  # leaves padding settings behind
+    assert tokenizer_identity(used) == tokenizer_identity(policy_tokenizer)
     prompts = [m[-1]["content"] + " " for m in MESSAGES]
     actor, scores = _actor_scores(rm_path, tiny_model_dir, policy_tokenizer, prompts)
     assert actor.models[0].own_tokenizer is None

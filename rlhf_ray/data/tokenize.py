@@ -54,8 +54,13 @@ def tokenizer_identity(tokenizer) -> tuple[str, str | None]:
     fast tokenizer, else its vocabulary, and its chat template. Equal identities read text alike,
     wherever the files came from."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
-    return definition, getattr(tokenizer, "chat_template", None)
+    if backend is None:
+        return json.dumps(sorted(tokenizer.get_vocab().items())), getattr(tokenizer, "chat_template", None)
+    definition = json.loads(backend.to_str())
+    # Padding and truncation are left behind by the last padded call, not part of the tokenizer.
+    definition.pop("padding", None)
+    definition.pop("truncation", None)
+    return json.dumps(definition, sort_keys=True), getattr(tokenizer, "chat_template", None)
 
 
 def encode_conversations(tokenizer, prompts: list[str], responses: list[str]) -> RolloutBatch:
