@@ -24,6 +24,15 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained offline with a ChatML template (Qwen-like, nothing like
+    the built-in character-level one)."""
+    from rlhf_ray.models.tiny import build_chat_tokenizer
+
+    return build_chat_tokenizer()
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One Ray instance for the whole test session (starting Ray costs seconds)."""
     import ray

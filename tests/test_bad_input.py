@@ -85,6 +85,43 @@ def test_every_stage_checks_its_model_paths_before_writing(tmp_path, capsys, mon
     assert not (tmp_path / "run").exists()
 
 
+def test_reward_classifiers_must_give_one_score(tmp_path, capsys, no_expensive_work):
+    """A sequence-classification folder (Skywork-Reward's format) passes the checks as a reward
+    model and as the critic's start; one with two labels is refused under its key, naming the file
+    and num_labels."""
+    from rlhf_ray.models.tiny import build_tiny_reward_model
+
+    one, two = build_tiny_reward_model(tmp_path / "one", "llama"), build_tiny_reward_model(tmp_path / "two", "llama", 2)
+    err = _ppo_error(capsys, tmp_path / "run", f"model.reward=[{one},{two}]")
+    assert err == (f"rlhf-ray: model.reward[1]: {two}/config.json: num_labels is 2 (id2label has 2 entries); "
+                   f"a reward or value model needs a head with one output (num_labels: 1)"), err
+    with pytest.raises(AssertionError, match="bad input was not caught"):  # every check passed: the tripwire
+        main(["ppo", f"run_dir={tmp_path / 'run'}", *BASE, f"model.reward=[{one}]", f"model.critic={one}"])
+
+
+def test_a_critic_start_with_another_vocabulary_is_refused(tmp_path, capsys, no_expensive_work, bpe_tokenizer):
+    from rlhf_ray.models.tiny import build_tiny_reward_model
+
+    qwen = build_tiny_reward_model(tmp_path / "qwen", "qwen2", tokenizer=bpe_tokenizer)
+    err = _ppo_error(capsys, tmp_path / "run", f"model.critic={qwen}")
+    assert re.search(r"^rlhf-ray: model\.critic: the tokenizer of .*/qwen gives \d+ of the policy's \d+ tokens "
+                     r"another id \(e\.g\. .*\); the critic reads the policy's token ids", err), err
+
+
+def test_the_gpu_configs_accept_a_reward_classifier_folder(tmp_path, tiny_model_dir):
+    """The shipped GPU configs name Skywork-Reward (a sequence classifier); such a folder, local,
+    passes the input checks (the policy, a hub name there, is a local folder here: no hub is
+    reachable, and a hub name this machine cannot get is refused)."""
+    from rlhf_ray.models.tiny import build_tiny_reward_model
+    from rlhf_ray.stages.common import check_inputs
+
+    folder = build_tiny_reward_model(tmp_path / "skywork-like", "llama")
+    for name in ("llama8b_2x8gpu_ppo.yaml", "llama70b_zero3_offload_ppo.yaml"):
+        cfg = load_config(Path(__file__).parent.parent / "configs" / name,
+                          [f"model.reward=[{folder}]", f"model.policy={tiny_model_dir}"])
+        check_inputs(cfg)
+
+
 def test_damaged_model_files_are_named_before_any_work(tmp_path, tiny_model_dir, capsys, no_expensive_work):
     """A truncated weights file and a tokenizer.json cut short (an interrupted download) are named
     by file, under the key that points at the folder."""

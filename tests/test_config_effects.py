@@ -192,7 +192,7 @@ def test_model_dtype_reaches_every_role_and_the_reward_model_scores_in_it(tiny_m
     scores = {}
     for dtype in ("float32", "bfloat16"):
         actor = RewardActor([str(tmp_path / "rm")], "mean", [], [], "cpu", 8, dtype=cfg(f"model.dtype={dtype}").model.dtype)
-        assert {p.dtype for p in actor.models[0].parameters()} == {getattr(torch, dtype)}
+        assert {p.dtype for p in actor.models[0].model.parameters()} == {getattr(torch, dtype)}
         scores[dtype] = actor.score(batch, ["", ""], ["", ""])["score"]
     assert scores["bfloat16"].dtype == torch.float32 and torch.allclose(scores["bfloat16"], scores["float32"], atol=0.05)
 

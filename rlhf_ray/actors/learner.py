@@ -293,7 +293,8 @@ class CriticLearnerActor(_LearnerBase):
     def build_model(self) -> torch.nn.Module:
         from rlhf_ray.models.heads import ValueModel
 
-        return ValueModel.from_base(self.spec.model_path)
+        return ValueModel.from_base(self.spec.model_path, dtype=self.spec.dtype,
+                                    trust_remote_code=self.spec.trust_remote_code)
 
     def values(self, shard: RolloutBatch) -> torch.Tensor:
         self.engine.eval()

@@ -219,6 +219,22 @@ class _Unparsable:
 # --- chat messages --------------------------------------------------------------------------------
 
 
+class ChatPrompt(str):
+    """A chat prompt: the text it was rendered to (what the policy reads), carrying its
+    ``messages`` so a reward model with another chat template can render the conversation its
+    own way. Anything that reads it as text sees the rendered prompt."""
+
+    messages: list[dict]
+
+    def __new__(cls, text: str, messages: list[dict]):
+        prompt = super().__new__(cls, text)
+        prompt.messages = messages
+        return prompt
+
+    def __reduce__(self):  # pickled (between Ray processes) as text and messages
+        return ChatPrompt, (str(self), self.messages)
+
+
 def render_prompt(messages: list[dict], tokenizer=None) -> str:
     """A chat prompt as text, ending where the assistant's reply begins.
 
@@ -453,7 +469,8 @@ def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: 
         logical = "messages" if row.has("messages") and not row.has("prompt") else "prompt"
         value = row.raw(logical)
         if isinstance(value, list):
-            return render_prompt(row.messages(logical), tokenizer)
+            messages = row.messages(logical)
+            return ChatPrompt(render_prompt(messages, tokenizer), messages)
         return row.text(logical)
 
     return _load(source, fields, on_bad_row, "prompts", parse)

@@ -142,6 +142,29 @@ def load_backbone(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
                             trust_remote_code=trust_remote_code)
 
 
+def load_sequence_classifier(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                             trust_remote_code: bool = False):
+    """An ``AutoModelForSequenceClassification`` (a reward model's standard format)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _from_pretrained(AutoModelForSequenceClassification, path, dtype=resolve_dtype(dtype),
+                            trust_remote_code=trust_remote_code)
+
+
+def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The ``AutoConfig`` of an HF folder or hub name (config.json alone: no weights read)."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether a model folder holds a tokenizer (every ``save_pretrained`` of one writes
+    tokenizer_config.json); a hub name is assumed to."""
+    path = os.path.expanduser(str(path))
+    return not os.path.isdir(path) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     """Tokenizer with a pad token (eos if it has none) that pads on the left, for generation."""
     from transformers import AutoTokenizer

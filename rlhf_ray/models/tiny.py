@@ -97,6 +97,13 @@ def build_chat_tokenizer(vocab_size: int = 320):
 TOKENIZERS = {"char": build_tokenizer, "bpe-chatml": build_chat_tokenizer}
 
 
+def tiny_tokenizer(name: str):
+    """The tokenizer of :data:`TOKENIZERS` called ``name``."""
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; known: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[name]()
+
+
 def build_tiny_model(out_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
     """Writes model + tokenizer into ``out_dir`` (created) and returns it. Reuses an identical build."""
     import torch
@@ -156,6 +163,24 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
 }
 
 
+def tiny_config(arch: str, tokenizer, hidden_size: int = 64, num_layers: int = 2, max_positions: int = 256):
+    """The transformers config of a tiny ``arch`` (a key of :data:`ARCHITECTURES`) for ``tokenizer``."""
+    import transformers
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    config_name, fields = ARCHITECTURES[arch]
+    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+               "eos_token_id": tokenizer.eos_token_id}
+    if config_name == "GPT2Config":
+        return transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
+                                       n_head=hidden_size // 32, n_positions=max_positions, **special, **fields)
+    return getattr(transformers, config_name)(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
+        num_key_value_heads=hidden_size // 32, max_position_embeddings=max_positions, **special, **fields)
+
+
 def build_tiny_architecture(out_dir: str | os.PathLike, arch: str, hidden_size: int = 64, num_layers: int = 2,
                             max_positions: int = 256, seed: int = 0, tokenizer: str = "char") -> Path:
     """A tiny random-weight checkpoint of ``arch`` (a key of :data:`ARCHITECTURES`) with a
@@ -164,9 +189,7 @@ def build_tiny_architecture(out_dir: str | os.PathLike, arch: str, hidden_size: 
     import torch
     import transformers
 
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    if tokenizer not in TOKENIZERS:
+    if tokenizer not in TOKENIZERS:  # refused before anything is written
         raise ValueError(f"unknown tokenizer {tokenizer!r}; known: {', '.join(TOKENIZERS)}")
     out = Path(out_dir)
     marker = out / "tiny_spec.json"
@@ -175,22 +198,32 @@ def build_tiny_architecture(out_dir: str | os.PathLike, arch: str, hidden_size: 
     spec_json = json.dumps(spec, sort_keys=True)
     if marker.exists() and marker.read_text() == spec_json:
         return out
-    tokenizer = TOKENIZERS[tokenizer]()
-    config_name, fields = ARCHITECTURES[arch]
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
-    if config_name == "GPT2Config":
-        cfg = transformers.GPT2Config(vocab_size=len(tokenizer), n_embd=hidden_size, n_layer=num_layers,
-                                      n_head=hidden_size // 32, n_positions=max_positions, **special, **fields)
-    else:
-        cfg = getattr(transformers, config_name)(
-            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-            num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32,
-            num_key_value_heads=hidden_size // 32, max_position_embeddings=max_positions, **special, **fields)
+    tokenizer = tiny_tokenizer(tokenizer)
+    cfg = tiny_config(arch, tokenizer, hidden_size, num_layers, max_positions)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     with _replaced_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "tiny_spec.json").write_text(spec_json)
+    return out
+
+
+def build_tiny_reward_model(out_dir: str | os.PathLike, arch: str, num_labels: int = 1, seed: int = 0,
+                            tokenizer=None) -> Path:
+    """A tiny random ``AutoModelForSequenceClassification`` checkpoint of ``arch`` (the folder format
+    of Skywork-Reward and of TRL's and OpenRLHF's reward trainers) with ``tokenizer`` (default the
+    character tokenizer), written as safetensors into ``out_dir``."""
+    import torch
+    import transformers
+
+    tokenizer = tokenizer or build_tokenizer()
+    config = tiny_config(arch, tokenizer)
+    config.num_labels = num_labels
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    out = Path(out_dir)
+    with _replaced_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
     return out

@@ -69,6 +69,7 @@ def check_inputs(cfg: RunConfig) -> None:
     """Model folders, tracker packages and secrets the run needs, each checked before any actor
     starts; the error names the config key."""
     from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.heads import check_score_head
     from rlhf_ray.models.loading import check_model_folder
     from rlhf_ray.tracking import missing_tracker_packages
 
@@ -78,7 +79,9 @@ def check_inputs(cfg: RunConfig) -> None:
     for key, path in paths:
         if path:
             try:
-                check_model_folder(path)
+                folder = check_model_folder(path)
+                if key != "model.policy":  # read as a reward or value model (or its start): one score
+                    check_score_head(folder)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
     missing = missing_tracker_packages(cfg)
@@ -103,6 +106,27 @@ def check_model_fits(cfg: RunConfig, model_path: str) -> None:
     check_lora_targets(cfg, "policy", model_path)
     if cfg.uses_critic:
         check_lora_targets(cfg, "critic", cfg.model.critic or model_path)
+    if cfg.uses_critic and cfg.model.critic:
+        check_critic_reads_policy_ids(cfg, model_path)
+
+
+def check_critic_reads_policy_ids(cfg: RunConfig, policy_path: str) -> None:
+    """The critic values the policy's token ids as they are: a ``model.critic`` start (say a
+    reward model of another family) whose vocabulary gives any of the policy's tokens another id
+    is refused. A vocabulary with extra tokens (a reward model's added pad token) reads them alike."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.loading import has_tokenizer, load_tokenizer
+
+    critic = cfg.model.critic
+    if not has_tokenizer(critic):
+        return
+    critic_vocab = load_tokenizer(critic, cfg.model.trust_remote_code).get_vocab()
+    policy_vocab = load_tokenizer(policy_path, cfg.model.trust_remote_code).get_vocab()
+    moved = [token for token, i in policy_vocab.items() if critic_vocab.get(token) != i]
+    if moved:
+        raise ConfigError(f"model.critic: the tokenizer of {critic} gives {len(moved)} of the policy's "
+                          f"{len(policy_vocab)} tokens another id (e.g. {moved[0]!r}); the critic reads the "
+                          f"policy's token ids, so start it from a model with the policy's vocabulary")
 
 
 def check_lora_targets(cfg: RunConfig, section: str, model_path: str) -> None:
