@@ -12,7 +12,7 @@ import torch
 
 from rlhf_ray.data import formats
 from rlhf_ray.data.tokenize import encode_pairs, encode_prompts
-from rlhf_ray.models.tiny import IM_END, build_chat_tokenizer
+from rlhf_ray.models.tiny import IM_END
 from rlhf_ray.tasks.arithmetic import ArithmeticTask
 
 SYSTEM = {"role": "system", "content": "Answer with the number only."}
@@ -42,8 +42,8 @@ def write_chat_files(folder: Path, task: ArithmeticTask, n_sft: int, n_pairs: in
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return build_chat_tokenizer()
+def tokenizer(bpe_tokenizer):
+    return bpe_tokenizer
 
 
 def test_the_bpe_tokenizer_round_trips_any_text_and_ends_turns_with_eos(tokenizer):
