@@ -54,7 +54,7 @@ def run_setup(state_path: Path, out_dir: Path, name: str, args) -> dict:
         "ppo.advantage_estimator=grpo", "rollout.samples_per_prompt=4", f"ppo.prompts_per_iteration={args.prompts}",
         f"rollout.num_engines={engines}", "policy.num_ranks=1", "sync.parity_every=0",
         "checkpoint.save_final=false", f"rollout.ray_resources={where}", "policy.ray_resources={learner: 1}",
-        "scorers.ray_resources={learner: 1}", "logging.tensorboard=false",
+        "scorers.ray_resources={learner: 1}", "logging.trackers=[]",
     ]
     cmd = [sys.executable, str(REPO / "launch" / "cluster.py"), "exec", "--state", str(state_path), "--",
            sys.executable, "-m", "rlhf_ray.cluster.where", "--out", str(out),

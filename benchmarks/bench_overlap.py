@@ -37,7 +37,7 @@ from bench_ppo import VARIANTS as PPO_VARIANTS
 # bench_ppo.py's job (2 engines, 2 ZeRO-2 policy ranks, digit_fraction reward), GRPO, with a
 # learning rate at which the reward moves within 10 iterations (tests/test_ppo.py's).
 JOB = [*BASE, *PPO_VARIANTS["grpo"], "ppo.prompts_per_iteration=16", "policy.lr=3e-3", "ppo.kl_coef=0.01",
-       "logging.tensorboard=false"]
+       "logging.trackers=[]"]
 PHASES = ("generate", "score", "train", "overlap_wait", "sync")
 VARIANTS = {"off": ["ppo.overlap=false"], "on": ["ppo.overlap=true"], "on-notis": ["ppo.overlap=true", "ppo.tis_cap=0"]}
 

@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
 def method_config(name: str, out: Path, sft_model: str, iterations: int):
     from rlhf_ray.config import load_config
 
-    overrides = [f"run_dir={out / name}", f"model.policy={sft_model}", "logging.tensorboard=false"]
+    overrides = [f"run_dir={out / name}", f"model.policy={sft_model}", "logging.trackers=[]"]
     if name in RL_METHODS:
         overrides.append(f"ppo.iterations={iterations}")
     return load_config(CONFIGS / f"method_{name}.yaml", overrides)
@@ -60,7 +60,7 @@ def train_sft(out: Path) -> str:
 
     model = out / "sft" / "model"
     if not (model / "config.json").exists():
-        run_sft(load_config(CONFIGS / "method_sft.yaml", [f"run_dir={out / 'sft'}", "logging.tensorboard=false"]))
+        run_sft(load_config(CONFIGS / "method_sft.yaml", [f"run_dir={out / 'sft'}", "logging.trackers=[]"]))
     return str(model)
 
 

@@ -13,9 +13,10 @@ the cluster's head node: the driver joins the cluster it runs on and places ever
   must already have them. ``--no-working-dir`` uses only the code baked into the image.
 * Environment: the platform's variables for the config's backend (rlhf_ray.platform), extras
   from ``--env KEY=VALUE``, and secrets passed through *by name* from this shell (``--pass-env``,
-  default HF_TOKEN and WANDB_API_KEY when set). Secret values are never printed. Note that a
-  job's runtime env is visible to anyone who can read the cluster's dashboard: on Kubernetes,
-  prefer the Secret mounted into the pods (k8s/base/secret.example.yaml).
+  default HF_TOKEN, WANDB_API_KEY and MLflow's MLFLOW_TRACKING_* credentials when set). Secret
+  values are never printed. Note that a job's runtime env is visible to anyone who can read the
+  cluster's dashboard: on Kubernetes, prefer the Secret mounted into the pods
+  (k8s/base/secret.example.yaml).
 * Results: the config's ``run_dir``. A relative one would land in the job's temporary working
   directory, so on a local head it is made absolute against the working directory (the same
   layout as a direct run from the repository root); on a remote cluster pass ``--run-dir`` on the
@@ -43,7 +44,8 @@ if str(REPO) not in sys.path:  # the config layer is needed for the local check,
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 WORKING_DIR_EXCLUDES = [".venv", "runs", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache",
                         ".hypothesis", ".ruff_cache", "benchmarks/results", "k8s/rendered"]
-DEFAULT_PASS_ENV = ["HF_TOKEN", "WANDB_API_KEY"]
+DEFAULT_PASS_ENV = ["HF_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_TRACKING_TOKEN"]
 SECRET_NAME = re.compile(r"(^|_)(TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIALS?)(_|$)", re.IGNORECASE)
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "0.0.0.0"}
 # Needed because the driver's ray.init also sets runtime_env env_vars (rlhf_ray.stages.common

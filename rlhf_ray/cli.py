@@ -49,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     tiny = sub.add_parser("build-tiny", help="write the built-in tiny model and tokenizer to a folder")
     tiny.add_argument("out_dir")
     tiny.add_argument("--arch", default="", help="one of models.tiny.ARCHITECTURES (default: the built-in Llama)")
+    tiny.add_argument("--tokenizer", default="char",
+                      help="with --arch or --reward-model: char, or bpe-chatml (byte-level BPE, ChatML template)")
+    tiny.add_argument("--reward-model", action="store_true",
+                      help="a random sequence-classification reward model (num_labels 1) of --arch (default llama)")
     check = sub.add_parser("check-sync", help="does a checkpoint survive the learner -> vLLM weight sync? "
                                               "(one process: transformers model, vLLM engine, two syncs)")
     check.add_argument("models", nargs="+", metavar="MODEL", help="HF model folder(s), checked one after the other")
@@ -70,9 +74,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_cluster_command(args)
     if args.command == "build-tiny":
-        from rlhf_ray.models.tiny import build_tiny_architecture, build_tiny_model
+        from rlhf_ray.models.tiny import (
+            build_tiny_architecture,
+            build_tiny_model,
+            build_tiny_reward_model,
+            tiny_tokenizer,
+        )
 
-        print(build_tiny_architecture(args.out_dir, args.arch) if args.arch else build_tiny_model(args.out_dir))
+        try:
+            if args.reward_model:
+                print(build_tiny_reward_model(args.out_dir, args.arch or "llama", tokenizer=tiny_tokenizer(args.tokenizer)))
+            else:
+                print(build_tiny_architecture(args.out_dir, args.arch, tokenizer=args.tokenizer) if args.arch
+                      else build_tiny_model(args.out_dir))
+        except ValueError as e:  # an unknown --arch or --tokenizer, named before anything is written
+            print(f"rlhf-ray: build-tiny: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "check-sync":
         return _check_sync(args)

@@ -38,7 +38,14 @@ class Platform:
                 # spawn re-imports vLLM, ~10 s) and no second copy of the runtime in memory.
                 kwargs["distributed_executor_backend"] = "uni"
             return kwargs
-        return {"gpu_memory_utilization": gpu_memory_utilization}
+        if tensor_parallel_size == 1:
+            return {"gpu_memory_utilization": gpu_memory_utilization}
+        # Inside a Ray placement group vLLM would pick its Ray executor, which places one worker
+        # per single-GPU bundle and refuses the engine actor's one bundle of tensor_parallel_size
+        # GPUs ("Placement group bundle cannot have more than 1 GPU"). Its multiprocessing
+        # executor instead starts the workers in this actor, one on each GPU Ray gave it (verl's
+        # design; the bundles stay as config/cluster_fit.py describes them).
+        return {"gpu_memory_utilization": gpu_memory_utilization, "distributed_executor_backend": "mp"}
 
     def process_env(self) -> dict[str, str]:
         """Environment variables every role's process needs on this platform."""
@@ -54,7 +61,10 @@ class Platform:
                 # The engine core (scheduler) in the caller's process instead of a spawned one.
                 "VLLM_ENABLE_V1_MULTIPROCESSING": os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING", "0"),
             }
-        return {"NCCL_CUMEM_ENABLE": os.environ.get("NCCL_CUMEM_ENABLE", "0")}
+        # Nothing forced on CUDA: NCCL_CUMEM_ENABLE=0, once needed beside vLLM's CUDA graphs, is
+        # stale with vLLM 0.32 and NCCL 2.27+ (OpenRLHF and SkyRL dropped it), and a value set in
+        # some processes of a NCCL group but not in others breaks the group.
+        return {}
 
     def apply_env(self) -> None:
         for key, value in self.process_env().items():
@@ -73,3 +83,13 @@ def detect(requested: str = "auto") -> Platform:
     if requested == "cpu":
         return Platform(name="cpu", dist_backend="gloo", device="cpu")
     raise ValueError(f"backend must be auto, cpu or cuda, got {requested!r}")
+
+
+def gpu_uuid() -> str | None:
+    """The UUID of this process's current CUDA device (what NCCL tells devices apart by); None
+    without one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)

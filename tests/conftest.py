@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,15 @@ def tiny_model_dir(tmp_path_factory):
     from rlhf_ray.models.tiny import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer trained offline with a ChatML template (Qwen-like, nothing like
+    the built-in character-level one)."""
+    from rlhf_ray.models.tiny import build_chat_tokenizer
+
+    return build_chat_tokenizer()
 
 
 @pytest.fixture(scope="session")
@@ -107,13 +117,15 @@ def short_ppo_run(ray_session, tmp_path_factory):
     """One short real PPO run per session, shared by tests/test_ppo.py and the run viewer's browser
     test: GRPO (with GSPO's sequence-level loss) with a ZeRO-3 policy on 2 ranks, the engines' log-probs as the sampling policy's, two
     reference replicas, 2 iterations over the same 8 arithmetic prompts
-    (so the viewer can compare one prompt at two iterations), every rollout in samples.jsonl.
+    (so the viewer can compare one prompt at two iterations), every rollout in samples.jsonl, logged
+    to every tracker (W&B offline, MLflow's store in the run dir: tests/test_trackers.py reads them).
     Returns the closed trainer (its ``run_dir`` stays) and the history."""
     from rlhf_ray.config import load_config
     from rlhf_ray.stages.ppo import PPOTrainer
 
+    run_dir = tmp_path_factory.mktemp("short_ppo")
     cfg = load_config(None, [
-        f"run_dir={tmp_path_factory.mktemp('short_ppo')}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64",
+        f"run_dir={run_dir}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64",
         "data.task=arithmetic", "data.num_prompts=8", "scorers.use_task_gold_as_reward=false",
         "scorers.reward_functions=rlhf_ray.tasks.rewards:digit_fraction", "rollout.max_new_tokens=8",
         "rollout.max_model_len=64", "data.max_prompt_tokens=32", "rollout.gpu_memory_utilization=0.05", "policy.micro_batch_size=16",
@@ -122,11 +134,29 @@ def short_ppo_run(ray_session, tmp_path_factory):
         "policy.zero_stage=3", "sync.parity_every=1", "sync.bucket_mb=1", "sync.transport=auto",
         "ppo.old_logprobs=rollout", "scorers.reference_replicas=2", "ppo.policy_loss=gspo", "ppo.clip_eps_high=0.28",
         "checkpoint.save_final=false",
-        "logging.samples_per_iteration=32",
+        "logging.samples_per_iteration=32", "logging.trackers=[tensorboard,wandb,mlflow]",
     ])
-    trainer = PPOTrainer(cfg)
-    try:
-        history = trainer.fit()
-    finally:
-        trainer.close()
+    with pytest.MonkeyPatch.context() as env:
+        offline_tracker_env(env, run_dir.parent / "wandb-home")
+        trainer = PPOTrainer(cfg)
+        try:
+            history = trainer.fit()
+        finally:
+            trainer.close()
     return trainer, history
+
+
+@pytest.fixture
+def offline_trackers(monkeypatch, tmp_path_factory):
+    """The trackers' environment of the tests (``offline_tracker_env``)."""
+    offline_tracker_env(monkeypatch, tmp_path_factory.mktemp("wandb-home"))
+
+
+def offline_tracker_env(env: pytest.MonkeyPatch, wandb_home: Path) -> None:
+    """W&B offline and quiet, its caches (elsewhere in the home folder) in ``wandb_home``; MLflow
+    in the run's own store whatever the environment says."""
+    env.setenv("WANDB_MODE", "offline")
+    env.setenv("WANDB_SILENT", "true")
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
+        env.setenv(name, str(wandb_home))
+    env.delenv("MLFLOW_TRACKING_URI", raising=False)

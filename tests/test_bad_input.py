@@ -85,6 +85,43 @@ def test_every_stage_checks_its_model_paths_before_writing(tmp_path, capsys, mon
     assert not (tmp_path / "run").exists()
 
 
+def test_reward_classifiers_must_give_one_score(tmp_path, capsys, no_expensive_work):
+    """A sequence-classification folder (Skywork-Reward's format) passes the checks as a reward
+    model and as the critic's start; one with two labels is refused under its key, naming the file
+    and num_labels."""
+    from rlhf_ray.models.tiny import build_tiny_reward_model
+
+    one, two = build_tiny_reward_model(tmp_path / "one", "llama"), build_tiny_reward_model(tmp_path / "two", "llama", 2)
+    err = _ppo_error(capsys, tmp_path / "run", f"model.reward=[{one},{two}]")
+    assert err == (f"rlhf-ray: model.reward[1]: {two}/config.json: num_labels is 2 (id2label has 2 entries); "
+                   f"a reward or value model needs a head with one output (num_labels: 1)"), err
+    with pytest.raises(AssertionError, match="bad input was not caught"):  # every check passed: the tripwire
+        main(["ppo", f"run_dir={tmp_path / 'run'}", *BASE, f"model.reward=[{one}]", f"model.critic={one}"])
+
+
+def test_a_critic_start_with_another_vocabulary_is_refused(tmp_path, capsys, no_expensive_work, bpe_tokenizer):
+    from rlhf_ray.models.tiny import build_tiny_reward_model
+
+    qwen = build_tiny_reward_model(tmp_path / "qwen", "qwen2", tokenizer=bpe_tokenizer)
+    err = _ppo_error(capsys, tmp_path / "run", f"model.critic={qwen}")
+    assert re.search(r"^rlhf-ray: model\.critic: the tokenizer of .*/qwen gives \d+ of the policy's \d+ tokens "
+                     r"another id \(e\.g\. .*\); the critic reads the policy's token ids", err), err
+
+
+def test_the_gpu_configs_accept_a_reward_classifier_folder(tmp_path, tiny_model_dir):
+    """The shipped GPU configs name Skywork-Reward (a sequence classifier); such a folder, local,
+    passes the input checks (the policy, a hub name there, is a local folder here: no hub is
+    reachable, and a hub name this machine cannot get is refused)."""
+    from rlhf_ray.models.tiny import build_tiny_reward_model
+    from rlhf_ray.stages.common import check_inputs
+
+    folder = build_tiny_reward_model(tmp_path / "skywork-like", "llama")
+    for name in ("llama8b_2x8gpu_ppo.yaml", "llama70b_zero3_offload_ppo.yaml"):
+        cfg = load_config(Path(__file__).parent.parent / "configs" / name,
+                          [f"model.reward=[{folder}]", f"model.policy={tiny_model_dir}"])
+        check_inputs(cfg)
+
+
 def test_damaged_model_files_are_named_before_any_work(tmp_path, tiny_model_dir, capsys, no_expensive_work):
     """A truncated weights file and a tokenizer.json cut short (an interrupted download) are named
     by file, under the key that points at the folder."""
@@ -194,3 +231,181 @@ def test_a_checkpoint_holding_code_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
     torch.load(path / ckpt.TRAINER_STATE, weights_only=False)  # the same file, loaded unsafely,
     assert marker.exists()  # does run the code: the refusal above is what protects
+
+
+# --- the matrix: every command, each bad input refused with one message, nothing written -------
+
+def _bad_files(d: Path) -> dict[str, Path]:
+    """Input files that are not what they claim, written before the snapshot of what exists."""
+    d.mkdir()
+    files = {
+        "dup_section.yaml": "ppo:\n  kl_coef: 0.1\nsft:\n  lr: 0.001\nppo:\n  kl_coef: 0.2\n",
+        "dup_key.yaml": "ppo:\n  kl_coef: 0.1\n  kl_coef: 0.2\n",
+        "syntax.yaml": "ppo:\n  kl_coef: [0.1\n",
+        "list.yaml": "- ppo\n- sft\n",
+        "bad_json_line.jsonl": '{"prompt": "1+1="}\n{"prompt": \n',
+        "row_not_object.jsonl": '{"prompt": "1+1="}\n[1, 2]\n',
+        "no_prompt.jsonl": '{"prompt": "1+1="}\n{"text": "2+2="}\n',
+        "number_prompt.jsonl": '{"prompt": 5}\n',
+        "fake.parquet": "prompt\n1+1=\n",
+        "data.xyz": "1+1=",
+        "garbage.json": "\x00\x01not json at all",
+        "prompts_only.jsonl": '{"prompt": "1+1="}\n',
+        "criteria.yaml": "studio:\n  criteria: helpful\n",
+        "labels.db": "this text is not an SQLite database " * 10,
+    }
+    paths = {name: d / name for name in files}
+    for name, text in files.items():
+        paths[name].write_text(text)
+    (d / "not_utf8.jsonl").write_bytes(b'{"prompt": "1+1="}\n\xff\xfe{"prompt": "2"}\n')
+    paths["not_utf8.jsonl"] = d / "not_utf8.jsonl"
+    return paths
+
+
+S = "rlhf-ray: "  # every message starts so, once
+BAD_INPUTS = {
+    # config files and overrides (every stage loads its config the same way)
+    "a second ppo section": (["ppo", "--config", "{dup_section.yaml}"],
+                             S + r".*dup_section\.yaml: not valid YAML at line 5, column 1: key 'ppo' appears twice"),
+    "a key given twice": (["sft", "--config", "{dup_key.yaml}"], r"line 3, column 3: key 'kl_coef' appears twice"),
+    "YAML syntax": (["rm", "--config", "{syntax.yaml}"], r"syntax\.yaml: not valid YAML at line 3"),
+    "a list for a config": (["ppo", "--config", "{list.yaml}"], r"list\.yaml: the top level must be a mapping"),
+    "missing config file": (["ppo", "--config", "{in}/nope.yaml"], r"config file .*nope\.yaml does not exist"),
+    "lr inf": (["ppo", "policy.lr=inf"], r"policy\.lr must be a finite number; got inf"),
+    "lr nan": (["sft", "sft.lr=nan"], r"sft\.lr must be a finite number; got nan"),
+    "lr 1e23": (["ppo", "policy.lr=1e23"], r"policy\.lr: must be in \(0, 1\] \(a learning rate\); got 1e\+23"),
+    "lr 1e3 for rm": (["rm", "rm.lr=1e3"], r"rm\.lr: must be in \(0, 1\]"),
+    "clip 1e400": (["ppo", "ppo.clip_eps=1e400"], r"ppo\.clip_eps must be a finite number"),
+    "iterations inf": (["ppo", "ppo.iterations=inf"], r"ppo\.iterations must be an integer; got 'inf'"),
+    "iterations 1e23": (["ppo", "ppo.iterations=1e23"], r"ppo\.iterations must be an integer; got '1e23'"),
+    "iterations true": (["ppo", "ppo.iterations=true"], r"ppo\.iterations must be an integer; got True"),
+    "num_prompts -5": (["ppo", "data.num_prompts=-5"], r"data\.num_prompts: must be >= 1"),
+    "num_prompts 1.5": (["ppo", "data.num_prompts=1.5"], r"data\.num_prompts must be an integer; got 1\.5"),
+    "tiny_layers -1": (["sft", "model.tiny_layers=-1"], r"model\.tiny_layers: must be >= 1"),
+    "tiny width 48": (["ppo", "model.tiny_hidden_size=48"], r"model\.tiny_hidden_size: must be a positive multiple"),
+    "temperature -1": (["collect", "rollout.temperature=-1"], r"rollout\.temperature: must be > 0"),
+    "max_new_tokens 0": (["ppo", "rollout.max_new_tokens=0"], r"rollout\.max_new_tokens: must be >= 1"),
+    "engines -1": (["ppo", "rollout.num_engines=-1"], r"rollout\.num_engines: must be >= 1"),
+    "ranks 0": (["dpo", "policy.num_ranks=0"], r"policy\.num_ranks: must be >= 1"),
+    "zero stage 5": (["ppo", "critic.zero_stage=5"], r"critic\.zero_stage: must be 0, 1, 2 or 3"),
+    "dtype typo": (["ppo", "model.dtype=float13"], r"model\.dtype must be one of float32, bfloat16, float16"),
+    "key typo": (["ppo", "ppo.kl_cof=0.1"], r"unknown config key ppo\.kl_cof; did you mean ppo\.kl_coef\?"),
+    "section typo": (["ppo", "pop.kl_coef=0.1"], r"unknown config key pop; did you mean ppo\?"),
+    "override without =": (["ppo", "ppo.kl_coef"], r"override 'ppo\.kl_coef' must look like section\.key=value"),
+    "a value for a section": (["ppo", "ppo=3"], r"ppo must be a mapping"),
+    "empty run_dir": (["ppo", "run_dir="], r"run_dir"),
+    "PPO without a reward": (["ppo", "data.task=", "data.prompts={prompts_only.jsonl}"],
+                             r"model\.reward: no reward source"),
+    # data files
+    "missing prompts": (["ppo", "data.prompts={in}/nope.jsonl"], r"data file .*nope\.jsonl does not exist"),
+    "not UTF-8": (["ppo", "data.prompts={not_utf8.jsonl}"], r"not_utf8\.jsonl row 2: .*not UTF-8"),
+    "a line cut short": (["collect", "data.prompts={bad_json_line.jsonl}"], r"bad_json_line\.jsonl row 2: .*not valid JSON"),
+    "a row not an object": (["ppo", "data.prompts={row_not_object.jsonl}"], r"row_not_object\.jsonl row 2: .*must be an object"),
+    "a missing field": (["ppo", "data.prompts={no_prompt.jsonl}"], r"no_prompt\.jsonl row 2, field 'prompt': missing field"),
+    "a number for text": (["ppo", "data.prompts={number_prompt.jsonl}"], r"number_prompt\.jsonl row 1, field 'prompt': wrong type"),
+    "text named parquet": (["ppo", "data.prompts={fake.parquet}"], r"fake\.parquet: not a Parquet file"),
+    "random bytes as JSON": (["ppo", "data.prompts={garbage.json}"], r"garbage\.json"),
+    "unknown extension": (["ppo", "data.prompts={data.xyz}"], r"data\.xyz: unknown format"),
+    "pairs without chosen": (["rm", "data.preferences={prompts_only.jsonl}"],
+                             r"prompts_only\.jsonl row 1, field 'chosen': missing field"),
+    "sft rows without response": (["sft", "data.sft={prompts_only.jsonl}"],
+                                  r"prompts_only\.jsonl row 1, field 'response': missing field"),
+    # models
+    "offline hub id": (["ppo", "model.policy=someorg/some-model"],
+                       r"model\.policy: 'someorg/some-model' is not a local folder, and the hub cannot serve it"),
+    "missing reward model": (["ppo", "model.reward=[{in}/nope]"], r"model\.reward\[0\]: model path .* does not exist"),
+    "missing rm.init": (["rm", "rm.init={in}/nope"], r"rm\.init: model path .* does not exist"),
+    "eval of a missing model": (["eval", "eval.models.sft={in}/nope"], r"eval\.models\.sft: model path .*does not exist"),
+    "check-sync of a missing model": (["check-sync", "{in}/nope"], r"model path .*nope' does not exist"),
+    "build-tiny unknown arch": (["build-tiny", "{in}/tiny", "--arch", "nope"],
+                                r"build-tiny: unknown architecture 'nope'"),
+    # the studio
+    "stats of a missing database": (["annotate", "stats", "--db", "{in}/typo/labels.db"],
+                                    r"annotation database .*typo/labels\.db does not exist"),
+    "stats of a text file": (["annotate", "stats", "--db", "{labels.db}"], r"labels\.db is not an annotation database"),
+    "export with agreement 5": (["annotate", "export", "--db", "{in}/new.db", "--out", "{in}/out.jsonl",
+                                 "--min-agreement", "5"], r"--min-agreement must be a share between 0 and 1"),
+    "add-annotator to a missing database": (["annotate", "add-annotator", "--db", "{in}/none.db", "ann"],
+                                            r"annotation database .*none\.db does not exist"),
+    "serve on port 99999": (["annotate", "serve", "--db", "{in}/new.db", "--pairs", "{prompts_only.jsonl}",
+                             "--port", "99999"], r"--port must be between 0 and 65535"),
+    "serve with overlap-k -3": (["annotate", "serve", "--db", "{in}/new.db", "--overlap-k", "-3"],
+                                r"--overlap-k must be at least 2"),
+    "serve pairs without chosen": (["annotate", "serve", "--db", "{in}/new.db", "--pairs", "{prompts_only.jsonl}"],
+                                   r"prompts_only\.jsonl row 1, field 'chosen'"),
+    "serve criteria not a list": (["annotate", "serve", "--db", "{in}/new.db", "--config", "{criteria.yaml}"],
+                                  r"criteria\.yaml: studio\.criteria must be a list"),
+    "serve on a public address": (["annotate", "serve", "--db", "{in}/new.db", "--host", "0.0.0.0"],
+                                  r"refusing to bind '0\.0\.0\.0'"),
+    "view of a missing run": (["view", "{in}/norun"], r"norun has neither metrics\.jsonl nor samples\.jsonl"),
+}
+STAGE_ARGS = ("ppo", "sft", "rm", "dpo", "collect", "eval", "pipeline")
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def no_stage_starts(monkeypatch):
+    """Every stage's ``begin`` (the first write into run_dir, then Ray) is a tripwire."""
+    import importlib
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("bad input was not caught before the run's folder was written")
+
+    for stage in STAGE_ARGS:
+        monkeypatch.setattr(importlib.import_module(f"rlhf_ray.stages.{stage}"), "begin", tripwire)
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_each_bad_input_is_one_message_and_nothing_is_written(case, tmp_path, capsys, monkeypatch, no_stage_starts):
+    files = _bad_files(tmp_path / "in")
+    argv, expected = BAD_INPUTS[case]
+    for name, path in {"in": tmp_path / "in", **files}.items():
+        argv = [a.replace(f"{{{name}}}", str(path)) for a in argv]
+    if argv[0] in STAGE_ARGS:
+        argv = [*argv[:1], *([] if any(a.startswith("run_dir=") for a in argv) else [f"run_dir={tmp_path / 'run'}"]),
+                *BASE, *argv[1:]]
+    monkeypatch.chdir(tmp_path)  # an empty run_dir would write here
+    before = _tree(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count(S) == 1 and "Traceback" not in err, err
+    assert re.search(expected, err), err
+    assert _tree(tmp_path) == before  # nothing made, nothing changed
+
+
+def test_the_matrix_covers_forty_inputs_across_the_commands():
+    assert len(BAD_INPUTS) >= 40
+    commands = {argv[0] for argv, _ in BAD_INPUTS.values()}
+    assert commands >= {"ppo", "sft", "rm", "dpo", "collect", "eval", "check-sync", "build-tiny", "annotate", "view"}
+
+
+@pytest.mark.parametrize("damage", ["COMPLETE not a manifest", "config.yaml a list", "config.yaml not YAML",
+                                    "trainer.pt empty"])
+def test_a_damaged_checkpoint_is_named_and_nothing_is_changed(damage, tmp_path, capsys, no_expensive_work):
+    run = tmp_path / "run"
+    path = _checkpoint(run)
+    (run / "metrics.jsonl").write_text('{"iteration": 1}\n{"iteration": 2}\n')
+    target, content = {"COMPLETE not a manifest": (ckpt.COMPLETE, "[1, 2]"),
+                       "config.yaml a list": ("config.yaml", "- 1\n- 2\n"),
+                       "config.yaml not YAML": ("config.yaml", "ppo: [\n"),
+                       "trainer.pt empty": (ckpt.TRAINER_STATE, "")}[damage]
+    (path / target).write_text(content)
+    if target != ckpt.COMPLETE:  # keep the manifest's sizes right: the damage is in the content
+        manifest = json.loads((path / ckpt.COMPLETE).read_text())
+        manifest["files"][target] = len(content.encode())
+        (path / ckpt.COMPLETE).write_text(json.dumps(manifest))
+    before = _tree(tmp_path)
+    err = _ppo_error(capsys, run, resume=True)
+    assert path.name in err and ("COMPLETE" in err or target in err), err
+    assert _tree(tmp_path) == before
+
+
+def test_resuming_on_other_learner_ranks_says_how(tmp_path, capsys, no_expensive_work):
+    run = tmp_path / "run"
+    _checkpoint(run, "policy.num_ranks=4")
+    err = _ppo_error(capsys, run, resume=True)
+    assert "policy.num_ranks: checkpoint 4, now 2" in err
+    assert "resumes with its checkpoint's num_ranks and zero_stage" in err

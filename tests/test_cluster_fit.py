@@ -90,10 +90,24 @@ def test_colocated_scorers_ride_on_rank0_bundle():
 
 
 def test_fractional_gpus_above_one_are_rejected():
-    problems = plan_problems(gpu(["rollout.num_gpus=0.75", "rollout.tensor_parallel_size=2"]))
-    assert any(k == "rollout.tensor_parallel_size" and "1.5 GPUs" in m and "whole GPUs" in m
-               for k, m in problems)
-    assert plan_problems(gpu(["rollout.num_gpus=0.5", "rollout.tensor_parallel_size=2"])) == []
+    problems = plan_problems(gpu(["policy.num_gpus=1.5"]))
+    assert any(k == "policy.num_gpus" and "1.5 GPUs" in m and "whole GPUs" in m for k, m in problems)
+
+
+def test_tensor_parallel_engines_hold_whole_gpus_in_one_actor():
+    """One bundle of tensor_parallel_size whole GPUs per engine, its workers started by vLLM's
+    multiprocessing executor inside the actor (vLLM's Ray executor refuses a bundle of more than one
+    GPU); a worker cannot share a GPU, and a CUDA run's engines need GPUs at all."""
+    from rlhf_ray.platform import detect
+
+    assert detect("cuda").vllm_engine_kwargs(0.9, 2)["distributed_executor_backend"] == "mp"
+    assert "distributed_executor_backend" not in detect("cuda").vllm_engine_kwargs(0.9, 1)
+    rollout = next(a for a in role_asks(gpu(["rollout.tensor_parallel_size=2"])) if a.role == "rollout")
+    assert rollout.bundles()[0][1] == 2  # the engine's one bundle: both workers' GPUs
+    for bad, why in ((["rollout.num_gpus=0.5", "rollout.tensor_parallel_size=2"], "one whole GPU"),
+                     (["backend=cuda", "rollout.num_gpus=0"], "0 leaves the engine without any")):
+        with pytest.raises(ConfigError, match=why):
+            load_config(None, bad)
 
 
 def test_cpus_checked_when_given():
@@ -177,3 +191,37 @@ def test_context_check_reads_the_checkpoint_folder(tmp_path):
     cfg = load_config(None, ["rollout.max_model_len=288", "data.max_prompt_tokens=32", "rollout.max_new_tokens=128"])
     with pytest.raises(ConfigError, match="rollout.max_model_len: 288 exceeds the policy's context of 256"):
         check_model_fits(cfg, str(tmp_path))
+
+
+# Llama-3.1-8B's and Llama-3.3-70B's config.json shapes (what the checker reads from the folder).
+SHAPE_8B = {**LLAMA_8B, "num_hidden_layers": 32, "vocab_size": 128256, "intermediate_size": 14336,
+            "max_position_embeddings": 131072}
+SHAPE_70B = {**LLAMA_70B, "num_hidden_layers": 80, "vocab_size": 128256, "intermediate_size": 28672,
+             "max_position_embeddings": 131072}
+
+
+def test_parameter_count_from_the_config_shape():
+    from rlhf_ray.config.cluster_fit import parameter_count
+
+    assert abs(parameter_count(SHAPE_8B) - 8.03e9) / 8.03e9 < 0.01
+    assert abs(parameter_count(SHAPE_70B) - 70.6e9) / 70.6e9 < 0.01
+    assert parameter_count({"hidden_size": 64}) is None  # unknown shape: no estimate, no check
+
+
+def test_a_learner_step_that_cannot_fit_its_gpu_is_refused():
+    """The 70B plan as shipped fits its 80 GB GPUs because it checkpoints activations; without that
+    a micro-batch needs ~69 GB of activations on top of the model states, and the checker says so,
+    naming the fixes. The 8B plan fits as it is."""
+    assert model_problems(gpu(path=GPU_70B), SHAPE_70B) == []
+    assert model_problems(gpu(path=GPU_8B), SHAPE_8B) == []
+    problems = model_problems(gpu(["policy.gradient_checkpointing=false"], path=GPU_70B), SHAPE_70B)
+    (key, message), = problems
+    assert key == "policy.gradient_checkpointing", problems
+    assert "activations 68.5" in message and "policy.gradient_checkpointing=true" in message, message
+    # Without a GPU size in the config, or for a shape it cannot read, nothing is claimed.
+    assert model_problems(gpu(["policy.gradient_checkpointing=false", "cluster.gpu_memory_gb=0"], path=GPU_70B),
+                          SHAPE_70B) == []
+    # ZeRO stage and offload count: all of Adam on one 80 GB GPU is far too much for 8B weights.
+    (key, message), = model_problems(gpu(["policy.zero_stage=0", "policy.num_ranks=1", "critic.num_ranks=1",
+                                          "policy.gradient_checkpointing=true"]), SHAPE_8B)
+    assert key == "policy.micro_batch_size" and "optimizer 96.4" in message, message

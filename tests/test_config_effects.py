@@ -101,12 +101,20 @@ def test_proportional_kl_controller_follows_kl_target_and_horizon():
 
 
 def test_parity_atol_is_the_largest_gap_the_check_accepts():
-    from rlhf_ray.sync.parity import WeightSyncParityError, check_parity
+    from rlhf_ray.sync.parity import WeightSyncParityError, check_parity, parity_tolerance
+
+    def tolerance(*overrides):
+        c = cfg(*overrides)
+        return parity_tolerance(c.model.dtype, c.sync.parity_atol, c.sync.parity_mean_atol,
+                                c.sync.parity_greedy_agreement)
 
     learner, engine = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-1.0, -2.004]])
-    check_parity(learner, engine, atol=cfg("sync.parity_atol=0.01").sync.parity_atol)
+    check_parity(learner, engine, atol=tolerance("sync.parity_atol=0.01").max_abs)
     with pytest.raises(WeightSyncParityError, match="tolerance 0.001"):
-        check_parity(learner, engine, atol=cfg("sync.parity_atol=0.001").sync.parity_atol)
+        check_parity(learner, engine, atol=tolerance().max_abs)  # float32's default
+    assert tolerance("model.dtype=bfloat16").max_abs == 1.0
+    assert tolerance("model.dtype=bfloat16", "sync.parity_mean_atol=0.2").mean_abs == 0.2
+    assert tolerance("sync.parity_greedy_agreement=0.75").greedy_agreement == 0.75
 
 
 def test_diversity_unit_counts_words_or_characters():
@@ -184,7 +192,7 @@ def test_model_dtype_reaches_every_role_and_the_reward_model_scores_in_it(tiny_m
     scores = {}
     for dtype in ("float32", "bfloat16"):
         actor = RewardActor([str(tmp_path / "rm")], "mean", [], [], "cpu", 8, dtype=cfg(f"model.dtype={dtype}").model.dtype)
-        assert {p.dtype for p in actor.models[0].parameters()} == {getattr(torch, dtype)}
+        assert {p.dtype for p in actor.models[0].model.parameters()} == {getattr(torch, dtype)}
         scores[dtype] = actor.score(batch, ["", ""], ["", ""])["score"]
     assert scores["bfloat16"].dtype == torch.float32 and torch.allclose(scores["bfloat16"], scores["float32"], atol=0.05)
 

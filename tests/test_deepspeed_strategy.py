@@ -68,7 +68,10 @@ class Learner:
         settings = dict(settings)
         strategy = self._strategy(settings.pop("zero_stage"), lr=settings.pop("lr", 2e-3), **settings)
         tokenizer = load_tokenizer(model_dir)
-        engine = strategy.prepare(load_causal_lm(model_dir))
+        with strategy.model_init():
+            model = load_causal_lm(model_dir)
+        held_at_build = sum(p.data.numel() for p in model.parameters())  # before DeepSpeed's engine exists
+        engine = strategy.prepare(model)
         inputs = self._inputs(tokenizer)
         labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
         # Forward runs of the first decoder layer: gradient checkpointing reruns it in backward.
@@ -103,6 +106,7 @@ class Learner:
             logits = engine(**probe).logits.float()  # under ZeRO-3 a collective: every rank runs it
         strategy.save_hf(engine, tokenizer, out_dir)
         result = {"losses": losses, "digest": digest.hexdigest(), "shapes": shapes, "held": held,
+                  "held_at_build": held_at_build,
                   "specs": specs, "trainable": trainable, "unchanged": unchanged,
                   "layer_calls_per_step": layer_calls_per_step,
                   "param_dtype": str(next(engine.module.parameters()).dtype)}
@@ -191,6 +195,8 @@ def test_zero_stage_trains_syncs_and_saves(ray_session, learners, tiny_model_dir
     assert results[0]["saved_logit_diff"] < 1e-5
     total = sum(math.prod(shape) for shape in hf_shapes.values())
     assert all(r["held"] == (0 if zero_stage == 3 else total) for r in results)
+    # ZeRO-3 loads each rank's shard straight from the checkpoint: no rank ever held the whole model.
+    assert all(r["held_at_build"] == (0 if zero_stage == 3 else total) for r in results)
 
 
 def test_config_validation_and_cpu_optimizer():

@@ -113,7 +113,7 @@ def test_every_rank_scores_an_equal_shard(tokenizer):
     ("dpo.label_smoothing=0.5", "dpo.label_smoothing: must be in [0, 0.5)"),
     ("dpo.kind=ipo dpo.label_smoothing=0.1", "dpo.label_smoothing: applies to dpo.kind=sigmoid only"),
     ("dpo.epochs=0", "dpo.epochs: must be >= 1"),
-    ("dpo.lr=0", "dpo.lr: must be > 0"),
+    ("dpo.lr=0", "dpo.lr: must be in (0, 1]"),
     ("dpo.batch_size=0", "dpo.batch_size: must be >= 1"),
     ("dpo.batch_size=3 policy.num_ranks=4", "dpo.batch_size: 3 pairs cannot split over policy.num_ranks=4"),
     ("dpo.bta=0.1", "unknown config key dpo.bta; did you mean dpo.beta?"),
@@ -186,7 +186,7 @@ def test_bad_input_stops_rlhf_ray_dpo_before_ray_starts(overrides, expected, tmp
 @pytest.mark.parametrize("method", ["dpo", "ppo"])
 def test_pipeline_method_picks_the_preference_stage_and_the_eval_compares_its_model(method, tmp_path, monkeypatch):
     """Stages replaced by recorders: which ones run, on which model, and what the eval compares."""
-    from rlhf_ray.stages import dpo, eval, pipeline, ppo, rm, sft
+    from rlhf_ray.stages import common, dpo, eval, pipeline, ppo, rm, sft
 
     calls = []
 
@@ -196,7 +196,7 @@ def test_pipeline_method_picks_the_preference_stage_and_the_eval_compares_its_mo
             return result(cfg) if callable(result) else result
         return run
 
-    monkeypatch.setattr(pipeline, "begin", lambda cfg, run_dir: None)  # no Ray
+    monkeypatch.setattr(common, "init_ray", lambda cfg: None)  # no Ray
     monkeypatch.setattr(sft, "run_sft", stage("sft", {"model": "SFT"}))
     monkeypatch.setattr(dpo, "run_dpo", stage("dpo", lambda cfg: {"model": f"{cfg.run_dir}/policy"}))
     monkeypatch.setattr(rm, "run_rm", stage("rm", {"models": ["RM"], "held_out_accuracy": 0.9}))
@@ -245,7 +245,7 @@ def test_dpo_raises_held_out_reward_accuracy_and_margin_and_saves_a_loadable_pol
     cfg = load_config(None, [
         f"run_dir={tmp_path}", f"model.policy={tiny_model_dir}", "data.num_preference_pairs=640",
         "data.eval_fraction=0.25", "dpo.epochs=3", "dpo.lr=1e-3", "dpo.batch_size=32", f"dpo.beta={BETA}", "policy.num_ranks=1",
-        "policy.micro_batch_size=16", "logging.tensorboard=false"])
+        "policy.micro_batch_size=16", "logging.trackers=[]"])
     summary = run_dpo(cfg)
 
     before, after = summary["held_out_before"], summary["held_out"]

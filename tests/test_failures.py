@@ -99,7 +99,7 @@ def test_nan_batches_dead_engines_and_a_dead_learner_are_survived_then_limits_st
         "rollout.num_engines=2", "rollout.samples_per_prompt=2", "ppo.advantage_estimator=grpo",
         "ppo.prompts_per_iteration=8", "ppo.iterations=6", "policy.num_ranks=1", "policy.micro_batch_size=16",
         "faults.max_consecutive_nonfinite=1", "faults.max_restarts=1", "checkpoint.every=2",
-        "logging.tensorboard=false", "checkpoint.save_final=false"])
+        "logging.trackers=[]", "checkpoint.save_final=false"])
     trainer = PPOTrainer(cfg)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     launch, step, generate, train = trainer._launch, trainer.step, trainer._generate, trainer._train

@@ -158,8 +158,9 @@ def report(cluster, tmp_path_factory):
             events["k_drain"] = len(_rows(metrics))
             local.request_drain(state, "rollout-0", deadline_s=120)
         wait_rows(events["k_drain"] + 2)
-        # Paused within ~10 ms of the row, well before the next iteration's engines answer; resumed,
-        # the driver finds rollout-1's engine gone while its prompts are out (iteration k_kill + 1).
+        # Paused after row k_kill, at any point of iteration k_kill + 1 (a loaded machine may take
+        # longer to pause it than the engines take to answer): the driver finds rollout-1's engine
+        # gone in that iteration, while its prompts are out or, if they were answered, at its sync.
         with paused(proc):
             events["k_kill"] = len(_rows(metrics))
             local.remove_node("rollout-1", state_path, drain=False, log=lambda *_: None)
@@ -262,7 +263,8 @@ def test_rollout_follows_the_cluster(cluster, report):
     assert ev["drained_node_left_by_itself"], "the drained node's raylet did not exit once idle"
     assert all(engines[i] == 1 for i in range(k_kill + 2, ITERATIONS + 1)), engines
     log = report["driver_log"]
-    assert f"died during iteration {k_kill + 1}" in log and "retired rollout engine(s)" in log, log[-4000:]
+    found = (f"died during iteration {k_kill + 1}", f"died before the sync of iteration {k_kill + 1}")
+    assert any(f in log for f in found) and "retired rollout engine(s)" in log, log[-4000:]
     # Where the run ended, from Ray's view: the one engine left is on the node that joined mid-run.
     (last,) = report["placement_end"]["rollout"]
     assert last["node_id"] == last["state_node_id"] == new_id

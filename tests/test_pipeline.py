@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from rlhf_ray.config import load_config
 from rlhf_ray.tracking import read_metrics
@@ -79,6 +80,8 @@ def test_sft_lowers_held_out_loss_and_its_checkpoint_loads(pipeline_run):
 
 
 def test_reward_model_separates_pairs_and_is_calibrated(pipeline_run):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from rlhf_ray.models.heads import RewardModel
 
     root, summary = pipeline_run
@@ -90,8 +93,13 @@ def test_reward_model_separates_pairs_and_is_calibrated(pipeline_run):
     path = root / "rm" / "reward_model-0"
     norm = json.loads((path / "reward_norm.json").read_text())
     assert norm["std"] > 0
-    model = RewardModel.from_pretrained(path)
-    assert isinstance(model, RewardModel)
+    model = RewardModel.from_pretrained(path).eval()
+    # Saved in transformers' own format: plain AutoModelForSequenceClassification gives its scores.
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok(["3+4=7", "3+4=8"], return_tensors="pt")  # same length: no padding
+    with torch.no_grad():
+        plain = AutoModelForSequenceClassification.from_pretrained(path).eval()(**ids).logits[:, 0]
+        torch.testing.assert_close(plain, model(ids["input_ids"], ids["attention_mask"]), rtol=0, atol=1e-5)
     rows = read_metrics(root / "rm")
     assert any("eval_accuracy" in r for r in rows) and any("rm_loss" in r for r in rows)
 

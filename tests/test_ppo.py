@@ -120,17 +120,24 @@ def test_grpo_with_zero3_runs_and_keeps_parity(short_ppo_run):
     assert abs(history[0]["kl_to_ref"]) < 8 * 1e-2 and history[0]["approx_kl"] < 1e-3
 
 
-def test_lora_gae_syncs_merged_weights_with_parity_and_saves_a_loadable_policy(ray_session, tmp_path):
+def test_lora_gae_syncs_merged_weights_with_parity_and_saves_a_loadable_policy(ray_session, tmp_path, bpe_tokenizer):
     """Policy and critic train LoRA adapters only; vLLM (no LoRA support asked) gets merged weights
-    under the base names, and every sync passes the parity check."""
+    under the base names, and every sync passes the parity check. The reward model and the critic's
+    start are sequence-classification checkpoints (Skywork-Reward's format); the reward model is a
+    Qwen2 with a byte-level BPE tokenizer, so it scores its own tokenization of the rollouts' text."""
     from rlhf_ray.models.loading import load_causal_lm
+    from rlhf_ray.models.tiny import build_tiny_reward_model
 
-    cfg = _config(tmp_path, "ppo.iterations=2", "ppo.prompts_per_iteration=16", "rollout.num_engines=1",
+    reward_model = build_tiny_reward_model(tmp_path / "qwen-rm", "qwen2", tokenizer=bpe_tokenizer)
+    critic_start = build_tiny_reward_model(tmp_path / "llama-rm", "llama")  # the policy's tokenizer
+    cfg = _config(tmp_path / "run", "ppo.iterations=2", "ppo.prompts_per_iteration=16", "rollout.num_engines=1",
                   "policy.num_ranks=1", "critic.num_ranks=1", "policy.lr=2e-2", "critic.lr=2e-2",
                   "policy.lora.rank=4", "policy.lora.alpha=8", "critic.lora.rank=4", "sync.parity_every=1",
-                  "ppo.dual_clip=3", "ppo.loss_agg=seq-mean-token-sum-norm")  # the value loss takes the norm too
+                  "ppo.dual_clip=3", "ppo.loss_agg=seq-mean-token-sum-norm",  # the value loss takes the norm too
+                  f"model.reward=[{reward_model}]", f"model.critic={critic_start}")
     trainer, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["value_loss"]) for r in history)
+    assert all(math.isfinite(r["reward/rm0_mean"]) for r in history)
     assert max(r["logprob_gap_vllm_learner"] for r in history) < 1e-2
     # policy/ holds the merged model (what eval and later stages load) and the peft adapter.
     policy_dir = trainer.run_dir / "policy"
@@ -162,7 +169,7 @@ def test_overlap_trains_one_update_off_policy_with_tis_while_engines_come_and_go
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=2",
                   "rollout.elastic=true", "rollout.min_engines=1", "rollout.max_engines=2", "rollout.engine=hf",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.every=2",
-                  "checkpoint.save_final=false", "logging.tensorboard=false")
+                  "checkpoint.save_final=false", "logging.trackers=[]")
     trainer = PPOTrainer(cfg)
     pids = ray.get([a.__ray_call__.remote(lambda _: os.getpid()) for a in trainer.roles.rollout])
     start, rollouts, sizes = trainer._start_generation, trainer._rollouts, []
@@ -217,7 +224,7 @@ def test_hf_rollout_engine_trains_and_keeps_parity(ray_session, tmp_path):
                   "ppo.overlong_buffer=4", "ppo.overlong_factor=0.5",
                   "rollout.samples_per_prompt=4", "ppo.prompts_per_iteration=8", "rollout.num_engines=1",
                   "policy.num_ranks=1", "policy.lr=3e-3", "sync.parity_every=1", "checkpoint.save_final=false",
-                  "logging.tensorboard=false", "ppo.dynamic_sampling=true", "ppo.dynamic_sampling_rounds=1")
+                  "logging.trackers=[]", "ppo.dynamic_sampling=true", "ppo.dynamic_sampling_rounds=1")
     _, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     # DAPO's dynamic sampling (its selection is tested on its own in test_prepare): the stream moved

@@ -10,10 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
+from rlhf_ray.config import load_config
 from rlhf_ray.stages import checkpoint as ckpt
-from rlhf_ray.tracking import MetricsWriter, truncate_jsonl
+from rlhf_ray.tracking import MetricsWriter, open_trackers, truncate_jsonl
 
 
 def _fake_learners(tmp: Path) -> None:
@@ -58,7 +61,7 @@ def test_resume_without_a_loadable_checkpoint_is_refused_and_loses_nothing(tmp_p
         ckpt.save_checkpoint(run_dir, 2, {"iteration": 2}, "", _fake_learners)
         (ckpt.checkpoint_root(run_dir) / "iter-000002" / "policy" / "shard.pt").write_bytes(b"x")
         (ckpt.checkpoint_root(run_dir) / ".tmp-iter-000004").mkdir()
-    code = main(["ppo", "--resume", f"run_dir={run_dir}", "model.tiny_hidden_size=64", "logging.tensorboard=false"])
+    code = main(["ppo", "--resume", f"run_dir={run_dir}", "model.tiny_hidden_size=64", "logging.trackers=[]"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and "Nothing was changed" in err and "Traceback" not in err
     if damage == "every checkpoint damaged":
@@ -104,11 +107,15 @@ def tensorboard_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def test_rewound_metrics_show_each_step_once_in_tensorboard(tmp_path):
     """A run logs steps 1-5 and dies; its successor resumes from step 3 and logs 4-6."""
-    first = MetricsWriter(tmp_path, tensorboard_step="iteration")
-    first.write_many([{"iteration": i, "reward_mean": float(i)} for i in range(1, 6)])
-    second = MetricsWriter(tmp_path, tensorboard_step="iteration")
-    assert second.rewind(3) == 2
-    second.write_many([{"iteration": i, "reward_mean": 10.0 * i} for i in range(4, 7)])
+    cfg = load_config(None, [f"run_dir={tmp_path}", "logging.trackers=[tensorboard]"])
+    first = open_trackers(cfg, tmp_path, "ppo", "iteration")
+    MetricsWriter(tmp_path, mirror=first.log_metrics).write_many(
+        [{"iteration": i, "reward_mean": float(i)} for i in range(1, 6)])
+    with open_trackers(cfg, tmp_path, "ppo", "iteration") as second:
+        metrics = MetricsWriter(tmp_path, mirror=second.log_metrics)
+        assert metrics.rewind(3) == 2
+        second.rewind(3)
+        metrics.write_many([{"iteration": i, "reward_mean": 10.0 * i} for i in range(4, 7)])
     assert tensorboard_scalars(tmp_path, "reward_mean") == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0),
                                                             (6, 60.0)]
 
@@ -147,6 +154,43 @@ def _iterations(run_dir: Path) -> list[int]:
     return [json.loads(x)["iteration"] for x in path.read_text().splitlines() if x.strip().endswith("}")]
 
 
+def _metrics_by_iteration(run_dir: Path) -> dict[int, dict]:
+    """Each iteration's metrics less the clock's (phase times, throughput)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["iteration"]: {k: v for k, v in r.items() if not k.startswith(("time/", "throughput/"))}
+            for r in rows}
+
+
+def _assert_same_checkpoint(resumed: Path, unbroken: Path) -> None:
+    """Every learner file (DeepSpeed's weights, optimizer and RNG states) and the driver's state
+    hold equal values, bitwise."""
+    files = sorted(str(p.relative_to(unbroken)) for p in unbroken.rglob("*.pt"))
+    assert sorted(str(p.relative_to(resumed)) for p in resumed.rglob("*.pt")) == files
+    assert any("optim_states" in f for f in files) and any(f.startswith("critic/") for f in files), files
+    for name in files:
+        # Files this test's own runs just wrote; DeepSpeed's hold config objects besides tensors.
+        a = torch.load(resumed / name, weights_only=False, map_location="cpu")
+        b = torch.load(unbroken / name, weights_only=False, map_location="cpu")
+        _assert_same(a, b, name)
+
+
+def _assert_same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    elif type(a).__module__ == "builtins":  # numbers, strings, None; DeepSpeed's config objects are skipped
+        assert a == b or repr(a) == repr(b), f"{where}: {a!r} != {b!r}"  # repr: NaN equals NaN
+
+
 def _dashboard_http(session: int) -> tuple[list[str], list[str]] | None:
     """(its command line, the addresses it listens on for HTTP) of the Ray dashboard of a process
     session; None if it has none. (Ray's internal gRPC ports are not the dashboard's API.)"""
@@ -182,11 +226,11 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_se
     run_dir = tmp_path / "run"
     first = _driver(run_dir, tmp_path / "first.log", reward_server)
     deadline = time.time() + 240
-    # Kill once iteration 3 is logged: checkpoint 2 exists, and line 3 lies beyond it.
+    # Kill once iteration 5 is logged: checkpoints 2 and 4 exist, and line 5 lies beyond them.
     dashboard = None
-    while 3 not in _iterations(run_dir):
+    while 5 not in _iterations(run_dir):
         assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
-        assert time.time() < deadline, "the first driver never reached iteration 3"
+        assert time.time() < deadline, "the first driver never reached iteration 5"
         if dashboard is None and _iterations(run_dir):  # Ray is up: look once, while waiting
             dashboard = _dashboard_http(first.pid)
             # The local Ray the driver started serves no dashboard beyond the loopback interface.
@@ -197,10 +241,14 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_se
     assert first.wait(30) == -signal.SIGKILL
     _kill_session(first)
     killed_at = max(_iterations(run_dir))
-    saved = [p.name for p in ckpt.complete_checkpoints(run_dir)]
-    assert saved and saved[-1] in ("iter-000002", "iter-000004"), saved
-    resume_from = int(saved[-1].split("-")[1])
-    assert killed_at > resume_from  # the killed run logged an iteration the checkpoint lacks
+    assert [p.name for p in ckpt.complete_checkpoints(run_dir)] == ["iter-000002", "iter-000004"]
+    # The unbroken run to compare with: the killed driver's checkpoint 4 and its iterations 3-5,
+    # taken away so that the second driver resumes from checkpoint 2 and does them again.
+    straight = tmp_path / "unbroken-iter-000004"
+    os.replace(ckpt.checkpoint_root(run_dir) / "iter-000004", straight)
+    unbroken_rows = _metrics_by_iteration(run_dir)
+    resume_from = 2
+    assert killed_at > 4  # the killed run logged an iteration no checkpoint holds
     (ckpt.checkpoint_root(run_dir) / "iter-000099").mkdir()  # newest, but incomplete
 
     second = _driver(run_dir, tmp_path / "second.log", reward_server)
@@ -211,7 +259,7 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_se
     out = (tmp_path / "second.log").read_text()
     assert rc == 0, out[-3000:]
     assert "ignoring incomplete checkpoint" in out and "iter-000099" in out
-    assert f"resumed from {ckpt.checkpoint_root(run_dir) / saved[-1]} at iteration {resume_from}" in out
+    assert f"resumed from {ckpt.checkpoint_root(run_dir) / 'iter-000002'} at iteration {resume_from}" in out
 
     # Metrics: every iteration exactly once, in order.
     assert _iterations(run_dir) == list(range(1, ITERATIONS + 1))
@@ -240,6 +288,12 @@ def test_driver_killed_mid_run_resumes_without_gap_or_repeat(tmp_path, reward_se
     # purge step hides them, so every step shows once.
     assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) >= 2
     assert [step for step, _ in tensorboard_scalars(run_dir, "reward_mean")] == list(range(1, ITERATIONS + 1))
+    # Equivalence: iterations 3-5 after the resume are those of the unbroken run, and checkpoint 4
+    # holds the same weights, optimizer states and driver state, bitwise (CPU, seeded sampling).
+    resumed_rows = _metrics_by_iteration(run_dir)
+    for it in (3, 4, 5):
+        assert resumed_rows[it] == unbroken_rows[it], f"iteration {it}"
+    _assert_same_checkpoint(ckpt.checkpoint_root(run_dir) / "iter-000004", straight)
     # The end of the run leaves a complete final checkpoint and the HF policy.
     assert ckpt.latest_checkpoint(run_dir).name == f"iter-{ITERATIONS:06d}"
     assert (run_dir / "policy" / "model.safetensors").exists()

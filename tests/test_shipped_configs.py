@@ -56,9 +56,9 @@ def test_a_method_config_from_its_sft_start_has_a_reward_to_climb_and_moves_the_
     from rlhf_ray.stages.sft import run_sft
 
     sft = load_config(CONFIGS / "method_sft.yaml", [f"run_dir={tmp_path / 'sft'}", "data.num_sft_examples=640",
-                                                    "logging.tensorboard=false"])
+                                                    "logging.trackers=[]"])
     cfg = _config("dapo", f"run_dir={tmp_path / 'dapo'}", f"model.policy={run_sft(sft)['model']}", "ppo.iterations=2",
-                  "checkpoint.save_final=false", "logging.tensorboard=false")
+                  "checkpoint.save_final=false", "logging.trackers=[]")
     first, second = run_ppo(cfg)
     # Some samples of the SFT model earn the gold reward and some do not: a gradient exists.
     assert 0 < first["reward_mean"] < 1 and first["reward_std"] > 0, first

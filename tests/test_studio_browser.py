@@ -348,7 +348,7 @@ def test_two_annotators_agree_and_their_export_trains_a_reward_model(page, ray_s
     # two ensemble members, seeded apart; scores left unnormalised.
     cfg = load_config(None, [f"run_dir={tmp_path / 'rm'}", f"rm.init={tiny_model_dir}", "rm.ensemble_size=2",
                              "rm.normalize=false", f"data.preferences={prefs}", "data.eval_fraction=0.2",
-                             "rm.epochs=1", "rm.batch_size=8", "critic.num_ranks=1", "logging.tensorboard=false"])
+                             "rm.epochs=1", "rm.batch_size=8", "critic.num_ranks=1", "logging.trackers=[]"])
     summary = run_rm(cfg)
     assert summary["train_pairs"] + summary["held_out_pairs"] == 20 and summary["held_out_pairs"] >= 4
     assert 0.0 <= summary["held_out_accuracy"] <= 1.0

@@ -21,6 +21,7 @@ from rlhf_ray.sync import (
     check_greedy_parity,
     check_parity,
     manifest_for,
+    parity_tolerance,
     rank_layout,
     shm,
 )
@@ -46,6 +47,17 @@ def test_buckets_respect_size_and_order():
     assert all(t["offset"] % mf.ALIGN == 0 for b in man["buckets"] for t in b["tensors"])
     assert all(b["nbytes"] <= 200 for i, b in enumerate(man["buckets"]) if i != 1)
     assert mf.names(man) == ["a", "b", "big", "c"]
+
+
+def test_floating_tensors_travel_in_the_engines_dtype():
+    """fp32 learner weights to a bf16 engine: bf16 on the wire (half the bytes); integer
+    tensors keep their dtype."""
+    specs = [("w", torch.float32, [8, 4]), ("steps", torch.int64, [3]), ("h", "bfloat16", [2])]
+    man = build_manifest(specs, wire_dtype="bfloat16")
+    assert [t["dtype"] for b in man["buckets"] for t in b["tensors"]] == ["bfloat16", "int64", "bfloat16"]
+    assert man["total_bytes"] < build_manifest(specs)["total_bytes"]
+    up = build_manifest(specs, wire_dtype=torch.float32)
+    assert [t["dtype"] for b in up["buckets"] for t in b["tensors"]] == ["float32", "int64", "float32"]
 
 
 def receive_by_broadcast(port: int, man: dict, syncs: int, out: list) -> None:
@@ -168,9 +180,31 @@ def test_parity_report_and_errors():
         check_parity([[-1.0]], [[-1.1]], atol=1e-3)
     with pytest.raises(ValueError):
         check_parity([[-1.0, -1.0]], [[-1.0]])
-    check_greedy_parity([[1, 2, 3]], [[1, 2, 3]])
+    assert check_greedy_parity([[1, 2, 3]], [[1, 2, 3]]) == 1.0
     with pytest.raises(WeightSyncParityError, match="position 1"):
         check_greedy_parity([[1, 2, 3]], [[1, 4, 3]])
+
+
+def test_parity_tolerance_by_dtype_passes_kernel_noise_and_catches_a_broken_sync():
+    """bf16: a per-token gap of a few hundredths (vLLM's kernels vs HF's) and one near-tie that
+    parts greedy decoding half-way pass; a stale or shuffled bucket (nats everywhere) does not."""
+    bf16, fp32 = parity_tolerance("bfloat16"), parity_tolerance("float32")
+    gen = torch.Generator().manual_seed(0)
+    learner = -torch.rand(4, 16, generator=gen) * 3
+    kernel_noise = learner + torch.randn(4, 16, generator=gen) * 0.03
+    report = check_parity(learner, kernel_noise, atol=bf16.max_abs, mean_atol=bf16.mean_abs)
+    assert report.ok and report.mean_abs_diff > fp32.mean_abs  # fp32's tolerance would stop it
+    with pytest.raises(WeightSyncParityError):
+        check_parity(learner, kernel_noise, atol=fp32.max_abs, mean_atol=fp32.mean_abs)
+    broken = learner + torch.randn(4, 16, generator=gen).abs() * 0.8  # a stale or shuffled bucket
+    with pytest.raises(WeightSyncParityError, match="mean"):
+        check_parity(learner, broken, atol=bf16.max_abs, mean_atol=bf16.mean_abs)
+    near_tie = [[5, 6, 7, 8], [5, 6, 9, 9]]  # row 2 parts at its third token
+    assert check_greedy_parity(near_tie, [[5, 6, 7, 8], [5, 6, 7, 8]], bf16.greedy_agreement) == 0.75
+    with pytest.raises(WeightSyncParityError, match="agreement 0.75"):
+        check_greedy_parity(near_tie, [[5, 6, 7, 8], [5, 6, 7, 8]], fp32.greedy_agreement)
+    with pytest.raises(WeightSyncParityError, match="agreement 0.00"):
+        check_greedy_parity([[1, 2], [3, 4]], [[9, 9], [9, 9]], bf16.greedy_agreement)
 
 
 class TiedToy(torch.nn.Module):
@@ -262,6 +296,18 @@ class PerturbingSender(WeightSyncSource):
     def send(self, manifest: dict) -> int:
         return self.weight_sender.send(self.model.state_dict().items(), manifest)
 
+    def send_with_a_shuffled_bucket(self, manifest: dict, bucket: int) -> int:
+        """Failure injection: every tensor of one bucket arrives with its elements permuted (what a
+        packing or offset bug does), the rest intact."""
+        shuffled = {t["name"] for t in manifest["buckets"][bucket]["tensors"]}
+        gen = torch.Generator().manual_seed(bucket)
+
+        def permuted(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(-1)[torch.randperm(t.numel(), generator=gen)].reshape(t.shape)
+
+        return self.weight_sender.send(((n, permuted(t) if n in shuffled else t)
+                                        for n, t in self.model.state_dict().items()), manifest)
+
     @torch.no_grad()
     def logprobs(self, prompts: list[list[int]], responses: list[list[int]]) -> torch.Tensor:
         """Through the learner's own scoring path: left-padded batch, position ids, temperature 1."""
@@ -350,6 +396,26 @@ def test_stale_engine_fails_parity(cluster):
 
 
 @pytest.mark.slow
+def test_one_shuffled_bucket_fails_parity_even_at_bf16_tolerances(cluster):
+    """The loose bf16 tolerances still catch a broken sync: one bucket of many arrives shuffled."""
+    sender, engines, responses = cluster
+    manifest = ray.get(sender.manifest.remote(40_000))
+    middle = len(manifest["buckets"]) // 2
+    ray.get([sender.send_with_a_shuffled_bucket.remote(manifest, middle)]
+            + [e.receive_weights.remote(manifest) for e in engines])
+    bf16 = parity_tolerance("bfloat16")
+    learner, mask = ray.get(sender.logprobs.remote(PROMPTS, responses))
+    scored = ray.get(engines[0].score.remote(PROMPTS, responses))
+    engine_lp = torch.zeros_like(learner)
+    for i, row in enumerate(scored):
+        engine_lp[i, : len(row)] = torch.tensor(row)
+    with pytest.raises(WeightSyncParityError):
+        check_parity(learner, engine_lp, mask, atol=bf16.max_abs, mean_atol=bf16.mean_abs)
+    sync(sender, engines, bucket_bytes=40_000)  # whole again, for the tests after this one
+    assert_parity(sender, engines[0], responses)
+
+
+@pytest.mark.slow
 def test_sync_restores_parity_on_every_engine(cluster):
     sender, engines, responses = cluster
     ray.get(sender.perturb.remote(seed=2))
@@ -399,3 +465,14 @@ def test_mixed_shared_memory_and_broadcast(cluster):
     sync(sender, engines, bucket_bytes=100_000)
     for engine in engines:
         assert_parity(sender, engine, responses)
+
+
+def test_an_engine_on_the_learners_gpu_is_found_by_uuid():
+    """NCCL refuses two ranks on one GPU; processes name their devices by index differently, so
+    the check compares UUIDs (None: a CPU process, never a clash)."""
+    from rlhf_ray.sync.group import engines_on_sender_gpu
+
+    engines = [["GPU-a", "GPU-b"], ["GPU-c"], [None]]
+    assert engines_on_sender_gpu("GPU-b", engines) == [0]
+    assert engines_on_sender_gpu("GPU-z", engines) == []
+    assert engines_on_sender_gpu(None, [[None], [None]]) == []

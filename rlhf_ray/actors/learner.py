@@ -17,7 +17,7 @@ from rlhf_ray import algo
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
 from rlhf_ray.models.lora import LoraSettings
-from rlhf_ray.platform import detect
+from rlhf_ray.platform import detect, gpu_uuid
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,9 @@ class _LearnerBase:
         )
         self.strategy.init_distributed(rank, world_size, master_addr, master_port)
         torch.manual_seed(spec.seed)
-        self.engine = self.strategy.prepare(self.build_model())
+        with self.strategy.model_init():  # ZeRO-3: each rank loads only its shard
+            model = self.build_model()
+        self.engine = self.strategy.prepare(model)
         self.device = torch.device(self.platform.device)  # under Ray, the one accelerator this actor sees
 
     def build_model(self) -> torch.nn.Module:
@@ -75,6 +77,10 @@ class _LearnerBase:
 
     def node_ip(self) -> str:
         return ray.util.get_node_ip_address()
+
+    def platform_name(self) -> str:
+        """``cpu`` or ``cuda``: ``backend`` as this rank resolved it, where its devices are."""
+        return self.platform.name
 
     def free_port(self) -> int:
         from rlhf_ray.ports import free_port
@@ -125,6 +131,9 @@ class WeightSyncSource:
     sends. The host class provides ``rank``, ``platform`` and ``node_ip()``."""
 
     weight_sender = None
+
+    def device_uuid(self) -> str | None:
+        return gpu_uuid()
 
     def create_weight_segment(self, manifest: dict) -> str:
         """Rank 0 makes the shared-memory segment that engines on its node map before joining;
@@ -228,11 +237,12 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
                               lambda pair: dpo_pair_loss(self.engine, *pair, beta, kind, label_smoothing))
 
     # --- weight sync (driver sets it up; every rank takes part in the gather) ---------------
-    def weight_manifest(self, bucket_bytes: int) -> dict:
+    def weight_manifest(self, bucket_bytes: int, engine_dtype: str) -> dict:
         from rlhf_ray.sync.manifest import build_manifest
 
-        # Base-model names and full shapes (merged weights under LoRA), as send_weights yields them.
-        return build_manifest(self.strategy.weight_specs(self.engine), bucket_bytes)
+        # Base-model names and full shapes (merged weights under LoRA), as send_weights yields them,
+        # in the engines' dtype (bf16 mixed precision keeps fp32 weights here; engines run bf16).
+        return build_manifest(self.strategy.weight_specs(self.engine), bucket_bytes, wire_dtype=engine_dtype)
 
     def send_weights(self, manifest) -> None:
         tensors = self.strategy.full_named_parameters(self.engine)  # collective under ZeRO-3
@@ -293,7 +303,8 @@ class CriticLearnerActor(_LearnerBase):
     def build_model(self) -> torch.nn.Module:
         from rlhf_ray.models.heads import ValueModel
 
-        return ValueModel.from_base(self.spec.model_path)
+        return ValueModel.from_base(self.spec.model_path, dtype=self.spec.dtype,
+                                    trust_remote_code=self.spec.trust_remote_code)
 
     def values(self, shard: RolloutBatch) -> torch.Tensor:
         self.engine.eval()

@@ -132,7 +132,7 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,
              sc.micro_batch_size, sc.criteria, sc.criteria_weights, sc.criteria_combine,
              http=client_for(sc.http), http_weight=sc.http.weight, dtype=cfg.model.dtype,
-             trust_remote_code=cfg.model.trust_remote_code)
+             trust_remote_code=cfg.model.trust_remote_code, batch_tokenizer=policy_path)
 
     rollout = RolloutPool(cfg, engine_options(cfg, policy_path), rollout_groups, pad_id, on_replace)
     policy = WorkerGroup.launch(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol, groups["policy"],

@@ -52,6 +52,9 @@ class RolloutActor:
             master_addr, master_port, world_size, rank_offset, backend, timeout, shm_path
         )
 
+    def device_uuids(self) -> list[str | None]:
+        return self.engine.device_uuids()
+
     def receive_weights(self, manifest: dict) -> int:
         return self.engine.receive_weights(manifest)
 

@@ -24,8 +24,9 @@ from rlhf_ray.actors.worker_group import WorkerGroup, get_all
 from rlhf_ray.data.batch import RolloutBatch, pad_rows
 from rlhf_ray.engines.sampling import Generation, SamplingSpec
 from rlhf_ray.faults import ActorFailureError, FaultCounter
-from rlhf_ray.sync.group import SyncLayout, plan_sync
-from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity
+from rlhf_ray.platform import detect
+from rlhf_ray.sync.group import SyncLayout, engines_on_sender_gpu, plan_sync
+from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity, parity_tolerance
 
 
 def engine_options(cfg, model_path: str) -> dict:
@@ -314,15 +315,18 @@ class RolloutPool:
         return PoolSampler(self)
 
     # --- weights ------------------------------------------------------------------------------
-    def connect(self, policy: WorkerGroup, bucket_bytes: int, transport: str, platform) -> None:
+    def connect(self, policy: WorkerGroup, bucket_bytes: int, transport: str) -> None:
         """Every worker of every engine joins policy rank 0's sync group, over the transport that
-        ``sync.transport`` picks; later replacements and new engines join again by themselves."""
+        ``sync.transport`` picks; later replacements and new engines join again by themselves.
+        The group's backend is the platform rank 0 found (``backend: auto`` resolved where the
+        GPUs are: the driver may sit on a GPU-free head node, where it would pick gloo)."""
+        platform = detect(ray.get(policy[0].platform_name.remote()))
         self.policy, self.bucket_bytes, self.transport, self.platform = policy, bucket_bytes, transport, platform
         self._connect()
 
     def _connect(self) -> None:
         sender, engines = self.policy[0], list(self)
-        self.manifest = ray.get(sender.weight_manifest.remote(self.bucket_bytes))
+        self.manifest = ray.get(sender.weight_manifest.remote(self.bucket_bytes, self.cfg.model.dtype))
         self.layout = weight_sync_layout(sender, engines, self.transport, self.cfg.rollout.tensor_parallel_size,
                                          self.platform)
         open_weight_sync(sender, engines, self.manifest, self.layout, self.platform.dist_backend)
@@ -366,7 +370,10 @@ class RolloutPool:
 
     def check_parity(self, batch: RolloutBatch, iteration: int, engine_ids: list[int] | None = None) -> None:
         """After a sync, every engine (or those listed) must agree with the learner: log-probs of the
-        same responses within ``sync.parity_atol``, and greedy decoding token for token."""
+        same responses and greedy decoding, within the tolerance of ``model.dtype`` (or the
+        ``sync.parity_*`` keys)."""
+        sc = self.cfg.sync
+        tol = parity_tolerance(self.cfg.model.dtype, sc.parity_atol, sc.parity_mean_atol, sc.parity_greedy_agreement)
         probe = batch.select(slice(0, min(4, batch.size)))
         learner_lp, _ = self.policy.gather("logprobs", probe, 1.0)
         prompts, responses = probe.prompt_token_lists(), probe.response_token_lists()
@@ -382,10 +389,10 @@ class RolloutPool:
             greedy_batch = RolloutBatch.from_token_lists(prompts, greedy, self.pad_id)
             learner_greedy = self.policy.gather("greedy_tokens", greedy_batch)
             try:
-                check_parity(learner_lp, engine_lp, probe.response_mask, self.cfg.sync.parity_atol)
+                check_parity(learner_lp, engine_lp, probe.response_mask, tol.max_abs, mean_atol=tol.mean_abs)
                 check_greedy_parity(
                     [row[m.bool()].tolist() for row, m in zip(learner_greedy, greedy_batch.response_mask)],
-                    greedy_batch.response_token_lists())
+                    greedy_batch.response_token_lists(), tol.greedy_agreement)
             except WeightSyncParityError as e:
                 raise WeightSyncParityError(f"rollout engine {i} after the sync of iteration {iteration}: {e}") from None
 
@@ -447,7 +454,14 @@ def weight_sync_layout(sender, engines: list, transport: str, workers_per_engine
 
 
 def open_weight_sync(sender, engines: list, manifest: dict, layout: SyncLayout, backend: str) -> None:
-    """Connects the sender (the policy learner's sync verbs) with every engine, as ``layout`` says."""
+    """Connects the sender (the policy learner's sync verbs) with every engine, as ``layout`` says.
+    Refuses, before NCCL would, an engine worker on learner rank 0's GPU."""
+    if backend == "nccl":
+        sender_uuid, *engine_uuids = ray.get([sender.device_uuid.remote(), *(e.device_uuids.remote() for e in engines)])
+        if shared := engines_on_sender_gpu(sender_uuid, engine_uuids):
+            raise ValueError(f"rollout engine(s) {shared} have a worker on learner rank 0's GPU ({sender_uuid}): "
+                             f"NCCL cannot join two ranks on one GPU; give the rollout and learner roles separate "
+                             f"GPUs (rollout.ray_resources, policy.ray_resources)")
     shm_path = ray.get(sender.create_weight_segment.remote(manifest)) if layout.shm_world > 1 else None
     port, address = ray.get([sender.free_port.remote(), sender.node_ip.remote()])
     refs = [sender.open_weight_sync.remote(port, layout.broadcast_world, layout.shm_world)]

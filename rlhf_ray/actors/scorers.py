@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -32,6 +33,14 @@ def _reward_norm(path: str) -> tuple[float, float]:
         return 0.0, 1.0
     norm = json.loads(norm_file.read_text())
     return float(norm["mean"]), max(float(norm["std"]), 1e-6)
+
+
+class ScoringModel(NamedTuple):
+    """A frozen reward model and its own tokenizer when that reads text otherwise than the scored
+    batches' ids say (None: it reads those ids as they are)."""
+
+    model: torch.nn.Module
+    own_tokenizer: object | None
 
 
 class ReferenceActor:
@@ -64,11 +73,16 @@ class RewardActor:
                  criteria: dict[str, str] | None = None, criteria_weights: dict[str, float] | None = None,
                  criteria_combine: str = "weighted",
                  http: HttpRewardClient | None = None, http_weight: float = 1.0,
-                 dtype: str = "float32", trust_remote_code: bool = False):
+                 dtype: str = "float32", trust_remote_code: bool = False, batch_tokenizer: str | None = None):
+        """``batch_tokenizer``: the model folder whose tokenizer made the ids of the scored batches
+        (the policy's); a reward model whose tokenizer is the same reads those ids, any other reads
+        its own tokenization of the texts. None: not known, every reward model reads the texts."""
+        from rlhf_ray.models.loading import load_tokenizer
         from rlhf_ray.tasks.rewards import load_reward_function
 
         self.device = _init_process(backend).device
         self.dtype, self.trust_remote_code = dtype, trust_remote_code  # model.dtype, as the reference
+        self.batch_tokenizer = None if batch_tokenizer is None else load_tokenizer(batch_tokenizer, trust_remote_code)
         self.models = [self._load_model(p) for p in reward_model_paths]
         # Calibration written by the reward-model stage: PPO sees scores of mean 0, std 1.
         self.norms = [_reward_norm(p) for p in reward_model_paths]
@@ -86,7 +100,7 @@ class RewardActor:
         components: dict[str, torch.Tensor] = {}
         total = torch.zeros(batch.size)
         if self.models:
-            per_model = torch.stack([(self._model_scores(m, batch) - mean) / std
+            per_model = torch.stack([(self._model_scores(m, batch, prompts, responses) - mean) / std
                                      for m, (mean, std) in zip(self.models, self.norms)])
             for i, s in enumerate(per_model):
                 components[f"rm{i}"] = s
@@ -107,11 +121,18 @@ class RewardActor:
             total += algo.combine_scores(torch.stack(per_criterion), self.criteria_weights, self.criteria_combine)
         return {"score": total, **{f"reward/{k}": v for k, v in components.items()}}
 
-    def _load_model(self, path: str):
+    def _load_model(self, path: str) -> ScoringModel:
+        from rlhf_ray.data.tokenize import tokenizer_identity
         from rlhf_ray.models.heads import RewardModel
+        from rlhf_ray.models.loading import has_tokenizer, load_tokenizer
 
         model = RewardModel.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
-        return model.eval().to(self.device)
+        # A folder without a tokenizer was trained on the ids of the policy it was made from.
+        own = load_tokenizer(path, self.trust_remote_code) if has_tokenizer(path) else None
+        if own is not None and self.batch_tokenizer is not None and \
+                tokenizer_identity(own) == tokenizer_identity(self.batch_tokenizer):
+            own = None
+        return ScoringModel(model.eval().to(self.device), own)
 
     def _judge(self, spec: str):
         """A criterion's judge, ``(batch, prompts, responses) -> scores [B]``, from
@@ -120,8 +141,8 @@ class RewardActor:
 
         if spec.startswith("rm:"):
             path = spec.removeprefix("rm:")
-            model, (mean, std) = self._load_model(path), _reward_norm(path)
-            return lambda batch, prompts, responses: (self._model_scores(model, batch) - mean) / std
+            scorer, (mean, std) = self._load_model(path), _reward_norm(path)
+            return lambda batch, prompts, responses: (self._model_scores(scorer, batch, prompts, responses) - mean) / std
         fn = load_reward_function(spec)
         return lambda batch, prompts, responses: self._function_scores(spec, fn, prompts, responses)
 
@@ -132,5 +153,12 @@ class RewardActor:
             raise ValueError(f"reward function {spec} returned {len(values)} scores for {len(responses)} responses")
         return torch.tensor(values, dtype=torch.float32)
 
-    def _model_scores(self, model, batch: RolloutBatch) -> torch.Tensor:
-        return scoring.batched_scores(model, batch, self.micro_batch_size)
+    def _model_scores(self, scorer: ScoringModel, batch: RolloutBatch, prompts: list[str],
+                      responses: list[str]) -> torch.Tensor:
+        """A reward model's scores of the batch's ids, or, with a tokenizer of its own, of its own
+        tokenization of the texts."""
+        from rlhf_ray.data.tokenize import encode_conversations
+
+        if scorer.own_tokenizer is not None:
+            batch = encode_conversations(scorer.own_tokenizer, prompts, responses)
+        return scoring.batched_scores(scorer.model, batch, self.micro_batch_size)

@@ -8,7 +8,9 @@ impossible plan in milliseconds instead of leaving placement groups pending fore
   ``cluster.cpus_per_node`` is set); and every single bundle against one node, since a bundle can
   never span nodes. Skipped when ``cluster.nodes`` is 0 ("whatever Ray has").
 * ``model_problems(cfg, model_config)``: rollout tensor parallelism against the policy's attention
-  heads (``model_config`` is the policy's parsed ``config.json``; see ``read_model_config``).
+  heads, the context length, and whether a learner rank's training step fits
+  ``cluster.gpu_memory_gb`` (``model_config`` is the policy's parsed ``config.json``; see
+  ``read_model_config``).
 
 Both return ``[(dotted_key, message), ...]``, the shape of ``RunConfig.validate``.
 """
@@ -147,12 +149,105 @@ def model_problems(cfg, model_config: dict[str, Any] | None) -> list[Problem]:
         problems.append(("rollout.tensor_parallel_size",
                          (f"{tp} neither divides nor is a multiple of the policy's "
                          f"num_key_value_heads={kv}")))
+    problems += learner_memory_problems(cfg, model_config)
     context = model_context_length(model_config)
     if context is not None and cfg.rollout.max_model_len > context:
         problems.append(("rollout.max_model_len",
                          (f"{cfg.rollout.max_model_len} exceeds the policy's context of {context} positions "
                           f"(vLLM refuses it): at most {context}, with data.max_prompt_tokens + "
                           f"rollout.max_new_tokens within it")))
+    return problems
+
+
+@dataclass(frozen=True)
+class LearnerMemory:
+    """Bytes one learner rank holds on its GPU during a training step, by what holds them."""
+
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.logits
+
+
+def parameter_count(model_config: dict[str, Any]) -> int | None:
+    """Parameters of a decoder-only transformer from its ``config.json`` (norms and biases left
+    out); None when the config lacks a field it needs."""
+    h, layers, vocab, inter = (model_config.get(k) for k in ("hidden_size", "num_hidden_layers", "vocab_size",
+                                                              "intermediate_size"))
+    heads = model_config.get("num_attention_heads")
+    if not all(isinstance(v, int) and v > 0 for v in (h, layers, vocab, inter, heads)):
+        return None
+    kv = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or h // heads
+    attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim  # q and o; k and v (grouped)
+    embeddings = vocab * h * (1 if model_config.get("tie_word_embeddings") else 2)
+    return embeddings + layers * (attention + 3 * h * inter)  # gate, up and down projections
+
+
+def learner_memory(lc, model_config: dict[str, Any], tokens_per_row: int, lm_head: bool) -> LearnerMemory | None:
+    """One rank of a learner section ``lc`` (policy or critic) training on micro-batches of
+    ``micro_batch_size`` rows of ``tokens_per_row``. Model states by ZeRO stage and offload (bf16
+    mixed precision: 2 B weights and grads, 12 B fp32 master and Adam moments per parameter);
+    activations as Korthikanti et al. (2022) count them with flash attention, 34 B per token per
+    hidden unit per layer in half precision, or with gradient checkpointing only each layer's input
+    plus one layer recomputed; the fp32 logits of the LM head (policy only)."""
+    params = parameter_count(model_config)
+    if params is None:
+        return None
+    h, layers, vocab = model_config["hidden_size"], model_config["num_hidden_layers"], model_config["vocab_size"]
+    n, stage, half = lc.num_ranks, lc.zero_stage, 2
+    weight_bytes = 2 if lc.bf16 else 4
+    optimizer_bytes = 12 if lc.bf16 else 8  # fp32 master (bf16 only) and two Adam moments
+    tokens = lc.micro_batch_size * tokens_per_row
+    per_layer = 34 * h * tokens * weight_bytes / half
+    activations = (layers * 2 * h * tokens * weight_bytes / half + per_layer if lc.gradient_checkpointing
+                   else layers * per_layer)
+    return LearnerMemory(
+        weights=0.0 if lc.offload_params else weight_bytes * params / (n if stage == 3 else 1),
+        grads=weight_bytes * params / (n if stage >= 2 else 1),
+        optimizer=0.0 if lc.offload_optimizer else optimizer_bytes * params / (n if stage >= 1 else 1),
+        activations=activations,
+        logits=4 * tokens * vocab if lm_head else 0.0)
+
+
+# Left of a GPU's memory for the CUDA context, NCCL buffers, ZeRO-3 prefetch and fragmentation.
+GPU_MEMORY_USABLE = 0.9
+
+
+def learner_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem]:
+    """Learner ranks whose training step cannot fit ``cluster.gpu_memory_gb`` (the config's GPU);
+    nothing when that is 0 or the model's shape is unknown."""
+    gpu_gb = cfg.cluster.gpu_memory_gb
+    if gpu_gb <= 0:
+        return []
+    tokens = cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens  # a PPO row's longest
+    sections = [("policy", cfg.policy, True)]
+    if cfg.uses_critic and not cfg.model.critic:  # a critic started from the policy has its shape
+        sections.append(("critic", cfg.critic, False))
+    problems: list[Problem] = []
+    for name, lc, lm_head in sections:
+        if lc.num_gpus <= 0:
+            continue
+        need = learner_memory(lc, model_config, tokens, lm_head)
+        if need is None or need.total <= GPU_MEMORY_USABLE * gpu_gb * 1e9:
+            continue
+        parts = ", ".join(f"{k} {getattr(need, k) / 1e9:.1f}" for k in ("weights", "grads", "optimizer",
+                                                                         "activations", "logits"))
+        fixes = [f"{name}.gradient_checkpointing=true" if not lc.gradient_checkpointing else "",
+                 f"a smaller {name}.micro_batch_size" if lc.micro_batch_size > 1 else "",
+                 f"{name}.offload_optimizer=true" if not lc.offload_optimizer and lc.zero_stage >= 1 else "",
+                 f"more {name}.num_ranks" if lc.zero_stage >= 2 else ""]
+        key = f"{name}.gradient_checkpointing" if not lc.gradient_checkpointing else f"{name}.micro_batch_size"
+        message = (f"one {name} rank needs ~{need.total / 1e9:.0f} GB for a training step ({parts} GB, "
+                   f"micro_batch_size {lc.micro_batch_size} x {tokens} tokens) but a GPU of "
+                   f"cluster.gpu_memory_gb={gpu_gb:g} leaves ~{GPU_MEMORY_USABLE * gpu_gb:.0f} GB; "
+                   f"try {', '.join(f for f in fixes if f)}")
+        problems.append((key, message))
     return problems
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
+from urllib.parse import urlsplit
 
 from rlhf_ray.config.cluster_fit import plan_problems
 
@@ -22,12 +23,16 @@ class _Problems(list):
         if not ok:
             self.append((key, msg))
 
+    def need_learning_rate(self, lr: float, key: str) -> None:
+        # Above 1 no AdamW run trains: such a value is a typo (1e3 for 1e-3), not a choice.
+        self.need(0 < lr <= 1, key, f"must be in (0, 1] (a learning rate); got {lr:g}")
+
 
 def _stage_problems(name: str, epochs: int, lr: float, batch_size: int) -> list[Problem]:
     """What the supervised stages (sft, rm, dpo) share."""
     p = _Problems()
     p.need(epochs >= 1, f"{name}.epochs", "must be >= 1")
-    p.need(lr > 0, f"{name}.lr", "must be > 0")
+    p.need_learning_rate(lr, f"{name}.lr")
     p.need(batch_size >= 1, f"{name}.batch_size", "must be >= 1")
     return p
 
@@ -260,7 +265,7 @@ class LearnerConfig:
         p = _Problems()
         p.need(self.num_ranks >= 1, f"{name}.num_ranks", "must be >= 1")
         p.need(self.zero_stage in (0, 1, 2, 3), f"{name}.zero_stage", "must be 0, 1, 2 or 3")
-        p.need(self.lr > 0, f"{name}.lr", "must be > 0")
+        p.need_learning_rate(self.lr, f"{name}.lr")
         p.need(self.weight_decay >= 0, f"{name}.weight_decay", "must be >= 0")
         p.need(self.grad_clip >= 0, f"{name}.grad_clip", "must be >= 0 (0: no clipping)")
         p.need(self.micro_batch_size >= 1, f"{name}.micro_batch_size", "must be >= 1")
@@ -476,24 +481,43 @@ class SyncConfig:
     # learner's node, CPU only; the GPU twin, CUDA IPC, is not built); auto: shm where it can, broadcast for the rest
     transport: Literal["broadcast", "shm", "auto"] = "broadcast"
     parity_every: int = 0  # parity check after every N-th sync; 0 = never
-    parity_atol: float = 1e-3  # largest log-prob gap between learner and engine a parity check accepts
+    # What a parity check accepts between learner and engine; 0: model.dtype's default
+    # (sync/parity.py TOLERANCE_BY_DTYPE: float32 1e-3 / 1e-4 / 1.0, bfloat16 1.0 / 0.05 / 0.5)
+    parity_atol: float = 0.0  # largest per-token log-prob gap
+    parity_mean_atol: float = 0.0  # mean per-token log-prob gap
+    parity_greedy_agreement: float = 0.0  # mean share of each greedy row before its first differing token
 
     def problems(self) -> list[Problem]:
         p = _Problems()
         p.need(self.bucket_mb >= 1, "sync.bucket_mb", "must be >= 1")
         p.need(self.parity_every >= 0, "sync.parity_every", "must be >= 0")
-        p.need(self.parity_atol > 0, "sync.parity_atol", "must be > 0")
+        p.need(self.parity_atol >= 0, "sync.parity_atol", "must be >= 0 (0: by model.dtype)")
+        p.need(self.parity_mean_atol >= 0, "sync.parity_mean_atol", "must be >= 0 (0: by model.dtype)")
+        p.need(0 <= self.parity_greedy_agreement <= 1, "sync.parity_greedy_agreement",
+               "must be in [0, 1] (0: by model.dtype)")
         return p
 
 
 @dataclass
 class LoggingConfig:
     samples_per_iteration: int = 16  # rollouts written to samples.jsonl each PPO iteration
-    tensorboard: bool = True  # also write TensorBoard event files beside metrics.jsonl
+    # Where metrics, the resolved config and PPO's samples go besides metrics.jsonl; [] = nowhere else.
+    # wandb: offline with WANDB_MODE=offline (upload later with `wandb sync`); files in run_dir/wandb.
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "rlhf-ray"  # the W&B project and the MLflow experiment runs are filed under
+    wandb_entity: str = ""  # W&B team or user; "" = the account's default entity
+    # "" = MLFLOW_TRACKING_URI when set, else a SQLite store in run_dir (mlflow.db; artifacts in mlartifacts/)
+    mlflow_tracking_uri: str = ""
 
     def problems(self) -> list[Problem]:
         p = _Problems()
         p.need(self.samples_per_iteration >= 0, "logging.samples_per_iteration", "must be >= 0")
+        p.need(len(set(self.trackers)) == len(self.trackers), "logging.trackers", "names a tracker twice")
+        p.need(bool(self.project.strip()), "logging.project", "must name a project")
+        # The config is written to config.yaml and to every tracker: credentials go in the environment.
+        p.need(not urlsplit(self.mlflow_tracking_uri).password, "logging.mlflow_tracking_uri",
+               "holds a password, which would be logged with the config: give it in MLFLOW_TRACKING_PASSWORD "
+               "(and the user in MLFLOW_TRACKING_USERNAME)")
         return p
 
 
@@ -574,6 +598,9 @@ class ClusterConfig:
     nodes: int = 0  # nodes of the cluster the plan is for
     gpus_per_node: int = 0  # GPUs on each node
     cpus_per_node: int = 0  # CPUs on each node
+    # Memory of one GPU in GB; with it, a learner rank's training step (model states, activations,
+    # logits) is estimated from the policy's config.json before any actor starts (0: no memory check)
+    gpu_memory_gb: float = 0.0
     # How long to wait for Ray to place every role's resources before giving up with an error that
     # names what did not fit (0: wait forever, e.g. for a slow autoscaler).
     placement_timeout_s: float = 600.0
@@ -583,6 +610,7 @@ class ClusterConfig:
         for key in ("nodes", "gpus_per_node", "cpus_per_node"):
             p.need(getattr(self, key) >= 0, f"cluster.{key}", "must be >= 0 (0: no fit check)")
         p.need(self.placement_timeout_s >= 0, "cluster.placement_timeout_s", "must be >= 0 (0: wait forever)")
+        p.need(self.gpu_memory_gb >= 0, "cluster.gpu_memory_gb", "must be >= 0 (0: no memory check)")
         return p
 
 
@@ -636,6 +664,13 @@ class RunConfig:
         p.need(bool(self.run_dir.strip()), "run_dir", "must name a folder (empty would write into the current one)")
         p.need(r.engine == "vllm" or (self.backend != "cuda" and r.tensor_parallel_size == 1), "rollout.engine",
                "hf runs on CPU with one worker per engine: use vllm with backend=cuda or tensor_parallel_size > 1")
+        p.need(self.backend != "cuda" or r.engine != "vllm" or r.num_gpus > 0, "rollout.num_gpus",
+               "backend=cuda runs vLLM on GPUs: give each engine worker one (0 leaves the engine without any)")
+        # The engine's actor holds all tensor_parallel_size GPUs and vLLM's multiprocessing executor
+        # puts one worker on each (platform.vllm_engine_kwargs): a worker cannot share a GPU.
+        p.need(r.tensor_parallel_size == 1 or r.num_gpus in (0, 1), "rollout.num_gpus",
+               f"with tensor_parallel_size={r.tensor_parallel_size} every worker needs one whole GPU: "
+               f"set rollout.num_gpus=1 (a fraction shares a GPU, which only a one-worker engine can)")
         p.need(r.max_model_len >= data.max_prompt_tokens + r.max_new_tokens, "rollout.max_model_len",
                f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
                f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
@@ -681,8 +716,13 @@ class RunConfig:
                "restarts resume from a checkpoint: set checkpoint.every > 0")
         p.need(not ppo.ptx_coef or bool(ppo.ptx_data or data.sft or data.task), "ppo.ptx_data",
                "ppo.ptx_coef > 0 needs text: give ppo.ptx_data, data.sft or data.task")
+        return p + plan_problems(self)
+
+    def reward_problems(self) -> list[Problem]:
+        """What a stage that pays rewards (PPO) needs besides ``validate``: a reward source. SFT,
+        RM, DPO, collect and eval run without one."""
         sc = self.scorers
         has_reward = bool(self.model.reward or sc.reward_functions or sc.http.urls or sc.criteria
-                          or (data.task and sc.use_task_gold_as_reward))
-        p.need(has_reward, "model.reward", "no reward source: give reward models, reward functions or a task")
-        return p + plan_problems(self)
+                          or (self.data.task and sc.use_task_gold_as_reward))
+        why = "no reward source: give reward models, reward functions, an endpoint or a task"
+        return [] if has_reward else [("model.reward", why)]

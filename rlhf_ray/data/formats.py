@@ -124,6 +124,23 @@ class LoadReport:
 # --- reading --------------------------------------------------------------------------------------
 
 
+def _load_local_file(builder: str, path: Path):
+    """``datasets``' loader of a local file, without its log of a file it cannot parse (this
+    module reports that once, naming the file and row) and its progress bar (a local file loads
+    in a moment)."""
+    import datasets
+
+    verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
+    datasets.disable_progress_bars()
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
 def read_rows(source: str) -> tuple[list[tuple[int, dict]], str]:
     """Rows of a local JSONL/JSON/Parquet file or a hub dataset, as ``(row_number, row)`` pairs
     (1-based, see the module docstring), and the name to use in messages (``source`` as given).
@@ -147,15 +164,13 @@ def read_rows(source: str) -> tuple[list[tuple[int, dict]], str]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(path, source), source
-    from datasets import load_dataset
-
     if suffix == ".parquet":
         try:
-            return _numbered(load_dataset("parquet", data_files=str(path), split="train")), source
+            return _numbered(_load_local_file("parquet", path)), source
         except Exception as e:  # noqa: BLE001 - whatever pyarrow says, the file is not Parquet
             raise DataError(source, None, None, "not a Parquet file", f"{type(e).__name__}") from None
     try:
-        return _numbered(load_dataset("json", data_files=str(path), split="train")), source
+        return _numbered(_load_local_file("json", path)), source
     except Exception:  # noqa: BLE001 - schema trouble of any kind: read the file ourselves
         try:
             text = path.read_text(encoding="utf-8")
@@ -202,6 +217,22 @@ class _Unparsable:
 
 
 # --- chat messages --------------------------------------------------------------------------------
+
+
+class ChatPrompt(str):
+    """A chat prompt: the text it was rendered to (what the policy reads), carrying its
+    ``messages`` so a reward model with another chat template can render the conversation its
+    own way. Anything that reads it as text sees the rendered prompt."""
+
+    messages: list[dict]
+
+    def __new__(cls, text: str, messages: list[dict]):
+        prompt = super().__new__(cls, text)
+        prompt.messages = messages
+        return prompt
+
+    def __reduce__(self):  # pickled (between Ray processes) as text and messages
+        return ChatPrompt, (str(self), self.messages)
 
 
 def render_prompt(messages: list[dict], tokenizer=None) -> str:
@@ -438,7 +469,8 @@ def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: 
         logical = "messages" if row.has("messages") and not row.has("prompt") else "prompt"
         value = row.raw(logical)
         if isinstance(value, list):
-            return render_prompt(row.messages(logical), tokenizer)
+            messages = row.messages(logical)
+            return ChatPrompt(render_prompt(messages, tokenizer), messages)
         return row.text(logical)
 
     return _load(source, fields, on_bad_row, "prompts", parse)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.errors import BadInputError
 
@@ -26,7 +28,11 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> lis
     (the part nearest the response): what every role is given as a prompt."""
     if not prompts:
         return []
-    return [ids[-max_prompt_tokens:] for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]]
+    bos = tokenizer.bos_token_id
+    encoded = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    # A chat template that writes BOS itself (Llama-3's) plus the tokenizer's own would double it.
+    encoded = [ids[1:] if bos is not None and ids[:2] == [bos, bos] else ids for ids in encoded]
+    return [ids[-max_prompt_tokens:] for ids in encoded]
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt_tokens: int,
@@ -44,3 +50,37 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt
             prompt.append(response.pop(0))
     response_ids = [r[: max(1, max_seq_len - len(p))] for p, r in zip(prompt_ids, response_ids)]
     return RolloutBatch.from_token_lists(prompt_ids, response_ids, tokenizer.pad_token_id)
+
+
+def tokenizer_identity(tokenizer) -> tuple[str, str | None]:
+    """What decides the ids a tokenizer gives a text and how it renders chats: its whole definition
+    (vocabulary, merges, normaliser, pre-tokenizer, added tokens, post-processor) as the JSON of a
+    fast tokenizer, else its vocabulary, and its chat template. Equal identities read text alike,
+    wherever the files came from."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return json.dumps(sorted(tokenizer.get_vocab().items())), getattr(tokenizer, "chat_template", None)
+    definition = json.loads(backend.to_str())
+    # Padding and truncation are left behind by the last padded call, not part of the tokenizer.
+    definition.pop("padding", None)
+    definition.pop("truncation", None)
+    return json.dumps(definition, sort_keys=True), getattr(tokenizer, "chat_template", None)
+
+
+def encode_conversations(tokenizer, prompts: list[str], responses: list[str]) -> RolloutBatch:
+    """Each prompt + response as ``tokenizer`` reads it on its own: a chat prompt (a
+    ``ChatPrompt``, carrying its messages) with a tokenizer that has a chat template is rendered by
+    that template with the response as the assistant's turn; any other prompt is the text
+    prompt + response with the tokenizer's special tokens. The whole text is tokenized at once (a
+    BPE merges across the prompt/response boundary as it would in one text). The sequences sit in
+    the batch's prompt block (its responses are empty): what a reward model reads at the last token."""
+    ids = []
+    for prompt, response in zip(prompts, responses):
+        messages = getattr(prompt, "messages", None)
+        if messages is not None and getattr(tokenizer, "chat_template", None):
+            conversation = [*messages, {"role": "assistant", "content": response}]
+            text = tokenizer.apply_chat_template(conversation, tokenize=False)
+            ids.append(tokenizer(text, add_special_tokens=False)["input_ids"])  # the template has them
+        else:
+            ids.append(tokenizer(prompt + response, add_special_tokens=True)["input_ids"])
+    return RolloutBatch.from_token_lists(ids, [[] for _ in ids], tokenizer.pad_token_id)

@@ -6,6 +6,7 @@ GPU (NCCL); :mod:`rlhf_ray.platform` decides which.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Iterator
@@ -128,6 +129,24 @@ class DeepSpeedStrategy:
             "steps_per_print": 2**31 - 1,  # metrics are ours to log
             "wall_clock_breakdown": False,
         }
+
+    @contextlib.contextmanager
+    def model_init(self) -> Iterator[None]:
+        """Build the model inside it. Under ZeRO-3, transformers' ``from_pretrained`` then loads
+        every parameter straight into DeepSpeed's partitions (``zero.Init``, switched on by a live
+        ``HfDeepSpeedConfig``): each rank holds its shard only, where without it every rank first
+        holds the whole model (a 70B model whole on one GPU, eight copies in host memory).
+        Outside the block, models load whole again (transformers keeps only a weak reference)."""
+        if self.zero_stage != 3:
+            yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        partitioned_loading = HfDeepSpeedConfig(self.ds_config())
+        try:
+            yield
+        finally:
+            del partitioned_loading
 
     def prepare(self, model: torch.nn.Module):
         """Applies the memory savers asked for (gradient checkpointing, LoRA) to ``model`` and wraps
@@ -262,13 +281,17 @@ def _gathered(params: list[torch.nn.Parameter]):
 
 
 def rng_state() -> dict:
-    """Python, NumPy and torch RNG states of this process, as tensors and plain values (so that
-    ``torch.load(weights_only=True)`` reads them back)."""
+    """Python, NumPy, torch and (where there is a GPU) CUDA RNG states of this process, as tensors
+    and plain values (so that ``torch.load(weights_only=True)`` reads them back). CUDA's drives
+    dropout and sampling on the GPU: without it a resumed learner draws other masks."""
     import numpy as np
 
     name, keys, *rest = np.random.get_state()
-    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
-            "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), *rest),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -278,3 +301,7 @@ def set_rng_state(state: dict) -> None:
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        # One state per device this process sees; a resume may see as many (a rank sees one).
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)

@@ -100,6 +100,9 @@ class HFEngine:
         return [self.receiver.join_weight_sync(master_addr, master_port, world_size, rank_offset, backend, timeout,
                                                shm_path)]
 
+    def device_uuids(self) -> list[str | None]:
+        return [None]  # a CPU engine
+
     def receive_weights(self, manifest: dict) -> int:
         return self.receiver.receive_weights(manifest)
 

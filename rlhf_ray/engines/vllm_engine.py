@@ -111,6 +111,10 @@ class VLLMEngine:
             "join_weight_sync", args=(master_addr, master_port, world_size, rank_offset, backend, timeout, shm_path)
         )
 
+    def device_uuids(self) -> list[str | None]:
+        """Each worker's GPU UUID (None on CPU)."""
+        return self.llm.collective_rpc("device_uuid")
+
     def receive_weights(self, manifest: dict) -> int:
         """Receives one broadcast sync (concurrently with the learner's send); returns its bytes."""
         received = self.llm.collective_rpc("receive_weights", args=(manifest,))

@@ -76,7 +76,8 @@ def check_model_folder(path: str | os.PathLike) -> str:
 
     path = check_model_path(path)
     if not os.path.isdir(path):
-        return path  # a hub name: transformers fetches and checks it
+        _check_hub_model(path)
+        return path
     for name in sorted(os.listdir(path)):
         file = os.path.join(path, name)
         if name.endswith(".json"):
@@ -93,6 +94,26 @@ def check_model_folder(path: str | os.PathLike) -> str:
                 raise DamagedModelError(f"model folder {path!r}: {name} is not a complete safetensors file "
                                         f"({e}); download or copy it again") from None
     return path
+
+
+def _check_hub_model(name: str) -> None:
+    """A name that is no local folder must be a hub model this machine can get: in the hub cache,
+    or served by the hub now. One request without retries, so an offline machine or a misspelt
+    name is told in a second instead of a minute into a worker's start."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, CONFIG_FILE), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{name!r} is not a local folder, and the hub cache has no such model "
+                                f"(HF_HUB_OFFLINE is set)")
+    try:
+        get_hf_file_metadata(hf_hub_url(name, CONFIG_FILE), timeout=10)
+    except Exception as e:  # noqa: BLE001 - network, auth and not-found errors mean the same to the user
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise FileNotFoundError(f"{name!r} is not a local folder, and the hub cannot serve it "
+                                f"({type(e).__name__}: {reason}); check the name, the network and "
+                                f"HF_TOKEN, or give a local folder") from None
 
 
 def _from_pretrained(loader, path: str | os.PathLike, **kwargs):
@@ -119,6 +140,29 @@ def load_backbone(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
 
     return _from_pretrained(AutoModel, path, dtype=resolve_dtype(dtype),
                             trust_remote_code=trust_remote_code)
+
+
+def load_sequence_classifier(path: str | os.PathLike, dtype: str | torch.dtype = "float32",
+                             trust_remote_code: bool = False):
+    """An ``AutoModelForSequenceClassification`` (a reward model's standard format)."""
+    from transformers import AutoModelForSequenceClassification
+
+    return _from_pretrained(AutoModelForSequenceClassification, path, dtype=resolve_dtype(dtype),
+                            trust_remote_code=trust_remote_code)
+
+
+def load_config(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The ``AutoConfig`` of an HF folder or hub name (config.json alone: no weights read)."""
+    from transformers import AutoConfig
+
+    return _from_pretrained(AutoConfig, path, trust_remote_code=trust_remote_code)
+
+
+def has_tokenizer(path: str | os.PathLike) -> bool:
+    """Whether a model folder holds a tokenizer (every ``save_pretrained`` of one writes
+    tokenizer_config.json); a hub name is assumed to."""
+    path = os.path.expanduser(str(path))
+    return not os.path.isdir(path) or os.path.isfile(os.path.join(path, "tokenizer_config.json"))
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):

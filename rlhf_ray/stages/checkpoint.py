@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.config import flatten_config
 from rlhf_ray.engines.deepspeed_strategy import rng_state, set_rng_state
 from rlhf_ray.errors import BadInputError
 
@@ -144,24 +145,26 @@ def check_resumable(path: Path, config: dict) -> None:
     import yaml
 
     read_trainer_state(path)
-    saved = _flatten(yaml.safe_load((path / "config.yaml").read_text()) or {})
-    now = _flatten(config)
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        saved = e
+    if not isinstance(saved, dict):
+        why = f"{type(saved).__name__}" if isinstance(saved, Exception) else "not a mapping of sections"
+        raise CheckpointError(f"checkpoint {path}: config.yaml is unreadable ({why}); delete the checkpoint "
+                              f"folder to resume from an older one")
+    saved = flatten_config(saved)
+    now = flatten_config(config)
     differ = [k for k in sorted(set(saved) | set(now))
               if k.startswith(RESUME_MUST_MATCH) and saved.get(k) != now.get(k)]
     if differ:
         lines = "\n".join(f"  {k}: checkpoint {saved.get(k)!r}, now {now.get(k)!r}" for k in differ)
+        how = "restore them, or start a new run_dir"
+        if any(k.endswith((".num_ranks", ".zero_stage")) for k in differ):
+            how += (" (each rank saved its own shard of the optimizer state, so a learner resumes with its "
+                    "checkpoint's num_ranks and zero_stage; the ranks may be placed on other nodes or GPUs)")
         raise CheckpointError(f"cannot resume from {path}: the config differs in keys a resumed run must "
-                              f"keep:\n{lines}\nrestore them, or start a new run_dir")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value and key != "fields":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+                              f"keep:\n{lines}\n{how}")
 
 
 def _problem(path: Path) -> str:
@@ -170,9 +173,11 @@ def _problem(path: Path) -> str:
         return f"no {COMPLETE} marker"
     try:
         manifest = json.loads(marker.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return f"unreadable {COMPLETE} marker"
-    for name, size in manifest.get("files", {}).items():
+    for name, size in manifest["files"].items():
         f = path / name
         if not f.is_file() or f.stat().st_size != size:
             return f"{name} is missing or has the wrong size"

@@ -24,7 +24,7 @@ from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 
 
-def _judge(cfg: RunConfig, tokenizer, prompts: list[str], responses: list[str]) -> list[float] | None:
+def _judge(cfg: RunConfig, policy: str, tokenizer, prompts: list[str], responses: list[str]) -> list[float] | None:
     judge = cfg.collect.judge
     if judge == "none":
         return None
@@ -35,7 +35,7 @@ def _judge(cfg: RunConfig, tokenizer, prompts: list[str], responses: list[str]) 
     models, functions = ([judge.removeprefix("rm:")], []) if judge.startswith("rm:") else ([], [judge])
     actor = ray.remote(RewardActor).options(num_cpus=cfg.scorers.num_cpus, num_gpus=cfg.scorers.num_gpus) \
         .remote(models, "mean", functions, [1.0] * len(functions), cfg.backend, cfg.scorers.micro_batch_size,
-                dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code)
+                dtype=cfg.model.dtype, trust_remote_code=cfg.model.trust_remote_code, batch_tokenizer=policy)
     try:
         batch = encode_pairs(tokenizer, prompts, responses, cfg.data.max_prompt_tokens, cfg.data.max_seq_len,
                              add_eos=False)
@@ -48,11 +48,11 @@ def run_collect(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    policy = resolve_policy_path(cfg, run_dir)
+    policy = resolve_policy_path(cfg)
     tokenizer = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
     prompts = run_prompts(cfg.data, cfg.seed, tokenizer)[: cfg.collect.num_prompts]
     stop_ids = stop_token_ids(tokenizer, cfg.rollout.stop)
-    begin(cfg, run_dir)
+    policy = begin(cfg, run_dir, policy)
 
     ro, k = cfg.rollout, cfg.collect.responses_per_prompt
     spec = SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, n=k,
@@ -61,7 +61,7 @@ def run_collect(cfg: RunConfig) -> dict:
     with RolloutPool.launch(cfg, policy, ro.num_engines, tokenizer.pad_token_id) as pool:
         generations = pool.generate(prompts, ids, spec, iteration=1)  # prompt-major: k per prompt, in order
     texts = tokenizer.batch_decode([g.response_ids for g in generations], skip_special_tokens=True)
-    scores = _judge(cfg, tokenizer, [p for p in prompts for _ in range(k)], texts)
+    scores = _judge(cfg, policy, tokenizer, [p for p in prompts for _ in range(k)], texts)
 
     pairs, ties = [], 0
     with (run_dir / "responses.jsonl").open("w") as f:

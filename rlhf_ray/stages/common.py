@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from rlhf_ray.config import RunConfig, dump_config
@@ -11,25 +14,44 @@ from rlhf_ray.platform import detect
 BUILTIN_TINY = "builtin:tiny"
 
 
-def prepare_run(cfg: RunConfig) -> Path:
-    """Checks the model folders and secrets (``check_inputs``), then the run's folder (created);
-    nothing is written into it until ``begin``."""
+def prepare_run(cfg: RunConfig, pays_rewards: bool = False) -> Path:
+    """Checks the model folders, tracker packages and secrets (``check_inputs``) and, for a stage that
+    ``pays_rewards``, that the config names a reward; returns the run's folder, which is neither
+    created nor written until ``begin``."""
+    from rlhf_ray.config import ConfigError
+
+    if pays_rewards and (problems := cfg.reward_problems()):
+        raise ConfigError("\n".join(f"{key}: {msg}" for key, msg in problems))
     check_inputs(cfg)
-    run_dir = Path(cfg.run_dir).resolve()
+    return Path(cfg.run_dir).resolve()
+
+
+def begin(cfg: RunConfig, run_dir: Path, model_path: str | None = None) -> str | None:
+    """Every input was checked: creates ``run_dir``, records the config in it (a failed start
+    leaves the previous run's untouched), moves a staged ``builtin:tiny`` model (from
+    ``resolve_policy_path``) into ``run_dir/base_model`` and joins or starts Ray. Returns where
+    ``model_path`` is now."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def begin(cfg: RunConfig, run_dir: Path) -> None:
-    """Every input was checked: records the config in ``run_dir`` (a failed start leaves the
-    previous run's untouched) and joins or starts Ray."""
     (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if model_path in _STAGED_MODELS:
+        from rlhf_ray.models.loading import atomic_dir
+
+        with atomic_dir(run_dir / "base_model") as tmp:
+            shutil.move(model_path, tmp)
+        shutil.rmtree(Path(model_path).parent, ignore_errors=True)
+        model_path = str(run_dir / "base_model")
     init_ray(cfg)
+    return model_path
 
 
-def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
-    """``builtin:tiny`` becomes a tiny model built offline into the run directory (its tokenizer
-    knows the tool-call characters when the run or its task uses tools)."""
+# builtin:tiny models built before the run's folder may be written (their tokenizer reads the data).
+_STAGED_MODELS: set[str] = set()
+
+
+def resolve_policy_path(cfg: RunConfig) -> str:
+    """``builtin:tiny`` becomes a tiny model built offline into a staging folder, moved into the
+    run directory by ``begin`` once every input is checked (its tokenizer knows the tool-call
+    characters when the run or its task uses tools)."""
     if cfg.model.policy != BUILTIN_TINY:
         from rlhf_ray.models.loading import check_model_path
 
@@ -41,14 +63,20 @@ def resolve_policy_path(cfg: RunConfig, run_dir: Path) -> str:
 
     spec = TinyModelSpec.of_width(cfg.model.tiny_hidden_size, cfg.model.tiny_layers, seed=cfg.seed)
     spec = replace(spec, tool_chars=cfg.agent.enabled or cfg.data.task in ENVIRONMENTS)
-    return str(build_tiny_model(run_dir / "base_model", spec))
+    staging = Path(tempfile.mkdtemp(prefix="rlhf-ray-base-model-"))
+    atexit.register(shutil.rmtree, staging, True)  # a start refused after the build leaves nothing
+    path = str(build_tiny_model(staging / "base_model", spec))
+    _STAGED_MODELS.add(path)
+    return path
 
 
 def check_inputs(cfg: RunConfig) -> None:
-    """Model folders, secrets and the agent's environment the run needs, each checked before any
-    actor starts; the error names the config key."""
+    """Model folders, tracker packages, secrets and the agent's environment the run needs, each
+    checked before any actor starts; the error names the config key."""
     from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.heads import check_score_head
     from rlhf_ray.models.loading import check_model_folder
+    from rlhf_ray.tracking import missing_tracker_packages
 
     paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
              ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward)),
@@ -56,13 +84,19 @@ def check_inputs(cfg: RunConfig) -> None:
     for key, path in paths:
         if path:
             try:
-                check_model_folder(path)
+                folder = check_model_folder(path)
+                if key != "model.policy":  # read as a reward or value model (or its start): one score
+                    check_score_head(folder)
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{key}: {e}") from None
     if cfg.agent.enabled:  # the environment class loads (a pipeline would find out only at its PPO stage)
         from rlhf_ray.stages.agent_rollout import environment_class
 
         environment_class(cfg)
+    missing = missing_tracker_packages(cfg)
+    if missing:
+        raise ConfigError(f"logging.trackers: {', '.join(missing)} not installed: pip install 'rlhf-ray[trackers]' "
+                          f"(or leave the tracker out of logging.trackers)")
     token = cfg.scorers.http.token_env
     if cfg.scorers.http.urls and token and not os.environ.get(token):
         raise ConfigError(f"scorers.http.token_env: the environment variable {token} (the reward endpoint's "
@@ -81,6 +115,27 @@ def check_model_fits(cfg: RunConfig, model_path: str) -> None:
     check_lora_targets(cfg, "policy", model_path)
     if cfg.uses_critic:
         check_lora_targets(cfg, "critic", cfg.model.critic or model_path)
+    if cfg.uses_critic and cfg.model.critic:
+        check_critic_reads_policy_ids(cfg, model_path)
+
+
+def check_critic_reads_policy_ids(cfg: RunConfig, policy_path: str) -> None:
+    """The critic values the policy's token ids as they are: a ``model.critic`` start (say a
+    reward model of another family) whose vocabulary gives any of the policy's tokens another id
+    is refused. A vocabulary with extra tokens (a reward model's added pad token) reads them alike."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.models.loading import has_tokenizer, load_tokenizer
+
+    critic = cfg.model.critic
+    if not has_tokenizer(critic):
+        return
+    critic_vocab = load_tokenizer(critic, cfg.model.trust_remote_code).get_vocab()
+    policy_vocab = load_tokenizer(policy_path, cfg.model.trust_remote_code).get_vocab()
+    moved = [token for token, i in policy_vocab.items() if critic_vocab.get(token) != i]
+    if moved:
+        raise ConfigError(f"model.critic: the tokenizer of {critic} gives {len(moved)} of the policy's "
+                          f"{len(policy_vocab)} tokens another id (e.g. {moved[0]!r}); the critic reads the "
+                          f"policy's token ids, so start it from a model with the policy's vocabulary")
 
 
 def check_lora_targets(cfg: RunConfig, section: str, model_path: str) -> None:

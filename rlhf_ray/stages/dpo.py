@@ -26,7 +26,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.stages.common import begin, check_lora_targets, prepare_run, resolve_policy_path
 from rlhf_ray.stages.supervised import encode_side, load_preference_data, train_epochs
-from rlhf_ray.tracking import MetricsWriter, plot_metrics
+from rlhf_ray.tracking import MetricsWriter, open_trackers, plot_metrics
 
 REF_CACHE = "ref_logps.safetensors"
 SIDES = ("chosen", "rejected")
@@ -36,19 +36,20 @@ def run_dpo(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    policy_path = resolve_policy_path(cfg, run_dir)
+    policy_path = resolve_policy_path(cfg)
     check_lora_targets(cfg, "policy", policy_path)
     tokenizer = load_tokenizer(policy_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_preference_data(cfg, tokenizer, "dpo")
     # Encoded once: every batch is a selection of rows, each carrying its reference log-probs.
     pairs = {f"{split}_{side}": encode_side(cfg, tokenizer, rows, side)
              for split, rows in (("train", train), ("held_out", held_out)) for side in SIDES}
-    begin(cfg, run_dir)
+    policy_path = begin(cfg, run_dir, policy_path)
 
     dpo, pol = cfg.dpo, cfg.policy
     pg = learner_placement_group(pol, cfg.cluster.placement_timeout_s)
     spec = learner_spec(cfg, pol, policy_path, dpo.batch_size, dpo.lr)
-    with WorkerGroup.launch(PolicyLearnerActor, spec, pol, pg) as learners:  # stopped on any failure too
+    with (open_trackers(cfg, run_dir, "dpo", "step") as trackers,
+          WorkerGroup.launch(PolicyLearnerActor, spec, pol, pg) as learners):  # both closed on any failure too
         ref = reference_logps(run_dir / REF_CACHE, pairs, reference_fingerprint(cfg, policy_path, pairs),
                               lambda batch: sequence_logprobs(learners, batch))
         pairs = {key: batch.with_extras(ref_logps=ref[key]) for key, batch in pairs.items()}
@@ -64,7 +65,7 @@ def run_dpo(cfg: RunConfig) -> dict:
                                 dpo.kind, dpo.label_smoothing)
             return {f"eval_{key}": value for key, value in dpo_metrics(out).items()}
 
-        metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
+        metrics = MetricsWriter(run_dir, step_key="step", mirror=trackers.log_metrics)
         evaluations, steps = train_epochs("dpo", len(train), dpo.epochs, dpo.batch_size, cfg.seed, train_step,
                                           evaluate, metrics, progress=("dpo_loss", "dpo_accuracy"))
         model_dir = run_dir / "policy"

@@ -49,7 +49,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     """``{metric: {model name: value}}`` for the metrics that apply: gold score (with a task) and
     reward (with reward models or criteria) of greedy responses to ``prompts``; perplexity of the
     ``references`` (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
-    from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids
+    from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids, tokenizer_identity
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.tasks import GOLD_REWARD
     from rlhf_ray.tasks.rewards import load_reward_function
@@ -64,10 +64,12 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     engines = {path: pool[0] for path, pool in pools.items()}
     reward = None
     if has_reward(cfg) and prompts:
+        # The batches come from each checkpoint's tokenizer: when they differ, no ids are shared.
+        shared_tokenizer = paths[0] if len({tokenizer_identity(t) for t in tokenizers.values()}) == 1 else None
         reward = ray.remote(RewardActor).options(num_cpus=sc.num_cpus, num_gpus=sc.num_gpus).remote(
             cfg.model.reward, cfg.model.reward_combine, [], [], cfg.backend, sc.micro_batch_size,
             sc.criteria, sc.criteria_weights, sc.criteria_combine, dtype=cfg.model.dtype,
-            trust_remote_code=cfg.model.trust_remote_code)
+            trust_remote_code=cfg.model.trust_remote_code, batch_tokenizer=shared_tokenizer)
     try:
         prompt_ids = {path: encode_prompts(tok, prompts, cfg.data.max_prompt_tokens)
                       for path, tok in tokenizers.items()}

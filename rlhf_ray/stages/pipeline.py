@@ -29,12 +29,12 @@ def run_pipeline(cfg: RunConfig) -> dict:
     from rlhf_ray.stages.sft import run_sft
 
     root = prepare_run(cfg)
-    base = resolve_policy_path(cfg, root)
+    base = resolve_policy_path(cfg)
     # The eval's data and the stop strings first: bad input stops the pipeline before any training.
     tokenizer = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
     stop_token_ids(tokenizer, cfg.rollout.stop)
     eval_inputs = eval_data(cfg, tokenizer) if cfg.data.task else None
-    begin(cfg, root)
+    base = begin(cfg, root, base)
 
     def stage(name: str, **model_changes) -> RunConfig:
         return replace(cfg, run_dir=str(root / name), model=replace(cfg.model, **model_changes))

@@ -24,7 +24,6 @@ from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.data.tokenize import encode_prompts, stop_token_ids
 from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.faults import FaultCounter
-from rlhf_ray.platform import detect
 from rlhf_ray.stages import prepare as prep
 from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
 from rlhf_ray.stages.common import begin, check_model_fits, prepare_run, resolve_policy_path, reward_sources
@@ -32,7 +31,7 @@ from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.stages.recovery import Recovery
 from rlhf_ray.stages.sft import text_examples
 from rlhf_ray.tasks import GOLD_COMPONENT
-from rlhf_ray.tracking import MetricsWriter, PhaseTimer, plot_metrics
+from rlhf_ray.tracking import MetricsWriter, PhaseTimer, open_trackers, plot_metrics
 
 __all__ = ["PPOTrainer", "run_ppo"]
 
@@ -43,9 +42,8 @@ class PPOTrainer(Recovery):
         from rlhf_ray.models.loading import load_tokenizer
 
         self.cfg = cfg
-        self.platform = detect(cfg.backend)
-        self.run_dir = prepare_run(cfg)
-        self.policy_path = resolve_policy_path(cfg, self.run_dir)
+        self.run_dir = prepare_run(cfg, pays_rewards=True)
+        self.policy_path = resolve_policy_path(cfg)
         check_model_fits(cfg, self.policy_path)
         self.tokenizer = load_tokenizer(self.policy_path, trust_remote_code=cfg.model.trust_remote_code)
         self.stop_ids = stop_token_ids(self.tokenizer, cfg.rollout.stop)
@@ -53,17 +51,19 @@ class PPOTrainer(Recovery):
         # Pretraining-mix text for the ptx loss (alignment-tax mitigation), read before any actor starts.
         self.ptx_examples = (text_examples(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
                              if cfg.ppo.ptx_coef else [])
-        self.metrics = MetricsWriter(self.run_dir, tensorboard_step="iteration" if cfg.logging.tensorboard else None)
-        self.samples = MetricsWriter(self.run_dir, "samples.jsonl")
-        self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
         self.agents = MultiTurnRollouts(cfg, self.tokenizer) if cfg.agent.enabled else None  # tool-using turns
         self._reset_state()
         resume = cfg.checkpoint.resume == "auto"
         resume_from = self._resume_point(asked=True) if resume else None  # fails before any actor starts
-        begin(cfg, self.run_dir)  # only once every input is known good
-        self._launch()
-        if resume:
-            self.resume(resume_from)
+        self.policy_path = begin(cfg, self.run_dir, self.policy_path)  # only once every input is known good
+        self.trackers = open_trackers(cfg, self.run_dir, "ppo", "iteration")  # a failed resume check opens none
+        self.metrics = MetricsWriter(self.run_dir, mirror=self.trackers.log_metrics)
+        self.samples = MetricsWriter(self.run_dir, "samples.jsonl", mirror=self.trackers.log_samples)
+        self.prompt_log = MetricsWriter(self.run_dir, "prompts.jsonl")  # which prompts each iteration used
+        with self.trackers.closed_on_failure():  # e.g. no room for the actors
+            self._launch()
+            if resume:
+                self.resume(resume_from)
 
     def _reset_state(self) -> None:
         """The driver's state at iteration 0 (a checkpoint replaces all of it)."""
@@ -90,7 +90,7 @@ class PPOTrainer(Recovery):
         # Engines admitted before the first rollout are checked on their greedy answers to these.
         self.roles.rollout.probe_prompts = encode_prompts(self.tokenizer, self.prompts.prompts[:4],
                                                           cfg.data.max_prompt_tokens)
-        self.roles.rollout.connect(self.roles.policy, cfg.sync.bucket_mb << 20, cfg.sync.transport, self.platform)
+        self.roles.rollout.connect(self.roles.policy, cfg.sync.bucket_mb << 20, cfg.sync.transport)
 
     # --- one iteration ------------------------------------------------------------------------
     def step(self) -> dict:
@@ -245,8 +245,7 @@ class PPOTrainer(Recovery):
 
     # --- the whole run ------------------------------------------------------------------------
     def fit(self) -> list[dict]:
-        cfg = self.cfg
-        history = []
+        cfg, history = self.cfg, []
         bar = tqdm(total=cfg.ppo.iterations, initial=self.iteration, desc="ppo", unit="it")
         while self.iteration < cfg.ppo.iterations:
             try:
@@ -271,6 +270,7 @@ class PPOTrainer(Recovery):
         if cfg.checkpoint.save_final:
             self.save(Path(self.run_dir) / "policy")
         plot_metrics(self.run_dir)
+        self.trackers.close()  # finished; a run that stops before this is closed as failed by close()
         return history
 
     def save(self, out_dir: Path) -> None:
@@ -278,6 +278,7 @@ class PPOTrainer(Recovery):
         self.roles.policy.run("save", str(out_dir))
 
     def close(self) -> None:
+        self.trackers.close(failed=True)
         shutdown_roles(self.roles)
         if self.agents:
             self.agents.close()
@@ -290,9 +291,6 @@ def run_ppo(cfg: RunConfig) -> list[dict]:
     finally:
         trainer.close()
     done = [r for r in history if "skipped_nonfinite" not in r]
-    if done:
-        print(f"ppo done: {len(history)} iterations, reward {done[0]['reward_mean']:.3f} -> "
-              f"{done[-1]['reward_mean']:.3f}, run dir {trainer.run_dir}")
-    else:
-        print(f"ppo done: {len(history)} iterations in this process, run dir {trainer.run_dir}")
+    rewards = f", reward {done[0]['reward_mean']:.3f} -> {done[-1]['reward_mean']:.3f}" if done else " in this process"
+    print(f"ppo done: {len(history)} iterations{rewards}, run dir {trainer.run_dir}")
     return history

@@ -19,7 +19,8 @@ from rlhf_ray.tracking import PhaseTimer, read_metrics
 
 class Recovery:
     """Needs of its host: ``cfg``, ``run_dir``, ``roles``, ``iteration``, ``prompts``, ``kl_ctl``,
-    ``guards``, ``faults``, ``_pending``, the logs, ``_reset_state``, ``_launch`` and ``_sync_weights``."""
+    ``guards``, ``faults``, ``_pending``, the logs and ``trackers``, ``_reset_state``, ``_launch``
+    and ``_sync_weights``."""
 
     def _skip_batch(self, phase: str, position: int, prompts: list[str], timer: PhaseTimer) -> dict:
         """A batch with non-finite values in ``phase`` trains nothing; its prompts are used up and
@@ -91,6 +92,7 @@ class Recovery:
             self._sync_weights()  # the engines started from the initial policy
         for log in (self.metrics, self.samples, self.prompt_log):
             log.rewind(self.iteration)
+        self.trackers.rewind(self.iteration)
 
     def restart_after_failure(self, error: Exception) -> None:
         """A learner or scorer died: every actor is replaced and the run goes on from the newest

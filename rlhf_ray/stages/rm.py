@@ -19,7 +19,7 @@ from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
 from rlhf_ray.stages.common import begin, check_lora_targets, prepare_run, resolve_policy_path
 from rlhf_ray.stages.supervised import encode_side, load_preference_data, train_epochs
-from rlhf_ray.tracking import MetricsWriter, plot_metrics
+from rlhf_ray.tracking import MetricsWriter, open_trackers, plot_metrics
 
 NORM_FILE = "reward_norm.json"
 
@@ -28,19 +28,19 @@ def run_rm(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    init_path = cfg.rm.init or resolve_policy_path(cfg, run_dir)
+    init_path = cfg.rm.init or resolve_policy_path(cfg)
     check_lora_targets(cfg, "critic", init_path)
     tokenizer = load_tokenizer(init_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_preference_data(cfg, tokenizer, "rm")
-    begin(cfg, run_dir)
+    init_path = begin(cfg, run_dir, init_path)
 
     def encode(pairs, side):
         return encode_side(cfg, tokenizer, pairs, side)
 
-    metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
-    members = []
-    for member in range(cfg.rm.ensemble_size):
-        members.append(_train_member(cfg, member, init_path, train, held_out, encode, metrics, run_dir))
+    with open_trackers(cfg, run_dir, "rm", "step") as trackers:
+        metrics = MetricsWriter(run_dir, step_key="step", mirror=trackers.log_metrics)
+        members = [_train_member(cfg, member, init_path, train, held_out, encode, metrics, run_dir)
+                   for member in range(cfg.rm.ensemble_size)]
     summary = {"stage": "rm", "models": [m["path"] for m in members], "train_pairs": len(train),
                "held_out_pairs": len(held_out),
                "held_out_accuracy": sum(m["held_out_accuracy"] for m in members) / len(members),

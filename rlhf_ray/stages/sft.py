@@ -15,7 +15,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data.tokenize import encode_pairs
 from rlhf_ray.stages.common import begin, check_lora_targets, prepare_run, resolve_policy_path
 from rlhf_ray.stages.supervised import train_epochs
-from rlhf_ray.tracking import MetricsWriter, plot_metrics
+from rlhf_ray.tracking import MetricsWriter, open_trackers, plot_metrics
 
 
 def load_sft_data(cfg: RunConfig, tokenizer):
@@ -58,16 +58,17 @@ def run_sft(cfg: RunConfig) -> dict:
     from rlhf_ray.models.loading import load_tokenizer
 
     run_dir = prepare_run(cfg)
-    base_path = resolve_policy_path(cfg, run_dir)
+    base_path = resolve_policy_path(cfg)
     check_lora_targets(cfg, "policy", base_path)
     tokenizer = load_tokenizer(base_path, trust_remote_code=cfg.model.trust_remote_code)
     train, held_out = load_sft_data(cfg, tokenizer)
-    begin(cfg, run_dir)
+    base_path = begin(cfg, run_dir, base_path)
 
     sft, pol = cfg.sft, cfg.policy
     pg = learner_placement_group(pol, cfg.cluster.placement_timeout_s)
     spec = learner_spec(cfg, pol, base_path, sft.batch_size, sft.lr)
-    with WorkerGroup.launch(PolicyLearnerActor, spec, pol, pg) as learners:  # stopped on any failure too
+    with (open_trackers(cfg, run_dir, "sft", "step") as trackers,
+          WorkerGroup.launch(PolicyLearnerActor, spec, pol, pg) as learners):  # both closed on any failure too
 
         def encode(rows):
             return encode_pairs(tokenizer, [r.prompt for r in rows], [r.response for r in rows],
@@ -82,7 +83,7 @@ def run_sft(cfg: RunConfig) -> dict:
         def train_step(rows: list[int]) -> dict[str, float]:
             return learners.call("sft_step", encode([train[j] for j in rows]))
 
-        metrics = MetricsWriter(run_dir, tensorboard_step="step" if cfg.logging.tensorboard else None)
+        metrics = MetricsWriter(run_dir, step_key="step", mirror=trackers.log_metrics)
         evaluations, step = train_epochs("sft", len(train), sft.epochs, sft.batch_size, cfg.seed, train_step,
                                          lambda: {"eval_loss": held_out_loss()}, metrics, progress=("sft_loss",))
         eval_losses = [e["eval_loss"] for e in evaluations]

@@ -107,19 +107,27 @@ def _criteria(args) -> tuple[str, ...]:
 def _serve(args) -> int:
     from rlhf_ray.studio.db import Store
     from rlhf_ray.studio.pairs import load_gold, load_pairs
-    from rlhf_ray.studio.server import StudioApp, make_server, read_guidelines, url_of
+    from rlhf_ray.studio.server import StudioApp, check_listen_address, make_server, read_guidelines, url_of
 
+    # Every argument and file is checked before the database is made or written.
     if not 0 <= args.overlap <= 1:
         raise ValueError("--overlap must be between 0 and 1")
+    if args.overlap_k < 2:
+        raise ValueError(f"--overlap-k must be at least 2 (annotators who see an overlap item); got {args.overlap_k}")
+    if args.max_body < 1:
+        raise ValueError(f"--max-body must be a positive number of bytes; got {args.max_body}")
+    check_listen_address(args.host, args.port, args.allow_remote)
     criteria = _criteria(args)
     guidelines = read_guidelines(args.guidelines)
+    sources = [(source, *load_pairs(source, pairing=args.pairing, on_bad_row=args.on_bad_row))
+               for source in args.pairs]
+    gold = [(source, load_gold(source, on_bad_row=args.on_bad_row)) for source in args.gold]
     store = Store(args.db)
-    for source in args.pairs:
-        pairs, report = load_pairs(source, pairing=args.pairing, on_bad_row=args.on_bad_row)
+    for _, pairs, report in sources:
         added = store.add_items(pairs, overlap=args.overlap, overlap_k=args.overlap_k, seed=args.seed)
         print(f"{report.summary()}; {len(pairs)} pairs ({args.pairing}), {added} new", flush=True)
-    for source in args.gold:
-        added = store.add_items(load_gold(source, on_bad_row=args.on_bad_row))
+    for source, items in gold:
+        added = store.add_items(items)
         print(f"{source}: {added} new gold items", flush=True)
     existing = {a["name"] for a in store.annotators()}
     new_links = {name: store.add_annotator(name) for name in filter(None, (n.strip() for n in args.annotators.split(",")))
@@ -155,7 +163,7 @@ def _run(server, store=None) -> int:
 def _add_annotators(args) -> int:
     from rlhf_ray.studio.db import Store
 
-    store = Store(args.db)
+    store = Store(args.db, create=False)
     for name in args.names:
         print(f"{name}: {args.base_url.rstrip('/')}/?token={store.add_annotator(name)}")
     return 0
@@ -165,7 +173,7 @@ def _stats(args) -> int:
     from rlhf_ray.studio.db import Store
     from rlhf_ray.studio.stats import compute_stats, format_stats
 
-    s = compute_stats(Store(args.db))
+    s = compute_stats(Store(args.db, create=False))
     print(json.dumps(s, indent=2) if args.json else format_stats(s))
     return 0
 
@@ -174,7 +182,11 @@ def _export(args) -> int:
     from rlhf_ray.studio.db import Store
     from rlhf_ray.studio.stats import export_preferences
 
-    r = export_preferences(Store(args.db), args.out, min_agreement=args.min_agreement, min_votes=args.min_votes,
+    if not 0 <= args.min_agreement <= 1:
+        raise ValueError(f"--min-agreement must be a share between 0 and 1; got {args.min_agreement}")
+    if args.min_votes < 1:
+        raise ValueError(f"--min-votes must be at least 1; got {args.min_votes}")
+    r = export_preferences(Store(args.db, create=False), args.out, min_agreement=args.min_agreement, min_votes=args.min_votes,
                            include_gold=not args.no_gold)
     left = ", ".join(f"{n} {why}" for why, n in sorted(r["left_out"].items())) or "none"
     print(f"wrote {r['written']} preference pairs to {r['out']}; left out: {left}")
@@ -185,12 +197,13 @@ def _view(args) -> int:
     from pathlib import Path
 
     from rlhf_ray.studio.db import Store
-    from rlhf_ray.studio.server import StudioApp, make_server, url_of
+    from rlhf_ray.studio.server import StudioApp, check_listen_address, make_server, url_of
 
     run = Path(args.run_dir)
     if not (run / "metrics.jsonl").is_file() and not (run / "samples.jsonl").is_file():
         raise FileNotFoundError(f"{run} has neither metrics.jsonl nor samples.jsonl")
-    store = Store(args.db) if args.db else None
+    check_listen_address(args.host, args.port, args.allow_remote)
+    store = Store(args.db, create=False) if args.db else None
     app = StudioApp(store=store, run_dir=str(run))
     server = make_server(app, args.host, args.port, allow_remote=args.allow_remote, quiet=not args.verbose)
     print(f"run viewer: {url_of(server, '/view', app.admin_token)}", flush=True)

@@ -115,11 +115,32 @@ def _owner_only(path: Path) -> None:
         path.chmod(0o600)
 
 
+SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def _check_database_file(path: Path, create: bool) -> None:
+    """Refuses, before anything is created or changed, a missing database that is not to be made
+    and a file that is not SQLite (an empty file is a new database to SQLite)."""
+    if not path.exists():
+        if not create:
+            raise FileNotFoundError(f"annotation database {path} does not exist "
+                                    f"(`rlhf-ray annotate serve --db {path} --pairs ...` makes one)")
+        return
+    if not path.is_file():
+        raise ValueError(f"annotation database {path} is not a file")
+    with open(path, "rb") as f:
+        head = f.read(len(SQLITE_HEADER))
+    if head and head != SQLITE_HEADER:
+        raise ValueError(f"{path} is not an annotation database (not an SQLite file)")
+
+
 class Store:
     """Thread-safe access to one annotation database (one connection, one lock: writes are tiny)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, create: bool = True):
+        """``create=False``: the database must exist (commands that only read or add to one)."""
         self.path = str(path)
+        _check_database_file(Path(self.path), create)
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         _owner_only(Path(self.path))  # before SQLite opens it: its -wal and -shm files take the same mode
         self.lock = threading.RLock()

@@ -300,11 +300,32 @@ def make_server(app: StudioApp, host: str = "127.0.0.1", port: int = 8000, allow
                 quiet: bool = True) -> StudioServer:
     """The server, bound (``port=0``: any free port); refuses a non-loopback ``host`` unless
     ``allow_remote``."""
+    _refuse_remote(host, allow_remote)
+    handler = type("StudioHandler", (_Handler,), {"app": app, "quiet": quiet})
+    return StudioServer((host, port), handler)
+
+
+def _refuse_remote(host: str, allow_remote: bool) -> None:
     if not allow_remote and not _is_loopback(host):
         raise ValueError(f"refusing to bind {host!r}, which is not a loopback address; the studio has "
                          "no TLS and its links carry tokens. Pass --allow-remote to bind it anyway.")
-    handler = type("StudioHandler", (_Handler,), {"app": app, "quiet": quiet})
-    return StudioServer((host, port), handler)
+
+
+def check_listen_address(host: str, port: int, allow_remote: bool) -> None:
+    """What ``make_server`` would refuse, and a port out of range or taken, checked before a
+    command writes anything (the server binds only later, once its database is set up)."""
+    _refuse_remote(host, allow_remote)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535 (0: any free port); got {port}")
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server itself binds
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def url_of(server: StudioServer, path: str = "/", token: str | None = None) -> str:

@@ -4,11 +4,19 @@ learner's node can read the weights from a shared-memory segment instead (CPU)."
 
 from rlhf_ray.sync.group import SyncLayout, plan_sync, rank_layout
 from rlhf_ray.sync.manifest import build_manifest, manifest_for
-from rlhf_ray.sync.parity import ParityReport, WeightSyncParityError, check_greedy_parity, check_parity
+from rlhf_ray.sync.parity import (
+    ParityReport,
+    ParityTolerance,
+    WeightSyncParityError,
+    check_greedy_parity,
+    check_parity,
+    parity_tolerance,
+)
 from rlhf_ray.sync.sender import WeightSender
 
 __all__ = [
     "ParityReport",
+    "ParityTolerance",
     "SyncLayout",
     "WeightSender",
     "WeightSyncParityError",
@@ -16,6 +24,7 @@ __all__ = [
     "check_greedy_parity",
     "check_parity",
     "manifest_for",
+    "parity_tolerance",
     "plan_sync",
     "rank_layout",
 ]

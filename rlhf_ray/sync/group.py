@@ -79,6 +79,15 @@ def open_group(
     return group
 
 
+def engines_on_sender_gpu(sender_uuid: str | None, engine_uuids: list[list[str | None]]) -> list[int]:
+    """Engines with a worker on the sender's (learner rank 0's) GPU. NCCL cannot put two ranks of
+    one group on one device ("Duplicate GPU detected"); UUIDs are compared, as TRL does, because
+    device indices differ between processes that see different CUDA_VISIBLE_DEVICES."""
+    if sender_uuid is None:
+        return []
+    return [i for i, uuids in enumerate(engine_uuids) if sender_uuid in uuids]
+
+
 def rank_layout(num_engines: int, workers_per_engine: int) -> tuple[int, list[int]]:
     """(world_size, rank_offset of each engine): the learner is rank 0, engine i's workers follow
     at 1 + i * workers_per_engine (its tensor-parallel size)."""

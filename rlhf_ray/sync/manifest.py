@@ -41,18 +41,24 @@ def _aligned(n: int) -> int:
 
 
 def build_manifest(
-    specs: Iterable[tuple[str, str | torch.dtype, Sequence[int]]], bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    specs: Iterable[tuple[str, str | torch.dtype, Sequence[int]]], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    wire_dtype: str | torch.dtype | None = None,
 ) -> dict:
     """Groups ``(name, dtype, shape)`` in the given order into buckets of at most
     ``bucket_bytes``; a tensor larger than that gets a bucket of its own. Order is kept because
-    vLLM's loaders finish a layer as soon as all of its tensors arrived."""
+    vLLM's loaders finish a layer as soon as all of its tensors arrived. With ``wire_dtype`` (the
+    engines' dtype), floating-point tensors travel in it: the sender casts as it packs, so a bf16
+    engine gets bf16 bytes from fp32 weights (half the traffic) and loads what it computes with."""
     if bucket_bytes <= 0:
         raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    wire = to_dtype(wire_dtype) if isinstance(wire_dtype, str) else wire_dtype
     buckets: list[dict] = []
     current: dict | None = None
     for name, dtype, shape in specs:
-        if isinstance(dtype, torch.dtype):
-            dtype = dtype_name(dtype)
+        dtype = to_dtype(dtype) if isinstance(dtype, str) else dtype
+        if wire is not None and dtype.is_floating_point:
+            dtype = wire
+        dtype = dtype_name(dtype)
         entry = {"name": name, "dtype": dtype, "shape": [int(s) for s in shape], "offset": 0}
         size = tensor_nbytes(entry)
         if current is not None and current["tensors"] and _aligned(current["nbytes"]) + size > bucket_bytes:
@@ -75,9 +81,8 @@ def manifest_for(
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     dtype: torch.dtype | None = None,
 ) -> dict:
-    """The bucket plan for these tensors; ``dtype`` casts them on the wire (e.g. fp32 master
-    weights sent as bf16 to a bf16 engine: half the bytes)."""
-    return build_manifest(((name, dtype or t.dtype, t.shape) for name, t in named_tensors), bucket_bytes)
+    """The bucket plan for these tensors; ``dtype``: see ``build_manifest``'s ``wire_dtype``."""
+    return build_manifest(((name, t.dtype, t.shape) for name, t in named_tensors), bucket_bytes, dtype)
 
 
 def names(manifest: dict) -> list[str]:

@@ -53,6 +53,12 @@ class WeightSyncWorkerExtension:
             self._rlhf_group = open_group(master_addr, master_port, rank, world_size, backend, timeout)
         return rank
 
+    def device_uuid(self) -> str | None:
+        """This worker's GPU (its UUID, what NCCL tells devices apart by); None on CPU."""
+        from rlhf_ray.platform import gpu_uuid
+
+        return gpu_uuid()
+
     @torch.no_grad()
     def receive_weights(self, manifest: dict, load: bool = True) -> int:
         """Receives every bucket of ``manifest`` and loads it in place; returns the bytes received.
@@ -140,6 +146,8 @@ def reprocess_weight_aliases(aliases: tuple[torch.nn.Module, ...]) -> int:
     the unquantized embedding method derives nothing and this is a cheap no-op. Only that method
     (what a tied LM head uses) is re-run: quantized methods are not safe to repeat on processed
     weights, and the CPU linear method drops its weight after packing."""
+    if not aliases:  # the HF engine's receiver (it ties by storage) runs where vLLM is not installed
+        return 0
     from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
 
     count = 0
