@@ -254,7 +254,7 @@ def test_multi_turn_ppo_trains_on_the_policys_tokens_through_the_pool_and_keeps_
                   f"rollout.stop={stop}", "rollout.engine=hf", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
                   "rollout.samples_per_prompt=2", "ppo.prompts_per_iteration=4", "rollout.num_engines=1",
                   "policy.num_ranks=1", "sync.parity_every=1", "checkpoint.save_final=false",
-                  "logging.tensorboard=false", "logging.samples_per_iteration=8")
+                  "logging.samples_per_iteration=8")
     _, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
     for r in history:
