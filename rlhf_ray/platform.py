@@ -24,8 +24,8 @@ class Platform:
     @property
     def shm_weight_sync(self) -> bool:
         """Whether engines on the learner's node can take weights from a shared-memory segment.
-        CPU only: the GPU twin (CUDA IPC handles of the learner's tensors) is not built, so
-        colocated GPU engines take the NCCL broadcast."""
+        CPU only: on GPUs, engines on other GPUs of the node take the NCCL broadcast, and an engine
+        on the learner's own GPU (``rollout.colocate``) takes CUDA IPC slots (``sync.ipc``)."""
         return self.is_cpu
 
     def vllm_engine_kwargs(self, gpu_memory_utilization: float, tensor_parallel_size: int = 1) -> dict:

@@ -45,13 +45,15 @@ def _fit(cfg):
 
 @pytest.fixture(scope="module")
 def gae_run(ray_session, tmp_path_factory):
-    """2 engines, 2 ZeRO-2 policy ranks and 2 critic ranks, 16 iterations on a dense rule reward."""
+    """2 engines, 2 ZeRO-2 policy ranks and 2 critic ranks, 16 iterations on a dense rule reward.
+    The engines are colocated (``rollout.colocate``): engine r in policy rank r's bundle, taking
+    the weights from that rank alone through the colocated hand-over."""
     from rlhf_ray.stages.ppo import PPOTrainer
 
     cfg = _config(tmp_path_factory.mktemp("gae"), "ppo.iterations=16", "ppo.prompts_per_iteration=64", "rollout.num_engines=2",
                   "policy.num_ranks=2", "critic.num_ranks=2", "policy.zero_stage=2", "critic.zero_stage=2",
                   "policy.lr=3e-3", "critic.lr=3e-3", "ppo.epochs=2", "ppo.minibatches=2", "sync.parity_every=1",
-                  "ppo.kl_coef=0.01")
+                  "ppo.kl_coef=0.01", "rollout.colocate=true")
     trainer = PPOTrainer(cfg)
     history = trainer.fit()
     yield trainer, history
@@ -103,6 +105,22 @@ def test_stale_engine_weights_fail_the_parity_check(gae_run):
     trainer._train(stale, 1.0)
     with pytest.raises(WeightSyncParityError, match="rollout engine 0"):
         trainer.check_sync_parity(batch)
+
+
+def test_colocated_engines_take_their_weights_from_the_rank_beside_them(gae_run):
+    """Engine r lives in policy rank r's bundle (no placement group of its own) and every sync of
+    the run went from each rank to its own engine through the two-slot hand-over: the parity check
+    after each one passed (the run finished), and each rank sent all 16 syncs itself."""
+    import ray
+
+    trainer, history = gae_run
+    pool, policy = trainer.roles.rollout, trainer.roles.policy
+    assert pool.colocated and not pool.sleeps  # on CPU the engines stay resident
+    engines = sorted(pool.engines.values(), key=lambda e: e.bundle)
+    assert [e.bundle for e in engines] == [0, 1]
+    assert all(e.group.id == trainer.roles.placement_groups[0].id for e in engines)  # the policy's group
+    syncs = ray.get([rank.__ray_call__.remote(lambda self: self.ipc_sender.syncs) for rank in policy])
+    assert syncs == [len(history), len(history)] == [16, 16]
 
 
 def test_grpo_with_zero3_runs_and_keeps_parity(short_ppo_run):

@@ -26,8 +26,9 @@ def test_the_smoke_checks_pass_on_cpu_without_ray_or_vllm():
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     checks = {r["check"]: r for r in lines if "check" in r}
     assert set(checks) == {"learner_zero0", "learner_zero2", "learner_zero3", "scoring", "weight_sync",
-                           "rng_roundtrip"}
+                           "ipc_handover", "rng_roundtrip"}
     assert all(r["ok"] for r in checks.values()), checks
     assert checks["learner_zero3"]["held_at_build"] == 0 < checks["learner_zero0"]["held_at_build"]
     assert checks["weight_sync"]["mean_gap_stale"] > 10 * checks["weight_sync"]["tolerance_mean"]
-    assert lines[-1] == {"device": "cpu", "checks": 6, "failed": 0}
+    assert checks["ipc_handover"]["buckets"] > checks["ipc_handover"]["slots"]  # the slots were reused
+    assert lines[-1] == {"device": "cpu", "checks": 7, "failed": 0}

@@ -130,7 +130,8 @@ class WeightSyncSource:
     """The sending side's set-up verbs, which the driver's ``open_weight_sync`` calls; only rank 0
     sends. The host class provides ``rank``, ``platform`` and ``node_ip()``."""
 
-    weight_sender = None
+    weight_sender = None  # rank 0's WeightSender (broadcast, shared memory)
+    ipc_sender = None  # every rank's IpcSender, to the engine on its device (rollout.colocate)
 
     def device_uuid(self) -> str | None:
         return gpu_uuid()
@@ -152,12 +153,30 @@ class WeightSyncSource:
                                     shm_world_size=shm_world_size)
         return address
 
-    def _new_weight_sender(self) -> None:
+    def open_colocated_sync(self, master_port: int, slot_bytes: int, peer: str) -> str:
+        """Every rank (``rollout.colocate``): hosts the store on ``master_port`` and publishes two
+        slots of ``slot_bytes`` on its device for ``peer``, the engine that shares that device
+        (``rlhf_ray.sync.ipc``); returns the address it joins. ``wait_colocated_joined`` follows."""
+        from rlhf_ray.sync.group import device_for, open_store
+        from rlhf_ray.sync.ipc import IpcSender
+
+        self._new_weight_sender(colocated=True)
+        address = self.node_ip()
+        self.ipc_sender = IpcSender(open_store(address, master_port, True), slot_bytes,
+                                    device_for(self.platform.dist_backend), peer)
+        return address
+
+    def wait_colocated_joined(self) -> None:
+        self.ipc_sender.wait_joined()
+
+    def _new_weight_sender(self, colocated: bool = False) -> None:
         from rlhf_ray.sync.sender import WeightSender
 
-        if self.weight_sender is not None:
-            self.weight_sender.close()
-        self.weight_sender = WeightSender()
+        for previous in (self.weight_sender, self.ipc_sender):
+            if previous is not None:
+                previous.close()
+        self.weight_sender = None if colocated else WeightSender()
+        self.ipc_sender = None  # its slots go with it
 
 
 class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
@@ -246,7 +265,9 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
 
     def send_weights(self, manifest) -> None:
         tensors = self.strategy.full_named_parameters(self.engine)  # collective under ZeRO-3
-        if self.rank == 0:
+        if self.ipc_sender is not None:  # colocated: every rank hands the weights to its own engine
+            self.ipc_sender.send(tensors, manifest)
+        elif self.rank == 0:
             self.weight_sender.send(tensors, manifest)
         else:
             for _ in tensors:  # take part in the gathers, send nothing

@@ -16,7 +16,13 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ray.actors.learner import CriticLearnerActor, LearnerSpec, PolicyLearnerActor
-from rlhf_ray.actors.rollout_pool import RolloutPool, bundle, engine_options, rollout_bundle
+from rlhf_ray.actors.rollout_pool import (
+    COLOCATED_GPU_SHARE,
+    RolloutPool,
+    bundle,
+    engine_options,
+    rollout_bundle,
+)
 from rlhf_ray.actors.scorers import ReferenceActor, RewardActor
 from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.engines.http_reward import client_for
@@ -107,10 +113,12 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
     colocate = sc.colocate_with_learners
     n_scorers = sc.reference_replicas + 1  # the reference replicas, then the reward actor
     extra_cpu, extra_gpu = (n_scorers * sc.num_cpus, n_scorers * sc.num_gpus) if colocate else (0.0, 0.0)
-    policy_bundles = [bundle(pol.num_cpus + (extra_cpu if r == 0 else 0), pol.num_gpus + (extra_gpu if r == 0 else 0),
-                              pol.ray_resources)
+    # rollout.colocate: engine r rides in policy rank r's bundle, on its GPU (no groups of its own).
+    engine_cpu = ro.num_cpus if ro.colocate else 0.0
+    policy_bundles = [bundle(pol.num_cpus + engine_cpu + (extra_cpu if r == 0 else 0),
+                             pol.num_gpus + (extra_gpu if r == 0 else 0), pol.ray_resources)
                       for r in range(pol.num_ranks)]
-    rollout_groups = [placement_group([rollout_bundle(cfg)]) for _ in range(ro.num_engines)]
+    rollout_groups = [] if ro.colocate else [placement_group([rollout_bundle(cfg)]) for _ in range(ro.num_engines)]
     groups = {"policy": placement_group(policy_bundles, strategy="PACK")}
     if cfg.uses_critic:
         groups["critic"] = placement_group([bundle(cri.num_cpus, cri.num_gpus, cri.ray_resources)] * cri.num_ranks, strategy="PACK")
@@ -134,9 +142,10 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
              http=client_for(sc.http), http_weight=sc.http.weight, dtype=cfg.model.dtype,
              trust_remote_code=cfg.model.trust_remote_code, batch_tokenizer=policy_path)
 
-    rollout = RolloutPool(cfg, engine_options(cfg, policy_path), rollout_groups, pad_id, on_replace)
+    rollout = RolloutPool(cfg, engine_options(cfg, policy_path), rollout_groups, pad_id, on_replace,
+                          colocated_with=groups["policy"] if ro.colocate else None)
     policy = WorkerGroup.launch(PolicyLearnerActor, learner_spec(cfg, pol, policy_path), pol, groups["policy"],
-                                owns_group=False)
+                                owns_group=False, num_gpus=pol.num_gpus * (COLOCATED_GPU_SHARE if ro.colocate else 1))
     critic = WorkerGroup([])
     if cfg.uses_critic:
         critic = WorkerGroup.launch(CriticLearnerActor, learner_spec(cfg, cri, critic_path), cri, groups["critic"],

@@ -52,8 +52,17 @@ class RolloutActor:
             master_addr, master_port, world_size, rank_offset, backend, timeout, shm_path
         )
 
+    def join_colocated_sync(self, master_addr: str, master_port: int, peer: str) -> None:
+        self.engine.join_colocated_sync(master_addr, master_port, peer)
+
     def device_uuids(self) -> list[str | None]:
         return self.engine.device_uuids()
+
+    def sleep(self) -> None:
+        self.engine.sleep()
+
+    def wake_up(self, tags: list[str]) -> None:
+        self.engine.wake_up(tags)
 
     def receive_weights(self, manifest: dict) -> int:
         return self.engine.receive_weights(manifest)

@@ -28,6 +28,11 @@ from rlhf_ray.platform import detect
 from rlhf_ray.sync.group import SyncLayout, engines_on_sender_gpu, plan_sync
 from rlhf_ray.sync.parity import WeightSyncParityError, check_greedy_parity, check_parity, parity_tolerance
 
+# A colocated learner rank and engine (``rollout.colocate``) each ask Ray for this share of their
+# bundle's GPUs: Ray only counts, and both processes see the bundle's device. They share its memory
+# by taking turns (the engine sleeps while the learner trains), not by this number.
+COLOCATED_GPU_SHARE = 0.5
+
 
 def engine_options(cfg, model_path: str) -> dict:
     """What every engine of a run is built with, from the config: the one place."""
@@ -38,7 +43,7 @@ def engine_options(cfg, model_path: str) -> dict:
             "backend": cfg.backend, "trust_remote_code": cfg.model.trust_remote_code,
             # Log-probs of the distribution actually sampled (after temperature), comparable with
             # the learner's logits / temperature.
-            "logprobs_mode": "processed_logprobs"}
+            "logprobs_mode": "processed_logprobs", "sleep_mode": ro.colocate}
 
 
 def bundle(cpus: float, gpus: float, custom: dict[str, float]) -> dict:
@@ -52,16 +57,17 @@ def rollout_bundle(cfg) -> dict:
     return bundle(ro.num_cpus, ro.num_gpus * ro.tensor_parallel_size, ro.ray_resources)
 
 
-def group_node(pg: PlacementGroup) -> str | None:
-    """The node id (hex) Ray placed a ready one-bundle group on."""
-    return ray.util.placement_group_table(pg)["bundles_to_node_id"].get(0)
+def group_node(pg: PlacementGroup, bundle_index: int = 0) -> str | None:
+    """The node id (hex) Ray placed a ready group's bundle on."""
+    return ray.util.placement_group_table(pg)["bundles_to_node_id"].get(bundle_index)
 
 
 @dataclass
 class Engine:
     id: int
     actor: object  # RolloutActor handle
-    group: PlacementGroup  # its own one-bundle group (a replacement reuses it)
+    group: PlacementGroup  # its own one-bundle group, or colocated the policy's (a replacement reuses it)
+    bundle: int  # its bundle in ``group``: 0, or colocated its learner rank's
     node: str | None  # the Ray node id the group was placed on
 
 
@@ -108,17 +114,21 @@ def rollout_capacity(cfg) -> RolloutCapacity:
 
 class RolloutPool:
     def __init__(self, cfg, options: dict, groups: list[PlacementGroup], pad_id: int,
-                 on_replace=None) -> None:
+                 on_replace=None, colocated_with: PlacementGroup | None = None) -> None:
         """Engines in ``groups`` (placed, one bundle each), built with ``options``
-        (:func:`engine_options`). ``on_replace(n)`` is asked before n engines are replaced and
-        raises to refuse (the run's fault limit; by default ``faults.max_engine_replacements``
-        counted by the pool itself)."""
+        (:func:`engine_options`); or with ``colocated_with`` (``rollout.colocate``), engine i in
+        bundle i of that group, the policy learners' (which the pool does not own).
+        ``on_replace(n)`` is asked before n engines are replaced and raises to refuse (the run's
+        fault limit; by default ``faults.max_engine_replacements`` counted by the pool itself)."""
         self.cfg, self.options, self.pad_id = cfg, options, pad_id
         self.on_replace = on_replace or FaultCounter(0, cfg.faults.max_engine_replacements).take_replacements
         self.engines: dict[int, Engine] = {}
         self._ids = itertools.count()
-        for pg in groups:
-            self._start(pg)
+        self.colocated = colocated_with is not None
+        for pg, index in ([(colocated_with, i) for i in range(cfg.rollout.num_engines)] if self.colocated
+                          else [(pg, 0) for pg in groups]):
+            self._start(pg, index)
+        self.asleep: set[int] = set()  # colocated on CUDA: engines released between generate phase and sync
         self.policy: WorkerGroup | None = None  # the weight source, once connected
         self.manifest: dict = {}
         self.layout: SyncLayout | None = None
@@ -153,14 +163,17 @@ class RolloutPool:
         """The actor of the ``position``-th live engine (in id order)."""
         return list(self.engines.values())[position].actor
 
-    def _start(self, pg: PlacementGroup, engine_id: int | None = None) -> Engine:
+    def _start(self, pg: PlacementGroup, bundle_index: int = 0, engine_id: int | None = None) -> Engine:
         engine_id = next(self._ids) if engine_id is None else engine_id
         ro = self.cfg.rollout
+        num_gpus = (self.cfg.policy.num_gpus * COLOCATED_GPU_SHARE if self.colocated
+                    else ro.num_gpus * ro.tensor_parallel_size)
         actor = ray.remote(RolloutActor).options(
-            num_cpus=ro.num_cpus, num_gpus=ro.num_gpus * ro.tensor_parallel_size,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=0),
+            num_cpus=ro.num_cpus, num_gpus=num_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=pg,
+                                                                 placement_group_bundle_index=bundle_index),
         ).remote(**self.options, seed=self.cfg.seed + engine_id)
-        self.engines[engine_id] = Engine(engine_id, actor, pg, group_node(pg))
+        self.engines[engine_id] = Engine(engine_id, actor, pg, bundle_index, group_node(pg, bundle_index))
         return self.engines[engine_id]
 
     def add(self, count: int, timeout_s: float = 60.0) -> list[int]:
@@ -196,7 +209,7 @@ class RolloutPool:
         group, gets the current weights, and the new ones must pass the parity check."""
         self.on_replace(len(ids))
         for i in ids:
-            self._start(self.engines[i].group, i)
+            self._start(self.engines[i].group, self.engines[i].bundle, i)
         self.admit(ids, iteration)
         print(f"rollout: replaced engine(s) {ids}; weights synced and parity checked")
 
@@ -253,7 +266,8 @@ class RolloutPool:
     def shutdown(self) -> None:
         for engine in self.engines.values():
             ray.kill(engine.actor)
-            remove_placement_group(engine.group)
+            if not self.colocated:  # the policy's group is the placement's to remove
+                remove_placement_group(engine.group)
         self.engines.clear()
 
     def __enter__(self) -> Self:
@@ -322,14 +336,39 @@ class RolloutPool:
         GPUs are: the driver may sit on a GPU-free head node, where it would pick gloo)."""
         platform = detect(ray.get(policy[0].platform_name.remote()))
         self.policy, self.bucket_bytes, self.transport, self.platform = policy, bucket_bytes, transport, platform
+        if self.colocated and not self.sleeps:
+            print(f"rollout.colocate on {platform.name} with the {self.cfg.rollout.engine} engine: engines cannot "
+                  "sleep here, so engines and learners both stay resident; the weights still go from each "
+                  "learner rank to the engine beside it through shared memory, as CUDA IPC does on GPUs")
         self._connect()
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether the engines release their memory while the learners train: colocated vLLM on
+        CUDA (vLLM's sleep mode exists there only)."""
+        return self.colocated and not self.platform.is_cpu and self.cfg.rollout.engine == "vllm"
 
     def _connect(self) -> None:
         sender, engines = self.policy[0], list(self)
         self.manifest = ray.get(sender.weight_manifest.remote(self.bucket_bytes, self.cfg.model.dtype))
+        if self.colocated:
+            by_rank = sorted(self.engines.values(), key=lambda e: e.bundle)
+            open_colocated_sync(list(self.policy), [(e.id, e.actor) for e in by_rank], self.manifest)
+            return
         self.layout = weight_sync_layout(sender, engines, self.transport, self.cfg.rollout.tensor_parallel_size,
                                          self.platform)
         open_weight_sync(sender, engines, self.manifest, self.layout, self.platform.dist_backend)
+
+    def sleep(self) -> None:
+        """After the generate phase, colocated on CUDA: the engines release their GPU memory for
+        the learners (``sync`` wakes them). Elsewhere nothing happens."""
+        if self.sleeps:
+            get_all([e.actor.sleep.remote() for e in self.engines.values()])
+            self.asleep = set(self.engines)
+
+    def _wake(self, tags: list[str]) -> None:
+        """Engines still asleep (not a replacement, which starts awake) take back ``tags``' memory."""
+        get_all([self.engines[i].actor.wake_up.remote(tags) for i in self.asleep])
 
     def broadcast(self) -> None:
         """The learner's weights into every engine. Senders (every rank joins the ZeRO-3 gather)
@@ -343,6 +382,10 @@ class RolloutPool:
         is replaced first, which syncs every engine itself. One that dies during the broadcast
         leaves the learner inside a collective: that is a restart."""
         dead = self.dead()
+        # Colocated engines asleep: the weights' memory back first (the KV cache stays released
+        # while the buckets arrive), then the cache. A replacement (same id) starts awake.
+        self.asleep -= set(dead)
+        self._wake(["weights"])
         if dead:
             print(f"rollout engine(s) {dead} died before the sync of iteration {iteration}")
             self.lost(dead, iteration)
@@ -350,6 +393,8 @@ class RolloutPool:
                 self.broadcast()
         else:
             self.broadcast()
+        self._wake(["kv_cache"])
+        self.asleep.clear()
 
     def admit(self, new: list[int], iteration: int) -> None:
         """Started engines join a fresh sync group with all others (its membership changed), get
@@ -470,6 +515,18 @@ def open_weight_sync(sender, engines: list, manifest: dict, layout: SyncLayout, 
         refs.append(engine.join_weight_sync.remote(address, port, group["world_size"], group["rank_offset"],
                                                    backend, shm_path=shm_path if group["shm"] else None))
     ray.get(refs)
+
+
+def open_colocated_sync(ranks: list, engines: list[tuple[int, object]], manifest: dict) -> None:
+    """Learner rank r and engine r share a device (``rollout.colocate``): each pair opens its own
+    hand-over (``rlhf_ray.sync.ipc``), rank r hosting it on its node."""
+    slot_bytes = max((b["nbytes"] for b in manifest["buckets"]), default=0)
+    ports = ray.get([rank.free_port.remote() for rank in ranks])
+    addresses = ray.get([rank.open_colocated_sync.remote(port, slot_bytes, f"rollout engine {engine_id}")
+                         for rank, port, (engine_id, _) in zip(ranks, ports, engines)])
+    get_all([engine.join_colocated_sync.remote(address, port, f"policy rank {r}")
+             for r, (address, port, (_, engine)) in enumerate(zip(addresses, ports, engines))]
+            + [rank.wait_colocated_joined.remote() for rank in ranks])
 
 
 def _node_id(_actor) -> str:

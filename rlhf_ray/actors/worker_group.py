@@ -70,12 +70,14 @@ class WorkerGroup:
         self.placement_group = placement_group
 
     @classmethod
-    def launch(cls, actor_cls, spec, section, placement_group: PlacementGroup, owns_group: bool = True) -> WorkerGroup:
-        """``section.num_ranks`` learner ranks of ``actor_cls`` in ``placement_group``, one bundle each."""
+    def launch(cls, actor_cls, spec, section, placement_group: PlacementGroup, owns_group: bool = True,
+               num_gpus: float | None = None) -> WorkerGroup:
+        """``section.num_ranks`` learner ranks of ``actor_cls`` in ``placement_group``, one bundle
+        each, asking ``num_gpus`` each (default ``section.num_gpus``; less when sharing the bundle)."""
         from rlhf_ray.actors.placement import launch_learner_group
 
-        actors = launch_learner_group(actor_cls, spec, section.num_ranks, section.num_cpus, section.num_gpus,
-                                      placement_group)
+        actors = launch_learner_group(actor_cls, spec, section.num_ranks, section.num_cpus,
+                                      section.num_gpus if num_gpus is None else num_gpus, placement_group)
         return cls(actors, placement_group if owns_group else None)
 
     def __len__(self) -> int:

@@ -61,19 +61,22 @@ def role_asks(cfg) -> list[RoleAsk]:
     ro, pol, cri, sc = cfg.rollout, cfg.policy, cfg.critic, cfg.scorers
     colocate = sc.colocate_with_learners
     n_scorers = sc.reference_replicas + 1
-    asks = [
+    asks = [] if ro.colocate else [
         RoleAsk("rollout", "rollout.num_engines", ro.num_engines, ro.num_cpus,
                 ro.num_gpus * ro.tensor_parallel_size,
                 detail=f"{ro.num_engines} engines x tensor_parallel_size {ro.tensor_parallel_size} "
                        f"x num_gpus {_n(ro.num_gpus)}",
                 bundle_detail=f"one engine = tensor_parallel_size {ro.tensor_parallel_size} "
-                              f"x num_gpus {_n(ro.num_gpus)}"),
-        RoleAsk("policy", "policy.num_ranks", pol.num_ranks, pol.num_cpus, pol.num_gpus,
+                              f"x num_gpus {_n(ro.num_gpus)}")]
+    # rollout.colocate: each policy bundle also holds its engine (its CPUs; the GPU is shared).
+    asks.append(
+        RoleAsk("policy", "policy.num_ranks", pol.num_ranks, pol.num_cpus + (ro.num_cpus if ro.colocate else 0.0),
+                pol.num_gpus,
                 first_extra_cpus=n_scorers * sc.num_cpus if colocate else 0.0,
                 first_extra_gpus=n_scorers * sc.num_gpus if colocate else 0.0,
                 detail=f"{pol.num_ranks} ranks x num_gpus {_n(pol.num_gpus)}"
-                       + (f" + {n_scorers} colocated scorers x {_n(sc.num_gpus)} on rank 0" if colocate else "")),
-    ]
+                       + (" (each shared with a colocated rollout engine)" if ro.colocate else "")
+                       + (f" + {n_scorers} colocated scorers x {_n(sc.num_gpus)} on rank 0" if colocate else "")))
     if cfg.uses_critic:
         asks.append(RoleAsk("critic", "critic.num_ranks", cri.num_ranks, cri.num_cpus, cri.num_gpus,
                             detail=f"{cri.num_ranks} ranks x num_gpus {_n(cri.num_gpus)}"))
@@ -150,6 +153,7 @@ def model_problems(cfg, model_config: dict[str, Any] | None) -> list[Problem]:
                          (f"{tp} neither divides nor is a multiple of the policy's "
                          f"num_key_value_heads={kv}")))
     problems += learner_memory_problems(cfg, model_config)
+    problems += colocated_memory_problems(cfg, model_config)
     context = model_context_length(model_config)
     if context is not None and cfg.rollout.max_model_len > context:
         problems.append(("rollout.max_model_len",
@@ -234,7 +238,9 @@ def learner_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem]:
         if lc.num_gpus <= 0:
             continue
         need = learner_memory(lc, model_config, tokens, lm_head)
-        if need is None or need.total <= GPU_MEMORY_USABLE * gpu_gb * 1e9:
+        # A colocated engine's sleeping residue shares the policy's GPU during the training step.
+        beside = SLEEPING_ENGINE_BYTES if name == "policy" and cfg.rollout.colocate else 0.0
+        if need is None or need.total + beside <= GPU_MEMORY_USABLE * gpu_gb * 1e9:
             continue
         parts = ", ".join(f"{k} {getattr(need, k) / 1e9:.1f}" for k in ("weights", "grads", "optimizer",
                                                                          "activations", "logits"))
@@ -244,11 +250,45 @@ def learner_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem]:
                  f"more {name}.num_ranks" if lc.zero_stage >= 2 else ""]
         key = f"{name}.gradient_checkpointing" if not lc.gradient_checkpointing else f"{name}.micro_batch_size"
         message = (f"one {name} rank needs ~{need.total / 1e9:.0f} GB for a training step ({parts} GB, "
-                   f"micro_batch_size {lc.micro_batch_size} x {tokens} tokens) but a GPU of "
+                   f"micro_batch_size {lc.micro_batch_size} x {tokens} tokens"
+                   + (f"; + {beside / 1e9:.0f} GB of the sleeping colocated engine" if beside else "")
+                   + ") but a GPU of "
                    f"cluster.gpu_memory_gb={gpu_gb:g} leaves ~{GPU_MEMORY_USABLE * gpu_gb:.0f} GB; "
                    f"try {', '.join(f for f in fixes if f)}")
         problems.append((key, message))
     return problems
+
+
+# What a sleeping colocated vLLM engine keeps on its GPU while the learner trains (CUDA context,
+# CUDA-graph pools, allocator slack; its weights are in host memory and its KV cache released): the
+# 1-2 GB verl and OpenRLHF users report for vLLM's sleep level 1, taken at its upper end.
+SLEEPING_ENGINE_BYTES = 2e9
+
+
+def colocated_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem]:
+    """``rollout.colocate`` on GPUs: while the engine generates, the learner rank beside it still
+    holds its model states (weights, gradients, optimizer: only activations are freed), and vLLM
+    takes ``rollout.gpu_memory_utilization`` of the whole GPU besides. (The training phase is
+    checked by ``learner_memory_problems``, with the sleeping engine's residue added.)"""
+    gpu_gb, ro, pol = cfg.cluster.gpu_memory_gb, cfg.rollout, cfg.policy
+    if gpu_gb <= 0 or not ro.colocate or pol.num_gpus <= 0:
+        return []
+    need = learner_memory(pol, model_config, cfg.data.max_prompt_tokens + ro.max_new_tokens, True)
+    if need is None:
+        return []
+    resident = need.weights + need.grads + need.optimizer
+    engine = ro.gpu_memory_utilization * gpu_gb * 1e9
+    if resident + engine <= GPU_MEMORY_USABLE * gpu_gb * 1e9:
+        return []
+    room = max(0.0, GPU_MEMORY_USABLE * gpu_gb * 1e9 - resident) / (gpu_gb * 1e9)
+    return [("rollout.gpu_memory_utilization",
+             f"{ro.gpu_memory_utilization:g} of a {gpu_gb:g} GB GPU ({engine / 1e9:.0f} GB) for the colocated engine, "
+             f"beside the {resident / 1e9:.0f} GB the policy rank keeps while it generates (weights "
+             f"{need.weights / 1e9:.1f}, grads {need.grads / 1e9:.1f}, optimizer {need.optimizer / 1e9:.1f} GB), "
+             f"exceeds the ~{GPU_MEMORY_USABLE * gpu_gb:.0f} GB usable: "
+             + (f"set it to at most {room:.2f}" if room >= 0.05 else "no share is left")
+             + (", or policy.offload_optimizer=true" if not pol.offload_optimizer and pol.zero_stage >= 1 else "")
+             + (", or more policy.num_ranks" if pol.zero_stage >= 1 else ""))]
 
 
 # The config fields vLLM reads a model's context length from; the smallest present one wins.

@@ -182,6 +182,10 @@ class RolloutConfig:
     elastic: bool = False
     min_engines: int = 1  # elastic only: never retire a draining node's engine below this
     max_engines: int = 8  # elastic only: never start engines beyond this
+    # Colocated hybrid engine: engine r shares policy rank r's bundle and GPU (num_engines =
+    # policy.num_ranks, one worker each; rollout.num_gpus unused). On CUDA the engine sleeps while the
+    # learners train and takes the weights through CUDA IPC; on CPU both stay resident (shared memory).
+    colocate: bool = False
 
     def problems(self) -> list[Problem]:
         p = _Problems()
@@ -664,7 +668,7 @@ class RunConfig:
         p.need(bool(self.run_dir.strip()), "run_dir", "must name a folder (empty would write into the current one)")
         p.need(r.engine == "vllm" or (self.backend != "cuda" and r.tensor_parallel_size == 1), "rollout.engine",
                "hf runs on CPU with one worker per engine: use vllm with backend=cuda or tensor_parallel_size > 1")
-        p.need(self.backend != "cuda" or r.engine != "vllm" or r.num_gpus > 0, "rollout.num_gpus",
+        p.need(self.backend != "cuda" or r.engine != "vllm" or r.num_gpus > 0 or r.colocate, "rollout.num_gpus",
                "backend=cuda runs vLLM on GPUs: give each engine worker one (0 leaves the engine without any)")
         # The engine's actor holds all tensor_parallel_size GPUs and vLLM's multiprocessing executor
         # puts one worker on each (platform.vllm_engine_kwargs): a worker cannot share a GPU.
@@ -675,6 +679,16 @@ class RunConfig:
                f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
                f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
                f"{data.max_prompt_tokens + r.max_new_tokens}")
+        if r.colocate:
+            p.need(r.num_engines == self.policy.num_ranks, "rollout.num_engines",
+                   f"{r.num_engines} colocated engines need as many policy ranks to share GPUs with: "
+                   f"set it to policy.num_ranks={self.policy.num_ranks}")
+            p.need(r.tensor_parallel_size == 1, "rollout.tensor_parallel_size",
+                   "a colocated engine runs one worker on its learner rank's GPU: set it to 1 (or rollout.colocate=false)")
+            p.need(not r.elastic, "rollout.elastic", "colocated engines live in the learners' bundles: they cannot "
+                                                     "follow the cluster (set rollout.colocate=false)")
+            p.need(not ppo.overlap, "ppo.overlap",
+                   "colocated engines and learners take turns on one GPU: nothing to overlap (set rollout.colocate=false)")
         if self.agent.enabled:
             ag = self.agent
             p.need(r.max_model_len >= data.max_prompt_tokens + ag.max_tokens, "agent.max_tokens",

@@ -100,6 +100,10 @@ class HFEngine:
         return [self.receiver.join_weight_sync(master_addr, master_port, world_size, rank_offset, backend, timeout,
                                                shm_path)]
 
+    def join_colocated_sync(self, master_addr: str, master_port: int, peer: str, timeout: float = 300.0) -> None:
+        """As ``VLLMEngine.join_colocated_sync``."""
+        self.receiver.join_colocated_sync(master_addr, master_port, peer, timeout)
+
     def device_uuids(self) -> list[str | None]:
         return [None]  # a CPU engine
 

@@ -5,7 +5,8 @@
 checks what runs first on a GPU: DeepSpeed learner steps at ZeRO 0, 2 and 3 (bf16 on CUDA; ZeRO-3
 loading each rank's shard only), with batches moved to the device and host tensors returned; the
 reference, critic and reward scoring passes; the receiving side of the weight sync taking new
-weights through the manifest and buckets into a model on the device; and the learner-vs-rollout
+weights through the manifest and buckets into a model on the device; the colocated hand-over (CUDA
+IPC slots) between two processes on one device; and the learner-vs-rollout
 log-prob gap against the tolerance of the run's dtype; and the RNG states a checkpoint keeps. One JSON line per check (step time,
 tokens/s, sync GB/s, the gap); exit status 1 when any check fails.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf_ray.engines.ipc_check import ipc_handover
 from rlhf_ray.ports import free_port
 
 TEXTS = [("12+7=", "19"), ("3+4=", "7"), ("100+250=", "350"), ("8+8=", "16")] * 4
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = [(f"learner_zero{z}", lambda z=z: learner_steps(model_dir, z, args.device, args.steps)) for z in (0, 2, 3)]
     checks += [("scoring", lambda: scoring_passes(model_dir, args.device, dtype)),
                ("weight_sync", lambda: weight_sync(model_dir, args.device, dtype)),
+               ("ipc_handover", lambda: ipc_handover(model_dir, args.device, dtype)),
                ("rng_roundtrip", lambda: rng_roundtrip(args.device))]
     failed = 0
     for name, check in checks:

@@ -27,14 +27,18 @@ class VLLMEngine:
         backend: str = "auto",
         trust_remote_code: bool = False,
         logprobs_mode: str = "raw_logprobs",
+        sleep_mode: bool = False,
         **llm_kwargs,
     ) -> None:
-        """``backend`` is the config's auto/cpu/cuda; ``llm_kwargs`` pass through to ``vllm.LLM``."""
+        """``backend`` is the config's auto/cpu/cuda; ``llm_kwargs`` pass through to ``vllm.LLM``.
+        ``sleep_mode`` (``rollout.colocate``): the engine can release its GPU memory between
+        generate phases; vLLM supports it on CUDA only, so elsewhere the engine stays resident."""
         platform = detect(backend)
         platform.apply_env()
         from vllm import LLM
 
         self.tensor_parallel_size = tensor_parallel_size
+        self.sleep_mode = sleep_mode and not platform.is_cpu
         self.llm = LLM(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
@@ -45,6 +49,7 @@ class VLLMEngine:
             trust_remote_code=trust_remote_code,
             logprobs_mode=logprobs_mode,
             worker_extension_cls=WORKER_EXTENSION,
+            **({"enable_sleep_mode": True} if self.sleep_mode else {}),
             **platform.vllm_engine_kwargs(gpu_memory_utilization, tensor_parallel_size),
             **llm_kwargs,
         )
@@ -111,9 +116,25 @@ class VLLMEngine:
             "join_weight_sync", args=(master_addr, master_port, world_size, rank_offset, backend, timeout, shm_path)
         )
 
+    def join_colocated_sync(self, master_addr: str, master_port: int, peer: str, timeout: float = 300.0) -> None:
+        """The one worker (``rollout.colocate`` runs tensor_parallel_size 1) maps the slots of
+        ``peer``, the learner rank on its device, and takes later syncs from them."""
+        self.llm.collective_rpc("join_colocated_sync", args=(master_addr, master_port, peer, timeout))
+
     def device_uuids(self) -> list[str | None]:
         """Each worker's GPU UUID (None on CPU)."""
         return self.llm.collective_rpc("device_uuid")
+
+    def sleep(self) -> None:
+        """Releases the GPU memory while the learners train: the KV cache is dropped and the weights
+        are moved to host memory (vLLM's sleep level 1; level 2 would drop them, and the in-place
+        reload of the next sync needs the loaded model's structure intact)."""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, tags: list[str]) -> None:
+        """``["weights"]`` before a sync (the KV cache stays released while the buckets arrive),
+        then ``["kv_cache"]`` before generating."""
+        self.llm.wake_up(tags=tags)
 
     def receive_weights(self, manifest: dict) -> int:
         """Receives one broadcast sync (concurrently with the learner's send); returns its bytes."""

@@ -106,6 +106,7 @@ class PPOTrainer(Recovery):
                                                         self.prompts.next_batch, self._generate)
                 (prompts, generations, rewards), sampling = groups.batch(), groups.metrics()
             batch, rollout_logprobs, truncated, prompt_texts, response_texts = self._texts(prompts, generations)
+            roles.rollout.sleep()  # rollout.colocate on GPUs: the learners get the memory until the sync
 
         with timer("score"):  # every scorer at once
             # ppo.old_logprobs=rollout: the engines' sampling log-probs stand in for the policy's.

@@ -103,7 +103,7 @@ class WeightSender:
                 if in_flight[i % 2] is not None:
                     in_flight[i % 2].wait()  # the buffer is free once its last broadcast finished
                 buffer = self._buffers[i % 2][: bucket["nbytes"]]
-            _pack(buffer, bucket, tensors)
+            pack_bucket(buffer, bucket, tensors)
             if self.group is not None:
                 work = self.group.broadcast(buffer)
                 works.append(work)
@@ -134,7 +134,9 @@ class WeightSender:
             b.zero_()  # touch every page now rather than during the first sync
 
 
-def _pack(buffer: torch.Tensor, bucket: dict, tensors) -> None:
+def pack_bucket(buffer: torch.Tensor, bucket: dict, tensors) -> None:
+    """Copies the next tensors of ``tensors`` (an iterator of ``(name, tensor)``) into ``buffer``
+    as ``bucket`` lays them out, cast to the manifest's dtype."""
     for entry in bucket["tensors"]:
         name, tensor = next(tensors)
         if name != entry["name"]:

@@ -12,7 +12,8 @@ import torch
 
 from rlhf_ray.sync import manifest as mf
 from rlhf_ray.sync import shm
-from rlhf_ray.sync.group import SyncGroup, open_group
+from rlhf_ray.sync.group import SyncGroup, open_group, open_store
+from rlhf_ray.sync.ipc import IpcReceiver
 
 
 class WeightSyncWorkerExtension:
@@ -24,6 +25,7 @@ class WeightSyncWorkerExtension:
     _rlhf_buffer_sizes: list[int] | None = None
     _rlhf_scratch: torch.Tensor | None = None  # receive_weights(load=False) copies here
     _rlhf_aliases: tuple[torch.nn.Module, ...] = ()  # layers holding another's parameter (tied LM heads)
+    _rlhf_ipc = None  # IpcReceiver: the slots of the learner rank on this device (rollout.colocate)
 
     def join_weight_sync(
         self,
@@ -40,11 +42,7 @@ class WeightSyncWorkerExtension:
         segment first and joins the shared-memory control group instead. Joining again replaces
         the previous group."""
         rank = rank_offset + self.rank
-        # Found once: a reload puts the same parameters back, so what is tied stays tied.
-        model = _vllm_model(self)
-        self._rlhf_aliases = tuple(weight_aliases(model)) if model is not None else ()
-        quiet_known_reload_warnings(self._rlhf_aliases)
-        self._rlhf_group = self._rlhf_segment = None
+        _forget_sync(self)
         if shm_path:
             # Mapped before joining: the learner removes the name once everyone has joined.
             self._rlhf_segment = shm.map_segment(shm_path)
@@ -52,6 +50,12 @@ class WeightSyncWorkerExtension:
         else:
             self._rlhf_group = open_group(master_addr, master_port, rank, world_size, backend, timeout)
         return rank
+
+    def join_colocated_sync(self, master_addr: str, master_port: int, peer: str, timeout: float = 300.0) -> None:
+        """Maps the slots of the learner rank that shares this worker's device (``rollout.colocate``,
+        ``rlhf_ray.sync.ipc``); later syncs take the weights from them. Replaces any group."""
+        _forget_sync(self)
+        self._rlhf_ipc = IpcReceiver(open_store(master_addr, master_port, False, timeout), peer, timeout)
 
     def device_uuid(self) -> str | None:
         """This worker's GPU (its UUID, what NCCL tells devices apart by); None on CPU."""
@@ -64,6 +68,11 @@ class WeightSyncWorkerExtension:
         """Receives every bucket of ``manifest`` and loads it in place; returns the bytes received.
         ``load=False`` copies the buckets into a scratch buffer instead of into vLLM's model: the
         hand-over alone, without vLLM's reload (benchmarks/bench_weight_sync.py)."""
+        if self._rlhf_ipc is not None:
+            device = self._rlhf_ipc.slots[0].device
+            out = _host_buffers(self, manifest) if device.type == "cpu" else None
+            _load_buckets(self, manifest, self._rlhf_ipc.buckets(manifest, out), load, device)
+            return manifest["total_bytes"]
         group = self._rlhf_group
         if group is None:
             raise RuntimeError("join_weight_sync must be called before receive_weights")
@@ -95,16 +104,7 @@ class WeightSyncWorkerExtension:
                 buffers[i] = None  # vLLM's views keep it alive only as long as they need it
 
         try:
-            if load:
-                # reload_weights, not model.load_weights: it restores the loaders that the first
-                # load consumed (calling load_weights again fails on CPU) and copies into the live
-                # storage.
-                self.reload_weights(weights_iterator=(w for i, buf in arrived() for w in mf.unpack(buf, buckets[i])))
-                reprocess_weight_aliases(self._rlhf_aliases)
-            else:
-                scratch = _scratch_buffer(self, shm.segment_bytes(manifest), group.device)
-                for i, buf in arrived():
-                    scratch[offsets[i] : offsets[i] + buf.numel()].copy_(buf)
+            _load_buckets(self, manifest, arrived(), load, group.device)
         finally:
             # Every rank must take part in every broadcast, or the sender and the other engines
             # hang: finish the remaining ones even when loading failed.
@@ -113,6 +113,31 @@ class WeightSyncWorkerExtension:
             for work in works:
                 work.wait()
         return manifest["total_bytes"]
+
+
+def _forget_sync(worker) -> None:
+    """Drops the previous sync source before joining a new one, and finds the tied layers once: a
+    reload puts the same parameters back, so what is tied stays tied."""
+    model = _vllm_model(worker)
+    worker._rlhf_aliases = tuple(weight_aliases(model)) if model is not None else ()
+    quiet_known_reload_warnings(worker._rlhf_aliases)
+    worker._rlhf_group = worker._rlhf_segment = worker._rlhf_ipc = None
+
+
+def _load_buckets(worker, manifest: dict, arrived, load: bool, device: torch.device) -> None:
+    """Loads the ``(i, bucket i)`` pairs of ``arrived`` into the worker's model as they come, or
+    with ``load=False`` copies them into a scratch buffer."""
+    buckets = manifest["buckets"]
+    if load:
+        # reload_weights, not model.load_weights: it restores the loaders that the first load
+        # consumed (calling load_weights again fails on CPU) and copies into the live storage.
+        worker.reload_weights(weights_iterator=(w for i, buf in arrived for w in mf.unpack(buf, buckets[i])))
+        reprocess_weight_aliases(worker._rlhf_aliases)
+    else:
+        offsets = shm.bucket_offsets(manifest)
+        scratch = _scratch_buffer(worker, shm.segment_bytes(manifest), device)
+        for i, buf in arrived:
+            scratch[offsets[i] : offsets[i] + buf.numel()].copy_(buf)
 
 
 def _vllm_model(worker) -> torch.nn.Module | None:
@@ -167,19 +192,22 @@ def _scratch_buffer(worker, nbytes: int, device: torch.device) -> torch.Tensor:
 
 def _receive_buffer(worker, manifest: dict, index: int, device: torch.device) -> torch.Tensor:
     """A module function, not a method: every extension method becomes an rpc verb."""
-    nbytes = manifest["buckets"][index]["nbytes"]
     if device.type != "cpu":
         # The CUDA caching allocator recycles device memory cheaply, and keeping every bucket
         # would hold a second full copy of the weights on the GPU.
-        return torch.empty(nbytes, dtype=torch.uint8, device=device)
-    # On CPU a fresh large allocation pays a page fault per 4 KiB on first touch; keep one
-    # buffer per bucket across syncs instead. Per bucket, not one reused buffer, because vLLM
-    # holds views of a layer's tensors until the whole layer (e.g. q, k and v) has arrived.
+        return torch.empty(manifest["buckets"][index]["nbytes"], dtype=torch.uint8, device=device)
+    return _host_buffers(worker, manifest)[index]
+
+
+def _host_buffers(worker, manifest: dict) -> list[torch.Tensor]:
+    """One host buffer per bucket, kept across syncs: on CPU a fresh large allocation pays a page
+    fault per 4 KiB on first touch. Per bucket, not one reused buffer, because vLLM holds views of
+    a layer's tensors until the whole layer (e.g. q, k and v) has arrived."""
     sizes = [b["nbytes"] for b in manifest["buckets"]]
     if worker._rlhf_buffer_sizes != sizes:
         worker._rlhf_buffers = [torch.zeros(n, dtype=torch.uint8) for n in sizes]
         worker._rlhf_buffer_sizes = sizes
-    return worker._rlhf_buffers[index]
+    return worker._rlhf_buffers
 
 
 # vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer that received no
