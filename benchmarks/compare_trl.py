@@ -1,14 +1,23 @@
 """The same critic-free GRPO job through rlhf_ray and through TRL's GRPOTrainer, side by side.
 
     pip install -e '.[bench]'            # trl==1.16.0; this script installs nothing itself
-    python benchmarks/compare_trl.py [--hidden 512 --layers 6] [--prompts 8 --group 8]
-                                     [--max-new-tokens 16] [--updates 5] [--profile]
+    python benchmarks/compare_trl.py [--shapes short,long] [--hidden 512 --layers 6] [--prompts 8 --group 8]
+                                     [--min-new-tokens 0 --max-new-tokens 16] [--updates 5] [--profile]
 
 Both sides get the same locally built Llama (rlhf_ray's tiny builder, head size 32, MLP 4 x hidden; default
 512 wide x 6 layers, about 25M parameters), the same arithmetic-task prompts, group size,
 max new tokens, learning rate, KL coefficient (TRL's ``beta``), number of optimiser updates
 (one per iteration: one generation batch, one epoch, one minibatch) and the same rule reward
 (``rlhf_ray.tasks.rewards:digit_fraction``, wrapped for TRL's ``reward_funcs`` signature).
+
+The job runs once per shape of ``--shapes``, all in one invocation (``SHAPES``): ``short`` (8 prompts
+x 8, at most 16 new tokens, 5 updates) and ``long`` (2 prompts x 8, at least 128 and at most 512
+new tokens, 3 updates: the regime of real RLHF, where generation dominates). The length floor is
+given to both sides alike (rlhf_ray's ``rollout.min_new_tokens``, vLLM's ``min_tokens``; TRL's
+``generation_kwargs``: ``min_new_tokens`` for HF ``generate``, ``min_tokens`` for vLLM): a
+random-weight model samples its end token about once in its vocabulary's size, so without a floor
+its responses stay short; past the floor, lengths are the model's own. ``--prompts``, ``--group``,
+``--min-new-tokens``, ``--max-new-tokens`` and ``--updates`` override a field in every shape.
 
 Each side runs in its own child process, one after the other, so their memory is measured apart:
 the parent samples the resident memory of the child's whole process tree every 0.5 s (for
@@ -60,34 +69,48 @@ REWARD = "rlhf_ray.tasks.rewards:digit_fraction"
 SPEED_SETTINGS = ("ppo.old_logprobs=rollout", "scorers.reference_replicas=2", "rollout.num_cpus=2",
                   "policy.zero_stage=0")
 PHASES = ("generate", "score", "train", "sync")
+# The job's shapes (sequences per iteration, response lengths, measured updates). Long: fewer
+# prompts so it completes in a few minutes on 2 cores.
+SHAPES = {
+    "short": {"prompts": 8, "group": 8, "min_new_tokens": 0, "max_new_tokens": 16, "updates": 5},
+    "long": {"prompts": 2, "group": 8, "min_new_tokens": 128, "max_new_tokens": 512, "updates": 3},
+}
+PROMPT_TOKENS = 32  # data.max_prompt_tokens: the arithmetic prompts are far shorter
 
 
 def main() -> None:
     args = parse_args()
-    if args.side:  # this process is a child running one side
-        child_main(args)
+    if args.side:  # this process is a child running one side of one shape
+        child_main(shape_args(args, args.shape))
         return
     if bench.replot_requested(args, chart):
         return
     exit_unless_runnable(args)
     facts = bench.announce("compare_trl")
     workdir = tempfile.mkdtemp(prefix="compare_trl_")
-    args.model_dir, params = build_model(args, workdir)
-    job = describe_job(args, params)
-    print(job, flush=True)
-    results = run_sides(args, workdir)
+    names = args.shapes.split(",")
+    args.model_dir, params = build_model(args, workdir, max(model_len(shape_args(args, n)) for n in names))
+    shapes = {name: shape_args(args, name) for name in names}
+    jobs = {name: describe_job(a, params) for name, a in shapes.items()}
+    results = {}
+    for name, shape in shapes.items():
+        print(f"== shape {name}: {jobs[name]}", flush=True)
+        results[name] = run_sides(shape, workdir)
 
-    print()
-    print(job)
-    sums = {side: summarise(res) for side, res in results.items() if res.get("ok")}
-    table = print_summary(sums)
-    print_failures(results)
-    phase_table = print_phases(results["rlhf_ray"]) if results.get("rlhf_ray", {}).get("ok") else ""
-    print_memory_by_process(results)
-    if args.profile:
-        print_profiles(results, args.profile_rate)
-    payload = {"machine": facts, "args": vars(args), "job": job, "table": table, "phase_table": phase_table,
-               "summary": sums, "runs": results}
+    by_shape = {}
+    for name, runs in results.items():
+        print(f"\n== shape {name}: {jobs[name]}")
+        sums = {side: summarise(res) for side, res in runs.items() if res.get("ok")}
+        table = print_summary(sums)
+        print_failures(runs)
+        phase_table = print_phases(runs["rlhf_ray"]) if runs.get("rlhf_ray", {}).get("ok") else ""
+        print_memory_by_process(runs)
+        if args.profile:
+            print_profiles(runs, args.profile_rate)
+        by_shape[name] = {"job": jobs[name], "table": table, "phase_table": phase_table, "summary": sums,
+                          "ratio": rlhf_ray_over_trl(sums), "runs": runs}
+    ratio_table = print_ratios(by_shape)
+    payload = {"machine": facts, "args": vars(args), "ratio_table": ratio_table, "shapes": by_shape}
     bench.publish("compare_trl", payload, chart, args.no_json)
     print(f"work dir (model, logs): {workdir}")
 
@@ -98,11 +121,12 @@ def parse_args() -> argparse.Namespace:
         parser, intermediate="4 x hidden (512x6: 25.3M)",
         dtype="both sides: float32, or bf16 mixed precision (TRL's default: autocast; rlhf_ray: bf16 vLLM "
               "and reference, DeepSpeed bf16 with fp32 master weights)")
-    parser.add_argument("--prompts", type=int, default=8, help="prompts per iteration")
-    parser.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--updates", type=int, default=5,
-                        help="measured iterations (+1 warm-up, not counted)")
+    parser.add_argument("--shapes", default="short,long", help=f"which shapes of the job, in order: {', '.join(SHAPES)}")
+    parser.add_argument("--prompts", type=int, help="prompts per iteration (every shape)")
+    parser.add_argument("--group", type=int, help="samples per prompt, the GRPO group size (every shape)")
+    parser.add_argument("--min-new-tokens", type=int, help="response length floor (every shape)")
+    parser.add_argument("--max-new-tokens", type=int, help="response length cap (every shape)")
+    parser.add_argument("--updates", type=int, help="measured iterations, +1 warm-up not counted (every shape)")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--kl", type=float, default=0.02, help="KL coefficient (TRL's beta)")
     parser.add_argument("--num-prompts", type=int, default=512, help="size of the prompt pool")
@@ -123,15 +147,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--verbose", action="store_true", help="actors' logs and progress bars (in the logs)")
     # Internal: the child processes.
     parser.add_argument("--_side", dest="side", help=argparse.SUPPRESS)
+    parser.add_argument("--_shape", dest="shape", help=argparse.SUPPRESS)
     parser.add_argument("--_result", dest="result", help=argparse.SUPPRESS)
     parser.add_argument("--_workdir", dest="workdir", help=argparse.SUPPRESS)
     parser.add_argument("--_model-dir", dest="model_dir", help=argparse.SUPPRESS)
-    return parser.parse_args()
+    args = parser.parse_args()
+    unknown = set(args.shapes.split(",")) - set(SHAPES)
+    if unknown:
+        parser.error(f"unknown shape(s) {', '.join(sorted(unknown))}; known: {', '.join(SHAPES)}")
+    return args
+
+
+def shape_args(args, name: str) -> argparse.Namespace:
+    """``args`` with the fields of shape ``name``; a field given on the command line wins."""
+    fields = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in SHAPES[name].items()}
+    return argparse.Namespace(**{**vars(args), **fields, "shape": name})
 
 
 def model_len(args) -> int:
-    """The engines' context on both sides: a prompt (<= 32 tokens) and a response, with room to spare."""
-    return max(64, 2 * args.max_new_tokens + 32)
+    """The engines' context on both sides: a prompt and a response, with room to spare."""
+    return max(64, 2 * args.max_new_tokens + PROMPT_TOKENS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -140,7 +175,7 @@ def model_len(args) -> int:
 def rlhf_ray_overrides(args) -> list[str]:
     """rlhf_ray's config for the shared job, then ``SPEED_SETTINGS`` and ``--set``."""
     return [
-        f"run_dir={args.workdir}/rlhf_ray_run",
+        f"run_dir={args.workdir}/{args.shape}-rlhf_ray_run",
         f"model.policy={args.model_dir}",
         f"seed={args.seed}",
         "data.task=arithmetic",
@@ -150,11 +185,12 @@ def rlhf_ray_overrides(args) -> list[str]:
         "ppo.advantage_estimator=grpo",
         f"rollout.samples_per_prompt={args.group}",
         f"ppo.prompts_per_iteration={args.prompts}",
+        f"rollout.min_new_tokens={args.min_new_tokens}",
         f"rollout.max_new_tokens={args.max_new_tokens}",
         "rollout.temperature=1.0",
         "rollout.top_p=1.0",
         f"rollout.max_model_len={model_len(args)}",
-        "data.max_prompt_tokens=32",
+        f"data.max_prompt_tokens={PROMPT_TOKENS}",
         "rollout.gpu_memory_utilization=0.05",
         f"rollout.num_engines={args.engines}",
         f"policy.num_ranks={args.ranks}",
@@ -172,9 +208,18 @@ def rlhf_ray_overrides(args) -> list[str]:
         "checkpoint.save_final=false",
         f"model.dtype={args.dtype}",
         f"policy.bf16={str(args.dtype == 'bfloat16').lower()}",
-        *SPEED_SETTINGS,
+        *speed_settings(args),
         *args.rlhf_set,
     ]
+
+
+def speed_settings(args) -> list[str]:
+    """``SPEED_SETTINGS``, except that a length floor takes pi_old from the learners: below the floor
+    the engines' log-probs are renormalised over the tokens that do not stop (the config checker
+    refuses ``ppo.old_logprobs=rollout`` there), so rlhf_ray pays a scoring pass that TRL skips."""
+    if not args.min_new_tokens:
+        return list(SPEED_SETTINGS)
+    return [s if s != "ppo.old_logprobs=rollout" else "ppo.old_logprobs=learner" for s in SPEED_SETTINGS]
 
 
 def side_rlhf_ray(args, out: dict) -> None:
@@ -206,6 +251,7 @@ def side_rlhf_ray(args, out: dict) -> None:
         ray.shutdown()
     out["iteration_s"] = walls
     out["generated_tokens"] = [r["generated_tokens"] for r in records]
+    out["response_lengths"] = [{k: r[f"response_length_{k}"] for k in ("min", "mean", "max")} for r in records]
     out["records"] = records
     out["reward_mean"] = [r["reward_mean"] for r in records]
 
@@ -231,8 +277,8 @@ class PySpy:
     def __init__(self, args, pids: dict[str, int]):
         pyspy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
         self.started = time.perf_counter()
-        self.paths = {role: os.path.join(args.workdir, f"pyspy-{args.side}-{role}.txt") for role in pids}
-        log = open(os.path.join(args.workdir, f"pyspy-{args.side}.log"), "a")  # noqa: SIM115 - lives as long as the recorders
+        self.paths = {role: os.path.join(args.workdir, f"pyspy-{args.shape}-{args.side}-{role}.txt") for role in pids}
+        log = open(os.path.join(args.workdir, f"pyspy-{args.shape}-{args.side}.log"), "a")  # noqa: SIM115 - lives as long as the recorders
         self.procs = {
             role: subprocess.Popen(
                 [pyspy, "record", "--pid", str(pid), "--rate", str(args.profile_rate), "--native",
@@ -265,13 +311,15 @@ def grpo_config(args, use_vllm: bool):
     vllm = {"use_vllm": True, "vllm_mode": "colocate", "vllm_gpu_memory_utilization": 0.3,
             "vllm_max_model_length": model_len(args)} if use_vllm else {}
     return GRPOConfig(
-        output_dir=os.path.join(args.workdir, "trl_vllm" if use_vllm else "trl"),
+        output_dir=os.path.join(args.workdir, f"{args.shape}-{'trl_vllm' if use_vllm else 'trl'}"),
         per_device_train_batch_size=args.prompts * args.group,
         gradient_accumulation_steps=1,
         steps_per_generation=1,
         num_generations=args.group,
         num_iterations=1,
         max_completion_length=args.max_new_tokens,
+        # The length floor under each generator's own name for it.
+        generation_kwargs={"min_tokens" if use_vllm else "min_new_tokens": args.min_new_tokens},
         temperature=1.0,
         top_p=1.0,
         learning_rate=args.lr,
@@ -311,12 +359,12 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
     dataset = Dataset.from_dict({"prompt": prompts})
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32)
-    tokens_per_call: list[int] = []
+    lengths_per_call: list[list[int]] = []
 
     def digit_fraction_reward(prompts, completions, completion_ids=None, **kwargs):
-        """rlhf_ray's rule reward in TRL's reward_funcs signature; counts the generated tokens."""
+        """rlhf_ray's rule reward in TRL's reward_funcs signature; records the completions' lengths."""
         if completion_ids is not None:
-            tokens_per_call.append(sum(len(c) for c in completion_ids))
+            lengths_per_call.append([len(c) for c in completion_ids])
         return digit_fraction(list(prompts), list(completions))
 
     class StepClock(TrainerCallback):
@@ -354,7 +402,9 @@ def side_trl(args, out: dict, use_vllm: bool) -> None:
     # from its own on_step_begin.
     ends = clock.end
     out["iteration_s"] = [ends[0] - clock.begin[0], *[b - a for a, b in itertools.pairwise(ends)]]
-    out["generated_tokens"] = tokens_per_call
+    out["generated_tokens"] = [sum(lengths) for lengths in lengths_per_call]
+    out["response_lengths"] = [{"min": min(lengths), "mean": sum(lengths) / len(lengths), "max": max(lengths)}
+                               for lengths in lengths_per_call]
     out["log_history"] = trainer.state.log_history
     out["reward_mean"] = [h.get("reward") for h in trainer.state.log_history if "reward" in h]
 
@@ -389,14 +439,17 @@ def exit_unless_runnable(args) -> None:
         sys.exit("--hidden must be a multiple of 32 (vLLM's CPU attention needs heads of size 32)")
 
 
-def build_model(args, workdir: str) -> tuple[str, int]:
-    """The Llama both sides train (MLP 4 x hidden unless ``--intermediate``), built in the work
-    dir: its path and parameter count."""
+def build_model(args, workdir: str, context: int) -> tuple[str, int]:
+    """The Llama both sides train (MLP 4 x hidden unless ``--intermediate``; ``context`` positions,
+    at least the builder's default), built in the work dir: its path and parameter count."""
+    from dataclasses import replace
+
     from safetensors import safe_open
 
     from rlhf_ray.models.tiny import TinyModelSpec, build_tiny_model
 
     spec = TinyModelSpec.of_width(args.hidden, args.layers, args.intermediate or 4 * args.hidden, args.seed)
+    spec = replace(spec, max_positions=max(spec.max_positions, context))  # RoPE: the weights do not change
     model_dir = str(build_tiny_model(os.path.join(workdir, "model"), spec))
     with safe_open(os.path.join(model_dir, "model.safetensors"), "pt") as f:
         params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())  # noqa: SIM118 - safe_open has no __iter__
@@ -406,10 +459,10 @@ def build_model(args, workdir: str) -> tuple[str, int]:
 def describe_job(args, params: int) -> str:
     return (
         f"model {args.hidden}x{args.layers} ({params / 1e6:.1f}M params, {args.dtype}), {args.prompts} prompts x "
-        f"group {args.group} = {args.prompts * args.group} sequences/iteration, <= {args.max_new_tokens} new tokens, "
-        f"lr {args.lr}, KL {args.kl}, {args.updates} measured updates + 1 warm-up; rlhf_ray layout: "
-        f"{args.engines} vLLM engine(s), {args.ranks} DeepSpeed policy rank(s), reference + reward actors, "
-        f"{' '.join([*SPEED_SETTINGS, *args.rlhf_set])}"
+        f"group {args.group} = {args.prompts * args.group} sequences/iteration, {args.min_new_tokens}-"
+        f"{args.max_new_tokens} new tokens, lr {args.lr}, KL {args.kl}, {args.updates} measured updates + 1 warm-up; "
+        f"rlhf_ray layout: {args.engines} vLLM engine(s), {args.ranks} DeepSpeed policy rank(s), reference + reward "
+        f"actors, {' '.join([*speed_settings(args), *args.rlhf_set])}"
     )
 
 
@@ -427,12 +480,12 @@ def run_sides(args, workdir: str) -> dict[str, dict]:
 def run_side(side: str, args, workdir: str) -> dict:
     """One side in a child process (this script again, with the same flags and ``--_side``) while
     its process tree's memory is sampled: the child's result with wall time, memory and profile."""
-    result_path = os.path.join(workdir, f"{side}.json")
-    log_path = os.path.join(workdir, f"{side}.log")
+    result_path = os.path.join(workdir, f"{args.shape}-{side}.json")
+    log_path = os.path.join(workdir, f"{args.shape}-{side}.log")
     timeout = args.vllm_timeout if side == "trl_vllm" else args.side_timeout
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_side", side,
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--_side", side, "--_shape", args.shape,
            "--_result", result_path, "--_workdir", workdir, "--_model-dir", args.model_dir]
-    print(f"-- {side}: running (log {log_path})", flush=True)
+    print(f"-- {args.shape} {side}: running (log {log_path})", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -530,13 +583,17 @@ def summarise(res: dict) -> dict:
     """Medians over the measured iterations (the first, the warm-up, is dropped)."""
     iters, toks = res.get("iteration_s", []), res.get("generated_tokens", [])
     n = min(len(iters), len(toks))
-    iters, toks = iters[1:n], toks[1:n]
+    iters, toks, lengths = iters[1:n], toks[1:n], res["response_lengths"][1:n]
     secs = bench.median(iters)
     return {
         "measured": len(iters),
         "iteration_s": secs,
         "tokens": bench.median(toks),
         "tokens_per_s": bench.median([t / i for t, i in zip(toks, iters)]),
+        # Generated tokens per response over the measured iterations (each has the same number of responses).
+        "length_min": min(x["min"] for x in lengths),
+        "length_mean": sum(x["mean"] for x in lengths) / len(lengths),
+        "length_max": max(x["max"] for x in lengths),
         "warmup_s": res["iteration_s"][0] if res.get("iteration_s") else float("nan"),
         "peak_rss": res["memory"]["peak_rss_bytes"],
         "peak_pss": res["memory"]["peak_pss_bytes"],
@@ -557,18 +614,38 @@ def rlhf_ray_over_trl(sums: dict) -> dict | None:
 def print_summary(sums: dict) -> str:
     """The comparison: each side's medians, then rlhf_ray / trl column by column."""
     rows = [[side, s["measured"], s["warmup_s"], s["iteration_s"], s["tokens"], s["tokens_per_s"],
+             f"{s['length_min']}/{s['length_mean']:.0f}/{s['length_max']}",
              f"{s['peak_rss'] / 2**30:.2f} GiB", f"{s['peak_pss'] / 2**30:.2f} GiB"]
             for side, s in sums.items()]
     ratio = rlhf_ray_over_trl(sums)
     if ratio:
         rows.append(["rlhf_ray / trl", "", ratio["warmup_s"], ratio["iteration_s"], ratio["tokens"],
-                     ratio["tokens_per_s"], f"{ratio['peak_rss']:.2f}x", f"{ratio['peak_pss']:.2f}x"])
+                     ratio["tokens_per_s"], f"mean {ratio['length_mean']:.2f}x", f"{ratio['peak_rss']:.2f}x",
+                     f"{ratio['peak_pss']:.2f}x"])
     return bench.print_table(
-        ["run", "iters", "warm-up s", "s/iter", "gen tokens/iter", "gen tokens/s", "peak RSS (tree)",
-         "peak PSS (tree)"],
+        ["run", "iters", "warm-up s", "s/iter", "gen tokens/iter", "gen tokens/s", "length min/mean/max",
+         "peak RSS (tree)", "peak PSS (tree)"],
         rows,
         title="medians over the measured iterations (tokens/s: median of each iteration's tokens / seconds)",
     )
+
+
+def print_ratios(by_shape: dict) -> str:
+    """rlhf_ray / TRL (HF generate) of every shape side by side, with rlhf_ray's phase shares."""
+    rows = []
+    for name, shape in by_shape.items():
+        ratio, runs = shape["ratio"], shape["runs"]
+        if not ratio:
+            continue
+        seconds = phase_seconds(runs["rlhf_ray"])
+        total = sum(seconds.values())
+        rows.append([name, shape["summary"]["rlhf_ray"]["iteration_s"], shape["summary"]["trl"]["iteration_s"],
+                     ratio["iteration_s"], ratio["tokens_per_s"],
+                     " / ".join(f"{100 * s / total:.0f}%" for s in seconds.values())])
+    print()
+    return bench.print_table(["shape", "rlhf_ray s/iter", "trl s/iter", "s/iter ratio", "gen tokens/s ratio",
+                              f"rlhf_ray {' / '.join(PHASES)}"], rows,
+                             title="rlhf_ray / TRL by shape (below 1 in s/iter and above 1 in tokens/s: rlhf_ray faster)")
 
 
 def print_failures(results: dict) -> None:
@@ -624,32 +701,33 @@ def print_profiles(results: dict, rate: int) -> None:
 
 
 def chart(path: Path, payload: dict) -> Path:
-    """Seconds per iteration by phase (rlhf_ray's phases, TRL's whole iteration) and the
-    rlhf_ray / TRL ratios."""
-    runs, sums = payload["runs"], payload["summary"]
+    """Per shape: seconds per iteration by phase (rlhf_ray's phases, TRL's whole iteration); then
+    the rlhf_ray / TRL ratios of every shape."""
     whole = "whole iteration (TRL)"
     labels, series = [], {p: [] for p in (*PHASES, whole)}
-    if runs.get("rlhf_ray", {}).get("ok"):
-        labels.append("rlhf_ray")
-        for p, s in phase_seconds(runs["rlhf_ray"]).items():
-            series[p].append(s)
-        series[whole].append(0.0)
-    for side in ("trl", "trl_vllm"):
-        if side in sums:
-            labels.append(side)
-            for p in PHASES:
-                series[p].append(0.0)
-            series[whole].append(sums[side]["iteration_s"])
+    for name, shape in payload["shapes"].items():
+        runs, sums = shape["runs"], shape["summary"]
+        if runs.get("rlhf_ray", {}).get("ok"):
+            labels.append(f"{name} rlhf_ray")
+            for p, s in phase_seconds(runs["rlhf_ray"]).items():
+                series[p].append(s)
+            series[whole].append(0.0)
+        for side in ("trl", "trl_vllm"):
+            if side in sums:
+                labels.append(f"{name} {side}")
+                for p in PHASES:
+                    series[p].append(0.0)
+                series[whole].append(sums[side]["iteration_s"])
     panels = [{"title": "median seconds per iteration, by phase", "labels": labels, "stacked": True,
                "series": series, "ylabel": "s / iteration"}]
-    ratio = rlhf_ray_over_trl(sums)
-    if ratio:
+    ratios = {name: shape["ratio"] for name, shape in payload["shapes"].items() if shape["ratio"]}
+    if ratios:
         keys = ("iteration_s", "tokens_per_s", "peak_rss", "peak_pss")
         panels.append({"title": "rlhf_ray / TRL", "labels": ["s/iter", "gen tokens/s", "peak RSS", "peak PSS"],
-                       "series": {"ratio": [ratio[k] for k in keys]}, "ylabel": "x", "hline": (1.0, "parity")})
-    title = f"compare_trl {payload['machine'].get('date', '')}: {payload['job'][:110]}"
+                       "series": {name: [r[k] for k in keys] for name, r in ratios.items()}, "ylabel": "x",
+                       "hline": (1.0, "parity")})
+    title = f"compare_trl {payload['machine'].get('date', '')}: shapes {', '.join(payload['shapes'])}"
     return bench.save_chart(path, panels, title)
-
 
 if __name__ == "__main__":
     main()

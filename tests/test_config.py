@@ -77,6 +77,10 @@ def test_override_beats_file(tmp_path):
     ("rollout.max_model_len=64 data.max_prompt_tokens=60 rollout.max_new_tokens=8",
      ("rollout.max_model_len: 64 cannot hold a prompt of data.max_prompt_tokens=60 and a response of "
       "rollout.max_new_tokens=8: make it at least 68")),
+    ("rollout.min_new_tokens=17", "rollout.min_new_tokens: must be in [0, rollout.max_new_tokens=16]"),
+    ("rollout.min_new_tokens=-1", "rollout.min_new_tokens: must be in [0, rollout.max_new_tokens=16]"),
+    ("rollout.min_new_tokens=4 agent.env=task data.task=multiplication",
+     "rollout.min_new_tokens: is not supported with multi-turn rollouts (agent.env)"),
 ])
 def test_bad_values_name_the_key(override, expected):
     with pytest.raises(ConfigError) as e:
@@ -87,6 +91,8 @@ def test_bad_values_name_the_key(override, expected):
 def test_rollout_logprobs_need_the_full_distribution():
     with pytest.raises(ConfigError, match="ppo.old_logprobs: rollout needs rollout.top_p=1"):
         load_config(None, ["ppo.old_logprobs=rollout", "rollout.top_p=0.9"])
+    with pytest.raises(ConfigError, match="ppo.old_logprobs: rollout needs rollout.min_new_tokens=0"):
+        load_config(None, ["ppo.old_logprobs=rollout", "rollout.min_new_tokens=4"])
     assert load_config(None, ["ppo.old_logprobs=rollout"]).ppo.old_logprobs == "rollout"
 
 

@@ -5,6 +5,7 @@ seeding) and a weight sync through the same transport. In this process, no Ray."
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
@@ -49,6 +50,16 @@ def test_samples_are_prompt_major_seeded_and_scored_as_sampled(engine):
         lp1, _ = _learner_logprobs(engine.model, gens)
     for i, s in enumerate(scored):
         assert torch.allclose(lp1[i, : len(s)], torch.tensor(s), atol=1e-4)
+
+
+def test_min_new_tokens_holds_every_stop_back_until_the_floor(engine):
+    """With every token but one a stop token, responses end within a few tokens; the floor holds
+    every stop back for its first 5 tokens."""
+    stops = tuple(t for t in range(engine.model.config.vocab_size) if t != 10)
+    spec = SamplingSpec(max_new_tokens=10, n=2, seed=1, stop_token_ids=stops)
+    assert max(len(g.response_ids) for g in engine.generate(PROMPTS, spec)) < 5
+    floored = engine.generate(PROMPTS, replace(spec, min_new_tokens=5))
+    assert all(len(g.response_ids) > 5 and g.response_ids[:5] == [10] * 5 for g in floored)
 
 
 def test_greedy_matches_transformers_generate(engine):

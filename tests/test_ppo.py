@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 REQUIRED_METRICS = [
     "iteration", "reward_mean", "reward_std", "kl_to_ref", "kl_coef", "entropy", "policy_loss", "value_loss",
-    "clip_fraction", "approx_kl", "response_length_mean", "response_length_max", "logprob_gap_vllm_learner",
+    "clip_fraction", "approx_kl", "response_length_min", "response_length_mean", "response_length_max", "logprob_gap_vllm_learner",
     "time/generate_s", "time/score_s", "time/train_s", "time/sync_s", "throughput/generate_tokens_per_s",
     "throughput/iteration_tokens_per_s", "gold_score_mean", "diversity/distinct_1",
     "flag/mode_collapse", "flag/over_optimisation", "hacking/verbosity_correlation", "hacking/format_gaming_rate",

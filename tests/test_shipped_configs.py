@@ -7,8 +7,11 @@ climbs in 40 iterations is measured by benchmarks/compare_algorithms.py (docs/al
 each method's loss runs end to end in tests/test_ppo.py and tests/test_alignment.py.
 
 The other CPU configs run elsewhere: tiny_ppo.yaml's settings are tests/test_ppo.py's GAE run,
-tiny_pipeline.yaml's stages are tests/test_pipeline.py's, DPO's stage is tests/test_dpo.py's, and
-cpu_smoke_ppo.yaml is the Ray job of tests/test_ray_job.py.
+tiny_pipeline.yaml's stages are tests/test_pipeline.py's, DPO's stage is tests/test_dpo.py's,
+cpu_smoke_ppo.yaml is the Ray job of tests/test_ray_job.py, and tiny_long_grpo.yaml is the long
+shape of benchmarks/compare_trl.py on the tiny model (its parts: the length floor in
+tests/test_hf_engine.py and tests/test_vllm_engine.py, the tiny model's context in
+tests/test_tiny_and_data.py).
 """
 
 from __future__ import annotations

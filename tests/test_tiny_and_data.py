@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -95,3 +96,18 @@ def test_metrics_round_trip_and_plot(tmp_path):
     assert "generate" in rows[0]
     png = plot_metrics(tmp_path, keys=["reward_mean"])
     assert png.stat().st_size > 1000
+
+
+def test_builtin_tiny_holds_the_runs_context_with_the_same_weights(tiny_model_dir):
+    """A run asking for more positions than the builder's default gets a context that holds them
+    (vLLM refuses a max_model_len past the model's), and the same weights as a default build."""
+    from safetensors.torch import load_file
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.common import resolve_policy_path
+
+    long = resolve_policy_path(load_config(None, ["rollout.max_model_len=1024"]))
+    config = json.loads((Path(long) / "config.json").read_text())
+    assert config["max_position_embeddings"] == 1024
+    weights, default = (load_file(f"{d}/model.safetensors") for d in (long, tiny_model_dir))
+    assert weights.keys() == default.keys() and all(torch.equal(weights[k], default[k]) for k in weights)

@@ -3,6 +3,8 @@ reasons. One engine for the module, in this process (engines/ has no Ray)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -70,6 +72,16 @@ def test_finish_reasons(engine):
     assert stopped.finish_reason == "stop"
     assert stopped.response_ids == greedy[: greedy.index(stop) + 1]
     assert engine.greedy(PROMPTS[:1], 6, stop_token_ids=(stop,))[0] == stopped.response_ids
+
+
+def test_min_new_tokens_holds_every_stop_back_until_the_floor(engine):
+    """As the HF engine's twin test: with every token but one a stop token, only the floor makes
+    responses longer than a few tokens."""
+    stops = tuple(t for t in range(engine.llm.llm_engine.model_config.get_vocab_size()) if t != 10)
+    spec = SamplingSpec(max_new_tokens=10, n=2, seed=1, stop_token_ids=stops)
+    assert max(len(g.response_ids) for g in engine.generate(PROMPTS, spec)) < 5
+    floored = engine.generate(PROMPTS, replace(spec, min_new_tokens=5))
+    assert all(len(g.response_ids) > 5 and g.response_ids[:5] == [10] * 5 for g in floored)
 
 
 def test_greedy_matches_hf_generate(engine, hf_model):

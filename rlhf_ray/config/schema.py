@@ -169,6 +169,9 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature; learner log-probs use the same
     top_p: float = 1.0  # nucleus sampling; 1 = the whole vocabulary
     max_new_tokens: int = 16  # response length cap; longer responses are cut (truncated)
+    # Response length floor: EOS and rollout.stop tokens cannot be sampled before it (vLLM's
+    # min_tokens, transformers' min_new_tokens). 0 = none; for benchmarks that need long responses.
+    min_new_tokens: int = 0
     samples_per_prompt: int = 1  # n responses per prompt (group size of grpo/rloo)
     stop: list[str] = field(default_factory=list)  # end-of-turn tokens besides EOS (each one token: <|im_end|>)
     gpu_memory_utilization: float = 0.3  # on CPU: share of host memory vLLM may reserve
@@ -194,6 +197,8 @@ class RolloutConfig:
         p.need(self.temperature > 0, "rollout.temperature", "must be > 0 (sampling log-probs need it)")
         p.need(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
         p.need(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        p.need(0 <= self.min_new_tokens <= self.max_new_tokens, "rollout.min_new_tokens",
+               f"must be in [0, rollout.max_new_tokens={self.max_new_tokens}]")
         p.need(self.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
         p.need(0 < self.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
         p.need(self.num_cpus >= 0 and self.num_gpus >= 0, "rollout.num_cpus", "resources must be >= 0")
@@ -696,11 +701,18 @@ class RunConfig:
                    f"data.max_prompt_tokens={data.max_prompt_tokens}")
             p.need(ag.env != "task" or bool(data.task), "agent.env", "task needs data.task")
             p.need(not ppo.overlap, "ppo.overlap", "is not supported with multi-turn rollouts (agent.env)")
+            # A turn ends at a tool call's stop token and may have less room left than the floor.
+            p.need(r.min_new_tokens == 0, "rollout.min_new_tokens",
+                   "is not supported with multi-turn rollouts (agent.env)")
             p.need(not ppo.dynamic_sampling, "ppo.dynamic_sampling",
                    "is not supported with multi-turn rollouts (agent.env)")
         # vLLM reports log-probs renormalised over the top-p nucleus, which the learner never computes.
         p.need(ppo.old_logprobs == "learner" or r.top_p == 1, "ppo.old_logprobs",
                "rollout needs rollout.top_p=1 (the engines' log-probs are renormalised over the top-p nucleus)")
+        # Likewise below the length floor, where they are renormalised over the tokens that do not stop.
+        p.need(ppo.old_logprobs == "learner" or r.min_new_tokens == 0, "ppo.old_logprobs",
+               "rollout needs rollout.min_new_tokens=0 (below the floor the engines' log-probs are renormalised "
+               "over the tokens that do not stop)")
         if ppo.advantage_estimator in ("rloo", "grpo", "dr_grpo"):
             p.need(r.samples_per_prompt >= 2, "rollout.samples_per_prompt",
                    f"{ppo.advantage_estimator} needs >= 2 samples per prompt (group baselines)")

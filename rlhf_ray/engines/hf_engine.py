@@ -65,7 +65,8 @@ class HFEngine:
         ids, mask = self._left_padded(prompt_token_ids)
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=spec.temperature, top_p=spec.top_p,
-            top_k=0, max_new_tokens=spec.max_new_tokens, num_return_sequences=spec.n, eos_token_id=stop,
+            top_k=0, max_new_tokens=spec.max_new_tokens, min_new_tokens=spec.min_new_tokens,
+            num_return_sequences=spec.n, eos_token_id=stop,
             pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True)
         new = out.sequences[:, ids.shape[1]:]
         logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # [B*n, T, V]

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class SamplingSpec:
-    """How to sample: ``n`` responses per prompt, at most ``max_new_tokens`` each; ``seed`` makes
-    a call reproducible."""
+    """How to sample: ``n`` responses per prompt, at least ``min_new_tokens`` (end and stop tokens
+    are not sampled before that) and at most ``max_new_tokens`` each; ``seed`` makes a call
+    reproducible."""
 
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    min_new_tokens: int = 0
     n: int = 1
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
@@ -28,6 +30,7 @@ class SamplingSpec:
             temperature=self.temperature,
             top_p=self.top_p,
             max_tokens=self.max_new_tokens,
+            min_tokens=self.min_new_tokens,
             stop_token_ids=list(self.stop_token_ids),
             seed=None if self.seed is None else self.seed + prompt_index * self.n,
             logprobs=0,  # only the sampled token's log-prob

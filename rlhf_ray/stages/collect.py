@@ -55,7 +55,8 @@ def run_collect(cfg: RunConfig) -> dict:
     policy = begin(cfg, run_dir, policy)
 
     ro, k = cfg.rollout, cfg.collect.responses_per_prompt
-    spec = SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens, n=k,
+    spec = SamplingSpec(temperature=ro.temperature, top_p=ro.top_p, max_new_tokens=ro.max_new_tokens,
+                        min_new_tokens=ro.min_new_tokens, n=k,
                         stop_token_ids=stop_ids, seed=cfg.seed)
     ids = encode_prompts(tokenizer, prompts, cfg.data.max_prompt_tokens)
     with RolloutPool.launch(cfg, policy, ro.num_engines, tokenizer.pad_token_id) as pool:

@@ -51,7 +51,7 @@ _STAGED_MODELS: set[str] = set()
 def resolve_policy_path(cfg: RunConfig) -> str:
     """``builtin:tiny`` becomes a tiny model built offline into a staging folder, moved into the
     run directory by ``begin`` once every input is checked (its tokenizer knows the tool-call
-    characters when the run or its task uses tools)."""
+    characters when the run or its task uses tools; its context holds ``rollout.max_model_len``)."""
     if cfg.model.policy != BUILTIN_TINY:
         from rlhf_ray.models.loading import check_model_path
 
@@ -62,7 +62,9 @@ def resolve_policy_path(cfg: RunConfig) -> str:
     from rlhf_ray.tasks import ENVIRONMENTS
 
     spec = TinyModelSpec.of_width(cfg.model.tiny_hidden_size, cfg.model.tiny_layers, seed=cfg.seed)
-    spec = replace(spec, tool_chars=cfg.agent.enabled or cfg.data.task in ENVIRONMENTS)
+    # RoPE has no position weights: a longer context leaves the weights as they are.
+    spec = replace(spec, tool_chars=cfg.agent.enabled or cfg.data.task in ENVIRONMENTS,
+                   max_positions=max(spec.max_positions, cfg.rollout.max_model_len))
     staging = Path(tempfile.mkdtemp(prefix="rlhf-ray-base-model-"))
     atexit.register(shutil.rmtree, staging, True)  # a start refused after the build leaves nothing
     path = str(build_tiny_model(staging / "base_model", spec))

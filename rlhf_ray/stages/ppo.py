@@ -209,7 +209,7 @@ class PPOTrainer(Recovery):
     def _spec(self, iteration: int) -> SamplingSpec:
         r = self.cfg.rollout
         return SamplingSpec(temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                            n=r.samples_per_prompt, stop_token_ids=self.stop_ids,
+                            min_new_tokens=r.min_new_tokens, n=r.samples_per_prompt, stop_token_ids=self.stop_ids,
                             seed=self.cfg.seed * 1_000_003 + iteration * 10_007)
 
     def _submit(self, prompts: list[str], iteration: int) -> PendingGeneration:

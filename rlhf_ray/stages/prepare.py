@@ -219,6 +219,7 @@ def iteration_record(iteration: int, position: int, prepared: Prepared, scored: 
         "kl_to_ref": prepared.kl_per_seq.mean().item(),
         "kl_coef": kl_coef,
         **train_stats,  # entropy among them (mean over the update's minibatches)
+        "response_length_min": int(lengths.min().item()),
         "response_length_mean": lengths.float().mean().item(),
         "response_length_max": int(lengths.max().item()),
         "truncated_fraction": scored.truncated.float().mean().item(),
