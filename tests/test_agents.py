@@ -27,7 +27,7 @@ from rlhf_ray.agents import (
     parse_tool_calls,
 )
 from rlhf_ray.agents.loop import BAD_CALL, AgentRollout
-from rlhf_ray.agents.render import ChatTemplateFormat, PlainFormat, turn_format
+from rlhf_ray.agents.render import ChatTemplateFormat, PlainFormat, demonstration, turn_format
 from rlhf_ray.agents.runner import DIED, GARBAGE, RAISED, TIMEOUT
 from rlhf_ray.agents.trajectory import DONE, MAX_TOKENS, MAX_TURNS
 from rlhf_ray.engines.sampling import Generation, SamplingSpec
@@ -128,10 +128,89 @@ def test_plain_format_lays_out_turns_as_the_demonstrations_do(tokenizer):
     prompt = fmt.prompt_ids("37*58=", [CALC.schema()])
     call = tokenizer(call_text("37*58"), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     observed = fmt.observation_ids([{"role": "tool", "content": "2146"}], call)
-    answer = tokenizer("2146", add_special_tokens=False)["input_ids"]
-    demo = tokenizer(task.transcript(37, 58), add_special_tokens=False)["input_ids"]
+    answer = tokenizer("2146", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    demo = tokenizer(task.transcript(37, 58), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert prompt == tokenizer("37*58=")["input_ids"]
     assert call + observed + answer == demo  # RL trajectories and SFT demonstrations share one layout
+    laid_out = demonstration(fmt, tokenizer, "37*58=", task.turns(37, 58))
+    assert (laid_out.prompt_ids, laid_out.response_ids) == (prompt, demo)
+    assert laid_out.policy_mask == [1] * len(call) + [0] * len(observed) + [1] * len(answer)
+    assert [(t.role, t.text) for t in laid_out.turns] == [("assistant", call_text("37*58")),
+                                                          ("tool", "\n<tool_response>2146</tool_response>\n"),
+                                                          ("assistant", "2146")]
+    with pytest.raises(ValueError, match="must start and end with the assistant's"):
+        demonstration(fmt, tokenizer, "37*58=", task.turns(37, 58)[:2])
+
+
+# --- SFT on multi-turn demonstrations -------------------------------------------------------------
+def _sft_batch(tokenizer, n=8):
+    """The calculator task's demonstrations (some call the tool, some answer without it) as SFT's batch."""
+    from rlhf_ray.data.formats import task_sft
+    from rlhf_ray.data.tokenize import encode_examples
+
+    examples = task_sft(MultiplicationTask(), n)
+    assert any(e.turns for e in examples) and not all(e.turns for e in examples)
+    return examples, encode_examples(tokenizer, examples, max_prompt_tokens=16, max_seq_len=160)
+
+
+def test_sft_trains_on_the_policys_turns_and_masks_the_tool_results(tokenizer):
+    examples, batch = _sft_batch(tokenizer)
+    eos = [tokenizer.eos_token_id]
+    for row, example in enumerate(examples):
+        response = batch.response_token_lists()[row]
+        mask = batch.response_mask[row, :len(response)].tolist()
+        assert batch.prompt_token_lists()[row] == tokenizer(example.prompt)["input_ids"]
+        assert response == tokenizer(example.response, add_special_tokens=False)["input_ids"] + eos
+        if not example.turns:  # a one-turn answer: every token is the policy's
+            assert mask == [1] * len(response)
+            continue
+        call, result, _ = (m["content"] for m in example.turns)
+        observation = f"\n<tool_response>{result}</tool_response>\n"
+        n_call, n_observed = (len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in
+                              (call + "</s>", observation))
+        # 0 exactly on the observation (the tool's result and the next turn's prompt), 1 on the
+        # policy's call and answer, each with its end token.
+        assert mask == [1] * n_call + [0] * n_observed + [1] * (len(response) - n_call - n_observed)
+        assert tokenizer.decode(response[n_call: n_call + n_observed]) == observation
+
+
+def _logit_gradients(model, batch, loss_of) -> torch.Tensor:
+    """|d loss_of(model, batch) / d logits| summed over the vocabulary at each position that predicts
+    a response token, ``[B, R]``."""
+    from rlhf_ray.engines import scoring
+
+    scoring.disable_packing(model)  # positions as laid out: position P-1+j predicts response token j
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    model.lm_head.register_forward_hook(keep)
+    loss_of(model, batch).backward()
+    P, R = batch.prompt_len, batch.response_mask.shape[1]
+    return captured["logits"].grad[:, P - 1: P - 1 + R].abs().sum(-1)
+
+
+def test_the_sft_loss_gives_the_tool_results_no_gradient(tokenizer):
+    """d(SFT loss)/d(logits) is zero at every position that predicts an observed token of a
+    demonstration (a tool's result), and not at the policy's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_ray import algo
+    from rlhf_ray.engines import scoring
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id))
+    _, batch = _sft_batch(tokenizer)
+    per_position = _logit_gradients(model, batch, lambda m, b: algo.language_model_loss(
+        scoring.response_logprobs(m, b), b.response_mask))  # the learner's sft_step loss
+    policy = batch.response_mask.bool()
+    observed = batch.attention_mask[:, batch.prompt_len:].bool() & ~policy
+    assert observed.any() and (per_position[observed] == 0).all()
+    assert (per_position[policy] > 0).all()
 
 
 # A Hermes-style template (Qwen 2.5's layout), for the chat-template format on the tiny tokenizer.
@@ -158,6 +237,27 @@ def test_chat_template_observations_continue_the_policys_turn_as_the_template_re
     assert prompt + call + observed == tokenizer(whole, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(observed) == "\n<s>user\n<tool_response>12</tool_response></s>\n<s>assistant\n"
     assert isinstance(turn_format(build_tokenizer()), PlainFormat)
+
+
+def test_chat_sft_rows_with_tool_turns_train_on_the_last_answer_only(tmp_path, bpe_tokenizer):
+    """A ``messages`` SFT row whose conversation holds a tool call and its result: everything
+    before the last assistant message (the tool's result too) is the prompt, out of the loss."""
+    import json
+
+    from rlhf_ray.data.formats import load_sft
+    from rlhf_ray.data.tokenize import encode_examples
+
+    messages = [{"role": "user", "content": "37*58="}, {"role": "assistant", "content": call_text("37*58")},
+                {"role": "tool", "content": "2146"}, {"role": "assistant", "content": "The product is 2146."}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    [example], _ = load_sft(str(path), tokenizer=bpe_tokenizer)
+    batch = encode_examples(bpe_tokenizer, [example], max_prompt_tokens=256, max_seq_len=512)
+    [response] = batch.response_token_lists()
+    assert bpe_tokenizer.decode(response) == "The product is 2146.<|im_end|>"
+    assert batch.response_mask[0, :len(response)].tolist() == [1] * len(response)
+    context = bpe_tokenizer.decode(batch.prompt_token_lists()[0])
+    assert "<|im_start|>tool\n2146<|im_end|>" in context
 
 
 # --- the built-in calculator task ---------------------------------------------------------------
@@ -426,27 +526,16 @@ def test_observed_tokens_get_no_gradient_from_the_policy_objective(tiny_model_di
 
     from rlhf_ray import algo
     from rlhf_ray.actors.learner import policy_objective
-    from rlhf_ray.engines import scoring
     from rlhf_ray.stages.prepare import batch_from_trajectories
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    scoring.disable_packing(model)  # positions as laid out: position P-1+j predicts response token j
     batch, logprobs, _ = batch_from_trajectories(_two_turn_trajectories(), pad_id=0)
     generator = torch.Generator().manual_seed(1)
     batch = batch.with_extras(old_logprobs=logprobs, advantages=torch.randn(logprobs.shape, generator=generator),
                               ref_logprobs=logprobs - 0.3)
-    captured = {}
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        captured["logits"] = output
-
-    model.lm_head.register_forward_hook(keep)
     loss = algo.PolicyLossSpec(kind="ppo", clip_eps=0.2, agg="token-mean")
-    total, _ = policy_objective(model, batch, loss, entropy_coef=0.01, temperature=1.0, distill_coef=0.1)
-    total.backward()
-    P, R = batch.prompt_len, batch.response_mask.shape[1]
-    per_position = captured["logits"].grad[:, P - 1: P - 1 + R].abs().sum(-1)  # [B, R]
+    per_position = _logit_gradients(model, batch, lambda m, b: policy_objective(
+        m, b, loss, entropy_coef=0.01, temperature=1.0, distill_coef=0.1)[0])
     policy = batch.response_mask.bool()
     assert (per_position[~policy] == 0).all()
     assert (per_position[policy] > 0).all()
