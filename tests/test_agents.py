@@ -301,9 +301,10 @@ class ScriptedPolicy:
     engines = 2
 
     def __init__(self, tokenizer, script):
-        self.tokenizer, self.script, self.answered = tokenizer, script, []
+        self.tokenizer, self.script, self.answered, self.specs = tokenizer, script, [], []
 
     def submit(self, prompt_ids, spec):
+        self.specs.append(spec)
         future = Future()
         generations = []
         for i, ids in enumerate(prompt_ids):
@@ -541,6 +542,75 @@ def test_observed_tokens_get_no_gradient_from_the_policy_objective(tiny_model_di
     assert (per_position[policy] > 0).all()
 
 
+class ScriptedPool:
+    """The rollout pool as PPO's held-out evaluation uses it, answering with a scripted policy."""
+
+    def __init__(self, policy):
+        self.policy, self.lost_engines = policy, []
+
+    def sampler(self):
+        self.policy.dead, self.policy.retried_calls = [], 0
+        return self.policy
+
+    def lost(self, dead, iteration):
+        self.lost_engines += dead
+
+    def submit(self, prompts, ids, spec, version):
+        return self.policy.submit(ids, spec)
+
+    def finish(self, pending, iteration):
+        return pending.result()
+
+
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_ppo_held_out_eval_scores_the_engines_answers_to_held_out_prompts(tokenizer, with_tools):
+    """``ppo.eval_every``: the gold score of the engines' answers (with agent.env, of trajectories
+    that call the tool) to the task's held-out prompts, with the trajectories' tool use."""
+    from types import SimpleNamespace
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
+    from rlhf_ray.stages.eval import held_out_prompts
+    from rlhf_ray.stages.ppo import PPOTrainer
+
+    def script(text):  # asks the calculator, then copies its result: right whenever the first factor is even
+        asked = re.search(r"(\d+)\*(\d+)=", text)
+        result = re.search(r"<tool_response>(\d+)</tool_response>", text)
+        if not with_tools:
+            return str(int(asked[1]) * int(asked[2])) if int(asked[1]) % 2 == 0 else "0"
+        if result is None:
+            return call_text(f"{asked[1]}*{asked[2]}")
+        return result[1] if int(asked[1]) % 2 == 0 else "0"
+
+    # With tools greedy; without, sampled (ppo.eval_temperature) with one fixed seed.
+    cfg = load_config(None, ["data.task=multiplication", "data.num_eval_prompts=12", "ppo.eval_every=5",
+                             *(["agent.env=task", "rollout.max_new_tokens=80"] if with_tools
+                               else ["ppo.eval_temperature=0.7"])])
+    trainer = object.__new__(PPOTrainer)  # the evaluation alone: no actors
+    policy = ScriptedPolicy(tokenizer, script)
+    trainer.cfg, trainer.tokenizer, trainer.stop_ids, trainer.iteration = cfg, tokenizer, (2,), 3
+    trainer.eval_prompts = held_out_prompts(cfg)
+    trainer.gold = gold_reward
+    trainer.agents = MultiTurnRollouts(cfg, tokenizer) if with_tools else None
+    trainer.roles = SimpleNamespace(rollout=ScriptedPool(policy))
+    try:
+        metrics = trainer.held_out_eval()
+    finally:
+        if trainer.agents:
+            trainer.agents.close()
+    sampled_seed = trainer._spec(cfg.ppo.iterations).seed  # the iteration after the last: no training batch's
+    assert [(spec.temperature, spec.n, spec.seed) for spec in policy.specs[:1]] == (
+        [(0.0, 1, None)] if with_tools else [(0.7, 1, sampled_seed)])  # one answer per prompt
+    even = [int(p.split("*")[0]) % 2 == 0 for p in trainer.eval_prompts]
+    assert trainer.eval_prompts == MultiplicationTask().prompts(12, "eval") and 0 < sum(even) < 12
+    assert metrics["eval/gold"] == pytest.approx(sum(even) / 12)
+    if with_tools:
+        assert metrics["eval/tool_calls_per_trajectory"] == 1.0 and metrics["eval/turns_mean"] == 2.0
+        assert metrics["eval/finish_done"] == 1.0 and metrics["eval/tool_errors"] == 0
+    else:
+        assert not any(k.startswith("eval/") and k != "eval/gold" for k in metrics)
+
+
 def test_environment_rewards_replace_the_reward_sources_score_where_given():
     from rlhf_ray.config import load_config
     from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
@@ -565,9 +635,10 @@ def test_agent_config_is_checked_before_any_work():
 
     with pytest.raises(ConfigError) as e:
         load_config(None, ["agent.env=task", "data.task=", "ppo.dynamic_sampling=true", "agent.tool_timeout_s=0",
-                           "rollout.samples_per_prompt=2"])
+                           "rollout.samples_per_prompt=2", "ppo.eval_every=5", "ppo.eval_temperature=-1"])
     for key in ("agent.env: task needs data.task", "ppo.dynamic_sampling: is not supported",
-                "agent.tool_timeout_s: must be > 0"):
+                "agent.tool_timeout_s: must be > 0", "ppo.eval_every: needs data.task",
+                "ppo.eval_temperature: must be >= 0"):
         assert key in str(e.value)
     assert environment_class(load_config(None, ["agent.env=task", "data.task=multiplication"])) is CalculatorEnv
     for env, message in [("task", "data.task 'arithmetic' has no environment"),
