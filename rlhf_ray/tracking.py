@@ -364,7 +364,10 @@ def plot_metrics(run_dir: str | Path, keys: list[str] | None = None, x: str = "i
     import matplotlib.pyplot as plt
 
     rows = read_metrics(run_dir)
-    keys = keys or [k for k in rows[0] if k != x and isinstance(rows[0][k], (int, float))]
+    # Every row's metrics, in order of first appearance: some rows hold only a few (PPO's held-out
+    # evaluation before the first iteration).
+    keys = keys or list(dict.fromkeys(k for r in rows for k, v in r.items()
+                                      if k != x and isinstance(v, (int, float))))
     cols = 3
     n_rows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 2.6 * n_rows), squeeze=False)

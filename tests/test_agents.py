@@ -27,7 +27,7 @@ from rlhf_ray.agents import (
     parse_tool_calls,
 )
 from rlhf_ray.agents.loop import BAD_CALL, AgentRollout
-from rlhf_ray.agents.render import ChatTemplateFormat, PlainFormat, turn_format
+from rlhf_ray.agents.render import ChatTemplateFormat, PlainFormat, demonstration, turn_format
 from rlhf_ray.agents.runner import DIED, GARBAGE, RAISED, TIMEOUT
 from rlhf_ray.agents.trajectory import DONE, MAX_TOKENS, MAX_TURNS
 from rlhf_ray.engines.sampling import Generation, SamplingSpec
@@ -128,10 +128,89 @@ def test_plain_format_lays_out_turns_as_the_demonstrations_do(tokenizer):
     prompt = fmt.prompt_ids("37*58=", [CALC.schema()])
     call = tokenizer(call_text("37*58"), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     observed = fmt.observation_ids([{"role": "tool", "content": "2146"}], call)
-    answer = tokenizer("2146", add_special_tokens=False)["input_ids"]
-    demo = tokenizer(task.transcript(37, 58), add_special_tokens=False)["input_ids"]
+    answer = tokenizer("2146", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    demo = tokenizer(task.transcript(37, 58), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     assert prompt == tokenizer("37*58=")["input_ids"]
     assert call + observed + answer == demo  # RL trajectories and SFT demonstrations share one layout
+    laid_out = demonstration(fmt, tokenizer, "37*58=", task.turns(37, 58))
+    assert (laid_out.prompt_ids, laid_out.response_ids) == (prompt, demo)
+    assert laid_out.policy_mask == [1] * len(call) + [0] * len(observed) + [1] * len(answer)
+    assert [(t.role, t.text) for t in laid_out.turns] == [("assistant", call_text("37*58")),
+                                                          ("tool", "\n<tool_response>2146</tool_response>\n"),
+                                                          ("assistant", "2146")]
+    with pytest.raises(ValueError, match="must start and end with the assistant's"):
+        demonstration(fmt, tokenizer, "37*58=", task.turns(37, 58)[:2])
+
+
+# --- SFT on multi-turn demonstrations -------------------------------------------------------------
+def _sft_batch(tokenizer, n=8):
+    """The calculator task's demonstrations (some call the tool, some answer without it) as SFT's batch."""
+    from rlhf_ray.data.formats import task_sft
+    from rlhf_ray.data.tokenize import encode_examples
+
+    examples = task_sft(MultiplicationTask(), n)
+    assert any(e.turns for e in examples) and not all(e.turns for e in examples)
+    return examples, encode_examples(tokenizer, examples, max_prompt_tokens=16, max_seq_len=160)
+
+
+def test_sft_trains_on_the_policys_turns_and_masks_the_tool_results(tokenizer):
+    examples, batch = _sft_batch(tokenizer)
+    eos = [tokenizer.eos_token_id]
+    for row, example in enumerate(examples):
+        response = batch.response_token_lists()[row]
+        mask = batch.response_mask[row, :len(response)].tolist()
+        assert batch.prompt_token_lists()[row] == tokenizer(example.prompt)["input_ids"]
+        assert response == tokenizer(example.response, add_special_tokens=False)["input_ids"] + eos
+        if not example.turns:  # a one-turn answer: every token is the policy's
+            assert mask == [1] * len(response)
+            continue
+        call, result, _ = (m["content"] for m in example.turns)
+        observation = f"\n<tool_response>{result}</tool_response>\n"
+        n_call, n_observed = (len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in
+                              (call + "</s>", observation))
+        # 0 exactly on the observation (the tool's result and the next turn's prompt), 1 on the
+        # policy's call and answer, each with its end token.
+        assert mask == [1] * n_call + [0] * n_observed + [1] * (len(response) - n_call - n_observed)
+        assert tokenizer.decode(response[n_call: n_call + n_observed]) == observation
+
+
+def _logit_gradients(model, batch, loss_of) -> torch.Tensor:
+    """|d loss_of(model, batch) / d logits| summed over the vocabulary at each position that predicts
+    a response token, ``[B, R]``."""
+    from rlhf_ray.engines import scoring
+
+    scoring.disable_packing(model)  # positions as laid out: position P-1+j predicts response token j
+    captured = {}
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    model.lm_head.register_forward_hook(keep)
+    loss_of(model, batch).backward()
+    P, R = batch.prompt_len, batch.response_mask.shape[1]
+    return captured["logits"].grad[:, P - 1: P - 1 + R].abs().sum(-1)
+
+
+def test_the_sft_loss_gives_the_tool_results_no_gradient(tokenizer):
+    """d(SFT loss)/d(logits) is zero at every position that predicts an observed token of a
+    demonstration (a tool's result), and not at the policy's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf_ray import algo
+    from rlhf_ray.engines import scoring
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id))
+    _, batch = _sft_batch(tokenizer)
+    per_position = _logit_gradients(model, batch, lambda m, b: algo.language_model_loss(
+        scoring.response_logprobs(m, b), b.response_mask))  # the learner's sft_step loss
+    policy = batch.response_mask.bool()
+    observed = batch.attention_mask[:, batch.prompt_len:].bool() & ~policy
+    assert observed.any() and (per_position[observed] == 0).all()
+    assert (per_position[policy] > 0).all()
 
 
 # A Hermes-style template (Qwen 2.5's layout), for the chat-template format on the tiny tokenizer.
@@ -158,6 +237,27 @@ def test_chat_template_observations_continue_the_policys_turn_as_the_template_re
     assert prompt + call + observed == tokenizer(whole, add_special_tokens=False)["input_ids"]
     assert tokenizer.decode(observed) == "\n<s>user\n<tool_response>12</tool_response></s>\n<s>assistant\n"
     assert isinstance(turn_format(build_tokenizer()), PlainFormat)
+
+
+def test_chat_sft_rows_with_tool_turns_train_on_the_last_answer_only(tmp_path, bpe_tokenizer):
+    """A ``messages`` SFT row whose conversation holds a tool call and its result: everything
+    before the last assistant message (the tool's result too) is the prompt, out of the loss."""
+    import json
+
+    from rlhf_ray.data.formats import load_sft
+    from rlhf_ray.data.tokenize import encode_examples
+
+    messages = [{"role": "user", "content": "37*58="}, {"role": "assistant", "content": call_text("37*58")},
+                {"role": "tool", "content": "2146"}, {"role": "assistant", "content": "The product is 2146."}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    [example], _ = load_sft(str(path), tokenizer=bpe_tokenizer)
+    batch = encode_examples(bpe_tokenizer, [example], max_prompt_tokens=256, max_seq_len=512)
+    [response] = batch.response_token_lists()
+    assert bpe_tokenizer.decode(response) == "The product is 2146.<|im_end|>"
+    assert batch.response_mask[0, :len(response)].tolist() == [1] * len(response)
+    context = bpe_tokenizer.decode(batch.prompt_token_lists()[0])
+    assert "<|im_start|>tool\n2146<|im_end|>" in context
 
 
 # --- the built-in calculator task ---------------------------------------------------------------
@@ -201,9 +301,10 @@ class ScriptedPolicy:
     engines = 2
 
     def __init__(self, tokenizer, script):
-        self.tokenizer, self.script, self.answered = tokenizer, script, []
+        self.tokenizer, self.script, self.answered, self.specs = tokenizer, script, [], []
 
     def submit(self, prompt_ids, spec):
+        self.specs.append(spec)
         future = Future()
         generations = []
         for i, ids in enumerate(prompt_ids):
@@ -426,30 +527,88 @@ def test_observed_tokens_get_no_gradient_from_the_policy_objective(tiny_model_di
 
     from rlhf_ray import algo
     from rlhf_ray.actors.learner import policy_objective
-    from rlhf_ray.engines import scoring
     from rlhf_ray.stages.prepare import batch_from_trajectories
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    scoring.disable_packing(model)  # positions as laid out: position P-1+j predicts response token j
     batch, logprobs, _ = batch_from_trajectories(_two_turn_trajectories(), pad_id=0)
     generator = torch.Generator().manual_seed(1)
     batch = batch.with_extras(old_logprobs=logprobs, advantages=torch.randn(logprobs.shape, generator=generator),
                               ref_logprobs=logprobs - 0.3)
-    captured = {}
-
-    def keep(_module, _inputs, output):
-        output.retain_grad()
-        captured["logits"] = output
-
-    model.lm_head.register_forward_hook(keep)
     loss = algo.PolicyLossSpec(kind="ppo", clip_eps=0.2, agg="token-mean")
-    total, _ = policy_objective(model, batch, loss, entropy_coef=0.01, temperature=1.0, distill_coef=0.1)
-    total.backward()
-    P, R = batch.prompt_len, batch.response_mask.shape[1]
-    per_position = captured["logits"].grad[:, P - 1: P - 1 + R].abs().sum(-1)  # [B, R]
+    per_position = _logit_gradients(model, batch, lambda m, b: policy_objective(
+        m, b, loss, entropy_coef=0.01, temperature=1.0, distill_coef=0.1)[0])
     policy = batch.response_mask.bool()
     assert (per_position[~policy] == 0).all()
     assert (per_position[policy] > 0).all()
+
+
+class ScriptedPool:
+    """The rollout pool as PPO's held-out evaluation uses it, answering with a scripted policy."""
+
+    def __init__(self, policy):
+        self.policy, self.lost_engines = policy, []
+
+    def sampler(self):
+        self.policy.dead, self.policy.retried_calls = [], 0
+        return self.policy
+
+    def lost(self, dead, iteration):
+        self.lost_engines += dead
+
+    def submit(self, prompts, ids, spec, version):
+        return self.policy.submit(ids, spec)
+
+    def finish(self, pending, iteration):
+        return pending.result()
+
+
+@pytest.mark.parametrize("with_tools", [True, False])
+def test_ppo_held_out_eval_scores_the_engines_answers_to_held_out_prompts(tokenizer, with_tools):
+    """``ppo.eval_every``: the gold score of the engines' answers (with agent.env, of trajectories
+    that call the tool) to the task's held-out prompts, with the trajectories' tool use."""
+    from types import SimpleNamespace
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
+    from rlhf_ray.stages.eval import held_out_prompts
+    from rlhf_ray.stages.ppo import PPOTrainer
+
+    def script(text):  # asks the calculator, then copies its result: right whenever the first factor is even
+        asked = re.search(r"(\d+)\*(\d+)=", text)
+        result = re.search(r"<tool_response>(\d+)</tool_response>", text)
+        if not with_tools:
+            return str(int(asked[1]) * int(asked[2])) if int(asked[1]) % 2 == 0 else "0"
+        if result is None:
+            return call_text(f"{asked[1]}*{asked[2]}")
+        return result[1] if int(asked[1]) % 2 == 0 else "0"
+
+    # With tools greedy; without, sampled (ppo.eval_temperature) with one fixed seed.
+    cfg = load_config(None, ["data.task=multiplication", "data.num_eval_prompts=12", "ppo.eval_every=5",
+                             *(["agent.env=task", "rollout.max_new_tokens=80"] if with_tools
+                               else ["ppo.eval_temperature=0.7"])])
+    trainer = object.__new__(PPOTrainer)  # the evaluation alone: no actors
+    policy = ScriptedPolicy(tokenizer, script)
+    trainer.cfg, trainer.tokenizer, trainer.stop_ids, trainer.iteration = cfg, tokenizer, (2,), 3
+    trainer.eval_prompts = held_out_prompts(cfg)
+    trainer.gold = gold_reward
+    trainer.agents = MultiTurnRollouts(cfg, tokenizer) if with_tools else None
+    trainer.roles = SimpleNamespace(rollout=ScriptedPool(policy))
+    try:
+        metrics = trainer.held_out_eval()
+    finally:
+        if trainer.agents:
+            trainer.agents.close()
+    sampled_seed = trainer._spec(cfg.ppo.iterations).seed  # the iteration after the last: no training batch's
+    assert [(spec.temperature, spec.n, spec.seed) for spec in policy.specs[:1]] == (
+        [(0.0, 1, None)] if with_tools else [(0.7, 1, sampled_seed)])  # one answer per prompt
+    even = [int(p.split("*")[0]) % 2 == 0 for p in trainer.eval_prompts]
+    assert trainer.eval_prompts == MultiplicationTask().prompts(12, "eval") and 0 < sum(even) < 12
+    assert metrics["eval/gold"] == pytest.approx(sum(even) / 12)
+    if with_tools:
+        assert metrics["eval/tool_calls_per_trajectory"] == 1.0 and metrics["eval/turns_mean"] == 2.0
+        assert metrics["eval/finish_done"] == 1.0 and metrics["eval/tool_errors"] == 0
+    else:
+        assert not any(k.startswith("eval/") and k != "eval/gold" for k in metrics)
 
 
 def test_environment_rewards_replace_the_reward_sources_score_where_given():
@@ -476,9 +635,10 @@ def test_agent_config_is_checked_before_any_work():
 
     with pytest.raises(ConfigError) as e:
         load_config(None, ["agent.env=task", "data.task=", "ppo.dynamic_sampling=true", "agent.tool_timeout_s=0",
-                           "rollout.samples_per_prompt=2"])
+                           "rollout.samples_per_prompt=2", "ppo.eval_every=5", "ppo.eval_temperature=-1"])
     for key in ("agent.env: task needs data.task", "ppo.dynamic_sampling: is not supported",
-                "agent.tool_timeout_s: must be > 0"):
+                "agent.tool_timeout_s: must be > 0", "ppo.eval_every: needs data.task",
+                "ppo.eval_temperature: must be >= 0"):
         assert key in str(e.value)
     assert environment_class(load_config(None, ["agent.env=task", "data.task=multiplication"])) is CalculatorEnv
     for env, message in [("task", "data.task 'arithmetic' has no environment"),

@@ -272,9 +272,13 @@ def test_multi_turn_ppo_trains_on_the_policys_tokens_through_the_pool_and_keeps_
                   f"rollout.stop={stop}", "rollout.engine=hf", "ppo.iterations=2", "ppo.advantage_estimator=grpo",
                   "rollout.samples_per_prompt=2", "ppo.prompts_per_iteration=4", "rollout.num_engines=1",
                   "policy.num_ranks=1", "sync.parity_every=1", "checkpoint.save_final=false",
-                  "logging.samples_per_iteration=8")
+                  "logging.samples_per_iteration=8", "ppo.eval_every=2", "data.num_eval_prompts=4")
     _, history = _fit(cfg)
     assert len(history) == 2 and all(math.isfinite(r["policy_loss"]) for r in history)
+    # The held-out evaluation: greedy trajectories before the first iteration and after the last.
+    evaluated = [r for r in read_metrics(cfg.run_dir) if "eval/gold" in r]
+    assert [r["iteration"] for r in evaluated] == [0, 2] and "eval/gold" not in history[0]
+    assert all(0 <= r["eval/gold"] <= 1 and r["eval/turns_mean"] > 1 for r in evaluated)
     for r in history:
         assert r["agent/turns_mean"] > 1 and r["agent/observed_tokens"] > 0
         # The environment rewards every message it sees; only a trajectory whose first turn was cut

@@ -11,9 +11,14 @@ Only new messages are ever encoded; the policy's turns stay the tokens it genera
 - ``PlainFormat``: for tokenizers without a template (the tiny character model): the prompt
   as text, each tool result as ``<tool_response>...</tool_response>`` on its own line, an
   environment reply on its own line.
+
+``demonstration`` lays out a written conversation (SFT's multi-turn demonstrations) with the same
+format, so SFT sees exactly the tokens and the policy mask a rollout's trajectory would have.
 """
 
 from __future__ import annotations
+
+from rlhf_ray.agents.trajectory import Trajectory
 
 # A stand-in assistant message: the template's text around it is what a real turn gets.
 _STAND_IN = "\ue000"
@@ -71,3 +76,31 @@ class ChatTemplateFormat:
 def turn_format(tokenizer) -> PlainFormat | ChatTemplateFormat:
     """The tokenizer's chat template where it has one, else the plain format."""
     return ChatTemplateFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else PlainFormat(tokenizer)
+
+
+def demonstration(layout: PlainFormat | ChatTemplateFormat, tokenizer, opening: str | list[dict],
+                  turns: list[dict], tools: list[dict] | None = None) -> Trajectory:
+    """A written conversation as the trajectory the rollout would have built of it: ``opening``
+    as the first prompt; each assistant message of ``turns`` as the policy's turn, its text's
+    tokens and the end token (EOS) the policy ends a turn with; each run of other messages (tool
+    results, an environment's replies) as one observation, encoded by ``layout`` after the turn
+    before it. Only the assistant turns are marked the policy's (``policy_mask``); the log-probs
+    are 0 (nobody sampled them)."""
+    if not turns or turns[0]["role"] != "assistant" or turns[-1]["role"] != "assistant":
+        raise ValueError(f"a demonstration's turns must start and end with the assistant's, got "
+                         f"{[m['role'] for m in turns]}")
+    trajectory = Trajectory(0, layout.prompt_ids(opening, tools or []))
+    observed: list[dict] = []
+    for message in turns:
+        if message["role"] != "assistant":
+            observed.append(message)
+            continue
+        if observed:
+            last = trajectory.turns[-1]
+            ids = layout.observation_ids(observed, trajectory.response_ids[last.start: last.end])
+            role = "tool" if all(m["role"] == "tool" for m in observed) else "user"
+            trajectory.add_observation(ids, role, tokenizer.decode(ids, skip_special_tokens=True))
+            observed = []
+        ids = tokenizer(message["content"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        trajectory.add_generation(ids, [0.0] * len(ids), message["content"])
+    return trajectory

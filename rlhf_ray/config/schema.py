@@ -414,11 +414,20 @@ class PPOConfig:
     ptx_data: str = ""  # .txt (a text per line) or JSONL/JSON/Parquet text or prompt/response rows; "" = SFT data
     distill_coef: float = 0.0  # KL(policy || reference) on the rollout tokens, a loss with its own gradient
     distill_kl_estimator: Literal["k2", "k3"] = "k2"  # k2: gradient of KL(policy||ref); k3: of KL(ref||policy)
+    # Held-out gold score (eval/gold in metrics.jsonl) of the engines' answers (with agent.env: whole
+    # trajectories, tools and all) to eval.prompts or the task's held-out prompts, before the first
+    # iteration, every eval_every iterations and after the last; 0 = off. Needs data.task.
+    eval_every: int = 0
+    # 0: greedy answers; else sampled at this temperature (and rollout.top_p) with one fixed seed,
+    # the same at every evaluation: the policy as it samples, not only its most likely answer.
+    eval_temperature: float = 0.0
 
     def problems(self) -> list[Problem]:
         p = _Problems()
         for key in ("iterations", "prompts_per_iteration", "epochs", "minibatches"):
             p.need(getattr(self, key) >= 1, f"ppo.{key}", "must be >= 1")
+        p.need(self.eval_every >= 0, "ppo.eval_every", "must be >= 0 (0: no held-out evaluation)")
+        p.need(self.eval_temperature >= 0, "ppo.eval_temperature", "must be >= 0 (0: greedy)")
         p.need(0 < self.clip_eps < 1, "ppo.clip_eps", "must be in (0, 1)")
         p.need(self.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")
         p.need(0 <= self.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
@@ -684,6 +693,10 @@ class RunConfig:
                f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
                f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
                f"{data.max_prompt_tokens + r.max_new_tokens}")
+        p.need(not ppo.eval_every or bool(data.task), "ppo.eval_every",
+               "needs data.task: the held-out answers are scored by the task's gold scorer")
+        p.need(not ppo.eval_every or data.num_eval_prompts >= 1, "data.num_eval_prompts",
+               "must be >= 1 with ppo.eval_every (the held-out prompts)")
         if r.colocate:
             p.need(r.num_engines == self.policy.num_ranks, "rollout.num_engines",
                    f"{r.num_engines} colocated engines need as many policy ranks to share GPUs with: "

@@ -76,6 +76,9 @@ class DataError(BadInputError):
 class SFTExample:
     prompt: str
     response: str
+    # A multi-turn demonstration's response as messages (assistant turns are the policy's; tool
+    # results and other replies are observed, not trained on); None: the response is one turn.
+    turns: list[dict] | None = None
 
 
 @dataclass
@@ -583,7 +586,7 @@ def _task(task, seed: int = 0):
 
 def task_sft(task, n: int, error_rate: float = 0.1) -> list[SFTExample]:
     """The built-in task's demonstrations (``task`` is a task object or a built-in task name)."""
-    return [SFTExample(r["prompt"], r["response"]) for r in _task(task).sft_examples(n, error_rate)]
+    return [SFTExample(r["prompt"], r["response"], r.get("turns")) for r in _task(task).sft_examples(n, error_rate)]
 
 
 def task_preferences(task, n: int) -> list[PreferencePair]:

@@ -45,11 +45,45 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_prompt
     response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
     if add_eos:
         response_ids = [ids + [tokenizer.eos_token_id] for ids in response_ids]
-    for prompt, response in zip(prompt_ids, response_ids):
+    return _fitted_batch(prompt_ids, response_ids, [[1] * len(ids) for ids in response_ids], max_seq_len,
+                         tokenizer.pad_token_id)
+
+
+def encode_examples(tokenizer, examples: list, max_prompt_tokens: int, max_seq_len: int) -> RolloutBatch:
+    """SFT examples (``formats.SFTExample``) as the learners' batch, row for row: a prompt/response
+    pair as ``encode_pairs`` encodes it; a multi-turn demonstration (one with ``turns``) token for
+    token as the rollout lays out a trajectory (``rlhf_ray.agents.render.demonstration``), its
+    observed tokens (tool results, replies, the next generation prompt) in the sequence with
+    ``response_mask`` 0, so only the policy's turns are trained on."""
+    from rlhf_ray.agents.render import demonstration, turn_format
+
+    layout = turn_format(tokenizer)
+    prompt_ids, response_ids, policy_masks = [], [], []
+    for example in examples:
+        if example.turns:
+            trajectory = demonstration(layout, tokenizer, example.prompt, example.turns)
+            prompt_ids.append(trajectory.prompt_ids[-max_prompt_tokens:])
+            response_ids.append(trajectory.response_ids)
+            policy_masks.append(trajectory.policy_mask)
+        else:
+            pair = encode_pairs(tokenizer, [example.prompt], [example.response], max_prompt_tokens, max_seq_len)
+            prompt_ids += pair.prompt_token_lists()
+            response_ids += pair.response_token_lists()
+            policy_masks.append([1] * len(response_ids[-1]))
+    return _fitted_batch(prompt_ids, response_ids, policy_masks, max_seq_len, tokenizer.pad_token_id)
+
+
+def _fitted_batch(prompt_ids: list[list[int]], response_ids: list[list[int]], policy_masks: list[list[int]],
+                  max_seq_len: int, pad_id: int) -> RolloutBatch:
+    """The rows as a batch, each response cut to fit ``max_seq_len`` with its prompt; an empty
+    prompt takes the response's first token."""
+    for prompt, response, mask in zip(prompt_ids, response_ids, policy_masks):
         if not prompt and response:
             prompt.append(response.pop(0))
-    response_ids = [r[: max(1, max_seq_len - len(p))] for p, r in zip(prompt_ids, response_ids)]
-    return RolloutBatch.from_token_lists(prompt_ids, response_ids, tokenizer.pad_token_id)
+            mask.pop(0)
+    keep = [max(1, max_seq_len - len(p)) for p in prompt_ids]
+    return RolloutBatch.from_token_lists(prompt_ids, [r[:k] for r, k in zip(response_ids, keep)], pad_id,
+                                         [m[:k] for m, k in zip(policy_masks, keep)])
 
 
 def tokenizer_identity(tokenizer) -> tuple[str, str | None]:

@@ -63,10 +63,12 @@ class HFEngine:
         torch.manual_seed(self.seed if spec.seed is None else spec.seed)
         stop = list(spec.stop_token_ids) or [self.eos_id]
         ids, mask = self._left_padded(prompt_token_ids)
+        # Temperature 0 is greedy, as in vLLM.
+        sampling = ({"do_sample": True, "temperature": spec.temperature, "top_p": spec.top_p, "top_k": 0}
+                    if spec.temperature else {"do_sample": False})
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=spec.temperature, top_p=spec.top_p,
-            top_k=0, max_new_tokens=spec.max_new_tokens, min_new_tokens=spec.min_new_tokens,
-            num_return_sequences=spec.n, eos_token_id=stop,
+            input_ids=ids, attention_mask=mask, **sampling, max_new_tokens=spec.max_new_tokens,
+            min_new_tokens=spec.min_new_tokens, num_return_sequences=spec.n, eos_token_id=stop,
             pad_token_id=self.pad_id, output_scores=True, return_dict_in_generate=True)
         new = out.sequences[:, ids.shape[1]:]
         logprobs = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # [B*n, T, V]

@@ -49,12 +49,18 @@ class MultiTurnRollouts:
     def run(self, pool, prompts: list[str], spec: SamplingSpec, iteration: int) -> list[Trajectory]:
         """``spec.n`` trajectories per prompt, prompt-major, on the pool's engines; engines that died
         meanwhile are replaced (or retired) afterwards, as after a single-turn generate phase."""
-        sampler = pool.sampler()
-        trajectories, self.stats = self.rollout.run([{"prompt": p} for p in prompts], spec.n, spec, sampler)
-        self.retried_calls = sampler.retried_calls
+        trajectories, self.stats, self.retried_calls = self.sample(pool, prompts, spec, iteration)
         pool.probe = prep.batch_from_trajectories(trajectories[:4], self.pad_id)[0]  # parity probe of new engines
-        pool.lost(sampler.dead, iteration)
         return trajectories
+
+    def sample(self, pool, prompts: list[str], spec: SamplingSpec, iteration: int) -> tuple[list[Trajectory],
+                                                                                            RolloutStats, int]:
+        """``run`` without keeping anything for the iteration's record (the held-out evaluation's
+        trajectories): the trajectories, their stats and the engine calls sampled again."""
+        sampler = pool.sampler()
+        trajectories, stats = self.rollout.run([{"prompt": p} for p in prompts], spec.n, spec, sampler)
+        pool.lost(sampler.dead, iteration)
+        return trajectories, stats, sampler.retried_calls
 
     def rewards(self, rewards: dict[str, torch.Tensor], trajectories: list[Trajectory]) -> dict[str, torch.Tensor]:
         """The reward sources' ``rewards`` with the environment's reward as the score wherever it

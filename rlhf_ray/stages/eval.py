@@ -49,7 +49,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
     """``{metric: {model name: value}}`` for the metrics that apply: gold score (with a task) and
     reward (with reward models or criteria) of greedy responses to ``prompts``; perplexity of the
     ``references`` (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
-    from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids, tokenizer_identity
+    from rlhf_ray.data.tokenize import encode_examples, encode_prompts, stop_token_ids, tokenizer_identity
     from rlhf_ray.models.loading import load_tokenizer
     from rlhf_ray.tasks import GOLD_REWARD
     from rlhf_ray.tasks.rewards import load_reward_function
@@ -76,8 +76,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
         greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens, stops[path])
                   for path in paths if prompts}
         max_len = min(cfg.data.max_seq_len, ro.max_model_len - 1)
-        reference_batches = {path: encode_pairs(tok, [r.prompt for r in references], [r.response for r in references],
-                                                cfg.data.max_prompt_tokens, max_len)
+        reference_batches = {path: encode_examples(tok, references, cfg.data.max_prompt_tokens, max_len)
                              for path, tok in tokenizers.items() if references}
         reference_logprobs = {path: engines[path].score.remote(b.prompt_token_lists(), b.response_token_lists())
                               for path, b in reference_batches.items()}
@@ -93,8 +92,11 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
                     batch = RolloutBatch.from_token_lists(prompt_ids[path], response_ids, tok.pad_token_id)
                     out["reward"] = ray.get(reward.score.remote(batch, prompts, responses))["score"].mean().item()
             if references:
+                # The policy's tokens only: a multi-turn demonstration's tool results are not its text.
+                batch = reference_batches[path]
                 logprobs = torch.tensor([lp for row in ray.get(reference_logprobs[path]) for lp in row])
-                out["perplexity"] = algo.language_model_loss(logprobs, torch.ones_like(logprobs)).exp().item()
+                policy = torch.cat([mask[:n] for mask, n in zip(batch.response_mask, batch.response_lengths())])
+                out["perplexity"] = algo.language_model_loss(logprobs, policy).exp().item()
     finally:
         for pool in pools.values():
             pool.shutdown()

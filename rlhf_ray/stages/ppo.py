@@ -9,6 +9,8 @@ iteration of RLHF.
 from __future__ import annotations
 
 import math
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -27,10 +29,12 @@ from rlhf_ray.faults import FaultCounter
 from rlhf_ray.stages import prepare as prep
 from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
 from rlhf_ray.stages.common import begin, check_model_fits, prepare_run, resolve_policy_path, reward_sources
+from rlhf_ray.stages.eval import held_out_prompts
 from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.stages.recovery import Recovery
 from rlhf_ray.stages.sft import text_examples
-from rlhf_ray.tasks import GOLD_COMPONENT
+from rlhf_ray.tasks import GOLD_COMPONENT, GOLD_REWARD
+from rlhf_ray.tasks.rewards import load_reward_function
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, open_trackers, plot_metrics
 
 __all__ = ["PPOTrainer", "run_ppo"]
@@ -52,6 +56,9 @@ class PPOTrainer(Recovery):
         self.ptx_examples = (text_examples(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
                              if cfg.ppo.ptx_coef else [])
         self.agents = MultiTurnRollouts(cfg, self.tokenizer) if cfg.agent.enabled else None  # tool-using turns
+        # ppo.eval_every: the held-out prompts and the gold scorer of the answers to them.
+        self.eval_prompts = held_out_prompts(cfg, self.tokenizer) if cfg.ppo.eval_every else []
+        self.gold = load_reward_function(GOLD_REWARD[cfg.data.task]) if cfg.ppo.eval_every else None
         self._reset_state()
         resume = cfg.checkpoint.resume == "auto"
         resume_from = self._resume_point(asked=True) if resume else None  # fails before any actor starts
@@ -152,11 +159,14 @@ class PPOTrainer(Recovery):
 
         self.kl_ctl.update(prepared.kl_per_seq.mean().item(), n_steps=batch.size)
         self.iteration += 1
+        every = ppo.eval_every
+        due = every and (self.iteration % every == 0 or self.iteration == ppo.iterations)
         record = prep.iteration_record(
             self.iteration, position, prepared, scored, rewards, kl_coef, train_stats, guard_metrics, timer.seconds,
             recompute, {"policy_version": version, "policy_lag": self.iteration - 1 - version,
                         "rollout/engines": n_engines, **sampling, **self.faults.metrics(),
-                        **(self.agents.metrics() if self.agents else {})})
+                        **(self.agents.metrics() if self.agents else {}),
+                        **(self.held_out_eval() if due else {})})
         self.metrics.write(record)
         self.prompt_log.write({"iteration": self.iteration, "position": position, "prompts": prompts})
         shown = prompt_texts[: cfg.logging.samples_per_iteration]
@@ -179,6 +189,30 @@ class PPOTrainer(Recovery):
         last = self.iteration + 1 >= self.cfg.ppo.iterations
         self._pending = self._start_generation(self.iteration + 1) if self.cfg.ppo.overlap and not last else None
         return position, version, prompts, generations
+
+    def held_out_eval(self) -> dict[str, float]:
+        """``eval/gold``: the task's gold score of the engines' answers to the held-out prompts,
+        greedy or at ``ppo.eval_temperature``; with ``agent.env`` of whole trajectories (tools and
+        all), whose rollout metrics come along as ``eval/<name>`` (``eval/tool_calls_per_trajectory``, ...)."""
+        start = time.monotonic()
+        temperature = self.cfg.ppo.eval_temperature
+        # Sampled evaluations all draw with the seed of the iteration after the last, which no
+        # training batch uses: the same draws each time, so the curve moves with the policy only.
+        spec = (replace(self._spec(self.cfg.ppo.iterations), temperature=temperature, n=1) if temperature
+                else replace(self._spec(self.iteration), temperature=0.0, top_p=1.0, n=1, seed=None))
+        if self.agents:
+            trajectories, stats, _ = self.agents.sample(self.roles.rollout, self.eval_prompts, spec, self.iteration + 1)
+            response_ids = [t.response_ids for t in trajectories]
+            tool_use = {f"eval/{k.removeprefix('agent/')}": v for k, v in stats.metrics().items()}
+        else:
+            ids = encode_prompts(self.tokenizer, self.eval_prompts, self.cfg.data.max_prompt_tokens)
+            pending = self.roles.rollout.submit(self.eval_prompts, ids, spec, self.iteration)
+            response_ids = [g.response_ids for g in self.roles.rollout.finish(pending, self.iteration + 1)]
+            tool_use = {}
+        responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+        gold = sum(self.gold(self.eval_prompts, responses)) / len(self.eval_prompts)
+        print(f"ppo: held-out gold {gold:.3f} after iteration {self.iteration}")
+        return {"eval/gold": gold, **tool_use, "time/eval_s": time.monotonic() - start}
 
     # --- the phases' remote work --------------------------------------------------------------
     def _texts(self, prompts: list[str], generations: list):
@@ -247,6 +281,8 @@ class PPOTrainer(Recovery):
     # --- the whole run ------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         cfg, history = self.cfg, []
+        if cfg.ppo.eval_every and self.iteration == 0:  # the starting point of the held-out curve
+            self.metrics.write({"iteration": 0, **self.held_out_eval()})
         bar = tqdm(total=cfg.ppo.iterations, initial=self.iteration, desc="ppo", unit="it")
         while self.iteration < cfg.ppo.iterations:
             try:

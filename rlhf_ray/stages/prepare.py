@@ -21,7 +21,7 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch, pad_rows
-from rlhf_ray.data.tokenize import encode_pairs
+from rlhf_ray.data.tokenize import encode_examples
 from rlhf_ray.engines.sampling import Generation
 
 
@@ -263,5 +263,4 @@ def ptx_minibatch(examples: list, rows: int, generator: torch.Generator, tokeniz
     """``rows`` pretraining-mix examples (``ppo.ptx_data``) drawn at random with ``generator`` (the
     iteration's seed makes the draw reproducible), encoded as SFT rows."""
     picks = [examples[i] for i in torch.randint(len(examples), (rows,), generator=generator).tolist()]
-    return encode_pairs(tokenizer, [e.prompt for e in picks], [e.response for e in picks],
-                        data_cfg.max_prompt_tokens, data_cfg.max_seq_len)
+    return encode_examples(tokenizer, picks, data_cfg.max_prompt_tokens, data_cfg.max_seq_len)

@@ -1,4 +1,5 @@
-"""Supervised fine-tuning on DeepSpeed learners: next-token loss on response tokens only.
+"""Supervised fine-tuning on DeepSpeed learners: next-token loss on response tokens only (of a
+multi-turn demonstration, on the policy's turns only: tool results are not the policy's to learn).
 
 Writes ``<run_dir>/model`` (HF folder, safetensors, tokenizer), ``metrics.jsonl`` (one line per
 optimiser step, plus held-out loss per epoch) and ``summary.json``.
@@ -12,7 +13,7 @@ from rlhf_ray.actors.learner import PolicyLearnerActor
 from rlhf_ray.actors.placement import learner_placement_group, learner_spec
 from rlhf_ray.actors.worker_group import WorkerGroup
 from rlhf_ray.config import RunConfig
-from rlhf_ray.data.tokenize import encode_pairs
+from rlhf_ray.data.tokenize import encode_examples
 from rlhf_ray.stages.common import begin, check_lora_targets, prepare_run, resolve_policy_path
 from rlhf_ray.stages.supervised import train_epochs
 from rlhf_ray.tracking import MetricsWriter, open_trackers, plot_metrics
@@ -71,8 +72,7 @@ def run_sft(cfg: RunConfig) -> dict:
           WorkerGroup.launch(PolicyLearnerActor, spec, pol, pg) as learners):  # both closed on any failure too
 
         def encode(rows):
-            return encode_pairs(tokenizer, [r.prompt for r in rows], [r.response for r in rows],
-                                cfg.data.max_prompt_tokens, cfg.data.max_seq_len)
+            return encode_examples(tokenizer, rows, cfg.data.max_prompt_tokens, cfg.data.max_seq_len)
 
         def held_out_loss() -> float:
             if not held_out:

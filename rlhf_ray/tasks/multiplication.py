@@ -72,31 +72,42 @@ class MultiplicationTask:
         salt = {"train": 11, "eval": 12}[split]
         return [f"{a}*{b}=" for a, b in self._pairs(n, salt)]
 
-    def transcript(self, a: int, b: int, expr: str | None = None, answer: int | None = None) -> str:
-        """A demonstration as SFT text: the call, ``</s>`` (the policy's turn ends at its end token),
-        the tool's result and the answer, laid out as the rollout lays them out (``PlainFormat``).
-        ``expr``/``answer`` override what is asked and what is answered (imperfect demonstrations)."""
+    def turns(self, a: int, b: int, expr: str | None = None, answer: int | None = None) -> list[dict]:
+        """A demonstration after its prompt, as messages: the policy's call, the tool's result, the
+        policy's answer. ``expr``/``answer`` override what is asked and what is answered (imperfect
+        demonstrations)."""
         expr = expr or f"{a}*{b}"
         result = calc(expr)
-        return f"{call_text(expr)}</s>\n<tool_response>{result}</tool_response>\n{result if answer is None else answer}"
+        return [{"role": "assistant", "content": call_text(expr)},
+                {"role": "tool", "name": CALC.name, "content": str(result)},
+                {"role": "assistant", "content": str(result if answer is None else answer)}]
+
+    def transcript(self, a: int, b: int, expr: str | None = None, answer: int | None = None) -> str:
+        """``turns`` as one text: the call, ``</s>`` (the policy's turn ends at its end token), the
+        tool's result and the answer, laid out as the rollout lays them out (``PlainFormat``)."""
+        call, result, final = (m["content"] for m in self.turns(a, b, expr, answer))
+        return f"{call}</s>\n<tool_response>{result}</tool_response>\n{final}"
 
     def sft_examples(self, n: int, error_rate: float = 0.1, no_tool_rate: float = 0.25) -> list[dict]:
         """Demonstrations: most call the tool and copy its result; ``error_rate`` of them go wrong
         (a mistyped operand, or a result miscopied) and ``no_tool_rate`` answer without the tool
-        (a guess: the right leading digits, wrong last ones)."""
+        (a guess: the right leading digits, wrong last ones). Rows that call the tool carry their
+        ``turns`` too: SFT lays them out as a trajectory and trains on the policy's turns only."""
         rng = random.Random(self.seed * 7 + 13)
         rows = []
         for a, b in self._pairs(n, salt=13):
             kind = rng.random()
             if kind < no_tool_rate:
-                response = str(a * b + rng.choice([-1, 1]) * rng.randint(1, 9))
-            elif kind < no_tool_rate + error_rate / 2:
-                response = self.transcript(a, b, expr=f"{a}*{b + rng.choice([-1, 1])}")
+                rows.append({"prompt": f"{a}*{b}=", "response": str(a * b + rng.choice([-1, 1]) * rng.randint(1, 9))})
+                continue
+            if kind < no_tool_rate + error_rate / 2:
+                mistake = {"expr": f"{a}*{b + rng.choice([-1, 1])}"}
             elif kind < no_tool_rate + error_rate:
-                response = self.transcript(a, b, answer=a * b + rng.choice([-10, -1, 1, 10]))
+                mistake = {"answer": a * b + rng.choice([-10, -1, 1, 10])}
             else:
-                response = self.transcript(a, b)
-            rows.append({"prompt": f"{a}*{b}=", "response": response})
+                mistake = {}
+            rows.append({"prompt": f"{a}*{b}=", "response": self.transcript(a, b, **mistake),
+                         "turns": self.turns(a, b, **mistake)})
         return rows
 
     def preference_pairs(self, n: int) -> list[dict]:
