@@ -669,8 +669,8 @@ def test_a_turn_whose_engine_died_is_sampled_again_on_another(ray_session):
             return [Generation(i, list(p), [7, 2], [-0.5, -0.5], "stop") for i, p in enumerate(prompt_ids)]
 
     class Pool:
-        engines = {0: Engine(0, StandInEngine.remote(True), None, None),  # noqa: RUF012
-                   1: Engine(1, StandInEngine.remote(False), None, None)}
+        engines = {0: Engine(0, StandInEngine.remote(True), group=None, bundle=0, node=None),  # noqa: RUF012
+                   1: Engine(1, StandInEngine.remote(False), group=None, bundle=0, node=None)}
 
     sampler = PoolSampler(Pool())
     # Fewest calls in flight: the first call goes to engine 0 (which dies), the second to engine 1.

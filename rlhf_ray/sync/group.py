@@ -23,10 +23,25 @@ class SyncGroup:
     rank: int
     world_size: int
     device: torch.device
+    peers: str  # who the other side is, for errors: the learner, or the engine workers
 
     def broadcast(self, tensor: torch.Tensor):
-        """Starts a broadcast from rank 0; returns the work handle (``.wait()`` it)."""
+        """Starts a broadcast from rank 0; returns the work handle (``wait`` for it)."""
         return self.pg.broadcast(tensor, 0)
+
+    def wait(self, work, what: str) -> None:
+        """Waits for ``work`` (its timeout is the group's); a failure or timeout says what was
+        being sent and to or from whom, instead of gloo's or NCCL's bare message."""
+        try:
+            work.wait()
+        except RuntimeError as e:
+            raise RuntimeError(f"weight sync: {what} between {self.peers} failed or timed out "
+                               f"(a peer died or hangs): {e}") from None
+
+    def close(self) -> None:
+        """Tears the communicators down (before joining a new group after an engine was replaced or
+        the engines changed): abort, not a graceful shutdown, since a peer may be dead."""
+        self.pg.abort()
 
 
 def device_for(backend: str) -> torch.device:
@@ -71,11 +86,16 @@ def open_group(
         options = dist.ProcessGroupNCCL.Options()
         options._timeout = timeout
         pg = dist.ProcessGroupNCCL(store, rank, world_size, options)
+        # This process's device, named now: NCCL would otherwise bind the communicator to whatever
+        # device the first tensor is on, or guess from the rank.
+        pg.eager_connect_single_device(device_for(backend))
     else:
         raise ValueError(f"weight sync supports the gloo and nccl backends, got {backend!r}")
-    group = SyncGroup(store, pg, rank, world_size, device_for(backend))
+    peers = (f"learner rank 0 and engine workers 1-{world_size - 1}" if rank == 0
+             else f"engine worker {rank} and learner rank 0 ({master_addr}:{master_port})")
+    group = SyncGroup(store, pg, rank, world_size, device_for(backend), f"{peers} of group {name!r}")
     # A first tiny collective: fails fast on a wrong world size or port instead of at the first sync.
-    group.broadcast(torch.zeros(1, device=group.device)).wait()
+    group.wait(group.broadcast(torch.zeros(1, device=group.device)), "the first broadcast")
     return group
 
 

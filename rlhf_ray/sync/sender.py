@@ -100,18 +100,19 @@ class WeightSender:
             if self.shm_group is not None:
                 buffer = self.segment[offsets[i] : offsets[i] + bucket["nbytes"]]
             else:
-                if in_flight[i % 2] is not None:
-                    in_flight[i % 2].wait()  # the buffer is free once its last broadcast finished
+                if in_flight[i % 2] is not None:  # the buffer is free once its last broadcast finished
+                    self.group.wait(in_flight[i % 2], f"bucket {i - 2} of {len(buckets)}")
                 buffer = self._buffers[i % 2][: bucket["nbytes"]]
             pack_bucket(buffer, bucket, tensors)
             if self.group is not None:
                 work = self.group.broadcast(buffer)
-                works.append(work)
+                works.append((self.group, work, f"bucket {i} of {len(buckets)}"))
                 in_flight[i % 2] = work
             if self.shm_group is not None:
-                works.append(self.shm_group.broadcast(torch.tensor([i], dtype=torch.int64)))
-        for work in works:
-            work.wait()
+                works.append((self.shm_group, self.shm_group.broadcast(torch.tensor([i], dtype=torch.int64)),
+                              f"the notice that bucket {i} of {len(buckets)} is packed"))
+        for group, work, what in works:
+            group.wait(work, what)
         if next(tensors, None) is not None:
             raise ValueError("more tensors than the manifest lists")
         return manifest["total_bytes"]
@@ -122,6 +123,9 @@ class WeightSender:
 
     def close(self) -> None:
         self.close_segment()
+        for group in (self.group, self.shm_group):
+            if group is not None:
+                group.close()
         self.group = self.shm_group = None
         self._buffers = []
 

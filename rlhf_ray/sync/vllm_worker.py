@@ -99,7 +99,7 @@ class WeightSyncWorkerExtension:
             post_next()
             for i in range(len(buckets)):
                 post_next()  # the next bucket travels while this one is loaded
-                works[i].wait()
+                group.wait(works[i], f"bucket {i} of {len(buckets)}")
                 yield i, buffers[i]
                 buffers[i] = None  # vLLM's views keep it alive only as long as they need it
 
@@ -110,8 +110,8 @@ class WeightSyncWorkerExtension:
             # hang: finish the remaining ones even when loading failed.
             while len(works) < len(buckets):
                 post_next()
-            for work in works:
-                work.wait()
+            for i, work in enumerate(works):
+                group.wait(work, f"bucket {i} of {len(buckets)}")
         return manifest["total_bytes"]
 
 
@@ -121,6 +121,8 @@ def _forget_sync(worker) -> None:
     model = _vllm_model(worker)
     worker._rlhf_aliases = tuple(weight_aliases(model)) if model is not None else ()
     quiet_known_reload_warnings(worker._rlhf_aliases)
+    if worker._rlhf_group is not None:
+        worker._rlhf_group.close()
     worker._rlhf_group = worker._rlhf_segment = worker._rlhf_ipc = None
 
 
