@@ -225,3 +225,36 @@ def test_a_learner_step_that_cannot_fit_its_gpu_is_refused():
     (key, message), = model_problems(gpu(["policy.zero_stage=0", "policy.num_ranks=1", "critic.num_ranks=1",
                                           "policy.gradient_checkpointing=true"]), SHAPE_8B)
     assert key == "policy.micro_batch_size" and "optimizer 96.4" in message, message
+
+
+def test_an_engine_share_that_leaves_no_room_to_take_a_weight_sync_is_refused():
+    """What a sync receives lives outside vLLM's share: at 70B the 2.1 GB embedding unsharded and
+    its TP-4 shard, two 1 GB buckets and the communicator's buffers (~5 GB). The shipped 0.9 leaves
+    8 GB of an 80 GB GPU; 0.96 leaves 3.2 GB and is refused with the share that would fit."""
+    from rlhf_ray.config.cluster_fit import sync_receive_bytes
+
+    assert sync_receive_bytes(gpu(path=GPU_70B), SHAPE_70B) / 1e9 == pytest.approx(
+        128256 * 8192 * 2 * 1.25 / 1e9 + 2 * 1.073741824 + 0.3, rel=1e-6)
+    assert model_problems(gpu(path=GPU_70B), SHAPE_70B) == []
+    (key, message), = model_problems(gpu(["rollout.gpu_memory_utilization=0.96"], path=GPU_70B), SHAPE_70B)
+    assert key == "rollout.gpu_memory_utilization"
+    assert ("leaves 3.2 GB outside vLLM, but an engine worker needs ~5.1 GB there to take a weight sync "
+            "(its largest layer of 1051M parameters unsharded and its shard, two sync.bucket_mb=1024 buckets") in message
+    assert "set it to at most 0.94 or a smaller sync.bucket_mb" in message, message
+    # Smaller buckets are the other way out: the largest layer stays, the buckets shrink.
+    assert model_problems(gpu(["rollout.gpu_memory_utilization=0.95", "sync.bucket_mb=64"], path=GPU_70B),
+                          SHAPE_70B) == []
+    # Two engines sharing a GPU share what is left outside both of their shares.
+    (key, message), = model_problems(gpu(["rollout.num_gpus=0.5", "rollout.tensor_parallel_size=1",
+                                          "rollout.gpu_memory_utilization=0.48"]), SHAPE_8B)
+    assert key == "rollout.gpu_memory_utilization" and "for each of 2 engines" in message, message
+
+
+def test_a_reference_that_cannot_fit_its_scorer_gpus_is_refused():
+    """The 70B reference (141 GB in bf16) spread over its 4 GPUs fits; over 2 it does not."""
+    assert model_problems(gpu(path=GPU_70B), SHAPE_70B) == []
+    (key, message), = model_problems(gpu(["scorers.num_gpus=2", "rollout.num_engines=4"], path=GPU_70B), SHAPE_70B)
+    assert key == "scorers.num_gpus"
+    assert message == ("2 GPU(s) of 80 GB hold 128 GB of frozen weights (0.8 of each; the rest is for activations) "
+                       "but the reference, the policy's shape in bfloat16, has 141 GB: give each scorer at least 3 GPUs "
+                       "(its layers are spread over them)")

@@ -42,10 +42,14 @@ def test_buckets_respect_size_and_order():
         ("c", "bfloat16", [3]),
     ]
     man = build_manifest(specs, bucket_bytes=200)
-    assert [[t["name"] for t in b["tensors"]] for b in man["buckets"]] == [["a", "b"], ["big"], ["c"]]
-    assert man["buckets"][1]["nbytes"] == 4000  # oversized: a bucket of its own
+    # 4000 bytes of "big" in parts of 50 elements, each part a bucket of its own: no buffer on
+    # either side is ever larger than a bucket.
+    assert [[t["name"] for t in b["tensors"]] for b in man["buckets"]] == [["a", "b"], *[["big"]] * 20, ["c"]]
+    parts = [t["part"] for b in man["buckets"][1:21] for t in b["tensors"]]
+    assert parts == [[s, s + 50] for s in range(0, 1000, 50)]
     assert all(t["offset"] % mf.ALIGN == 0 for b in man["buckets"] for t in b["tensors"])
-    assert all(b["nbytes"] <= 200 for i, b in enumerate(man["buckets"]) if i != 1)
+    assert all(b["nbytes"] <= 200 for b in man["buckets"])
+    assert man["total_bytes"] == 104 + 4000 + 6
     assert mf.names(man) == ["a", "b", "big", "c"]
 
 
@@ -63,13 +67,15 @@ def test_floating_tensors_travel_in_the_engines_dtype():
 def receive_by_broadcast(port: int, man: dict, syncs: int, out: list) -> None:
     """A receiver thread (rank 1 of 2) of the broadcast transport: one dict of clones per sync."""
     group = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND)
-    for _ in range(syncs):
-        got = {}
-        for bucket in man["buckets"]:
+
+    def arrived():
+        for i, bucket in enumerate(man["buckets"]):
             buf = torch.empty(bucket["nbytes"], dtype=torch.uint8)
             group.broadcast(buf).wait()
-            got.update((n, t.clone()) for n, t in mf.unpack(buf, bucket))
-        out.append(got)
+            yield i, buf
+
+    for _ in range(syncs):
+        out.append({n: t.clone() for n, t in mf.tensors_of(arrived(), man)})
 
 
 def test_transport_roundtrip_in_host_memory():
@@ -82,6 +88,7 @@ def test_transport_roundtrip_in_host_memory():
         "scalar": torch.tensor(2.5),
     }
     man = manifest_for(tensors.items(), bucket_bytes=256)
+    assert any("part" in t for b in man["buckets"] for t in b["tensors"])  # "w" travels in parts
     port, received = free_port(), []
 
     worker = threading.Thread(target=receive_by_broadcast, args=(port, man, 2, received))
@@ -153,12 +160,14 @@ def test_shared_memory_and_broadcast_from_one_pack():
         segment = shm.map_segment(path)
         group = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND, name="shm")
         offsets = shm.bucket_offsets(man)
-        for _ in range(2):
-            out = {}
-            for bucket, off in zip(man["buckets"], offsets):
+
+        def arrived():
+            for i, (bucket, off) in enumerate(zip(man["buckets"], offsets)):
                 group.broadcast(torch.zeros(1, dtype=torch.int64)).wait()  # "bucket packed"
-                out.update((n, t.clone()) for n, t in mf.unpack(segment[off : off + bucket["nbytes"]], bucket))
-            received["shm"].append(out)
+                yield i, segment[off : off + bucket["nbytes"]]
+
+        for _ in range(2):
+            received["shm"].append({n: t.clone() for n, t in mf.tensors_of(arrived(), man)})
 
     workers = [
         threading.Thread(target=receive_shm),
@@ -208,6 +217,10 @@ def test_send_rejects_tensors_out_of_manifest_order():
     tensors = [("a", torch.zeros(2)), ("b", torch.zeros(2))]
     with pytest.raises(ValueError, match="order"):
         sender.send(reversed(tensors), manifest_for(tensors))
+    with pytest.raises(ValueError, match="fewer tensors than the manifest lists: nothing for 'b'"):
+        sender.send(tensors[:1], manifest_for(tensors))
+    with pytest.raises(ValueError, match="more tensors"):
+        sender.send(tensors, manifest_for(tensors[:1]))
 
 
 def test_parity_report_and_errors():
@@ -392,11 +405,13 @@ def cluster(ray_session, tiny_model_dir):
         ray.kill(actor)
 
 
-def connect(sender, engines, layout) -> None:
-    """The driver's own set-up: learner rank 0 and every engine join at the same time."""
+def connect(sender, engines, layout, bucket_bytes: int = 1 << 20) -> None:
+    """The driver's own set-up: learner rank 0 and every engine join at the same time. A shared-
+    memory segment is sized for the manifest of ``bucket_bytes`` (smaller buckets take a little
+    more: each starts aligned)."""
     from rlhf_ray.actors.rollout_pool import open_weight_sync
 
-    open_weight_sync(sender, engines, ray.get(sender.manifest.remote(1 << 20)), layout, HOST_BACKEND)
+    open_weight_sync(sender, engines, ray.get(sender.manifest.remote(bucket_bytes)), layout, HOST_BACKEND)
 
 
 def sync(sender, engines, bucket_bytes: int) -> dict:
@@ -468,8 +483,9 @@ def test_sync_restores_parity_on_every_engine(cluster):
 
 @pytest.mark.slow
 def test_many_small_buckets_and_buffer_reuse(cluster):
-    """Buckets smaller than one attention projection split q/k/v across broadcasts; a second sync
-    with the same plan reuses the receive buffers."""
+    """Buckets smaller than an MLP projection: q/k/v split across broadcasts, and each projection
+    split into parts that vLLM's reload gets whole; a second sync with the same plan reuses the
+    receive buffers."""
     sender, engines, responses = cluster
     for seed in (3, 4):
         ray.get(sender.perturb.remote(seed=seed))
@@ -477,6 +493,9 @@ def test_many_small_buckets_and_buffer_reuse(cluster):
         for engine in engines:
             assert_parity(sender, engine, responses)
     assert len(manifest["buckets"]) > 10
+    assert {t["name"] for b in manifest["buckets"] for t in b["tensors"] if "part" in t} >= {
+        "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"}
+    assert max(b["nbytes"] for b in manifest["buckets"]) <= 40_000
 
 
 @pytest.mark.slow
@@ -488,7 +507,7 @@ def test_auto_uses_shared_memory_on_one_node(cluster):
     sender, engines, responses = cluster
     layout = weight_sync_layout(sender, engines, "auto", 1, detect("cpu"))
     assert layout.uses_shm == [True, True] and layout.broadcast_world == 1
-    connect(sender, engines, layout)
+    connect(sender, engines, layout, bucket_bytes=40_000)
     assert ray.get(sender.segment_names.remote()) == set()
     for seed, bucket_bytes in ((5, mf.DEFAULT_BUCKET_BYTES), (6, 40_000)):
         ray.get(sender.perturb.remote(seed=seed))
@@ -501,7 +520,7 @@ def test_auto_uses_shared_memory_on_one_node(cluster):
 def test_mixed_shared_memory_and_broadcast(cluster):
     """Engine 0 on shared memory, engine 1 as if on another node (broadcast from the same pack)."""
     sender, engines, responses = cluster
-    connect(sender, engines, plan_sync("auto", [True, False], 1, shm_supported=True))
+    connect(sender, engines, plan_sync("auto", [True, False], 1, shm_supported=True), bucket_bytes=100_000)
     ray.get(sender.perturb.remote(seed=7))
     sync(sender, engines, bucket_bytes=100_000)
     for engine in engines:

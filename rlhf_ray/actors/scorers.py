@@ -49,10 +49,13 @@ class ReferenceActor:
     def __init__(self, model_path: str, dtype: str, backend: str, micro_batch_size: int,
                  trust_remote_code: bool = False):
         from rlhf_ray.models.loading import load_causal_lm
+        from rlhf_ray.models.placement import place_frozen
 
         platform = _init_process(backend)
-        self.model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
-        self.model.to(platform.device)  # the accelerator Ray gave this actor (batches follow the model)
+        model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=trust_remote_code).eval()
+        # On the accelerators Ray gave this actor, spread over them when it holds several (batches
+        # follow the model).
+        self.model = place_frozen(model, torch.device(platform.device), f"the reference model {model_path!r}")
         self.micro_batch_size = micro_batch_size
 
     def logprobs(self, batch: RolloutBatch, temperature: float) -> torch.Tensor:
@@ -125,6 +128,7 @@ class RewardActor:
         from rlhf_ray.data.tokenize import tokenizer_identity
         from rlhf_ray.models.heads import RewardModel
         from rlhf_ray.models.loading import has_tokenizer, load_tokenizer
+        from rlhf_ray.models.placement import place_frozen
 
         model = RewardModel.from_pretrained(path, dtype=self.dtype, trust_remote_code=self.trust_remote_code)
         # A folder without a tokenizer was trained on the ids of the policy it was made from.
@@ -132,7 +136,7 @@ class RewardActor:
         if own is not None and self.batch_tokenizer is not None and \
                 tokenizer_identity(own) == tokenizer_identity(self.batch_tokenizer):
             own = None
-        return ScoringModel(model.eval().to(self.device), own)
+        return ScoringModel(place_frozen(model.eval(), torch.device(self.device), f"the reward model {path!r}"), own)
 
     def _judge(self, spec: str):
         """A criterion's judge, ``(batch, prompts, responses) -> scores [B]``, from

@@ -18,6 +18,7 @@ Both return ``[(dotted_key, message), ...]``, the shape of ``RunConfig.validate`
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,8 @@ def model_problems(cfg, model_config: dict[str, Any] | None) -> list[Problem]:
                          f"num_key_value_heads={kv}")))
     problems += learner_memory_problems(cfg, model_config)
     problems += colocated_memory_problems(cfg, model_config)
+    problems += sync_receive_problems(cfg, model_config)
+    problems += reference_memory_problems(cfg, model_config)
     context = model_context_length(model_config)
     if context is not None and cfg.rollout.max_model_len > context:
         problems.append(("rollout.max_model_len",
@@ -276,7 +279,8 @@ def colocated_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem
     need = learner_memory(pol, model_config, cfg.data.max_prompt_tokens + ro.max_new_tokens, True)
     if need is None:
         return []
-    resident = need.weights + need.grads + need.optimizer
+    # The learner's two IPC slots stay allocated across phases (a bucket each).
+    resident = need.weights + need.grads + need.optimizer + 2 * bucket_bytes(cfg)
     engine = ro.gpu_memory_utilization * gpu_gb * 1e9
     if resident + engine <= GPU_MEMORY_USABLE * gpu_gb * 1e9:
         return []
@@ -284,11 +288,98 @@ def colocated_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem
     return [("rollout.gpu_memory_utilization",
              f"{ro.gpu_memory_utilization:g} of a {gpu_gb:g} GB GPU ({engine / 1e9:.0f} GB) for the colocated engine, "
              f"beside the {resident / 1e9:.0f} GB the policy rank keeps while it generates (weights "
-             f"{need.weights / 1e9:.1f}, grads {need.grads / 1e9:.1f}, optimizer {need.optimizer / 1e9:.1f} GB), "
+             f"{need.weights / 1e9:.1f}, grads {need.grads / 1e9:.1f}, optimizer {need.optimizer / 1e9:.1f}, "
+             f"weight-sync slots {2 * bucket_bytes(cfg) / 1e9:.1f} GB), "
              f"exceeds the ~{GPU_MEMORY_USABLE * gpu_gb:.0f} GB usable: "
              + (f"set it to at most {room:.2f}" if room >= 0.05 else "no share is left")
              + (", or policy.offload_optimizer=true" if not pol.offload_optimizer and pol.zero_stage >= 1 else "")
              + (", or more policy.num_ranks" if pol.zero_stage >= 1 else ""))]
+
+
+# Of a scorer's GPUs, what a frozen model's weights may take (models/placement.py spreads them);
+# the rest holds a micro-batch's activations and logits.
+SCORER_WEIGHT_SHARE = 0.8
+
+
+def reference_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem]:
+    """A reference (the policy's shape, in ``model.dtype``) whose weights cannot fit the GPUs of
+    its actor, ``scorers.num_gpus`` of them, spread layer by layer."""
+    gpu_gb, sc = cfg.cluster.gpu_memory_gb, cfg.scorers
+    params = parameter_count(model_config)
+    if gpu_gb <= 0 or sc.num_gpus <= 0 or params is None:
+        return []
+    weights = params * (4 if cfg.model.dtype == "float32" else 2)
+    room = SCORER_WEIGHT_SHARE * sc.num_gpus * gpu_gb * 1e9
+    if weights <= room:
+        return []
+    gpus = math.ceil(weights / (SCORER_WEIGHT_SHARE * gpu_gb * 1e9))
+    return [("scorers.num_gpus",
+             (f"{sc.num_gpus:g} GPU(s) of {gpu_gb:g} GB hold {room / 1e9:.0f} GB of frozen weights "
+              f"({SCORER_WEIGHT_SHARE:g} of each; the rest is for activations) but the reference, the policy's shape "
+              f"in {cfg.model.dtype}, has {weights / 1e9:.0f} GB: give each scorer at least {gpus} GPUs "
+              f"(its layers are spread over them)"))]
+
+
+def bucket_bytes(cfg) -> int:
+    """The largest bucket a weight sync sends: ``sync.bucket_mb`` (larger tensors travel in parts)."""
+    return cfg.sync.bucket_mb << 20
+
+
+def largest_layer_elements(model_config: dict[str, Any]) -> int | None:
+    """Elements of the largest layer vLLM loads as one: the embedding or LM head, the fused q/k/v
+    projection, or the fused gate/up projection; None when the config lacks a field it needs."""
+    h, vocab, inter, heads = (model_config.get(k) for k in ("hidden_size", "vocab_size", "intermediate_size",
+                                                             "num_attention_heads"))
+    if not all(isinstance(v, int) and v > 0 for v in (h, vocab, inter, heads)):
+        return None
+    kv = model_config.get("num_key_value_heads") or heads
+    head_dim = model_config.get("head_dim") or h // heads
+    return max(vocab * h, h * (heads + 2 * kv) * head_dim, 2 * h * inter)
+
+
+# The weight-sync communicator's own device buffers on an engine worker (NCCL_BUFFSIZE, 4 MiB per
+# channel and direction, up to 32 channels), beside the receive buffers.
+SYNC_COMMUNICATOR_BYTES = 0.3e9
+
+
+def sync_receive_bytes(cfg, model_config: dict[str, Any]) -> float | None:
+    """Device memory one engine worker needs outside vLLM's share to take a weight sync. Every
+    tensor-parallel worker receives whole, unsharded buckets; vLLM's in-place reload keeps the
+    tensors of a layer until the whole layer arrived, then builds the layer's shard before copying
+    it into place; the next bucket is in flight meanwhile. So: the largest layer unsharded and
+    its shard, two buckets, and the communicator's buffers."""
+    elements = largest_layer_elements(model_config)
+    if elements is None:
+        return None
+    layer = elements * (4 if cfg.model.dtype == "float32" else 2)  # on the wire in the engine's dtype
+    return layer * (1 + 1 / cfg.rollout.tensor_parallel_size) + 2 * bucket_bytes(cfg) + SYNC_COMMUNICATOR_BYTES
+
+
+def sync_receive_problems(cfg, model_config: dict[str, Any]) -> list[Problem]:
+    """Engines on their own GPUs whose ``rollout.gpu_memory_utilization`` leaves too little of the
+    GPU to take a weight sync (vLLM's share is its own; what a sync receives lives outside it).
+    Colocated engines receive while their KV cache sleeps, so the generate phase bounds them."""
+    gpu_gb, ro = cfg.cluster.gpu_memory_gb, cfg.rollout
+    if gpu_gb <= 0 or ro.colocate or ro.num_gpus <= 0:
+        return []
+    need = sync_receive_bytes(cfg, model_config)
+    if need is None:
+        return []
+    engines_per_gpu = max(1, round(1 / ro.num_gpus))  # a fractional share: engines beside each other
+    outside = (1 - ro.gpu_memory_utilization * engines_per_gpu) * gpu_gb * 1e9
+    if engines_per_gpu * need <= outside:
+        return []
+    elements = largest_layer_elements(model_config)
+    most = (1 - engines_per_gpu * need / (gpu_gb * 1e9)) / engines_per_gpu
+    return [("rollout.gpu_memory_utilization",
+             f"{ro.gpu_memory_utilization:g} of a {gpu_gb:g} GB GPU"
+             + (f" for each of {engines_per_gpu} engines" if engines_per_gpu > 1 else "")
+             + f" leaves {max(0.0, outside) / 1e9:.1f} GB outside vLLM, but an engine worker needs "
+             f"~{need / 1e9:.1f} GB there to take a weight sync (its largest layer of {elements / 1e6:.0f}M "
+             f"parameters unsharded and its shard, two sync.bucket_mb={cfg.sync.bucket_mb} buckets, "
+             f"the sync group's buffers): "
+             + (f"set it to at most {most:.2f}" if most >= 0.05 else "give each engine a whole GPU")
+             + (" or a smaller sync.bucket_mb" if cfg.sync.bucket_mb > 64 else ""))]
 
 
 # The config fields vLLM reads a model's context length from; the smallest present one wins.

@@ -494,9 +494,9 @@ class SafeguardsConfig:
 
 @dataclass
 class SyncConfig:
-    bucket_mb: int = 64  # weights travel in flat buckets of at most this size
+    bucket_mb: int = 64  # weights travel in flat buckets of at most this size (larger tensors in parts)
     # broadcast: gloo/NCCL to every engine; shm: through a shared-memory segment (engines on the
-    # learner's node, CPU only; the GPU twin, CUDA IPC, is not built); auto: shm where it can, broadcast for the rest
+    # learner's node, CPU only; its GPU twin, CUDA IPC, is rollout.colocate's); auto: shm where it can, broadcast for the rest
     transport: Literal["broadcast", "shm", "auto"] = "broadcast"
     parity_every: int = 0  # parity check after every N-th sync; 0 = never
     # What a parity check accepts between learner and engine; 0: model.dtype's default

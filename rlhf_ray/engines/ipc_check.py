@@ -42,7 +42,7 @@ def ipc_handover(model_dir: str, device: str, dtype: str, syncs: int = 2) -> dic
     # About 8 buckets whatever the model's size, so the two slots are reused several times.
     manifest = mf.manifest_for(learner.state_dict().items(), bucket_bytes=max(1 << 12, total // 8), dtype=wire)
     expected = []
-    tensors = iter(learner.state_dict().items())
+    tensors = mf.per_entry(learner.state_dict().items(), manifest)
     for bucket in manifest["buckets"]:
         packed = torch.empty(bucket["nbytes"], dtype=torch.uint8)
         pack_bucket(packed, bucket, tensors)

@@ -122,7 +122,7 @@ class IpcSender:
     def send(self, named_tensors: Iterable[tuple[str, torch.Tensor]], manifest: dict) -> int:
         """Packs every bucket of ``manifest`` from ``named_tensors`` (same names, same order) into
         the slots, one bucket ahead of the engine; returns the bytes handed over."""
-        sync, tensors, buckets = self.syncs, iter(named_tensors), manifest["buckets"]
+        sync, tensors, buckets = self.syncs, mf.per_entry(named_tensors, manifest), manifest["buckets"]
         self.syncs += 1
         too_big = [b["nbytes"] for b in buckets if b["nbytes"] > self.slots[0].numel()]
         if too_big:

@@ -5,13 +5,19 @@ vLLM's ``collective_rpc``. Both sides derive every byte offset from it, so they 
 
     {"bucket_bytes": int, "total_bytes": int,
      "buckets": [{"nbytes": int,
-                  "tensors": [{"name": str, "dtype": "float32", "shape": [..], "offset": int}]}]}
+                  "tensors": [{"name": str, "dtype": "float32", "shape": [..], "offset": int,
+                               "part": [start, stop]}]}]}
+
+``part`` (only on a tensor larger than a bucket) is the range of the flattened tensor's elements
+that this bucket carries: such a tensor is split over consecutive buckets of its own, so no bucket,
+and no send or receive buffer, is larger than ``bucket_bytes`` (a 70B model's 2.1 GB embedding
+would otherwise need two such buffers on every engine worker, beside vLLM's memory).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -33,6 +39,9 @@ def to_dtype(name: str) -> torch.dtype:
 
 
 def tensor_nbytes(spec: dict) -> int:
+    """The bytes of ``spec`` in its bucket: the whole tensor, or its part."""
+    if "part" in spec:
+        return (spec["part"][1] - spec["part"][0]) * to_dtype(spec["dtype"]).itemsize
     return math.prod(spec["shape"]) * to_dtype(spec["dtype"]).itemsize
 
 
@@ -45,12 +54,12 @@ def build_manifest(
     wire_dtype: str | torch.dtype | None = None,
 ) -> dict:
     """Groups ``(name, dtype, shape)`` in the given order into buckets of at most
-    ``bucket_bytes``; a tensor larger than that gets a bucket of its own. Order is kept because
-    vLLM's loaders finish a layer as soon as all of its tensors arrived. With ``wire_dtype`` (the
-    engines' dtype), floating-point tensors travel in it: the sender casts as it packs, so a bf16
-    engine gets bf16 bytes from fp32 weights (half the traffic) and loads what it computes with."""
-    if bucket_bytes <= 0:
-        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    ``bucket_bytes``; a larger tensor is split into parts over buckets of its own. Order is kept
+    because vLLM's loaders finish a layer as soon as all of its tensors arrived. With ``wire_dtype``
+    (the engines' dtype), floating-point tensors travel in it: the sender casts as it packs, so a
+    bf16 engine gets bf16 bytes from fp32 weights (half the traffic) and loads what it computes with."""
+    if bucket_bytes < ALIGN:
+        raise ValueError(f"bucket_bytes must be at least {ALIGN}, got {bucket_bytes}")
     wire = to_dtype(wire_dtype) if isinstance(wire_dtype, str) else wire_dtype
     buckets: list[dict] = []
     current: dict | None = None
@@ -58,10 +67,16 @@ def build_manifest(
         dtype = to_dtype(dtype) if isinstance(dtype, str) else dtype
         if wire is not None and dtype.is_floating_point:
             dtype = wire
-        dtype = dtype_name(dtype)
-        entry = {"name": name, "dtype": dtype, "shape": [int(s) for s in shape], "offset": 0}
+        entry = {"name": name, "dtype": dtype_name(dtype), "shape": [int(s) for s in shape], "offset": 0}
         size = tensor_nbytes(entry)
-        if current is not None and current["tensors"] and _aligned(current["nbytes"]) + size > bucket_bytes:
+        if size > bucket_bytes:
+            numel, per_bucket = math.prod(entry["shape"]), bucket_bytes // dtype.itemsize
+            for start in range(0, numel, per_bucket):
+                part = {**entry, "part": [start, min(numel, start + per_bucket)]}
+                buckets.append({"nbytes": tensor_nbytes(part), "tensors": [part]})
+            current = None
+            continue
+        if current is not None and _aligned(current["nbytes"]) + size > bucket_bytes:
             current = None
         if current is None:
             current = {"nbytes": 0, "tensors": []}
@@ -86,14 +101,45 @@ def manifest_for(
 
 
 def names(manifest: dict) -> list[str]:
-    return [t["name"] for b in manifest["buckets"] for t in b["tensors"]]
+    """The tensors' names in sending order, each once."""
+    return [t["name"] for b in manifest["buckets"] for t in b["tensors"] if t.get("part", [0])[0] == 0]
 
 
 def view(buffer: torch.Tensor, entry: dict) -> torch.Tensor:
-    """The tensor ``entry`` of a bucket as a view (no copy) into the bucket's flat uint8 buffer."""
+    """The tensor ``entry`` of a bucket as a view (no copy) into the bucket's flat uint8 buffer;
+    a part is a flat view of its elements."""
     raw = buffer[entry["offset"] : entry["offset"] + tensor_nbytes(entry)]
-    return raw.view(to_dtype(entry["dtype"])).view(entry["shape"])
+    return raw.view(to_dtype(entry["dtype"])).view(-1 if "part" in entry else entry["shape"])
 
 
-def unpack(buffer: torch.Tensor, bucket: dict) -> list[tuple[str, torch.Tensor]]:
-    return [(t["name"], view(buffer, t)) for t in bucket["tensors"]]
+def per_entry(named_tensors: Iterable[tuple[str, torch.Tensor]], manifest: dict):
+    """The sender's ``(name, tensor)`` pairs once per manifest entry (a tensor split into k parts
+    comes k times), then whatever is left beyond the manifest, for the sender to refuse."""
+    tensors = iter(named_tensors)
+    current = None
+    for bucket in manifest["buckets"]:
+        for entry in bucket["tensors"]:
+            if current is None or entry.get("part", [0])[0] == 0:
+                current = next(tensors, None)
+                if current is None:
+                    raise ValueError(f"fewer tensors than the manifest lists: nothing for {entry['name']!r}")
+            yield current
+    yield from tensors
+
+
+def tensors_of(arrived: Iterable[tuple[int, torch.Tensor]], manifest: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` for every tensor of the ``(i, bucket i)`` pairs in ``arrived``: views into
+    the buckets, and a tensor sent in parts assembled in one buffer and given once its last part came."""
+    whole: torch.Tensor | None = None
+    for i, buffer in arrived:
+        for entry in manifest["buckets"][i]["tensors"]:
+            if "part" not in entry:
+                yield entry["name"], view(buffer, entry)
+                continue
+            start, stop = entry["part"]
+            if start == 0:
+                whole = torch.empty(math.prod(entry["shape"]), dtype=to_dtype(entry["dtype"]), device=buffer.device)
+            whole[start:stop].copy_(view(buffer, entry))
+            if stop == whole.numel():
+                yield entry["name"], whole.view(entry["shape"])
+                whole = None

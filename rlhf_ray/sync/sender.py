@@ -86,7 +86,7 @@ class WeightSender:
         of bucket k (the broadcasts run on gloo's threads)."""
         if self.group is None and self.shm_group is None:
             raise RuntimeError("WeightSender.open() must be called before send()")
-        tensors = iter(named_tensors)
+        tensors = mf.per_entry(named_tensors, manifest)
         buckets = manifest["buckets"]
         if self.shm_group is not None:
             if shm.segment_bytes(manifest) > self.segment.numel():
@@ -139,11 +139,14 @@ class WeightSender:
 
 
 def pack_bucket(buffer: torch.Tensor, bucket: dict, tensors) -> None:
-    """Copies the next tensors of ``tensors`` (an iterator of ``(name, tensor)``) into ``buffer``
-    as ``bucket`` lays them out, cast to the manifest's dtype."""
+    """Copies the next tensors of ``tensors`` (``manifest.per_entry``'s iterator: one ``(name,
+    tensor)`` per entry) into ``buffer`` as ``bucket`` lays them out, cast to the manifest's dtype."""
     for entry in bucket["tensors"]:
         name, tensor = next(tensors)
         if name != entry["name"]:
             raise ValueError(f"tensor order differs from the manifest: got {name!r}, expected {entry['name']!r}")
         view = mf.view(buffer, entry)
-        view.copy_(tensor.detach().reshape(view.shape))
+        if "part" in entry:
+            view.copy_(tensor.detach().reshape(-1)[entry["part"][0] : entry["part"][1]])
+        else:
+            view.copy_(tensor.detach().reshape(view.shape))

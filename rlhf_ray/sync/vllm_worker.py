@@ -129,11 +129,10 @@ def _forget_sync(worker) -> None:
 def _load_buckets(worker, manifest: dict, arrived, load: bool, device: torch.device) -> None:
     """Loads the ``(i, bucket i)`` pairs of ``arrived`` into the worker's model as they come, or
     with ``load=False`` copies them into a scratch buffer."""
-    buckets = manifest["buckets"]
     if load:
         # reload_weights, not model.load_weights: it restores the loaders that the first load
         # consumed (calling load_weights again fails on CPU) and copies into the live storage.
-        worker.reload_weights(weights_iterator=(w for i, buf in arrived for w in mf.unpack(buf, buckets[i])))
+        worker.reload_weights(weights_iterator=mf.tensors_of(arrived, manifest))
         reprocess_weight_aliases(worker._rlhf_aliases)
     else:
         offsets = shm.bucket_offsets(manifest)
