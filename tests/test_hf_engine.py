@@ -98,6 +98,15 @@ def test_weight_sync_replaces_every_weight(tiny_model_dir):
     sending.start()
     assert engine.receive_weights(manifest) == manifest["total_bytes"]
     sending.join()
-    sender.close()
     for name, tensor in engine.model.state_dict().items():
         assert torch.equal(tensor, new[name]), name
+    # bf16 bytes to an fp32 engine: refused, nothing loaded, and the sender is not left hanging.
+    bf16 = build_manifest([(k, v.dtype, tuple(v.shape)) for k, v in new.items()], 1 << 16, wire_dtype="bfloat16")
+    sending = threading.Thread(target=sender.send, args=(iter({k: v + 1 for k, v in new.items()}.items()), bf16))
+    sending.start()
+    with pytest.raises(ValueError, match="sends bfloat16 weights to an engine that computes in float32"):
+        engine.receive_weights(bf16)
+    sending.join(timeout=60)
+    assert not sending.is_alive()
+    sender.close()
+    assert all(torch.equal(t, new[n]) for n, t in engine.model.state_dict().items())

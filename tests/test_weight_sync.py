@@ -261,12 +261,22 @@ def test_parity_tolerance_by_dtype_passes_kernel_noise_and_catches_a_broken_sync
         check_greedy_parity([[1, 2], [3, 4]], [[9, 9], [9, 9]], bf16.greedy_agreement)
 
 
+class Llama3RotaryEmbedding(torch.nn.Module):
+    """What vLLM's Llama-3 rotary layer holds: a computed cos/sin cache, no parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cos_sin_cache", torch.zeros(16, 4), persistent=False)
+
+
 class TiedToy(torch.nn.Module):
-    """An embedding and an output layer that holds the embedding's parameter, as vLLM ties them."""
+    """An embedding and an output layer that holds the embedding's parameter, as vLLM ties them,
+    and a rotary layer of Llama-3's class."""
 
     def __init__(self):
         super().__init__()
         self.embed = torch.nn.Embedding(8, 4)
+        self.rotary = Llama3RotaryEmbedding()
         self.norm = torch.nn.LayerNorm(4)
         self.head = torch.nn.Linear(4, 8, bias=False)
         self.head.weight = self.embed.weight
@@ -283,7 +293,8 @@ def test_weight_aliases_are_the_later_holders_of_a_shared_parameter():
 
 
 def test_only_the_expected_reload_warnings_are_dropped():
-    """The rotary cache always, a tied head's layer class once it is named; any other still shows."""
+    """The rotary cache always, a tied head's and a computed layer's class (Llama-3's rotary) once
+    they are named; any other still shows."""
     import logging
 
     from rlhf_ray.sync import vllm_worker
@@ -296,8 +307,11 @@ def test_only_the_expected_reload_warnings_are_dropped():
     try:
         vllm_worker.quiet_known_reload_warnings()
         logger.warning("%s: Failed to load weights", "Linear")
-        vllm_worker.quiet_known_reload_warnings(vllm_worker.weight_aliases(TiedToy()))  # again: one filter
-        for layer in ("RotaryEmbedding", "QKVParallelLinear", "Linear", "Embedding"):
+        toy = TiedToy()
+        assert vllm_worker.computed_layers(toy) == [toy.rotary]
+        vllm_worker.quiet_known_reload_warnings([*vllm_worker.weight_aliases(toy),
+                                                 *vllm_worker.computed_layers(toy)])  # again: one filter
+        for layer in ("RotaryEmbedding", "Llama3RotaryEmbedding", "QKVParallelLinear", "Linear", "Embedding"):
             logger.warning("%s: Failed to load weights", layer)
     finally:
         logger.removeHandler(handler)

@@ -100,6 +100,17 @@ def manifest_for(
     return build_manifest(((name, t.dtype, t.shape) for name, t in named_tensors), bucket_bytes, dtype)
 
 
+def check_wire_dtype(manifest: dict, engine_dtype: torch.dtype) -> None:
+    """Refuses floating-point tensors sent in another dtype than the engine computes in: the loader
+    would cast them silently, and the parity check would then blame the kernels (OpenRLHF asserts
+    the same)."""
+    sent = {t["dtype"] for b in manifest["buckets"] for t in b["tensors"] if to_dtype(t["dtype"]).is_floating_point}
+    if sent - {dtype_name(engine_dtype)}:
+        raise ValueError(f"weight sync: the manifest sends {', '.join(sorted(sent))} weights to an engine that computes "
+                         f"in {dtype_name(engine_dtype)}: build it with wire_dtype={dtype_name(engine_dtype)} "
+                         f"(model.dtype)")
+
+
 def names(manifest: dict) -> list[str]:
     """The tensors' names in sending order, each once."""
     return [t["name"] for b in manifest["buckets"] for t in b["tensors"] if t.get("part", [0])[0] == 0]

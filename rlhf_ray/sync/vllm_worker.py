@@ -120,7 +120,7 @@ def _forget_sync(worker) -> None:
     reload puts the same parameters back, so what is tied stays tied."""
     model = _vllm_model(worker)
     worker._rlhf_aliases = tuple(weight_aliases(model)) if model is not None else ()
-    quiet_known_reload_warnings(worker._rlhf_aliases)
+    quiet_known_reload_warnings([*worker._rlhf_aliases, *(computed_layers(model) if model is not None else ())])
     if worker._rlhf_group is not None:
         worker._rlhf_group.close()
     worker._rlhf_group = worker._rlhf_segment = worker._rlhf_ipc = None
@@ -130,6 +130,7 @@ def _load_buckets(worker, manifest: dict, arrived, load: bool, device: torch.dev
     """Loads the ``(i, bucket i)`` pairs of ``arrived`` into the worker's model as they come, or
     with ``load=False`` copies them into a scratch buffer."""
     if load:
+        mf.check_wire_dtype(manifest, _engine_dtype(worker))
         # reload_weights, not model.load_weights: it restores the loaders that the first load
         # consumed (calling load_weights again fails on CPU) and copies into the live storage.
         worker.reload_weights(weights_iterator=mf.tensors_of(arrived, manifest))
@@ -139,6 +140,12 @@ def _load_buckets(worker, manifest: dict, arrived, load: bool, device: torch.dev
         scratch = _scratch_buffer(worker, shm.segment_bytes(manifest), device)
         for i, buf in arrived:
             scratch[offsets[i] : offsets[i] + buf.numel()].copy_(buf)
+
+
+def _engine_dtype(worker) -> torch.dtype:
+    """What the engine computes in: vLLM's model config's dtype, or the HF receiver's model's."""
+    config = getattr(worker, "model_config", None)
+    return config.dtype if config is not None else worker.model.dtype
 
 
 def _vllm_model(worker) -> torch.nn.Module | None:
@@ -158,6 +165,14 @@ def weight_aliases(model: torch.nn.Module) -> list[torch.nn.Module]:
             aliases.append(module)
         seen.update(id(p) for p in params)
     return aliases
+
+
+def computed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Layers with buffers but no parameters of their own: computed at start (a rotary cos/sin
+    cache, whatever the class: Llama-3's ``Llama3RotaryEmbedding``, YaRN's, ...), never in a
+    checkpoint, so a reload never sends them anything."""
+    return [m for m in model.modules()
+            if next(m.parameters(recurse=False), None) is None and next(m.buffers(recurse=False), None) is not None]
 
 
 def reprocess_weight_aliases(aliases: tuple[torch.nn.Module, ...]) -> int:
@@ -212,9 +227,10 @@ def _host_buffers(worker, manifest: dict) -> list[torch.Tensor]:
 
 
 # vLLM's in-place reload warns "<layer>: Failed to load weights" for every layer that received no
-# tensor, at every sync. Two are expected of a healthy model: the rotary cos/sin cache (computed,
-# never in a checkpoint; vLLM puts the current one back) and a tied LM head (its weight arrives
-# under the embedding's name; ``reprocess_weight_aliases`` refreshes it). Other layers still warn.
+# tensor, at every sync. Two kinds are expected of a healthy model: computed layers such as the
+# rotary cos/sin cache (never in a checkpoint; vLLM puts the current one back; ``computed_layers``)
+# and a tied LM head (its weight arrives under the embedding's name; ``reprocess_weight_aliases``
+# refreshes it). Other layers still warn.
 _RELOAD_LOGGER = "vllm.model_executor.model_loader.reload.layerwise"
 
 
@@ -233,7 +249,7 @@ class _ExpectedReloadWarnings(logging.Filter):
 
 def quiet_known_reload_warnings(aliases: list[torch.nn.Module] = ()) -> None:
     """Drops vLLM's reload warnings that every sync of a healthy model gives, including those of
-    the layers in ``aliases`` (from :func:`weight_aliases`). Idempotent."""
+    the layers in ``aliases`` (from :func:`weight_aliases` and :func:`computed_layers`). Idempotent."""
     logger = logging.getLogger(_RELOAD_LOGGER)
     known = next((f for f in logger.filters if isinstance(f, _ExpectedReloadWarnings)), None)
     if known is None:
