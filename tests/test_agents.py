@@ -239,6 +239,19 @@ def test_chat_template_observations_continue_the_policys_turn_as_the_template_re
     assert isinstance(turn_format(build_tokenizer()), PlainFormat)
 
 
+def test_a_prompt_from_a_chat_file_opens_the_trajectory_once_templated(bpe_tokenizer):
+    """data.prompts rows of messages arrive rendered (``ChatPrompt``); the trajectory starts from
+    their messages, not from that text wrapped in a second user turn."""
+    from rlhf_ray.data.formats import ChatPrompt, render_prompt
+
+    messages = [{"role": "system", "content": "Use the calculator."}, {"role": "user", "content": "3*4="}]
+    rendered = ChatPrompt(render_prompt(messages, bpe_tokenizer), messages)
+    fmt = turn_format(bpe_tokenizer)
+    ids = fmt.prompt_ids(rendered, [CALC.schema()])
+    assert ids == fmt.prompt_ids(messages, [CALC.schema()])
+    assert bpe_tokenizer.decode(ids).count("<|im_start|>user") == 1
+
+
 def test_chat_sft_rows_with_tool_turns_train_on_the_last_answer_only(tmp_path, bpe_tokenizer):
     """A ``messages`` SFT row whose conversation holds a tool call and its result: everything
     before the last assistant message (the tool's result too) is the prompt, out of the loss."""

@@ -19,6 +19,7 @@ format, so SFT sees exactly the tokens and the policy mask a rollout's trajector
 from __future__ import annotations
 
 from rlhf_ray.agents.trajectory import Trajectory
+from rlhf_ray.data.formats import ChatPrompt
 
 # A stand-in assistant message: the template's text around it is what a real turn gets.
 _STAND_IN = "\ue000"
@@ -26,6 +27,10 @@ _BASE = [{"role": "user", "content": "-"}, {"role": "assistant", "content": _STA
 
 
 def _messages(opening: str | list[dict]) -> list[dict]:
+    """The opening as messages. A prompt from a chat file (``ChatPrompt``) is the text its messages
+    were already rendered to: its messages, not that text inside another user turn."""
+    if isinstance(opening, ChatPrompt):
+        return opening.messages
     return [{"role": "user", "content": opening}] if isinstance(opening, str) else opening
 
 
