@@ -55,6 +55,20 @@ def test_a_reward_model_keeps_its_head_beside_the_last_layer():
     assert device_map["head"] == device_map["backbone.norm"] == device_map["backbone.layers.79"] == 3
 
 
+def test_a_tied_lm_head_stays_on_the_gpu_of_the_embedding_it_shares():
+    """Qwen2.5-3B's shape, tied: one tensor cannot live on two GPUs, so the head goes where the
+    embedding is (the pass comes back to the first GPU for the logits)."""
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+                         intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True)
+    model = meta(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    device_map = spread_device_map(model, [4_000_000_000] * 2, "the reference model")
+    assert device_map["lm_head"] == device_map["model.embed_tokens"] == 0
+    assert device_map["model.layers.35"] == 1
+
+
 def test_a_model_that_does_not_fit_its_gpus_is_refused_naming_the_key():
     model = meta(lambda: AutoModelForCausalLM.from_config(LLAMA_70B, dtype=torch.bfloat16))
     with pytest.raises(BadInputError, match=r"the reference model \(141.\d GB of weights\) does not fit the 2 GPU\(s\) "
