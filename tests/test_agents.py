@@ -252,25 +252,37 @@ def test_a_prompt_from_a_chat_file_opens_the_trajectory_once_templated(bpe_token
     assert bpe_tokenizer.decode(ids).count("<|im_start|>user") == 1
 
 
-def test_chat_sft_rows_with_tool_turns_train_on_the_last_answer_only(tmp_path, bpe_tokenizer):
-    """A ``messages`` SFT row whose conversation holds a tool call and its result: everything
-    before the last assistant message (the tool's result too) is the prompt, out of the loss."""
+@pytest.mark.parametrize("between", [{"role": "tool", "content": "2146"},
+                                     {"role": "user", "content": "Are you sure?"}], ids=["tool", "user"])
+def test_chat_sft_rows_train_on_every_assistant_turn_and_only_on_those(tmp_path, bpe_tokenizer, between):
+    """A ``messages`` SFT row of several assistant turns (a tool call and its result, or a user's
+    reply between answers): every assistant turn is trained, what comes between is observed, and
+    the whole sequence is the template's rendering of the conversation, token for token."""
     import json
 
     from rlhf_ray.data.formats import load_sft
     from rlhf_ray.data.tokenize import encode_examples
 
-    messages = [{"role": "user", "content": "37*58="}, {"role": "assistant", "content": call_text("37*58")},
-                {"role": "tool", "content": "2146"}, {"role": "assistant", "content": "The product is 2146."}]
+    messages = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "37*58="},
+                {"role": "assistant", "content": call_text("37*58")}, between,
+                {"role": "assistant", "content": "The product is 2146."}]
     path = tmp_path / "chat.jsonl"
     path.write_text(json.dumps({"messages": messages}) + "\n")
     [example], _ = load_sft(str(path), tokenizer=bpe_tokenizer)
     batch = encode_examples(bpe_tokenizer, [example], max_prompt_tokens=256, max_seq_len=512)
-    [response] = batch.response_token_lists()
-    assert bpe_tokenizer.decode(response) == "The product is 2146.<|im_end|>"
-    assert batch.response_mask[0, :len(response)].tolist() == [1] * len(response)
-    context = bpe_tokenizer.decode(batch.prompt_token_lists()[0])
-    assert "<|im_start|>tool\n2146<|im_end|>" in context
+    prompt, [response] = batch.prompt_token_lists()[0], batch.response_token_lists()
+    mask = batch.response_mask[0, :len(response)].bool().tolist()
+    whole = bpe_tokenizer.apply_chat_template(messages, tokenize=False).removesuffix("\n")
+    assert bpe_tokenizer.decode(prompt + response) == whole
+    trained = [t for t, m in zip(response, mask) if m]
+    assert bpe_tokenizer.decode(trained) == call_text("37*58") + "<|im_end|>The product is 2146.<|im_end|>"
+    observed = bpe_tokenizer.decode([t for t, m in zip(response, mask) if not m])
+    assert observed == f"\n<|im_start|>{between['role']}\n{between['content']}<|im_end|>\n<|im_start|>assistant\n"
+    assert bpe_tokenizer.decode(prompt).endswith("<|im_start|>user\n37*58=<|im_end|>\n<|im_start|>assistant\n")
+    # Without a chat template there is no trajectory layout to follow: the last turn is the answer.
+    plain = build_tokenizer(tool_chars=True)
+    [example], _ = load_sft(str(path), tokenizer=plain)
+    assert example.turns is None and example.response == "The product is 2146."
 
 
 # --- the built-in calculator task ---------------------------------------------------------------

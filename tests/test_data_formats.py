@@ -90,8 +90,12 @@ def test_sft_messages_use_the_fallback_format_or_the_chat_template(tmp_path):
     src = jsonl(tmp_path / "chat.jsonl", [{"messages": conv}])
     (ex,), _ = F.load_sft(src, tokenizer=build_tokenizer())  # no chat template: plain fallback
     assert ex == SFTExample("System: Be brief.\nUser: 2+2?\nAssistant: 4\nUser: 3+3?\nAssistant: ", "6")
+    # With a template, both answers are trained: the opening is the prompt, the rest its turns.
     (ex,), _ = F.load_sft(src, tokenizer=_TemplateTok())
-    assert ex.prompt == "<system>Be brief.<user>2+2?<assistant>4<user>3+3?<assistant>" and ex.response == "6"
+    assert ex.prompt == "<system>Be brief.<user>2+2?<assistant>" and ex.response == "6" and ex.turns == conv[2:]
+    assert ex.prompt.messages == conv[:2]
+    (single,), _ = F.load_sft(jsonl(tmp_path / "one.jsonl", [{"messages": conv[:3]}]), tokenizer=_TemplateTok())
+    assert single == SFTExample("<system>Be brief.<user>2+2?<assistant>", "4")
 
 
 def test_field_remapping(tmp_path):

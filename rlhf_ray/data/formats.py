@@ -371,7 +371,11 @@ def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBa
              tokenizer=None) -> tuple[list[SFTExample], LoadReport]:
     """SFT rows: ``{prompt, response}`` text, or ``{messages}`` ending with the assistant's response.
 
-    A row with a non-null ``messages`` field is read as messages, any other as prompt/response.
+    A row with a non-null ``messages`` field is read as messages, any other as prompt/response. With
+    a chat template, a conversation of several assistant turns trains on each of them: the messages
+    before the first are the prompt, the later ones ``turns``, laid out as a rollout's trajectory
+    (tool results and user replies observed, not trained on). Without a template, or with one
+    assistant turn, everything before the last assistant message is the prompt.
     """
     return _load(source, fields, on_bad_row, "SFT examples", _sft_parser(tokenizer))
 
@@ -379,7 +383,12 @@ def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBa
 def _sft_parser(tokenizer) -> Callable[[_Row], SFTExample]:
     def parse(row: _Row) -> SFTExample:
         if row.has("messages") and not row.has("prompt"):
-            context, response = row.split_last_assistant("messages", row.messages("messages"))
+            messages = row.messages("messages")
+            context, response = row.split_last_assistant("messages", messages)
+            first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            if 0 < first < len(messages) - 1 and getattr(tokenizer, "chat_template", None):
+                opening = messages[:first]
+                return SFTExample(ChatPrompt(render_prompt(opening, tokenizer), opening), response, messages[first:])
             if not context:
                 raise row.error("messages", EMPTY, "no prompt messages before the assistant's response")
             return SFTExample(render_prompt(context, tokenizer), response)
