@@ -104,16 +104,21 @@ def test_transport_roundtrip_in_host_memory():
     assert torch.equal(received[0]["w"] + 1, received[1]["w"])
 
 
+def group_pair(timeout_s: float = 300.0):
+    """(port, learner rank 0, engine rank 1) of a two-rank host group; the learner joins from a thread."""
+    port, learner = free_port(), {}
+    joining = threading.Thread(target=lambda: learner.update(
+        group=open_group("127.0.0.1", port, 0, 2, HOST_BACKEND, timeout_s=timeout_s)))
+    joining.start()
+    engine = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND, timeout_s=timeout_s)
+    joining.join()
+    return port, learner["group"], engine
+
+
 def test_a_sender_that_goes_silent_ends_the_receive_with_an_error_naming_it():
     """Every wait of a sync has the group's timeout, and the error says between whom, not gloo's
     bare "Timed out waiting ... for recv operation"."""
-    port = free_port()
-    joined = {}
-    learner = threading.Thread(target=lambda: joined.update(group=open_group("127.0.0.1", port, 0, 2, HOST_BACKEND,
-                                                                              timeout_s=1.0)))
-    learner.start()
-    engine = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND, timeout_s=1.0)
-    learner.join()
+    port, _learner, engine = group_pair(timeout_s=1.0)
     with pytest.raises(RuntimeError, match=r"weight sync: bucket 0 of 3 between engine worker 1 and learner "
                                            rf"rank 0 \(127.0.0.1:{port}\) of group 'weights' failed or timed out"):
         engine.wait(engine.broadcast(torch.zeros(4)), "bucket 0 of 3")  # the learner never sends
@@ -122,26 +127,16 @@ def test_a_sender_that_goes_silent_ends_the_receive_with_an_error_naming_it():
 def test_closing_a_group_tears_it_down_and_its_members_can_form_a_new_one():
     """An engine re-joining after a replacement aborts its old communicators instead of dropping
     them (NCCL's would hold their buffers and threads); the same processes then form a new group."""
-    port = free_port()
-    old = {}
-    learner = threading.Thread(target=lambda: old.update(group=open_group("127.0.0.1", port, 0, 2, HOST_BACKEND,
-                                                                          timeout_s=2.0)))
-    learner.start()
-    engine = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND, timeout_s=2.0)
-    learner.join()
-    for group in (engine, old["group"]):
+    _, learner, engine = group_pair(timeout_s=2.0)
+    for group in (engine, learner):
         group.close()
     with pytest.raises(RuntimeError, match="a broadcast on a closed group"):  # an error, never a hang
-        old["group"].wait(old["group"].broadcast(torch.zeros(1)), "a broadcast on a closed group")
-    port, new = free_port(), {}
-    learner = threading.Thread(target=lambda: new.update(group=open_group("127.0.0.1", port, 0, 2, HOST_BACKEND)))
-    learner.start()
-    engine = open_group("127.0.0.1", port, 1, 2, HOST_BACKEND)
-    learner.join()
+        learner.wait(learner.broadcast(torch.zeros(1)), "a broadcast on a closed group")
+    _, learner, engine = group_pair()
     sent, got = torch.arange(5.0), torch.zeros(5)
-    work = new["group"].broadcast(sent)
+    work = learner.broadcast(sent)
     engine.wait(engine.broadcast(got), "a broadcast on the new group")
-    new["group"].wait(work, "a broadcast on the new group")
+    learner.wait(work, "a broadcast on the new group")
     assert torch.equal(got, sent)
 
 

@@ -181,6 +181,16 @@ class LearnerMemory:
         return self.weights + self.grads + self.optimizer + self.activations + self.logits
 
 
+def _attention_dims(model_config: dict[str, Any], hidden: int, heads: int) -> tuple[int, int]:
+    """(key/value heads, head dimension): grouped-query attention's, or all heads and hidden/heads."""
+    return model_config.get("num_key_value_heads") or heads, model_config.get("head_dim") or hidden // heads
+
+
+def _model_dtype_bytes(cfg) -> int:
+    """Bytes per weight in ``model.dtype`` (what the engines and the frozen scorers hold)."""
+    return 4 if cfg.model.dtype == "float32" else 2
+
+
 def parameter_count(model_config: dict[str, Any]) -> int | None:
     """Parameters of a decoder-only transformer from its ``config.json`` (norms and biases left
     out); None when the config lacks a field it needs."""
@@ -189,8 +199,7 @@ def parameter_count(model_config: dict[str, Any]) -> int | None:
     heads = model_config.get("num_attention_heads")
     if not all(isinstance(v, int) and v > 0 for v in (h, layers, vocab, inter, heads)):
         return None
-    kv = model_config.get("num_key_value_heads") or heads
-    head_dim = model_config.get("head_dim") or h // heads
+    kv, head_dim = _attention_dims(model_config, h, heads)
     attention = 2 * h * heads * head_dim + 2 * h * kv * head_dim  # q and o; k and v (grouped)
     embeddings = vocab * h * (1 if model_config.get("tie_word_embeddings") else 2)
     return embeddings + layers * (attention + 3 * h * inter)  # gate, up and down projections
@@ -308,7 +317,7 @@ def reference_memory_problems(cfg, model_config: dict[str, Any]) -> list[Problem
     params = parameter_count(model_config)
     if gpu_gb <= 0 or sc.num_gpus <= 0 or params is None:
         return []
-    weights = params * (4 if cfg.model.dtype == "float32" else 2)
+    weights = params * _model_dtype_bytes(cfg)
     room = SCORER_WEIGHT_SHARE * sc.num_gpus * gpu_gb * 1e9
     if weights <= room:
         return []
@@ -332,8 +341,7 @@ def largest_layer_elements(model_config: dict[str, Any]) -> int | None:
                                                              "num_attention_heads"))
     if not all(isinstance(v, int) and v > 0 for v in (h, vocab, inter, heads)):
         return None
-    kv = model_config.get("num_key_value_heads") or heads
-    head_dim = model_config.get("head_dim") or h // heads
+    kv, head_dim = _attention_dims(model_config, h, heads)
     return max(vocab * h, h * (heads + 2 * kv) * head_dim, 2 * h * inter)
 
 
@@ -351,7 +359,7 @@ def sync_receive_bytes(cfg, model_config: dict[str, Any]) -> float | None:
     elements = largest_layer_elements(model_config)
     if elements is None:
         return None
-    layer = elements * (4 if cfg.model.dtype == "float32" else 2)  # on the wire in the engine's dtype
+    layer = elements * _model_dtype_bytes(cfg)  # on the wire in the engine's dtype
     return layer * (1 + 1 / cfg.rollout.tensor_parallel_size) + 2 * bucket_bytes(cfg) + SYNC_COMMUNICATOR_BYTES
 
 

@@ -100,6 +100,11 @@ def manifest_for(
     return build_manifest(((name, t.dtype, t.shape) for name, t in named_tensors), bucket_bytes, dtype)
 
 
+def _starts_tensor(entry: dict) -> bool:
+    """A whole tensor, or the first part of one."""
+    return entry.get("part", [0])[0] == 0
+
+
 def check_wire_dtype(manifest: dict, engine_dtype: torch.dtype) -> None:
     """Refuses floating-point tensors sent in another dtype than the engine computes in: the loader
     would cast them silently, and the parity check would then blame the kernels (OpenRLHF asserts
@@ -113,7 +118,7 @@ def check_wire_dtype(manifest: dict, engine_dtype: torch.dtype) -> None:
 
 def names(manifest: dict) -> list[str]:
     """The tensors' names in sending order, each once."""
-    return [t["name"] for b in manifest["buckets"] for t in b["tensors"] if t.get("part", [0])[0] == 0]
+    return [t["name"] for b in manifest["buckets"] for t in b["tensors"] if _starts_tensor(t)]
 
 
 def view(buffer: torch.Tensor, entry: dict) -> torch.Tensor:
@@ -130,7 +135,7 @@ def per_entry(named_tensors: Iterable[tuple[str, torch.Tensor]], manifest: dict)
     current = None
     for bucket in manifest["buckets"]:
         for entry in bucket["tensors"]:
-            if current is None or entry.get("part", [0])[0] == 0:
+            if current is None or _starts_tensor(entry):
                 current = next(tensors, None)
                 if current is None:
                     raise ValueError(f"fewer tensors than the manifest lists: nothing for {entry['name']!r}")
