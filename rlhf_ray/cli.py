@@ -103,8 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         if args.action == "show":
             print(dump_config(cfg), end="")
-        else:
-            print("config ok")
+            return 0
+        from rlhf_ray.stages.common import check_config_inputs
+
+        try:  # what the stages check before any work: models, data, reward functions, environment
+            check_config_inputs(cfg)
+        except (BadInputError, FileNotFoundError, NotADirectoryError) as e:
+            print(f"rlhf-ray: {e}", file=sys.stderr)
+            return 2
+        print("config ok")
         return 0
     module_name, _, fn_name = STAGES[args.command].partition(":")
     import importlib

@@ -62,6 +62,7 @@ class RewardServer:
         import threading
 
         self.token, self.seen = token, []  # seen: (path, Authorization header) per request
+        self.bodies: list[dict] = []  # each request's JSON
         self.release = threading.Event()  # ends a stall early (at close)
         server = self
 
@@ -69,6 +70,7 @@ class RewardServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 server.seen.append((self.path, self.headers.get("Authorization")))
+                server.bodies.append(body)
                 if server.token and self.headers.get("Authorization") != f"Bearer {server.token}":
                     return self._send(401, b"{}")
                 if self.path == "/down":

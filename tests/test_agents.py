@@ -6,14 +6,12 @@ policy that calls tools is needed: a random tiny model never writes a tool call)
 from __future__ import annotations
 
 import re
-import threading
 import time
-from concurrent.futures import Future
 
 import agent_tool_faults as faults
 import pytest
 import torch
-from agent_helpers import MoreEnv, RecordingSampler
+from agent_helpers import MoreEnv, RecordingSampler, ScriptedPolicy, ScriptedPool
 
 from rlhf_ray.agents import (
     Environment,
@@ -318,31 +316,6 @@ def test_multiplication_demonstrations_mostly_use_the_tool_and_some_are_imperfec
 
 
 # --- the rollout loop ---------------------------------------------------------------------------
-class ScriptedPolicy:
-    """A stand-in for a policy that calls tools (a random tiny model never writes one): the reply
-    to a prompt is ``script(prompt_text)``, tokenised, ended with EOS, each token at log-prob -0.5.
-    Records when each call was answered."""
-
-    engines = 2
-
-    def __init__(self, tokenizer, script):
-        self.tokenizer, self.script, self.answered, self.specs = tokenizer, script, [], []
-
-    def submit(self, prompt_ids, spec):
-        self.specs.append(spec)
-        future = Future()
-        generations = []
-        for i, ids in enumerate(prompt_ids):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            reply = self.tokenizer(self.script(text), add_special_tokens=False)["input_ids"] + [2]
-            finish = "stop" if len(reply) <= spec.max_new_tokens else "length"
-            reply = reply[: spec.max_new_tokens]
-            generations.append(Generation(i, list(ids), reply, [-0.5] * len(reply), finish))
-        self.answered.append((time.monotonic(), [self.tokenizer.decode(ids) for ids in prompt_ids]))
-        threading.Timer(0.01, future.set_result, [generations]).start()
-        return future
-
-
 class ToolEnv(Environment):
     tools = [CALC, _tool(faults.hangs), _tool(faults.raises)]  # noqa: RUF012
 
@@ -567,35 +540,16 @@ def test_observed_tokens_get_no_gradient_from_the_policy_objective(tiny_model_di
     assert (per_position[policy] > 0).all()
 
 
-class ScriptedPool:
-    """The rollout pool as PPO's held-out evaluation uses it, answering with a scripted policy."""
-
-    def __init__(self, policy):
-        self.policy, self.lost_engines = policy, []
-
-    def sampler(self):
-        self.policy.dead, self.policy.retried_calls = [], 0
-        return self.policy
-
-    def lost(self, dead, iteration):
-        self.lost_engines += dead
-
-    def submit(self, prompts, ids, spec, version):
-        return self.policy.submit(ids, spec)
-
-    def finish(self, pending, iteration):
-        return pending.result()
-
-
 @pytest.mark.parametrize("with_tools", [True, False])
 def test_ppo_held_out_eval_scores_the_engines_answers_to_held_out_prompts(tokenizer, with_tools):
-    """``ppo.eval_every``: the gold score of the engines' answers (with agent.env, of trajectories
-    that call the tool) to the task's held-out prompts, with the trajectories' tool use."""
+    """``ppo.eval_every``: the gold score of the engines' greedy answers (with agent.env, of
+    trajectories that call the tool) to the task's held-out prompts, with the trajectories' tool
+    use; with eval.samples, sampled answers too (one fixed seed), their mean and pass@k."""
     from types import SimpleNamespace
 
     from rlhf_ray.config import load_config
     from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
-    from rlhf_ray.stages.eval import held_out_prompts
+    from rlhf_ray.stages.eval import held_out_prompts, held_out_rewards
     from rlhf_ray.stages.ppo import PPOTrainer
 
     def script(text):  # asks the calculator, then copies its result: right whenever the first factor is even
@@ -607,15 +561,15 @@ def test_ppo_held_out_eval_scores_the_engines_answers_to_held_out_prompts(tokeni
             return call_text(f"{asked[1]}*{asked[2]}")
         return result[1] if int(asked[1]) % 2 == 0 else "0"
 
-    # With tools greedy; without, sampled (ppo.eval_temperature) with one fixed seed.
+    # With tools greedy only; without, greedy and 2 samples at eval.temperature with one fixed seed.
     cfg = load_config(None, ["data.task=multiplication", "data.num_eval_prompts=12", "ppo.eval_every=5",
                              *(["agent.env=task", "rollout.max_new_tokens=80"] if with_tools
-                               else ["ppo.eval_temperature=0.7"])])
+                               else ["eval.samples=2", "eval.temperature=0.7"])])
     trainer = object.__new__(PPOTrainer)  # the evaluation alone: no actors
     policy = ScriptedPolicy(tokenizer, script)
     trainer.cfg, trainer.tokenizer, trainer.stop_ids, trainer.iteration = cfg, tokenizer, (2,), 3
     trainer.eval_prompts = held_out_prompts(cfg)
-    trainer.gold = gold_reward
+    trainer.eval_rewards = held_out_rewards(cfg)
     trainer.agents = MultiTurnRollouts(cfg, tokenizer) if with_tools else None
     trainer.roles = SimpleNamespace(rollout=ScriptedPool(policy))
     try:
@@ -624,16 +578,19 @@ def test_ppo_held_out_eval_scores_the_engines_answers_to_held_out_prompts(tokeni
         if trainer.agents:
             trainer.agents.close()
     sampled_seed = trainer._spec(cfg.ppo.iterations).seed  # the iteration after the last: no training batch's
-    assert [(spec.temperature, spec.n, spec.seed) for spec in policy.specs[:1]] == (
-        [(0.0, 1, None)] if with_tools else [(0.7, 1, sampled_seed)])  # one answer per prompt
+    assert list(trainer.eval_rewards) == ["gold"]
+    asked = list(dict.fromkeys((spec.temperature, spec.n, spec.seed) for spec in policy.specs))  # every turn asks
+    assert asked == ([(0.0, 1, None)] if with_tools else [(0.0, 1, None), (0.7, 2, sampled_seed)])
     even = [int(p.split("*")[0]) % 2 == 0 for p in trainer.eval_prompts]
     assert trainer.eval_prompts == MultiplicationTask().prompts(12, "eval") and 0 < sum(even) < 12
     assert metrics["eval/gold"] == pytest.approx(sum(even) / 12)
     if with_tools:
         assert metrics["eval/tool_calls_per_trajectory"] == 1.0 and metrics["eval/turns_mean"] == 2.0
         assert metrics["eval/finish_done"] == 1.0 and metrics["eval/tool_errors"] == 0
-    else:
-        assert not any(k.startswith("eval/") and k != "eval/gold" for k in metrics)
+    else:  # the scripted policy answers alike at any temperature: every sample as the greedy one
+        assert metrics["eval/sampled/gold"] == pytest.approx(sum(even) / 12)
+        assert metrics["eval/pass@2/gold"] == pytest.approx(sum(even) / 12)
+        assert {k for k in metrics if k.startswith("eval/")} == {"eval/gold", "eval/sampled/gold", "eval/pass@2/gold"}
 
 
 def test_environment_rewards_replace_the_reward_sources_score_where_given():
@@ -660,17 +617,17 @@ def test_agent_config_is_checked_before_any_work():
 
     with pytest.raises(ConfigError) as e:
         load_config(None, ["agent.env=task", "data.task=", "ppo.dynamic_sampling=true", "agent.tool_timeout_s=0",
-                           "rollout.samples_per_prompt=2", "ppo.eval_every=5", "ppo.eval_temperature=-1"])
+                           "rollout.samples_per_prompt=2", "ppo.eval_every=5", "eval.temperature=0"])
     for key in ("agent.env: task needs data.task", "ppo.dynamic_sampling: is not supported",
-                "agent.tool_timeout_s: must be > 0", "ppo.eval_every: needs data.task",
-                "ppo.eval_temperature: must be >= 0"):
+                "agent.tool_timeout_s: must be > 0", "ppo.eval_every: needs held-out prompts",
+                "eval.temperature: must be > 0"):
         assert key in str(e.value)
     assert environment_class(load_config(None, ["agent.env=task", "data.task=multiplication"])) is CalculatorEnv
     for env, message in [("task", "data.task 'arithmetic' has no environment"),
                          ("no_such_module:Env", "agent.env: cannot import 'no_such_module'"),
                          ("rlhf_ray.tasks.multiplication:calc", "is not a class with reset(row) and step(message)")]:
         with pytest.raises(BadInputError, match=re.escape(message)):
-            environment_class(load_config(None, [f"agent.env={env}"]))
+            environment_class(load_config(None, [f"agent.env={env}", "data.task=arithmetic"]))
 
 
 @pytest.mark.slow

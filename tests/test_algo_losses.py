@@ -243,6 +243,22 @@ def test_preference_accuracy_counts_ties_as_wrong():
     assert preference_accuracy(chosen, rejected).item() == pytest.approx(0.5)
 
 
+def test_dpo_accuracy_ignores_the_float_noise_of_two_batchings_but_counts_a_real_gap():
+    """The policy as its own reference, scored in two batchings: summed log-probs that differ in
+    their last bits (as packed and padded passes do, ~1e-6 relative) are ties, not wins; a gap of
+    0.01 of reward is a win."""
+    from rlhf_ray import algo
+
+    g = torch.Generator().manual_seed(0)
+    ref_c, ref_r = -torch.rand(16, generator=g) * 200, -torch.rand(16, generator=g) * 200
+    jitter = lambda x: x * (1 + 4e-6 * (torch.rand(16, generator=g) * 2 - 1))  # noqa: E731
+    out = algo.dpo_loss(jitter(ref_c), jitter(ref_r), ref_c, ref_r, beta=0.1)
+    assert (out.chosen_rewards > out.rejected_rewards).any()  # the exact comparison sees "wins"
+    assert preference_accuracy(out.chosen_rewards, out.rejected_rewards, out.reward_noise).item() == 0.0
+    ahead = algo.dpo_loss(ref_c + 0.1, ref_r, ref_c, ref_r, beta=0.1)  # a reward gap of 0.01 each
+    assert preference_accuracy(ahead.chosen_rewards, ahead.rejected_rewards, ahead.reward_noise).item() == 1.0
+
+
 def test_truncated_is_weights_known_values():
     # pi_train / pi_sampling per token: e^0 = 1, e^-1, e^0.5, e^2 (capped at 2), padding -> 0.
     train = torch.tensor([[0.0, -1.0, 0.5], [2.0, float("nan"), 0.0]])

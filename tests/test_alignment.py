@@ -83,7 +83,7 @@ def test_eval_refuses_missing_checkpoints_and_nothing_to_measure(tmp_path, tiny_
 
 
 def test_alignment_tax_config_is_checked_by_key():
-    cfg = load_config(None, ["ppo.ptx_coef=0.5", "ppo.distill_coef=0.1", "eval.models={base: a, sft: b}",
+    cfg = load_config(None, ["data.task=arithmetic", "ppo.ptx_coef=0.5", "ppo.distill_coef=0.1", "eval.models={base: a, sft: b}",
                              "eval.compare_to=[sft]"])
     assert cfg.ppo.ptx_coef == 0.5 and cfg.ppo.distill_kl_estimator == "k2"
     with pytest.raises(ConfigError, match="ppo.ptx_data: ppo.ptx_coef > 0 needs text"):

@@ -18,7 +18,9 @@ from rlhf_ray.config import dump_config, load_config
 from rlhf_ray.stages import checkpoint as ckpt
 from rlhf_ray.stages import ppo
 
-BASE = ["model.tiny_hidden_size=32", "model.tiny_layers=1", "data.num_prompts=16"]
+# The built-in task for the stages that read its data; a reward function for PPO runs on a file of prompts.
+BASE = ["model.tiny_hidden_size=32", "model.tiny_layers=1", "data.num_prompts=16", "data.task=arithmetic",
+        "scorers.reward_functions=[rlhf_ray.tasks.rewards:digit_fraction]"]
 
 
 @pytest.fixture
@@ -294,7 +296,7 @@ BAD_INPUTS = {
     "override without =": (["ppo", "ppo.kl_coef"], r"override 'ppo\.kl_coef' must look like section\.key=value"),
     "a value for a section": (["ppo", "ppo=3"], r"ppo must be a mapping"),
     "empty run_dir": (["ppo", "run_dir="], r"run_dir"),
-    "PPO without a reward": (["ppo", "data.task=", "data.prompts={prompts_only.jsonl}"],
+    "PPO without a reward": (["ppo", "data.task=", "scorers.reward_functions=[]", "data.prompts={prompts_only.jsonl}"],
                              r"model\.reward: no reward source"),
     # data files
     "missing prompts": (["ppo", "data.prompts={in}/nope.jsonl"], r"data file .*nope\.jsonl does not exist"),

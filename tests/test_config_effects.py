@@ -11,7 +11,7 @@ from rlhf_ray.config import load_config
 
 
 def cfg(*overrides):
-    return load_config(None, list(overrides))
+    return load_config(None, ["data.task=arithmetic", *overrides])
 
 
 def test_data_shuffle_orders_the_prompt_stream():

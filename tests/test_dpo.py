@@ -175,7 +175,7 @@ def test_bad_input_stops_rlhf_ray_dpo_before_ray_starts(overrides, expected, tmp
         raise AssertionError("bad input was not caught before Ray or the learners started")
 
     monkeypatch.setattr(dpo, "begin", tripwire)
-    argv = ["dpo", f"run_dir={tmp_path / 'run'}", "model.tiny_hidden_size=32", "model.tiny_layers=1",
+    argv = ["dpo", f"run_dir={tmp_path / 'run'}", "model.tiny_hidden_size=32", "model.tiny_layers=1", "data.task=arithmetic",
             *(o.format(tmp=tmp_path) for o in overrides)]
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -209,7 +209,7 @@ def test_pipeline_method_picks_the_preference_stage_and_the_eval_compares_its_mo
         return {"models": {name: {"gold_score": 0.5} for name in models}}
 
     monkeypatch.setattr(eval, "compare_checkpoints", compare)
-    cfg = load_config(None, [f"run_dir={tmp_path}", f"pipeline.method={method}", "model.tiny_hidden_size=32",
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"pipeline.method={method}", "data.task=arithmetic", "model.tiny_hidden_size=32",
                              "model.tiny_layers=1"])
     summary = pipeline.run_pipeline(cfg)
 
@@ -243,7 +243,7 @@ def test_dpo_raises_held_out_reward_accuracy_and_margin_and_saves_a_loadable_pol
     from rlhf_ray.tracking import read_metrics
 
     cfg = load_config(None, [
-        f"run_dir={tmp_path}", f"model.policy={tiny_model_dir}", "data.num_preference_pairs=640",
+        f"run_dir={tmp_path}", f"model.policy={tiny_model_dir}", "data.task=arithmetic", "data.num_preference_pairs=640",
         "data.eval_fraction=0.25", "dpo.epochs=3", "dpo.lr=1e-3", "dpo.batch_size=32", f"dpo.beta={BETA}", "policy.num_ranks=1",
         "policy.micro_batch_size=16", "logging.trackers=[]"])
     summary = run_dpo(cfg)

@@ -14,7 +14,7 @@ from rlhf_ray.tracking import read_metrics
 pytestmark = pytest.mark.slow
 
 REDUCED = [
-    "model.tiny_hidden_size=64", "data.num_sft_examples=640", "data.num_preference_pairs=1280",
+    "data.task=arithmetic", "model.tiny_hidden_size=64", "data.num_sft_examples=640", "data.num_preference_pairs=1280",
     "data.num_eval_prompts=16", "sft.epochs=3", "sft.lr=3e-3", "sft.batch_size=32", "rm.epochs=3", "rm.lr=1e-3",
     "rm.batch_size=32",
     "policy.num_ranks=1", "critic.num_ranks=1", "policy.micro_batch_size=16", "critic.micro_batch_size=16",

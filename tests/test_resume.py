@@ -61,7 +61,8 @@ def test_resume_without_a_loadable_checkpoint_is_refused_and_loses_nothing(tmp_p
         ckpt.save_checkpoint(run_dir, 2, {"iteration": 2}, "", _fake_learners)
         (ckpt.checkpoint_root(run_dir) / "iter-000002" / "policy" / "shard.pt").write_bytes(b"x")
         (ckpt.checkpoint_root(run_dir) / ".tmp-iter-000004").mkdir()
-    code = main(["ppo", "--resume", f"run_dir={run_dir}", "model.tiny_hidden_size=64", "logging.trackers=[]"])
+    code = main(["ppo", "--resume", f"run_dir={run_dir}", "data.task=arithmetic", "model.tiny_hidden_size=64",
+                 "logging.trackers=[]"])
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume" in err and "Nothing was changed" in err and "Traceback" not in err
     if damage == "every checkpoint damaged":

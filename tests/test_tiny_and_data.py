@@ -80,7 +80,7 @@ def test_prompts_from_jsonl_reports_skipped_rows(tmp_path, capsys):
     cfg.prompt_overflow = "drop"
     assert run_prompts(cfg, seed=0, tokenizer=build_tokenizer()) == ["2+2="]
     assert "dropped 1 prompts" in capsys.readouterr().out
-    assert len(run_prompts(DataConfig(num_prompts=7), seed=0, tokenizer=build_tokenizer())) == 7
+    assert len(run_prompts(DataConfig(task="arithmetic", num_prompts=7), seed=0, tokenizer=build_tokenizer())) == 7
     assert capsys.readouterr().out == ""  # nothing to report: nothing printed
 
 

@@ -116,7 +116,7 @@ def test_a_tracker_not_installed_is_a_config_error_before_any_work(monkeypatch, 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
     run_dir = tmp_path / "run"
-    cfg = load_config(None, [f"run_dir={run_dir}", "logging.trackers=[tensorboard,wandb]"])
+    cfg = load_config(None, [f"run_dir={run_dir}", "data.task=arithmetic", "logging.trackers=[tensorboard,wandb]"])
     with pytest.raises(ConfigError, match=r"^logging.trackers: wandb not installed: pip install 'rlhf-ray\[trackers\]'"):
         PPOTrainer(cfg)
     assert not run_dir.exists()

@@ -306,9 +306,10 @@ def dpo_pair_loss(model, chosen: RolloutBatch, rejected: RolloutBatch, beta: flo
 
 def dpo_metrics(out: algo.DPOOutput) -> dict[str, float]:
     """DPO's loss and its implicit rewards: the share of pairs whose chosen response earns more
-    (reward accuracy), the mean gap (margin) and the mean reward of each side."""
+    (reward accuracy: by more than the rewards' float noise), the mean gap (margin) and the mean
+    reward of each side."""
     return {"dpo_loss": out.loss.item(),
-            "dpo_accuracy": algo.preference_accuracy(out.chosen_rewards, out.rejected_rewards).item(),
+            "dpo_accuracy": algo.preference_accuracy(out.chosen_rewards, out.rejected_rewards, out.reward_noise).item(),
             "dpo_margin": (out.chosen_rewards - out.rejected_rewards).mean().item(),
             "dpo_chosen_reward": out.chosen_rewards.mean().item(),
             "dpo_rejected_reward": out.rejected_rewards.mean().item()}

@@ -106,8 +106,23 @@ def launch_learner_group(actor_cls, spec: LearnerSpec, num_ranks: int, num_cpus:
     ]
 
 
+def ship_by_value(rewards: list) -> None:
+    """Reward functions given as Python callables (the Python API) travel to the reward actor by
+    value, with their module's helpers: a function defined in the user's script, a notebook or a
+    test module needs no import path on the workers. Named ones (``module:function``) are
+    imported there."""
+    import inspect
+
+    from ray import cloudpickle
+
+    for fn in rewards:
+        module = inspect.getmodule(fn) if callable(fn) else None
+        if module is not None and module.__name__ != "__main__" and not module.__name__.startswith("rlhf_ray."):
+            cloudpickle.register_pickle_by_value(module)  # __main__ goes by value already
+
+
 def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str],
-                 reward_functions: list[str], reward_weights: list[float], pad_id: int, on_replace=None) -> Roles:
+                 reward_functions: list, reward_weights: list[float], pad_id: int, on_replace=None) -> Roles:
     """Every role of a PPO run, placed together: a plan Ray cannot place fails before any actor starts."""
     pol, cri, sc, ro = cfg.policy, cfg.critic, cfg.scorers, cfg.rollout
     colocate = sc.colocate_with_learners
@@ -135,6 +150,7 @@ def launch_roles(cfg, policy_path: str, critic_path: str, reward_paths: list[str
         **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, scorer_bundle(i))
     ).remote(policy_path, cfg.model.dtype, cfg.backend, sc.micro_batch_size, cfg.model.trust_remote_code)
         for i in range(sc.reference_replicas)])
+    ship_by_value([*reward_functions, *sc.criteria.values()])
     reward = ray.remote(RewardActor).options(
         **scorer_opts, scheduling_strategy=_in_bundle(scorer_pg, scorer_bundle(sc.reference_replicas))
     ).remote(reward_paths, cfg.model.reward_combine, reward_functions, reward_weights, cfg.backend,

@@ -17,6 +17,7 @@ from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.engines import scoring
 from rlhf_ray.engines.http_reward import HttpRewardClient
 from rlhf_ray.platform import detect
+from rlhf_ray.tasks.rewards import call_reward_function, reward_name
 
 
 def _init_process(backend: str):
@@ -111,7 +112,7 @@ class RewardActor:
                                          "weighted" if self.combine == "mean" else "min")
         for (spec, fn), weight in zip(self.functions, self.weights):
             s = self._function_scores(spec, fn, prompts, responses)
-            components[spec.rpartition(":")[2]] = s
+            components[reward_name(spec)] = s
             total += weight * s
         if self.http is not None:
             s = torch.tensor(self.http.score(prompts, responses), dtype=torch.float32)
@@ -151,11 +152,9 @@ class RewardActor:
         return lambda batch, prompts, responses: self._function_scores(spec, fn, prompts, responses)
 
     @staticmethod
-    def _function_scores(spec: str, fn, prompts: list[str], responses: list[str]) -> torch.Tensor:
-        values = fn(prompts, responses)
-        if len(values) != len(responses):
-            raise ValueError(f"reward function {spec} returned {len(values)} scores for {len(responses)} responses")
-        return torch.tensor(values, dtype=torch.float32)
+    def _function_scores(spec, fn, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        """A rule reward's scores, given the columns of each response's prompt row."""
+        return torch.tensor(call_reward_function(spec, fn, prompts, responses), dtype=torch.float32)
 
     def _model_scores(self, scorer: ScoringModel, batch: RolloutBatch, prompts: list[str],
                       responses: list[str]) -> torch.Tensor:

@@ -49,11 +49,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"override {item!r} must look like section.key=value")
         _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else "")
     cfg = _build(RunConfig, raw, prefix="", source=source)
-    problems = cfg.validate() if check else []
+    if check:
+        check_config(cfg, source)
+    return cfg
+
+
+def check_config(cfg: RunConfig, source: str = "config built in Python") -> None:
+    """``ConfigError`` listing every problem of ``cfg`` (each with its dotted key); a config built or
+    changed in Python is checked by the stage that runs it, as a loaded one is on load."""
+    problems = cfg.validate()
     if problems:
         lines = "\n".join(f"  {key}: {msg}" for key, msg in problems)
         raise ConfigError(f"invalid config ({source}):\n{lines}")
-    return cfg
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -74,7 +81,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """The config as plain values; a reward function given as a Python callable (the Python API)
+    appears as ``module:name``."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', type(value).__name__)}"
+    return value
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -103,6 +122,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+# Keys that moved: an old config is told where its key lives now.
+MOVED_KEYS = {"eval.prompts": "data.eval_prompts (the held-out prompts of rlhf-ray eval and ppo.eval_every)",
+              "ppo.eval_temperature": "eval.temperature, with eval.samples responses per held-out prompt "
+                                      "(the greedy evaluation always runs)"}
+
+
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping")
@@ -111,6 +136,8 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     kwargs = {}
     for key, value in raw.items():
         full = f"{prefix}{key}"
+        if full in MOVED_KEYS:
+            raise ConfigError(f"{source}: {full} is now {MOVED_KEYS[full]}")
         if key not in names:
             valid = [f"{prefix}{n}" for n in names]
             close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)

@@ -63,8 +63,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    task: str = "arithmetic"  # built-in task supplying data and a gold scorer; "" for none
-    prompts: str = ""  # JSONL/JSON/Parquet file or hub name of PPO prompts (else the task's)
+    task: str = ""  # a built-in task (arithmetic, multiplication) supplying data and a gold scorer; "" for none
+    # PPO prompts: a file or dataset (else the task's); every column besides the prompt reaches
+    # the reward functions as a keyword argument (scorers.reward_functions) and the agent's environment.
+    prompts: str = ""
+    eval_prompts: str = ""  # held-out prompts (read like data.prompts) of ppo.eval_every and rlhf-ray eval
     sft: str = ""  # SFT data: prompt+response rows or chat messages (else the task's demonstrations)
     preferences: str = ""  # preference pairs: prompt/chosen/rejected or HH-RLHF dialogues (else the task's)
     fields: dict[str, str] = field(default_factory=dict)  # remap field names, e.g. {prompt: question}
@@ -78,7 +81,7 @@ class DataConfig:
     num_sft_examples: int = 2000  # built-in task: demonstrations
     sft_error_rate: float = 0.1  # built-in task: share of deliberately wrong demonstrations
     num_preference_pairs: int = 2000  # built-in task: preference pairs
-    num_eval_prompts: int = 200  # built-in task: held-out prompts for gold-score evaluation
+    num_eval_prompts: int = 200  # held-out prompts evaluated (the task's, or at most this many of data.eval_prompts)
 
     def problems(self) -> list[Problem]:
         p = _Problems()
@@ -326,7 +329,10 @@ class ScorerConfig:
     reference_replicas: int = 1  # data-parallel reference actors; each scores a shard of the batch
     ray_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per scorer
     micro_batch_size: int = 32  # rows per forward pass of the reference and reward models
-    reward_functions: list[str] = field(default_factory=list)  # "module:function" rule rewards
+    # Rule rewards, "module:function" (in Python also the functions themselves, shipped to the Ray
+    # workers by value): f(prompts, responses, **columns) -> one score per response, where columns
+    # are the prompt rows' other fields (rlhf_ray/tasks/rewards.py).
+    reward_functions: list[str] = field(default_factory=list)
     reward_function_weights: list[float] = field(default_factory=list)  # default 1.0 each
     use_task_gold_as_reward: bool = True  # built-in task: gold scorer as rule reward (only logged with RMs/criteria)
     # Multi-criteria (safety) rewards: criterion name -> judge, "module:function" or "rm:<reward model dir>",
@@ -351,7 +357,8 @@ class ScorerConfig:
         p.need(not self.reward_function_weights or len(self.reward_function_weights) == len(self.reward_functions),
                "scorers.reward_function_weights", "needs one weight per entry of scorers.reward_functions")
         for i, spec in enumerate(self.reward_functions):
-            p.need(":" in spec, f"scorers.reward_functions[{i}]", f"{spec!r} is not of the form module:function")
+            p.need(callable(spec) or ":" in spec, f"scorers.reward_functions[{i}]",
+                   f"{spec!r} is not of the form module:function")
         return p
 
 
@@ -414,20 +421,18 @@ class PPOConfig:
     ptx_data: str = ""  # .txt (a text per line) or JSONL/JSON/Parquet text or prompt/response rows; "" = SFT data
     distill_coef: float = 0.0  # KL(policy || reference) on the rollout tokens, a loss with its own gradient
     distill_kl_estimator: Literal["k2", "k3"] = "k2"  # k2: gradient of KL(policy||ref); k3: of KL(ref||policy)
-    # Held-out gold score (eval/gold in metrics.jsonl) of the engines' answers (with agent.env: whole
-    # trajectories, tools and all) to eval.prompts or the task's held-out prompts, before the first
-    # iteration, every eval_every iterations and after the last; 0 = off. Needs data.task.
+    # Held-out evaluation before the first iteration, every eval_every iterations and after the
+    # last (0 = off): the engines' greedy answers (with agent.env: whole trajectories, tools and all)
+    # to data.eval_prompts (or the task's held-out prompts), scored by the run's rule rewards
+    # (eval/<function>; the task's gold scorer: eval/gold) and reward models (eval/score); with
+    # eval.samples = k also k sampled answers each (eval/sampled/<name>, eval/pass@k/<name>).
     eval_every: int = 0
-    # 0: greedy answers; else sampled at this temperature (and rollout.top_p) with one fixed seed,
-    # the same at every evaluation: the policy as it samples, not only its most likely answer.
-    eval_temperature: float = 0.0
 
     def problems(self) -> list[Problem]:
         p = _Problems()
         for key in ("iterations", "prompts_per_iteration", "epochs", "minibatches"):
             p.need(getattr(self, key) >= 1, f"ppo.{key}", "must be >= 1")
         p.need(self.eval_every >= 0, "ppo.eval_every", "must be >= 0 (0: no held-out evaluation)")
-        p.need(self.eval_temperature >= 0, "ppo.eval_temperature", "must be >= 0 (0: greedy)")
         p.need(0 < self.clip_eps < 1, "ppo.clip_eps", "must be in (0, 1)")
         p.need(self.value_clip_eps > 0, "ppo.value_clip_eps", "must be > 0")
         p.need(0 <= self.gamma <= 1, "ppo.gamma", "must be in [0, 1]")
@@ -596,7 +601,11 @@ class EvalConfig:
     models: dict[str, str] = field(default_factory=dict)  # name -> checkpoint, e.g. {sft: runs/x/sft/model}
     max_new_tokens: int = 8  # greedy response length cap
     compare_to: list[str] = field(default_factory=list)  # % change vs these models; [] = base and sft if named
-    prompts: str = ""  # held-out prompts (JSONL/JSON/Parquet); "" = the task's held-out prompts
+    # Sampled evaluation besides the greedy one (rlhf-ray eval and ppo.eval_every): this many
+    # responses per held-out prompt at eval.temperature, scored as their mean and pass@k (the
+    # share of prompts where the best of the k earns the most); 0 = greedy only.
+    samples: int = 0
+    temperature: float = 1.0  # eval.samples' sampling temperature (with rollout.top_p)
     reference_text: str = ""  # perplexity text, as ppo.ptx_data; "" = held-out SFT demonstrations
     max_reference_texts: int = 200  # perplexity on at most this many texts
 
@@ -606,6 +615,8 @@ class EvalConfig:
             p.need(name in self.models, "eval.compare_to", f"{name!r} is not one of eval.models")
         p.need(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
         p.need(self.max_reference_texts >= 1, "eval.max_reference_texts", "must be >= 1")
+        p.need(self.samples >= 0, "eval.samples", "must be >= 0 (0: greedy only)")
+        p.need(self.temperature > 0, "eval.temperature", "must be > 0 (the greedy evaluation always runs)")
         return p
 
 
@@ -693,8 +704,8 @@ class RunConfig:
                f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
                f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
                f"{data.max_prompt_tokens + r.max_new_tokens}")
-        p.need(not ppo.eval_every or bool(data.task), "ppo.eval_every",
-               "needs data.task: the held-out answers are scored by the task's gold scorer")
+        p.need(not ppo.eval_every or bool(data.eval_prompts or (data.task and not data.prompts)), "ppo.eval_every",
+               "needs held-out prompts: give data.eval_prompts (or data.task for the built-in task's)")
         p.need(not ppo.eval_every or data.num_eval_prompts >= 1, "data.num_eval_prompts",
                "must be >= 1 with ppo.eval_every (the held-out prompts)")
         if r.colocate:
@@ -762,6 +773,6 @@ class RunConfig:
         RM, DPO, collect and eval run without one."""
         sc = self.scorers
         has_reward = bool(self.model.reward or sc.reward_functions or sc.http.urls or sc.criteria
-                          or (self.data.task and sc.use_task_gold_as_reward))
+                          or (self.data.task and not self.data.prompts and sc.use_task_gold_as_reward))
         why = "no reward source: give reward models, reward functions, an endpoint or a task"
         return [] if has_reward else [("model.reward", why)]

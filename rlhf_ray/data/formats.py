@@ -222,20 +222,49 @@ class _Unparsable:
 # --- chat messages --------------------------------------------------------------------------------
 
 
-class ChatPrompt(str):
-    """A chat prompt: the text it was rendered to (what the policy reads), carrying its
-    ``messages`` so a reward model with another chat template can render the conversation its
-    own way. Anything that reads it as text sees the rendered prompt."""
+class Prompt(str):
+    """A prompt's text (what the policy reads) carrying the other columns of its data row:
+    ``columns`` maps each field of the row besides the prompt to its value (an ``answer``, an id,
+    a test case). It travels with the prompt wherever the prompt goes (groups, engines, Ray
+    processes, checkpoints re-read the file), so a reward function gets each response's own row.
+    Anything that reads it as text sees the prompt."""
+
+    columns: dict[str, Any]
+
+    def __new__(cls, text: str, columns: dict[str, Any] | None = None):
+        prompt = super().__new__(cls, text)
+        prompt.columns = dict(columns or {})
+        return prompt
+
+    def __reduce__(self):  # pickled (between Ray processes) as text and columns
+        return Prompt, (str(self), self.columns)
+
+
+def row_columns(prompt: str) -> dict[str, Any]:
+    """The columns of ``prompt``'s data row; none for a plain string (a built-in task's prompt)."""
+    return getattr(prompt, "columns", {})
+
+
+def column_values(prompts: list[str]) -> dict[str, list[Any]]:
+    """Every column of the prompts' rows, one value per prompt in order (None where a row lacks
+    it): the keyword arguments of reward functions, the ``columns`` of the HTTP reward's request."""
+    names = dict.fromkeys(name for p in prompts for name in row_columns(p))
+    return {name: [row_columns(p).get(name) for p in prompts] for name in names}
+
+
+class ChatPrompt(Prompt):
+    """A chat prompt: the text it was rendered to, carrying its ``messages`` so a reward model with
+    another chat template can render the conversation its own way (and its row's ``columns``)."""
 
     messages: list[dict]
 
-    def __new__(cls, text: str, messages: list[dict]):
-        prompt = super().__new__(cls, text)
+    def __new__(cls, text: str, messages: list[dict], columns: dict[str, Any] | None = None):
+        prompt = super().__new__(cls, text, columns)
         prompt.messages = messages
         return prompt
 
-    def __reduce__(self):  # pickled (between Ray processes) as text and messages
-        return ChatPrompt, (str(self), self.messages)
+    def __reduce__(self):  # pickled (between Ray processes) as text, messages and columns
+        return ChatPrompt, (str(self), self.messages, self.columns)
 
 
 def render_prompt(messages: list[dict], tokenizer=None) -> str:
@@ -473,17 +502,19 @@ def split_hh_dialogues(chosen: str, rejected: str, row: _Row | None = None) -> P
 
 
 def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
-                 tokenizer=None) -> tuple[list[str], LoadReport]:
+                 tokenizer=None) -> tuple[list[Prompt], LoadReport]:
     """Prompt rows: ``prompt`` as text or as messages (rendered with ``render_prompt``); a row with
-    no ``prompt`` but a ``messages`` field uses that."""
+    no ``prompt`` but a ``messages`` field uses that. Every other field of the row comes along in
+    the prompt's ``columns`` (for reward functions and environments)."""
 
-    def parse(row: _Row) -> str:
+    def parse(row: _Row) -> Prompt:
         logical = "messages" if row.has("messages") and not row.has("prompt") else "prompt"
         value = row.raw(logical)
+        columns = {name: v for name, v in row.row.items() if name != row.name(logical)}
         if isinstance(value, list):
             messages = row.messages(logical)
-            return ChatPrompt(render_prompt(messages, tokenizer), messages)
-        return row.text(logical)
+            return ChatPrompt(render_prompt(messages, tokenizer), messages, columns)
+        return Prompt(row.text(logical), columns)
 
     return _load(source, fields, on_bad_row, "prompts", parse)
 
@@ -541,7 +572,9 @@ def apply_prompt_limit(items: list, tokenizer, max_prompt_tokens: int,
             continue
         cut = _left_truncate(tokenizer, prompt, budget)
         truncated += 1
-        if isinstance(item, str):
+        if isinstance(item, Prompt):  # the row's columns stay; cut text no longer renders its messages
+            out.append(Prompt(cut, item.columns))
+        elif isinstance(item, str):
             out.append(cut)
         else:
             out.append(type(item)(**{**item.__dict__, "prompt": cut}))

@@ -2,7 +2,8 @@
 
 Wire format (JSON both ways)::
 
-    request  {"prompts": ["...", ...], "responses": ["...", ...]}
+    request  {"prompts": ["...", ...], "responses": ["...", ...],
+              "columns": {"answer": ["109", ...], ...}}   the prompt rows' other columns, one value per response
     answer   {"scores": [0.5, ...]}            one number per response (NaN: the driver skips the batch)
 
 Safe by default: every request has a timeout; timeouts, connection errors, 5xx and 429 answers
@@ -21,6 +22,8 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+
+from rlhf_ray.data.formats import column_values
 
 
 class RewardEndpointError(RuntimeError):
@@ -51,7 +54,8 @@ class HttpRewardClient:
     token_env: str = ""
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        body = json.dumps({"prompts": prompts, "responses": responses}).encode()
+        # The other columns of each response's prompt row, one list per column (as reward functions get them).
+        body = json.dumps({"prompts": prompts, "responses": responses, "columns": column_values(prompts)}).encode()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.token_env:
             token = os.environ.get(self.token_env)

@@ -13,6 +13,7 @@ from rlhf_ray.agents import Limits, ToolRunner, Trajectory, load_environment
 from rlhf_ray.agents.loop import AgentRollout, RolloutStats
 from rlhf_ray.agents.render import turn_format
 from rlhf_ray.config import RunConfig
+from rlhf_ray.data.formats import row_columns
 from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.errors import BadInputError
 from rlhf_ray.stages import prepare as prep
@@ -58,7 +59,9 @@ class MultiTurnRollouts:
         """``run`` without keeping anything for the iteration's record (the held-out evaluation's
         trajectories): the trajectories, their stats and the engine calls sampled again."""
         sampler = pool.sampler()
-        trajectories, stats = self.rollout.run([{"prompt": p} for p in prompts], spec.n, spec, sampler)
+        # The environment's reset gets the whole data row: the prompt and every other column.
+        rows = [{**row_columns(p), "prompt": p} for p in prompts]
+        trajectories, stats = self.rollout.run(rows, spec.n, spec, sampler)
         pool.lost(sampler.dead, iteration)
         return trajectories, stats, sampler.retried_calls
 

@@ -18,8 +18,9 @@ def prepare_run(cfg: RunConfig, pays_rewards: bool = False) -> Path:
     """Checks the model folders, tracker packages and secrets (``check_inputs``) and, for a stage that
     ``pays_rewards``, that the config names a reward; returns the run's folder, which is neither
     created nor written until ``begin``."""
-    from rlhf_ray.config import ConfigError
+    from rlhf_ray.config import ConfigError, check_config
 
+    check_config(cfg)  # a config built or changed in Python (a loaded one was checked on load)
     if pays_rewards and (problems := cfg.reward_problems()):
         raise ConfigError("\n".join(f"{key}: {msg}" for key, msg in problems))
     check_inputs(cfg)
@@ -155,19 +156,52 @@ def check_lora_targets(cfg: RunConfig, section: str, model_path: str) -> None:
                           f"its linear layers: {', '.join(linear)} (or leave the list empty: every linear layer)")
 
 
-def reward_sources(cfg: RunConfig) -> tuple[list[str], list[float]]:
-    """Rule-reward functions and their weights, the task's gold scorer included when asked."""
+def reward_sources(cfg: RunConfig) -> tuple[list, list[float]]:
+    """Rule-reward functions and their weights, the task's gold scorer included when the prompts
+    are the task's (a run on ``data.prompts`` is scored by its own rewards only)."""
     from rlhf_ray.tasks import GOLD_REWARD
 
     functions = list(cfg.scorers.reward_functions)
     weights = list(cfg.scorers.reward_function_weights) or [1.0] * len(functions)
-    if cfg.data.task:
+    if cfg.data.task and not cfg.data.prompts:
         # With reward models or criteria, the gold scorer is logged beside the proxy reward
         # (weight 0), so over-optimisation of the learned reward shows up in the metrics.
         paid = cfg.scorers.use_task_gold_as_reward and not cfg.model.reward and not cfg.scorers.criteria
         functions.append(GOLD_REWARD[cfg.data.task])
         weights.append(1.0 if paid else 0.0)
     return functions, weights
+
+
+def check_reward_functions(cfg: RunConfig, prompts: list[str]) -> None:
+    """Every rule reward (``scorers.reward_functions``, ``module:function`` criteria) imports, takes
+    ``(prompts, responses, ...)`` and finds each column it names in every one of ``prompts``' rows:
+    else ``ConfigError`` naming the key, the function and the columns there are, before any actor
+    starts (Ray workers would find out after the engines started)."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.data.formats import row_columns
+    from rlhf_ray.tasks.rewards import signature_problem
+
+    names = dict.fromkeys(name for p in prompts for name in row_columns(p))
+    missing = {name: sum(name not in row_columns(p) for p in prompts) for name in names}
+    in_every_row = [name for name, n in missing.items() if n == 0]
+    specs = [*((f"scorers.reward_functions[{i}]", spec) for i, spec in enumerate(cfg.scorers.reward_functions)),
+             *((f"scorers.criteria.{name}", judge) for name, judge in cfg.scorers.criteria.items()
+               if not (isinstance(judge, str) and judge.startswith("rm:")))]
+    for key, spec in specs:
+        if problem := signature_problem(spec, in_every_row, missing, len(prompts)):
+            raise ConfigError(f"{key}: {problem}")
+
+
+def check_config_inputs(cfg: RunConfig) -> None:
+    """``rlhf-ray config check`` past the config's own values: the model folders, trackers, secrets
+    and environment (``check_inputs``), and each rule reward against the columns of the prompt
+    rows it will score (read without a tokenizer: no model is loaded)."""
+    from rlhf_ray.data.prompts import run_prompts
+    from rlhf_ray.stages.eval import held_out_prompts
+
+    check_inputs(cfg)
+    prompts = run_prompts(cfg.data, cfg.seed) if cfg.data.prompts or cfg.data.task else []
+    check_reward_functions(cfg, prompts + held_out_prompts(cfg))
 
 
 QUIET_ENV = {  # engines' start-up chatter hides the progress bars; RLHF_RAY_VERBOSE=1 keeps it

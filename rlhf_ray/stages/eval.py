@@ -22,23 +22,35 @@ from rlhf_ray.actors.rollout_pool import RolloutPool
 from rlhf_ray.actors.scorers import RewardActor
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch
-from rlhf_ray.stages.common import begin, prepare_run
+from rlhf_ray.stages.common import begin, check_reward_functions, prepare_run
 
-METRICS = ("gold_score", "perplexity", "reward")  # perplexity: lower is better
 
 
 def held_out_prompts(cfg: RunConfig, tokenizer=None) -> list[str]:
-    """eval.prompts (read like data.prompts) or the task's held-out prompts; empty when neither."""
-    if cfg.eval.prompts:
+    """data.eval_prompts (read like data.prompts, in file order, at most data.num_eval_prompts)
+    or the task's held-out prompts when the run's prompts are the task's; empty when neither."""
+    if cfg.data.eval_prompts:
         from rlhf_ray.data.prompts import run_prompts
 
-        return run_prompts(replace(cfg.data, prompts=cfg.eval.prompts), cfg.seed, tokenizer)[
+        return run_prompts(replace(cfg.data, prompts=cfg.data.eval_prompts), cfg.seed, tokenizer)[
             : cfg.data.num_eval_prompts]
-    if not cfg.data.task:
+    if not cfg.data.task or cfg.data.prompts:
         return []
     from rlhf_ray.tasks import get_task
 
     return get_task(cfg.data.task, cfg.seed).prompts(cfg.data.num_eval_prompts, split="eval")
+
+
+def held_out_rewards(cfg: RunConfig) -> dict[str, tuple]:
+    """The rule rewards that score held-out answers, by metric name: the run's reward functions and
+    the task's gold scorer (``gold``) when the prompts are the task's; name -> (spec, function)."""
+    from rlhf_ray.stages.common import reward_sources
+    from rlhf_ray.tasks import GOLD_COMPONENT
+    from rlhf_ray.tasks.rewards import load_reward_function, reward_name
+
+    functions, _ = reward_sources(cfg)
+    return {("gold" if reward_name(spec) == GOLD_COMPONENT else reward_name(spec)): (spec, load_reward_function(spec))
+            for spec in functions}
 
 
 def has_reward(cfg: RunConfig) -> bool:
@@ -46,15 +58,20 @@ def has_reward(cfg: RunConfig) -> bool:
 
 
 def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], references: list) -> dict[str, dict]:
-    """``{metric: {model name: value}}`` for the metrics that apply: gold score (with a task) and
-    reward (with reward models or criteria) of greedy responses to ``prompts``; perplexity of the
-    ``references`` (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
+    """``{metric: {model name: value}}`` for the metrics that apply: each rule reward's mean score
+    (the task's gold scorer: ``gold_score``; every reward function by its name) and the reward
+    models' or criteria's (``reward``) of greedy responses to ``prompts``; with ``eval.samples`` = k,
+    each rule reward's mean over k sampled responses per prompt (``<name>_sampled``) and its pass@k
+    (``<name>_pass@k``: the mean over prompts of the best of the k); perplexity of the ``references``
+    (``SFTExample``s: the responses given the prompts, a plain text's every token)."""
     from rlhf_ray.data.tokenize import encode_examples, encode_prompts, stop_token_ids, tokenizer_identity
+    from rlhf_ray.engines.sampling import SamplingSpec
     from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.tasks import GOLD_REWARD
-    from rlhf_ray.tasks.rewards import load_reward_function
+    from rlhf_ray.tasks.rewards import call_reward_function
 
-    gold = load_reward_function(GOLD_REWARD[cfg.data.task]) if cfg.data.task and prompts else None
+    rules = {("gold_score" if name == "gold" else name): rule
+             for name, rule in (held_out_rewards(cfg) if prompts else {}).items()}
+    k = cfg.eval.samples
     ro, sc = cfg.rollout, cfg.scorers
     paths = list(dict.fromkeys(models.values()))  # a checkpoint named twice is evaluated once
     tokenizers = {path: load_tokenizer(path, trust_remote_code=cfg.model.trust_remote_code) for path in paths}
@@ -75,6 +92,10 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
                       for path, tok in tokenizers.items()}
         greedy = {path: engines[path].greedy.remote(prompt_ids[path], cfg.eval.max_new_tokens, stops[path])
                   for path in paths if prompts}
+        sampled = {path: engines[path].generate.remote(prompt_ids[path], SamplingSpec(
+                       temperature=cfg.eval.temperature, top_p=ro.top_p, max_new_tokens=cfg.eval.max_new_tokens,
+                       n=k, stop_token_ids=stops[path], seed=cfg.seed))
+                   for path in paths if prompts and k and rules}
         max_len = min(cfg.data.max_seq_len, ro.max_model_len - 1)
         reference_batches = {path: encode_examples(tok, references, cfg.data.max_prompt_tokens, max_len)
                              for path, tok in tokenizers.items() if references}
@@ -86,8 +107,16 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
             if prompts:
                 response_ids = ray.get(greedy[path])
                 responses = tok.batch_decode(response_ids, skip_special_tokens=True)
-                if gold is not None:
-                    out["gold_score"] = sum(gold(prompts, responses)) / len(prompts)
+                for name, (spec, fn) in rules.items():
+                    out[name] = sum(call_reward_function(spec, fn, prompts, responses)) / len(prompts)
+                if path in sampled:  # prompt-major: k answers to each prompt in turn
+                    answers = tok.batch_decode([g.response_ids for g in ray.get(sampled[path])],
+                                               skip_special_tokens=True)
+                    repeated = [p for p in prompts for _ in range(k)]
+                    for name, (spec, fn) in rules.items():
+                        per_prompt = torch.tensor(call_reward_function(spec, fn, repeated, answers)).view(-1, k)
+                        out[f"{name}_sampled"] = per_prompt.mean().item()
+                        out[f"{name}_pass@{k}"] = per_prompt.max(dim=1).values.mean().item()
                 if reward is not None:
                     batch = RolloutBatch.from_token_lists(prompt_ids[path], response_ids, tok.pad_token_id)
                     out["reward"] = ray.get(reward.score.remote(batch, prompts, responses))["score"].mean().item()
@@ -103,7 +132,7 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
         if reward is not None:
             ray.kill(reward)
     return {metric: {name: per_path[path][metric] for name, path in models.items()}
-            for metric in METRICS if metric in per_path[paths[0]]}
+            for metric in per_path[paths[0]]}
 
 
 def default_compare_to(names: list[str]) -> list[str]:
@@ -151,9 +180,10 @@ def eval_data(cfg: RunConfig, tokenizer) -> tuple[list[str], list]:
     if cfg.eval.reference_text or cfg.data.sft or cfg.data.task:
         references = text_examples(cfg, cfg.eval.reference_text, tokenizer, held_out=True)
     references = references[: cfg.eval.max_reference_texts]
-    if not references and not (prompts and (cfg.data.task or has_reward(cfg))):
-        raise ValueError("eval has nothing to measure: give data.task (gold score), eval.reference_text "
-                         "(perplexity) or model.reward / scorers.criteria with eval.prompts (reward)")
+    if not references and not (prompts and (held_out_rewards(cfg) or has_reward(cfg))):
+        raise ValueError("eval has nothing to measure: give data.eval_prompts with scorers.reward_functions, "
+                         "model.reward or scorers.criteria (or data.task: gold score), or eval.reference_text "
+                         "(perplexity)")
     return prompts, references
 
 
@@ -193,6 +223,7 @@ def run_eval(cfg: RunConfig) -> dict:
             raise FileNotFoundError(f"{key}: {e}") from None
     tokenizer = load_tokenizer(next(iter(cfg.eval.models.values())), trust_remote_code=cfg.model.trust_remote_code)
     prompts, references = eval_data(cfg, tokenizer)
+    check_reward_functions(cfg, prompts)
     run_dir = prepare_run(cfg)
     begin(cfg, run_dir)
     report = compare_checkpoints(cfg, cfg.eval.models, run_dir, prompts, references)

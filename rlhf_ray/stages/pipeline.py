@@ -33,7 +33,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     # The eval's data and the stop strings first: bad input stops the pipeline before any training.
     tokenizer = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
     stop_token_ids(tokenizer, cfg.rollout.stop)
-    eval_inputs = eval_data(cfg, tokenizer) if cfg.data.task else None
+    eval_inputs = eval_data(cfg, tokenizer) if cfg.data.task or cfg.data.eval_prompts else None
     base = begin(cfg, root, base)
 
     def stage(name: str, **model_changes) -> RunConfig:
@@ -46,7 +46,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     if eval_inputs is not None:
         eval_cfg = replace(cfg, model=replace(cfg.model, reward=reward_models))
         report = compare_checkpoints(eval_cfg, {"base": base, "sft": sft["model"], name: model}, root, *eval_inputs)
-        summary["held_out_gold_score"] = {name: row["gold_score"] for name, row in report["models"].items()}
+        if "gold_score" in report["models"][name]:
+            summary["held_out_gold_score"] = {name: row["gold_score"] for name, row in report["models"].items()}
         summary["eval"] = report
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"pipeline done: {root / 'summary.json'}")

@@ -28,13 +28,20 @@ from rlhf_ray.engines.sampling import SamplingSpec
 from rlhf_ray.faults import FaultCounter
 from rlhf_ray.stages import prepare as prep
 from rlhf_ray.stages.agent_rollout import MultiTurnRollouts
-from rlhf_ray.stages.common import begin, check_model_fits, prepare_run, resolve_policy_path, reward_sources
-from rlhf_ray.stages.eval import held_out_prompts
+from rlhf_ray.stages.common import (
+    begin,
+    check_model_fits,
+    check_reward_functions,
+    prepare_run,
+    resolve_policy_path,
+    reward_sources,
+)
+from rlhf_ray.stages.eval import held_out_prompts, held_out_rewards
 from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.stages.recovery import Recovery
 from rlhf_ray.stages.sft import text_examples
-from rlhf_ray.tasks import GOLD_COMPONENT, GOLD_REWARD
-from rlhf_ray.tasks.rewards import load_reward_function
+from rlhf_ray.tasks import GOLD_COMPONENT
+from rlhf_ray.tasks.rewards import call_reward_function
 from rlhf_ray.tracking import MetricsWriter, PhaseTimer, open_trackers, plot_metrics
 
 __all__ = ["PPOTrainer", "run_ppo"]
@@ -56,9 +63,10 @@ class PPOTrainer(Recovery):
         self.ptx_examples = (text_examples(cfg, cfg.ppo.ptx_data, self.tokenizer, held_out=False)
                              if cfg.ppo.ptx_coef else [])
         self.agents = MultiTurnRollouts(cfg, self.tokenizer) if cfg.agent.enabled else None  # tool-using turns
-        # ppo.eval_every: the held-out prompts and the gold scorer of the answers to them.
+        # ppo.eval_every: the held-out prompts and the rule rewards that score the answers to them.
         self.eval_prompts = held_out_prompts(cfg, self.tokenizer) if cfg.ppo.eval_every else []
-        self.gold = load_reward_function(GOLD_REWARD[cfg.data.task]) if cfg.ppo.eval_every else None
+        check_reward_functions(cfg, self.prompts.prompts + self.eval_prompts)
+        self.eval_rewards = held_out_rewards(cfg) if cfg.ppo.eval_every else {}
         self._reset_state()
         resume = cfg.checkpoint.resume == "auto"
         resume_from = self._resume_point(asked=True) if resume else None  # fails before any actor starts
@@ -191,15 +199,32 @@ class PPOTrainer(Recovery):
         return position, version, prompts, generations
 
     def held_out_eval(self) -> dict[str, float]:
-        """``eval/gold``: the task's gold score of the engines' answers to the held-out prompts,
-        greedy or at ``ppo.eval_temperature``; with ``agent.env`` of whole trajectories (tools and
-        all), whose rollout metrics come along as ``eval/<name>`` (``eval/tool_calls_per_trajectory``, ...)."""
+        """The engines' greedy answers to the held-out prompts (with ``agent.env``: whole
+        trajectories, tools and all, whose rollout metrics come along as ``eval/<name>``), scored by
+        each held-out reward (``eval/<function>``; the task's gold scorer: ``eval/gold``); with
+        ``eval.samples`` = k, also k sampled answers per prompt (``eval/sampled/<name>``: their
+        mean, ``eval/pass@k/<name>``: the mean over prompts of the best of the k)."""
         start = time.monotonic()
-        temperature = self.cfg.ppo.eval_temperature
-        # Sampled evaluations all draw with the seed of the iteration after the last, which no
-        # training batch uses: the same draws each time, so the curve moves with the policy only.
-        spec = (replace(self._spec(self.cfg.ppo.iterations), temperature=temperature, n=1) if temperature
-                else replace(self._spec(self.iteration), temperature=0.0, top_p=1.0, n=1, seed=None))
+        greedy = replace(self._spec(self.iteration), temperature=0.0, top_p=1.0, n=1, seed=None)
+        responses, tool_use = self._held_out_answers(greedy)
+        out = {f"eval/{name}": sum(s) / len(s) for name, s in self._held_out_scores(self.eval_prompts, responses).items()}
+        if k := self.cfg.eval.samples:
+            # Every sampled evaluation draws with the seed of the iteration after the last, which no
+            # training batch uses: the same draws each time, so the curve moves with the policy only.
+            sampled = replace(self._spec(self.cfg.ppo.iterations), temperature=self.cfg.eval.temperature, n=k)
+            answers, _ = self._held_out_answers(sampled)
+            prompts = [p for p in self.eval_prompts for _ in range(k)]  # prompt-major, as the engines answer
+            for name, s in self._held_out_scores(prompts, answers).items():
+                per_prompt = torch.tensor(s).view(len(self.eval_prompts), k)
+                out[f"eval/sampled/{name}"] = per_prompt.mean().item()
+                out[f"eval/pass@{k}/{name}"] = per_prompt.max(dim=1).values.mean().item()
+        shown = ", ".join(f"{key.removeprefix('eval/')} {v:.3f}" for key, v in out.items())
+        print(f"ppo: held-out {shown} after iteration {self.iteration}")
+        return {**out, **tool_use, "time/eval_s": time.monotonic() - start}
+
+    def _held_out_answers(self, spec: SamplingSpec) -> tuple[list[str], dict[str, float]]:
+        """The engines' ``spec.n`` answers to each held-out prompt (prompt-major) as text, and with
+        ``agent.env`` the trajectories' tool use."""
         if self.agents:
             trajectories, stats, _ = self.agents.sample(self.roles.rollout, self.eval_prompts, spec, self.iteration + 1)
             response_ids = [t.response_ids for t in trajectories]
@@ -209,10 +234,11 @@ class PPOTrainer(Recovery):
             pending = self.roles.rollout.submit(self.eval_prompts, ids, spec, self.iteration)
             response_ids = [g.response_ids for g in self.roles.rollout.finish(pending, self.iteration + 1)]
             tool_use = {}
-        responses = self.tokenizer.batch_decode(response_ids, skip_special_tokens=True)
-        gold = sum(self.gold(self.eval_prompts, responses)) / len(self.eval_prompts)
-        print(f"ppo: held-out gold {gold:.3f} after iteration {self.iteration}")
-        return {"eval/gold": gold, **tool_use, "time/eval_s": time.monotonic() - start}
+        return self.tokenizer.batch_decode(response_ids, skip_special_tokens=True), tool_use
+
+    def _held_out_scores(self, prompts: list[str], responses: list[str]) -> dict[str, list[float]]:
+        """Each held-out reward's scores of the responses (each prompt's row columns passed along)."""
+        return {name: call_reward_function(spec, fn, prompts, responses) for name, (spec, fn) in self.eval_rewards.items()}
 
     # --- the phases' remote work --------------------------------------------------------------
     def _texts(self, prompts: list[str], generations: list):

@@ -21,6 +21,7 @@ import torch
 from rlhf_ray import algo
 from rlhf_ray.config import RunConfig
 from rlhf_ray.data.batch import RolloutBatch, pad_rows
+from rlhf_ray.data.formats import row_columns
 from rlhf_ray.data.tokenize import encode_examples
 from rlhf_ray.engines.sampling import Generation
 
@@ -251,11 +252,13 @@ def skipped_record(iteration: int, position: int, phase: str, seconds: dict[str,
 def sample_rows(iteration: int, prompts: list[str], responses: list[str], prepared: Prepared,
                 rewards: dict[str, torch.Tensor], truncated: torch.Tensor, version: int) -> list[dict]:
     """``samples.jsonl`` rows for the first ``len(prompts)`` rollouts, for people to read
-    (``rlhf-ray view``): text, final reward and its components, KL, truncation, policy version."""
+    (``rlhf-ray view``): text, final reward and its components, KL, truncation, policy version, and
+    the other columns of the prompt's data row (an ``answer`` to read the response against)."""
     components = {k.removeprefix("reward/"): v for k, v in rewards.items() if k.startswith("reward/")}
     return [{"iteration": iteration, "prompt": prompts[i], "response": responses[i],
              "reward": prepared.scores[i].item(), "components": {k: v[i].item() for k, v in components.items()},
-             "kl": prepared.kl_per_seq[i].item(), "truncated": bool(truncated[i]), "policy_version": version}
+             "kl": prepared.kl_per_seq[i].item(), "truncated": bool(truncated[i]), "policy_version": version,
+             **({"columns": row_columns(prompts[i])} if row_columns(prompts[i]) else {})}
             for i in range(len(prompts))]
 
 

@@ -1,15 +1,38 @@
-"""Rule rewards: plain functions ``(prompts, responses) -> scores`` named in config as
-``module:function``, and the loader that resolves such names."""
+"""Rule rewards: plain functions ``(prompts, responses, **columns) -> scores``, named in config as
+``module:function`` (or passed as Python callables), and what resolves, checks and calls them.
+
+A reward function gets the batch's prompts and responses (two lists of text, one entry per
+response) and, as keyword arguments, the other columns of the prompts' data rows, each a list
+with one value per response, in order (TRL's convention)::
+
+    def correct(prompts, responses, answer, **kwargs):
+        return [1.0 if r.strip() == str(a) else 0.0 for r, a in zip(responses, answer)]
+
+A function that takes ``**kwargs`` gets every column; one without gets the columns it names.
+A named column must be in every prompt row: the run refuses to start otherwise.
+"""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Callable, Sequence
 
-RewardFn = Callable[[list[str], list[str]], list[float]]
+from rlhf_ray.data.formats import column_values
+
+RewardFn = Callable[..., list[float]]
+# A reward in config: "module:function", or (Python API) the function itself.
+RewardSpec = str | Callable
 
 
-def load_reward_function(spec: str) -> RewardFn:
+def reward_name(spec: RewardSpec) -> str:
+    """What a reward's scores are called in the metrics (``reward/<name>``): its function's name."""
+    return spec.rpartition(":")[2] if isinstance(spec, str) else getattr(spec, "__name__", type(spec).__name__)
+
+
+def load_reward_function(spec: RewardSpec) -> RewardFn:
+    if callable(spec):
+        return spec
     module_name, _, attr = spec.partition(":")
     try:
         fn = getattr(importlib.import_module(module_name), attr)
@@ -20,11 +43,60 @@ def load_reward_function(spec: str) -> RewardFn:
     return fn
 
 
-def digit_fraction(prompts: list[str], responses: list[str]) -> list[float]:
+def _parameters(fn: RewardFn) -> tuple[list[inspect.Parameter], bool]:
+    """The parameters after (prompts, responses), and whether ``fn`` takes ``**kwargs``."""
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    rest = [p for p in params if p not in positional[:2] and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return rest, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def signature_problem(spec: RewardSpec, columns: Sequence[str], rows_missing: dict[str, int] | None = None,
+                      n_rows: int = 0) -> str | None:
+    """Why ``spec`` cannot score this data, or None: it does not load, does not take
+    ``(prompts, responses)``, or needs a column the prompt rows lack (``columns``: those in every
+    row; ``rows_missing``: column -> rows without it, of ``n_rows``)."""
+    try:
+        fn = load_reward_function(spec)
+        params = list(inspect.signature(fn).parameters.values())
+    except ValueError as e:
+        return str(e)
+    except TypeError:
+        return f"reward function {reward_name(spec)!r} has no signature to inspect"
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        return (f"reward function {reward_name(spec)!r} must take (prompts, responses, **columns); "
+                f"its parameters: ({', '.join(p.name for p in params)})")
+    rest, _ = _parameters(fn)
+    there = ", ".join(columns) or "none"
+    for p in rest:
+        if p.default is not p.empty or p.name in columns:
+            continue
+        missing = (rows_missing or {}).get(p.name)
+        where = f"{missing} of the {n_rows} prompt rows lack it" if missing else "the prompt rows have no such column"
+        return (f"reward function {reward_name(spec)!r} needs the column {p.name!r}, but {where} "
+                f"(columns in every row: {there}; rename one with data.fields or give the parameter a default)")
+    return None
+
+
+def call_reward_function(spec: RewardSpec, fn: RewardFn, prompts: list[str], responses: list[str]) -> list[float]:
+    """``fn``'s scores of the responses, given the columns it asks for (all with ``**kwargs``);
+    one score per response or a ``ValueError`` naming the function."""
+    columns = column_values(prompts)
+    rest, takes_all = _parameters(fn)
+    wanted = set(columns) if takes_all else {p.name for p in rest if p.name in columns}
+    values = fn(prompts, responses, **{name: columns[name] for name in wanted})
+    if len(values) != len(responses):
+        raise ValueError(f"reward function {reward_name(spec)} returned {len(values)} scores for "
+                         f"{len(responses)} responses")
+    return list(values)
+
+
+def digit_fraction(prompts: list[str], responses: list[str], **columns) -> list[float]:
     """Share of response characters that are digits: a dense toy reward for smoke tests."""
     return [sum(ch.isdigit() for ch in r) / max(1, len(r)) for r in responses]
 
 
-def brevity(prompts: list[str], responses: list[str]) -> list[float]:
+def brevity(prompts: list[str], responses: list[str], **columns) -> list[float]:
     """Prefers responses that end early (1 for empty, 0 at 32 characters or more)."""
     return [max(0.0, 1.0 - len(r) / 32) for r in responses]

@@ -82,8 +82,11 @@ function renderTable() {
   setText("count", `${rows.length} of ${samples.length} samples · ${selected.size} selected`);
   const t = document.getElementById("samples");
   const comps = [...new Set(samples.flatMap((s) => Object.keys(s.components || {})))];
+  // The other columns of a prompt's data row (an answer, an id): shown when any sample has them.
+  const hasColumns = samples.some((s) => s.columns && Object.keys(s.columns).length);
   t.replaceChildren(el("tr", {}, el("th", {}, ""), el("th", {}, "iter"), el("th", {}, "reward"),
-    ...comps.map((c) => el("th", {}, c)), el("th", {}, "kl"), el("th", {}, "flags"), el("th", {}, "prompt"), el("th", {}, "response")));
+    ...comps.map((c) => el("th", {}, c)), el("th", {}, "kl"), el("th", {}, "flags"), el("th", {}, "prompt"),
+    ...(hasColumns ? [el("th", {}, "row")] : []), el("th", {}, "response")));
   for (const s of rows) {
     const box = el("input", { type: "checkbox", "data-id": s.id, "aria-label": `select sample ${s.id}` });
     box.checked = selected.has(s.id);
@@ -92,8 +95,13 @@ function renderTable() {
       ...comps.map((c) => el("td", { class: "num" }, fmt((s.components || {})[c]))),
       el("td", { class: "num" }, fmt(s.kl)),
       el("td", {}, ...Object.entries(s.flags).filter(([, v]) => v).map(([k]) => el("span", { class: "flag" }, k))),
-      el("td", { class: "cell" }, s.prompt), responseCell(s)));
+      el("td", { class: "cell" }, s.prompt), ...(hasColumns ? [columnsCell(s)] : []), responseCell(s)));
   }
+}
+
+function columnsCell(s) {
+  const text = Object.entries(s.columns || {}).map(([k, v]) => `${k}: ${typeof v === "string" ? v : JSON.stringify(v)}`);
+  return el("td", { class: "cell columns" }, text.join("\n"));
 }
 
 // A multi-turn sample (agent.env) shows each turn as its own block: the policy's messages, each
