@@ -114,6 +114,26 @@ def reward_server():
     server.close()
 
 
+@pytest.fixture
+def hub_stand_in(monkeypatch):
+    """``datasets.load_dataset`` replaced by a recorder of ``(name, subset, split)``: no hub is
+    reachable here, and this stand-in is the one allowed. It returns one row holding every field
+    the loaders read, or, for the split ``validation``, raises what datasets raises for a split the
+    dataset lacks."""
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
+        if split == "validation":
+            raise ValueError(f'Unknown split "{split}". Should be one of [\'train\', \'test\'].')
+        return [{"question": "1+1=", "prompt": "2+2=", "response": "4", "chosen": "4", "rejected": "5"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
 @pytest.fixture(scope="session")
 def short_ppo_run(ray_session, tmp_path_factory):
     """One short real PPO run per session, shared by tests/test_ppo.py and the run viewer's browser

@@ -255,13 +255,38 @@ def _bad_files(d: Path) -> dict[str, Path]:
         "prompts_only.jsonl": '{"prompt": "1+1="}\n',
         "criteria.yaml": "studio:\n  criteria: helpful\n",
         "labels.db": "this text is not an SQLite database " * 10,
+        "no_response.csv": "prompt,response\n1+1=,2\n2+2=,\n",
     }
     paths = {name: d / name for name in files}
     for name, text in files.items():
         paths[name].write_text(text)
     (d / "not_utf8.jsonl").write_bytes(b'{"prompt": "1+1="}\n\xff\xfe{"prompt": "2"}\n')
     paths["not_utf8.jsonl"] = d / "not_utf8.jsonl"
+    folders = {  # folders that are no dataset layout, or hold a bad row in a shard
+        "empty_dir": {},
+        "notes_dir": {"notes.txt": "prompts to come\n"},
+        "mixed_dir": {"a.jsonl": '{"prompt": "1+1="}\n', "b.csv": "prompt\n2+2=\n"},
+        "shards_dir": {"part-1.jsonl": '{"prompt": "1+1="}\n',
+                       "part-2.jsonl": '{"prompt": "2+2="}\n{"prompt": 7}\n'},
+        "damaged_saved_dir": {"dataset_info.json": "{}", "state.json": "not JSON"},
+    }
+    for name, contents in folders.items():
+        paths[name] = d / name
+        paths[name].mkdir()
+        for file, text in contents.items():
+            (paths[name] / file).write_text(text)
     return paths
+
+
+@pytest.fixture(scope="module")
+def train_test_dict(tmp_path_factory) -> Path:
+    """A ``save_to_disk`` DatasetDict of splits train and test, written once: the cases only read it."""
+    from datasets import Dataset, DatasetDict
+
+    path = tmp_path_factory.mktemp("saved") / "train_test_dict"
+    DatasetDict({split: Dataset.from_list([{"prompt": "1+1=", "response": "2"}])
+                 for split in ("train", "test")}).save_to_disk(str(path))
+    return path
 
 
 S = "rlhf-ray: "  # every message starts so, once
@@ -312,6 +337,27 @@ BAD_INPUTS = {
                              r"prompts_only\.jsonl row 1, field 'chosen': missing field"),
     "sft rows without response": (["sft", "data.sft={prompts_only.jsonl}"],
                                   r"prompts_only\.jsonl row 1, field 'response': missing field"),
+    "a CSV record without response": (["sft", "data.sft={no_response.csv}"],
+                                      r"no_response\.csv row 2, field 'response': empty text$"),
+    # dataset folders
+    "a folder with no data files": (
+        ["ppo", "data.prompts={notes_dir}"],
+        (r"notes_dir: a directory with no dataset_info\.json or state\.json \(not a save_to_disk folder\) "
+         r"and no \.jsonl/\.json/\.parquet/\.csv files \(it holds notes\.txt\)$")),
+    "an empty folder": (["sft", "data.sft={empty_dir}"], r"empty_dir: an empty directory \(no \.jsonl/"),
+    "a folder of two shard kinds": (["rm", "data.preferences={mixed_dir}"],
+                                    r"mixed_dir: a directory of shards of more than one kind \(1 \.csv, "),
+    "a bad row in the second shard": (["ppo", "data.prompts={shards_dir}"],
+                                      r"shards_dir/part-2\.jsonl row 2, field 'prompt': wrong type"),
+    "a damaged save_to_disk folder": (["dpo", "data.preferences={damaged_saved_dir}"],
+                                      r"damaged_saved_dir: not a readable save_to_disk folder \("),
+    "prompts from a DatasetDict without the split": (
+        ["ppo", "data.prompts={train_test_dict}", "data.split=validation"],
+        (r"train_test_dict: a save_to_disk DatasetDict \(has splits train, test; data\.split=validation is "
+         r"not one of them\)$")),
+    "demonstrations from a DatasetDict without the split": (
+        ["sft", "data.sft={train_test_dict}", "data.split=validation"],
+        r"train_test_dict: a save_to_disk DatasetDict \(has splits train, test; data\.split=validation"),
     # models
     "offline hub id": (["ppo", "model.policy=someorg/some-model"],
                        r"model\.policy: 'someorg/some-model' is not a local folder, and the hub cannot serve it"),
@@ -361,10 +407,11 @@ def no_stage_starts(monkeypatch):
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_each_bad_input_is_one_message_and_nothing_is_written(case, tmp_path, capsys, monkeypatch, no_stage_starts):
+def test_each_bad_input_is_one_message_and_nothing_is_written(case, tmp_path, capsys, monkeypatch,
+                                                              no_stage_starts, train_test_dict):
     files = _bad_files(tmp_path / "in")
     argv, expected = BAD_INPUTS[case]
-    for name, path in {"in": tmp_path / "in", **files}.items():
+    for name, path in {"in": tmp_path / "in", "train_test_dict": train_test_dict, **files}.items():
         argv = [a.replace(f"{{{name}}}", str(path)) for a in argv]
     if argv[0] in STAGE_ARGS:
         argv = [*argv[:1], *([] if any(a.startswith("run_dir=") for a in argv) else [f"run_dir={tmp_path / 'run'}"]),
@@ -376,6 +423,33 @@ def test_each_bad_input_is_one_message_and_nothing_is_written(case, tmp_path, ca
     assert err.count(S) == 1 and "Traceback" not in err, err
     assert re.search(expected, err), err
     assert _tree(tmp_path) == before  # nothing made, nothing changed
+
+
+HUB_READERS = {  # a stage and the key of the hub dataset it reads
+    "sft demonstrations": ["sft", "data.sft=org/demos"],
+    "rm preference pairs": ["rm", "data.preferences=org/pairs"],
+    "ppo prompts": ["ppo", "data.prompts=org/prompts"],
+    "ppo pretraining text": ["ppo", "ppo.ptx_coef=0.1", "ppo.ptx_data=org/text"],
+}
+
+
+@pytest.mark.parametrize("case", list(HUB_READERS))
+def test_every_stage_reads_a_hub_dataset_with_its_subset_and_split(case, tmp_path, capsys, no_stage_starts,
+                                                                   hub_stand_in):
+    """data.subset and data.split reach ``datasets.load_dataset`` from each stage that reads data
+    (a stand-in here, tests/conftest.py: no hub is reachable), and a split the dataset lacks is one
+    message before anything is written."""
+    stage, *keys = HUB_READERS[case]
+    overrides = [*keys, "data.subset=main", "data.split=validation"]
+    assert main([stage, f"run_dir={tmp_path / 'run'}", *BASE, *overrides]) == 2
+    name = keys[-1].partition("=")[2]
+    assert hub_stand_in == [(name, "main", "validation")]
+    err = capsys.readouterr().err
+    assert err.count(S) == 1 and "Traceback" not in err, err
+    assert err.strip().endswith(f"{S}{name}: cannot be read with data.subset='main' and "
+                                f"data.split='validation' (Unknown split \"validation\". Should be one of "
+                                f"['train', 'test'].)"), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_matrix_covers_forty_inputs_across_the_commands():

@@ -30,6 +30,13 @@ def test_dotted_overrides_take_typed_values():
     assert cfg.scorers.reward_functions == ["m:f"]
 
 
+def test_data_subset_and_split_default_to_no_subset_and_train():
+    data = load_config().data
+    assert (data.subset, data.split) == ("", "train")
+    data = load_config(None, ["data.subset=main", "data.split=test"]).data
+    assert (data.subset, data.split) == ("main", "test")
+
+
 def test_override_beats_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("ppo:\n  kl_coef: 0.1\n  iterations: 3\n")

@@ -1,6 +1,9 @@
 """The dataset layer: every file format and data format, every bad-row case, prompt limits, holdout."""
 
+import csv
 import json
+import re
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -66,7 +69,7 @@ def test_jsonl_row_numbers_are_line_numbers_and_mixed_types_still_load(tmp_path)
     f = tmp_path / "p.jsonl"
     f.write_text('{"prompt": "a"}\n\n{"prompt": 5}\n{not json\n')
     rows, name = F.read_rows(str(f))
-    assert name == str(f) and [n for n, _ in rows] == [1, 3, 4]
+    assert name == str(f) and [(row.source, row.number) for row in rows] == [(str(f), n) for n in (1, 3, 4)]
     with pytest.raises(DataError, match=r"p.jsonl row 3, field 'prompt': wrong type \(expected text, got int"):
         F.load_prompts(str(f))
     prompts, report = F.load_prompts(str(f), on_bad_row="skip")
@@ -79,6 +82,151 @@ def test_json_with_mixed_types_names_the_record(tmp_path):
     f.write_text(json.dumps([{"prompt": "a", "response": "b"}, {"prompt": {"x": 1}, "response": "c"}]))
     with pytest.raises(DataError, match="m.json row 2, field 'prompt': wrong type"):
         F.load_sft(str(f))
+
+
+# --- layouts: save_to_disk folders, CSV, folders of shards, hub subsets and splits ---------------
+
+SFT_ROWS = [{"prompt": "1+1=", "response": "2"}, {"prompt": "2+2=", "response": "4"},
+            {"prompt": "Say hi,\nthen bye.", "response": "hi, bye"}]
+
+
+def test_save_to_disk_dataset_and_dataset_dict_read_the_rows_of_the_jsonl(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    expected, _ = F.load_sft(jsonl(tmp_path / "d.jsonl", SFT_ROWS))
+    Dataset.from_list(SFT_ROWS).save_to_disk(str(tmp_path / "saved"))
+    examples, report = F.load_sft(str(tmp_path / "saved"), split="ignored by a Dataset folder")
+    assert examples == expected and report.source == str(tmp_path / "saved")
+    splits = DatasetDict({"train": Dataset.from_list(SFT_ROWS[:1]),
+                          "test": Dataset.from_list([*SFT_ROWS, {"prompt": "3+3=", "response": ""}])})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    assert F.load_sft(str(tmp_path / "splits"))[0] == expected[:1]  # data.split's default: train
+    # A bad row is named by the split's folder and its record index.
+    bad_row = f"^{re.escape(str(tmp_path))}/splits/test row 4, field 'response': empty text$"
+    with pytest.raises(DataError, match=bad_row):
+        F.load_sft(str(tmp_path / "splits"), split="test")
+    assert F.load_sft(str(tmp_path / "splits"), on_bad_row="skip", split="test")[0] == expected
+    with pytest.raises(DataError) as info:
+        F.load_sft(str(tmp_path / "splits"), split="validation")
+    assert str(info.value) == (f"{tmp_path}/splits: a save_to_disk DatasetDict (has splits train, test; "
+                               f"data.split=validation is not one of them)")
+
+
+def test_csv_reads_the_rows_of_the_jsonl_as_text(tmp_path):
+    expected, _ = F.load_sft(jsonl(tmp_path / "d.jsonl", SFT_ROWS))
+    path = tmp_path / "d.csv"
+    with path.open("w", newline="", encoding="utf-8-sig") as f:  # a byte-order mark, as spreadsheets write
+        writer = csv.writer(f)
+        writer.writerow(["prompt", "response"])
+        for row in SFT_ROWS[:2]:
+            writer.writerow([row["prompt"], row["response"]])
+        f.write("\r\n")  # a blank line holds no record
+        writer.writerow([SFT_ROWS[2]["prompt"], SFT_ROWS[2]["response"]])  # quoted: a comma, a newline
+        writer.writerow(["5+5=", ""])
+        writer.writerow(["6+6=", "12", "an extra cell"])
+    # The numbers stay text: "2" and "4" are responses, not integers.
+    examples, report = F.load_sft(str(path), on_bad_row="skip")
+    assert examples == expected and report.skipped == {F.EMPTY: 1, F.WRONG_TYPE: 1}
+    # Row numbers count records, not lines: the quoted newline above is no new row.
+    assert report.first_errors == [
+        f"{path} row 4, field 'response': empty text",
+        f"{path} row 5: wrong type (not valid CSV: 3 fields where the header has 2)"]
+
+
+def test_parquet_shards_read_in_name_order_like_one_jsonl(tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": f"{n}+1="} for n in range(5)]
+    expected, _ = F.load_prompts(jsonl(tmp_path / "all.jsonl", rows))
+    folder = tmp_path / "prompts.parquet"  # Spark and Dask name a folder of shards so
+    folder.mkdir()
+    for index, (start, stop) in reversed(list(enumerate([(0, 2), (2, 3), (3, 5)]))):  # written last first
+        Dataset.from_list(rows[start:stop]).to_parquet(str(folder / f"train-{index:05d}-of-00003.parquet"))
+    (folder / "_SUCCESS").write_text("")  # a writer's marker and a README are no shards
+    (folder / "README.md").write_text("# prompts\n")
+    prompts, report = F.load_prompts(str(folder))
+    assert prompts == expected and (report.source, report.rows_read) == (str(folder), 5)
+
+
+def test_jsonl_shards_name_the_shard_and_its_line_of_a_bad_row(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    jsonl(folder / "part-1.jsonl", [{"prompt": "a"}, {"prompt": "b"}])
+    (folder / "part-2.jsonl").write_text('{"prompt": "c"}\n\n{"prompt": ""}\n{"prompt": "d"}\n')
+    rows, name = F.read_rows(str(folder))
+    assert name == str(folder)
+    assert [(Path(row.source).name, row.number) for row in rows] == [
+        ("part-1.jsonl", 1), ("part-1.jsonl", 2), ("part-2.jsonl", 1), ("part-2.jsonl", 3),
+        ("part-2.jsonl", 4)]
+    bad_row = f"^{re.escape(str(folder))}/part-2\\.jsonl row 3, field 'prompt': empty text$"
+    with pytest.raises(DataError, match=bad_row) as info:
+        F.load_prompts(str(folder))
+    assert (info.value.source, info.value.row) == (str(folder / "part-2.jsonl"), 3)
+    prompts, report = F.load_prompts(str(folder), on_bad_row="skip")
+    assert prompts == ["a", "b", "c", "d"] and report.source == str(folder)
+    assert report.first_errors == [f"{folder}/part-2.jsonl row 3, field 'prompt': empty text"]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".csv"])
+def test_json_and_csv_shards_read_like_one_jsonl(tmp_path, suffix):
+    halves = [SFT_ROWS[:2], SFT_ROWS[2:]]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for index, half in enumerate(halves):
+        shard = folder / f"{index}{suffix}"
+        if suffix == ".json":
+            shard.write_text(json.dumps(half))
+        else:
+            with shard.open("w", newline="") as f:
+                writer = csv.DictWriter(f, ["prompt", "response"])
+                writer.writeheader()
+                writer.writerows(half)
+    assert F.load_sft(str(folder))[0] == F.load_sft(jsonl(tmp_path / "d.jsonl", SFT_ROWS))[0]
+
+
+def test_folders_that_are_no_layout_say_what_they_hold(tmp_path):
+    folders = {name: tmp_path / name for name in ("empty", "notes", "mixed", "damaged")}
+    for folder in folders.values():
+        folder.mkdir()
+    (folders["notes"] / "notes.txt").write_text("hi")
+    (folders["notes"] / "data").mkdir()  # the shards one level down: subfolders are not read
+    jsonl(folders["mixed"] / "a.jsonl", [{"prompt": "a"}])
+    jsonl(folders["mixed"] / "b.jsonl", [{"prompt": "b"}])
+    (folders["mixed"] / "c.csv").write_text("prompt\nc\n")
+    (folders["damaged"] / "state.json").write_text("{")
+    expected = {
+        "empty": "an empty directory (no .jsonl/.json/.parquet/.csv files, not a save_to_disk folder)",
+        "notes": ("a directory with no dataset_info.json or state.json (not a save_to_disk folder) and no "
+                  ".jsonl/.json/.parquet/.csv files (it holds data/, notes.txt)"),
+        "mixed": ("a directory of shards of more than one kind (1 .csv, 2 .jsonl files; a folder of shards "
+                  "holds files of one kind)"),
+    }
+    for name, message in expected.items():
+        with pytest.raises(DataError) as info:
+            F.load_prompts(str(folders[name]))
+        assert str(info.value) == f"{folders[name]}: {message}"
+    damaged = f"^{re.escape(str(folders['damaged']))}: not a readable save_to_disk folder \\(.+\\)$"
+    with pytest.raises(DataError, match=damaged):
+        F.load_prompts(str(folders["damaged"]))
+
+
+def test_hub_names_reach_load_dataset_with_their_subset_and_split(hub_stand_in):
+    """The name, subset and split reach ``datasets.load_dataset``: here a stand-in (tests/conftest.py),
+    as no hub is reachable."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.data.prompts import run_prompts
+
+    assert F.load_prompts("openai/gsm8k", {"prompt": "question"}, subset="main", split="test")[0] == ["1+1="]
+    assert F.load_sft("org/demos")[0] == [SFTExample("2+2=", "4")]
+    cfg = load_config(None, ["data.prompts=org/prompts", "data.subset=socratic", "data.split=test"])
+    assert run_prompts(cfg.data, seed=0) == ["2+2="]
+    assert hub_stand_in == [("openai/gsm8k", "main", "test"), ("org/demos", None, "train"),
+                            ("org/prompts", "socratic", "test")]
+    with pytest.raises(DataError) as info:
+        F.load_preferences("org/prefs", subset="main", split="validation")
+    assert str(info.value) == ("org/prefs: cannot be read with data.subset='main' and "
+                               "data.split='validation' (Unknown split \"validation\". Should be one of "
+                               "['train', 'test'].)")
 
 
 # --- SFT -----------------------------------------------------------------------------------------
@@ -314,9 +462,10 @@ def test_files_that_are_not_what_they_claim_name_the_file_and_row(tmp_path):
     noise.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(DataError, match=r"p\.json: not UTF-8 text"):
         F.load_prompts(str(noise))
-    unknown = tmp_path / "p.csv"
+    unknown = tmp_path / "p.tsv"
     unknown.write_text("prompt\n1+1=\n")
-    with pytest.raises(DataError, match=r"p\.csv: unknown format \(a local data file must end in .jsonl, .json, .parquet\)"):
+    with pytest.raises(DataError, match=r"p\.tsv: unknown format \(a local data file must end in \.jsonl, "
+                                        r"\.json, \.parquet, \.csv\)"):
         F.load_prompts(str(unknown))
     with pytest.raises(FileNotFoundError, match="data file nowhere/p.csv does not exist"):
         F.load_prompts("./nowhere/p.csv")

@@ -72,6 +72,8 @@ class DataConfig:
     preferences: str = ""  # preference pairs: prompt/chosen/rejected or HH-RLHF dialogues (else the task's)
     fields: dict[str, str] = field(default_factory=dict)  # remap field names, e.g. {prompt: question}
     on_bad_row: Literal["error", "skip"] = "error"  # skip = drop bad rows and report the count
+    subset: str = ""  # hub datasets: the configuration (subset) name, e.g. main for openai/gsm8k
+    split: str = "train"  # hub datasets and save_to_disk DatasetDict folders: the split to read
     prompt_overflow: Literal["truncate", "drop"] = "truncate"  # prompts over max_prompt_tokens
     max_prompt_tokens: int = 64  # longer prompts are truncated (from the left) or dropped: data.prompt_overflow
     max_seq_len: int = 128  # SFT / RM sequences (prompt + response) are cut to this many tokens

@@ -1,7 +1,21 @@
-"""Dataset files -> typed SFT examples, preference pairs and prompts, with row-level validation.
+"""Datasets -> typed SFT examples, preference pairs and prompts, with row-level validation.
 
-Sources (``read_rows``): a local ``.jsonl``, ``.json`` or ``.parquet`` file, or otherwise a hub dataset
-name (``load_dataset(name, split="train")``, only on machines that reach a hub).
+Sources (``read_rows``), as users hold them:
+
+* a local file: ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` (a header row, then one record a row;
+  every value is text);
+* a ``datasets`` ``save_to_disk`` folder: a Dataset folder (``dataset_info.json``, ``state.json``)
+  reads as it is; a DatasetDict folder (``dataset_dict.json``) reads the split ``data.split``;
+* a folder of shards: ``.jsonl``, ``.json``, ``.parquet`` or ``.csv`` files all of one kind, read in
+  the order of their names (hidden files and names starting with ``_``, such as Spark's
+  ``_SUCCESS``, are not shards; subfolders are not read);
+* otherwise a hub dataset name, only on machines that reach a hub:
+  ``load_dataset(name, name=data.subset or None, split=data.split)``; ``data.subset`` is the
+  configuration (``main`` for ``openai/gsm8k``), ``data.split`` defaults to ``train``.
+
+Local files and folders of shards ignore ``data.subset`` and ``data.split``. A folder that is none
+of these (empty, holding no data files, or mixing shard kinds), a damaged ``save_to_disk`` folder
+and a DatasetDict without the split raise ``DataError`` naming the path and what it holds.
 
 Formats (field names are logical names; ``fields`` remaps them to the file's own, e.g.
 ``{"prompt": "question"}``; logical names: prompt, response, messages, chosen, rejected):
@@ -15,31 +29,45 @@ Formats (field names are logical names; ``fields`` remaps them to the file's own
 * Prompts: ``prompt`` as text or as messages (a ``messages`` field is used when there is no ``prompt``).
 
 A bad row (missing or null field, wrong type, empty text, chosen equal to rejected, an HH-RLHF pair
-with no shared prefix or no assistant turn) raises ``DataError`` naming the file, the row and the
-field; with ``on_bad_row="skip"`` it is skipped instead and counted in the ``LoadReport``.
+with no shared prefix or no assistant turn) raises ``DataError`` naming the file (in a folder of
+shards, the shard's path), the row and the field; with ``on_bad_row="skip"`` it is skipped instead
+and counted in the ``LoadReport``.
 
-Row numbers are 1-based. For JSONL they are the file's line numbers (blank lines count as lines
-but hold no row), so ``sed -n 7p file.jsonl`` shows row 7. For JSON, Parquet and hub datasets they
-are the 1-based record index. JSONL is always parsed with the ``json`` module rather than
-``datasets``: Arrow schema inference fails on a column of mixed types (a number in one row, text in
-the next) and fills absent keys with null, and it would lose the exact line numbers, which is all
-the bad-row messages are for. JSON and Parquet go through ``datasets`` (a ``.json`` file that
-``datasets`` cannot read is retried with the ``json`` module, as a JSON array or JSON lines).
+Row numbers are 1-based and count within their file. For JSONL they are the file's line numbers
+(blank lines count as lines but hold no row), so ``sed -n 7p file.jsonl`` shows row 7. For JSON,
+Parquet, CSV (records after the header; blank lines hold none and are not counted), ``save_to_disk``
+folders and hub datasets they are the 1-based record index.
+
+JSONL is always parsed with the ``json`` module rather than ``datasets``: Arrow schema inference
+fails on a column of mixed types (a number in one row, text in the next) and fills absent keys
+with null, and it would lose the exact line numbers, which is all the bad-row messages are for.
+CSV is parsed with the ``csv`` module: ``datasets``' csv builder infers types too, and would read a
+column of numbers (answers "4", "6") as integers, which are no text. JSON and Parquet go through
+``datasets`` (a ``.json`` file that ``datasets`` cannot read is retried with the ``json`` module, as
+a JSON array or JSON lines).
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
 import random
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from rlhf_ray.config.schema import REMAPPABLE_FIELDS
 from rlhf_ray.errors import BadInputError
 
-LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
+LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+# What ``save_to_disk`` writes: a Dataset folder holds both files, a DatasetDict folder the third
+# and a folder per split.
+SAVE_TO_DISK_FILES = ("dataset_info.json", "state.json")
+SAVE_TO_DISK_DICT_FILE = "dataset_dict.json"
 LOGICAL_FIELDS = REMAPPABLE_FIELDS
 
 # Reasons a row is bad; the keys of ``LoadReport.skipped``.
@@ -58,8 +86,9 @@ OnBadRow = Literal["error", "skip"]
 class DataError(BadInputError):
     """A bad data row (or an unusable source): ``"prefs.jsonl row 7, field 'chosen': empty text"``.
 
-    ``row`` is 1-based: the line number for JSONL files, the record index for JSON, Parquet and hub
-    datasets; ``None`` when the problem is the whole source. ``field`` is the field name as it is
+    ``source`` is the file the row is in (a shard's own path in a folder of shards). ``row`` is
+    1-based within it: the line number for JSONL files, the record index for the other layouts;
+    ``None`` when the problem is the whole source. ``field`` is the field name as it is
     spelled in the file (after the ``data.fields`` remap). ``kind`` is one of the reason constants
     (``MISSING``, ``WRONG_TYPE``, ``EMPTY``, ``SAME``, ``NO_PREFIX``, ``NO_ASSISTANT``).
     """
@@ -127,94 +156,203 @@ class LoadReport:
 # --- reading --------------------------------------------------------------------------------------
 
 
-def _load_local_file(builder: str, path: Path):
-    """``datasets``' loader of a local file, without its log of a file it cannot parse (this
-    module reports that once, naming the file and row) and its progress bar (a local file loads
-    in a moment)."""
+class RawRow(NamedTuple):
+    """One row as read: the file it came from (a shard's own path, for messages), its 1-based number
+    there (see the module docstring) and its value (an object, or whatever a malformed row holds)."""
+
+    source: str
+    number: int
+    value: Any
+
+
+def read_rows(source: str, subset: str = "", split: str = "train") -> tuple[list[RawRow], str]:
+    """Rows of ``source`` (a file, a folder or a hub dataset, see the module docstring) in order, and
+    the name of the whole source for reports (``source`` as given).
+
+    ``subset`` and ``split`` are what a hub dataset reads (``load_dataset(source, name=subset,
+    split=split)``, no subset when empty); ``split`` also picks a ``save_to_disk`` DatasetDict's
+    split. Local files and folders of shards ignore both.
+
+    Raises ``FileNotFoundError`` naming the path when a local source does not exist, and
+    ``DataError`` naming it when it is no layout this module reads.
+    """
+    path = Path(source)
+    if path.is_dir():  # before the suffix: Spark and Dask write a folder of shards named out.parquet
+        return _read_folder(path, source, split), source
+    if path.suffix.lower() in LOCAL_SUFFIXES:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        return _read_file(path, source), source
+    from rlhf_ray.models.loading import looks_local
+
+    if path.exists() or looks_local(source):  # never sent to a hub as a dataset name
+        if not path.exists():
+            raise FileNotFoundError(f"data file {path} does not exist")
+        raise DataError(source, None, None, "unknown format",
+                        f"a local data file must end in {', '.join(LOCAL_SUFFIXES)}")
+    return _read_hub(source, subset, split), source
+
+
+def _read_hub(name: str, subset: str, split: str) -> list[RawRow]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, name=subset or None, split=split)
+    except ValueError as e:  # datasets' word on a subset or split the dataset does not have
+        asked = f"data.subset={subset!r} and data.split={split!r}"
+        raise DataError(name, None, None, f"cannot be read with {asked}", _one_line(e)) from None
+    return _numbered(name, dataset)
+
+
+def _read_folder(path: Path, source: str, split: str) -> list[RawRow]:
+    """A ``save_to_disk`` folder, else a folder of shards (each named in messages by its own path)."""
+    names = sorted(entry.name for entry in path.iterdir())
+    if SAVE_TO_DISK_DICT_FILE in names or any(name in names for name in SAVE_TO_DISK_FILES):
+        return _read_saved(path, source, split)
+    # Hidden files and those datasets skips too (Spark's _SUCCESS, Dask's _metadata) are no shards.
+    shards = [name for name in names if not name.startswith((".", "_")) and (path / name).is_file()
+              and Path(name).suffix.lower() in LOCAL_SUFFIXES]
+    kinds = "/".join(LOCAL_SUFFIXES)
+    if not names:
+        raise DataError(source, None, None, "an empty directory",
+                        f"no {kinds} files, not a save_to_disk folder")
+    if not shards:
+        shown = [name + "/" if (path / name).is_dir() else name for name in names[:5]]
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        raise DataError(source, None, None, f"a directory with no {' or '.join(SAVE_TO_DISK_FILES)} (not a "
+                        f"save_to_disk folder) and no {kinds} files", f"it holds {', '.join(shown)}{more}")
+    suffixes = [Path(name).suffix.lower() for name in shards]
+    if len(set(suffixes)) > 1:
+        counts = ", ".join(f"{suffixes.count(s)} {s}" for s in sorted(set(suffixes)))
+        raise DataError(source, None, None, "a directory of shards of more than one kind",
+                        f"{counts} files; a folder of shards holds files of one kind")
+    return [row for name in shards for row in _read_file(path / name, os.path.join(source, name))]
+
+
+def _read_saved(path: Path, source: str, split: str) -> list[RawRow]:
+    """A ``save_to_disk`` folder: a Dataset as it is, a DatasetDict's ``split``."""
+    with _quiet_datasets() as datasets:
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except Exception as e:  # noqa: BLE001 - whatever datasets says, the folder is damaged
+            raise DataError(source, None, None, "not a readable save_to_disk folder",
+                            f"{type(e).__name__}: {_one_line(e)}") from None
+    if not isinstance(saved, datasets.DatasetDict):
+        return _numbered(source, saved)
+    if split not in saved:
+        raise DataError(source, None, None, "a save_to_disk DatasetDict",
+                        f"has splits {', '.join(saved)}; data.split={split} is not one of them")
+    return _numbered(os.path.join(source, split), saved[split])
+
+
+@contextmanager
+def _quiet_datasets():
+    """``datasets`` without its log of a file it cannot parse (this module reports that once,
+    naming the file and row) and its progress bars (a local dataset loads in a moment)."""
     import datasets
 
     verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL + 1)
     datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        yield datasets
     finally:
         datasets.logging.set_verbosity(verbosity)
         if bars:
             datasets.enable_progress_bars()
 
 
-def read_rows(source: str) -> tuple[list[tuple[int, dict]], str]:
-    """Rows of a local JSONL/JSON/Parquet file or a hub dataset, as ``(row_number, row)`` pairs
-    (1-based, see the module docstring), and the name to use in messages (``source`` as given).
+def _load_local_file(builder: str, path: Path):
+    with _quiet_datasets() as datasets:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
 
-    Raises ``FileNotFoundError`` naming the path when a local file does not exist.
-    """
-    path = Path(source)
-    if path.suffix.lower() not in LOCAL_SUFFIXES:
-        from rlhf_ray.models.loading import looks_local
 
-        if path.exists() or looks_local(source):  # never sent to a hub as a dataset name
-            if not path.exists():
-                raise FileNotFoundError(f"data file {path} does not exist")
-            raise DataError(source, None, None, "unknown format",
-                            f"a local data file must end in {', '.join(LOCAL_SUFFIXES)}")
-        from datasets import load_dataset
-
-        return _numbered(load_dataset(source, split="train")), source
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {path} does not exist")
+def _read_file(path: Path, name: str) -> list[RawRow]:
+    """One local data file's rows; ``name`` is the file as messages name it."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _read_jsonl(path, source), source
+        return _read_jsonl(path, name)
+    if suffix == ".csv":
+        return _read_csv(path, name)
     if suffix == ".parquet":
         try:
-            return _numbered(_load_local_file("parquet", path)), source
+            return _numbered(name, _load_local_file("parquet", path))
         except Exception as e:  # noqa: BLE001 - whatever pyarrow says, the file is not Parquet
-            raise DataError(source, None, None, "not a Parquet file", f"{type(e).__name__}") from None
+            raise DataError(name, None, None, "not a Parquet file", f"{type(e).__name__}") from None
     try:
-        return _numbered(_load_local_file("json", path)), source
+        return _numbered(name, _load_local_file("json", path))
     except Exception:  # noqa: BLE001 - schema trouble of any kind: read the file ourselves
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(source, None, None, NOT_UTF8, f"byte {e.start}") from None
+            raise DataError(name, None, None, NOT_UTF8, f"byte {e.start}") from None
         try:
             data = json.loads(text)
         except json.JSONDecodeError:
-            return _read_jsonl(path, source), source
+            return _read_jsonl(path, name)
         if isinstance(data, dict):  # {"data": [...]} style: the one list-valued key
             lists = [v for v in data.values() if isinstance(v, list)]
             data = lists[0] if len(lists) == 1 else [data]
         if not isinstance(data, list):
-            raise DataError(source, None, None, WRONG_TYPE, "expected a JSON array of objects") from None
-        return list(enumerate(data, start=1)), source
+            raise DataError(name, None, None, WRONG_TYPE, "expected a JSON array of objects") from None
+        return _numbered(name, data)
 
 
-def _numbered(ds) -> list[tuple[int, dict]]:
-    return list(enumerate(ds, start=1))
+def _numbered(name: str, ds) -> list[RawRow]:
+    return [RawRow(name, number, row) for number, row in enumerate(ds, start=1)]
 
 
-def _read_jsonl(path: Path, source: str) -> list[tuple[int, dict]]:
+def _one_line(err: Exception) -> str:
+    """An exception's message on one line: the CLI prints a ``DataError`` as one line."""
+    return " ".join(str(err).split())
+
+
+def _read_jsonl(path: Path, name: str) -> list[RawRow]:
     rows = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                rows.append((lineno, _Unparsable(f"{NOT_UTF8} at byte {e.start}")))
+                why = f"{NOT_UTF8} at byte {e.start}"
+                rows.append(RawRow(name, lineno, _Unparsable(f"not valid JSON: {why}")))
                 continue
             if not line.strip():
                 continue
             try:
-                rows.append((lineno, json.loads(line)))
+                rows.append(RawRow(name, lineno, json.loads(line)))
             except (json.JSONDecodeError, RecursionError) as e:
                 # Unreadable JSON is a bad row of its own kind; the loader decides error or skip.
-                rows.append((lineno, _Unparsable(str(e) if isinstance(e, json.JSONDecodeError) else "nested too deep")))
+                why = str(e) if isinstance(e, json.JSONDecodeError) else "nested too deep"
+                rows.append(RawRow(name, lineno, _Unparsable(f"not valid JSON: {why}")))
+    return rows
+
+
+def _read_csv(path: Path, name: str) -> list[RawRow]:
+    """A CSV file with a header row, every value text as the file spells it (see the module
+    docstring); blank lines hold no record and are not counted."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a spreadsheet's byte-order mark is no header
+    except UnicodeDecodeError as e:
+        raise DataError(name, None, None, NOT_UTF8, f"byte {e.start}") from None
+    records = csv.reader(io.StringIO(text, newline=""))
+    rows: list[RawRow] = []
+    try:
+        header = next(records, [])
+        for record in records:
+            if not record:
+                continue
+            value = dict(zip(header, record)) if len(record) == len(header) else \
+                _Unparsable(f"not valid CSV: {len(record)} fields where the header has {len(header)}")
+            rows.append(RawRow(name, len(rows) + 1, value))
+    except csv.Error as e:  # a NUL byte, an unterminated quote at the end of the file
+        raise DataError(name, len(rows) + 1, None, WRONG_TYPE, f"not valid CSV: {e}") from None
     return rows
 
 
 class _Unparsable:
+    """A row that is no object at all; ``message`` says what it is not (``"not valid JSON: ..."``)."""
+
     def __init__(self, message: str):
         self.message = message
 
@@ -298,7 +436,7 @@ class _Row:
     def __init__(self, source: str, number: int, row: Any, fields: dict[str, str]):
         self.source, self.number, self.fields = source, number, fields
         if isinstance(row, _Unparsable):
-            raise DataError(source, number, None, WRONG_TYPE, f"not valid JSON: {row.message}")
+            raise DataError(source, number, None, WRONG_TYPE, row.message)
         if not isinstance(row, dict):
             raise DataError(source, number, None, WRONG_TYPE, f"a row must be an object, got {_tname(row)}")
         self.row = row
@@ -373,16 +511,16 @@ def _check_fields(fields: dict[str, str] | None) -> dict[str, str]:
 
 
 def _load(source: str, fields: dict[str, str] | None, on_bad_row: str, what: str,
-          parse: Callable[[_Row], Any]) -> tuple[list, LoadReport]:
+          parse: Callable[[_Row], Any], subset: str, split: str) -> tuple[list, LoadReport]:
     if on_bad_row not in ("error", "skip"):
         raise ValueError(f"data.on_bad_row must be 'error' or 'skip', got {on_bad_row!r}")
     fields = _check_fields(fields)
-    rows, name = read_rows(source)
+    rows, name = read_rows(source, subset, split)
     report = LoadReport(source=name, rows_read=len(rows))
     out = []
-    for number, raw in rows:
+    for row in rows:
         try:
-            out.append(parse(_Row(name, number, raw, fields)))
+            out.append(parse(_Row(row.source, row.number, row.value, fields)))
         except DataError as err:
             if on_bad_row == "error":
                 raise
@@ -397,7 +535,7 @@ def _load(source: str, fields: dict[str, str] | None, on_bad_row: str, what: str
 
 
 def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
-             tokenizer=None) -> tuple[list[SFTExample], LoadReport]:
+             tokenizer=None, subset: str = "", split: str = "train") -> tuple[list[SFTExample], LoadReport]:
     """SFT rows: ``{prompt, response}`` text, or ``{messages}`` ending with the assistant's response.
 
     A row with a non-null ``messages`` field is read as messages, any other as prompt/response. With
@@ -406,7 +544,7 @@ def load_sft(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBa
     (tool results and user replies observed, not trained on). Without a template, or with one
     assistant turn, everything before the last assistant message is the prompt.
     """
-    return _load(source, fields, on_bad_row, "SFT examples", _sft_parser(tokenizer))
+    return _load(source, fields, on_bad_row, "SFT examples", _sft_parser(tokenizer), subset, split)
 
 
 def _sft_parser(tokenizer) -> Callable[[_Row], SFTExample]:
@@ -427,7 +565,8 @@ def _sft_parser(tokenizer) -> Callable[[_Row], SFTExample]:
 
 
 def load_preferences(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
-                     tokenizer=None) -> tuple[list[PreferencePair], LoadReport]:
+                     tokenizer=None, subset: str = "",
+                     split: str = "train") -> tuple[list[PreferencePair], LoadReport]:
     """Preference rows: plain ``{prompt, chosen, rejected}``; messages; or HH-RLHF dialogues.
 
     * chosen/rejected are lists: messages. An optional ``prompt`` (messages, or text = one user
@@ -448,7 +587,7 @@ def load_preferences(source: str, fields: dict[str, str] | None = None, on_bad_r
             raise row.error("rejected", SAME)
         return pair
 
-    return _load(source, fields, on_bad_row, "preference pairs", parse)
+    return _load(source, fields, on_bad_row, "preference pairs", parse, subset, split)
 
 
 def _preference_messages(row: _Row, tokenizer) -> PreferencePair:
@@ -502,7 +641,7 @@ def split_hh_dialogues(chosen: str, rejected: str, row: _Row | None = None) -> P
 
 
 def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
-                 tokenizer=None) -> tuple[list[Prompt], LoadReport]:
+                 tokenizer=None, subset: str = "", split: str = "train") -> tuple[list[Prompt], LoadReport]:
     """Prompt rows: ``prompt`` as text or as messages (rendered with ``render_prompt``); a row with
     no ``prompt`` but a ``messages`` field uses that. Every other field of the row comes along in
     the prompt's ``columns`` (for reward functions and environments)."""
@@ -516,11 +655,12 @@ def load_prompts(source: str, fields: dict[str, str] | None = None, on_bad_row: 
             return ChatPrompt(render_prompt(messages, tokenizer), messages, columns)
         return Prompt(row.text(logical), columns)
 
-    return _load(source, fields, on_bad_row, "prompts", parse)
+    return _load(source, fields, on_bad_row, "prompts", parse, subset, split)
 
 
 def load_lm_examples(source: str, fields: dict[str, str] | None = None, on_bad_row: OnBadRow = "error",
-                     tokenizer=None) -> tuple[list[SFTExample], LoadReport]:
+                     tokenizer=None, subset: str = "",
+                     split: str = "train") -> tuple[list[SFTExample], LoadReport]:
     """Text for language modelling (the PPO pretraining mix, eval perplexity). A ``.txt`` file holds
     one text per non-blank line; other sources hold rows with a ``text`` field or SFT rows (prompt/
     response or messages). A plain text is an example with an empty prompt: every token counts;
@@ -539,7 +679,7 @@ def load_lm_examples(source: str, fields: dict[str, str] | None = None, on_bad_r
     def parse(row: _Row) -> SFTExample:
         return SFTExample("", row.text("text")) if row.has("text") else parse_sft(row)
 
-    return _load(source, fields, on_bad_row, "language-modelling texts", parse)
+    return _load(source, fields, on_bad_row, "language-modelling texts", parse, subset, split)
 
 
 # --- prompt length, holdout, task data ------------------------------------------------------------

@@ -8,8 +8,8 @@ from rlhf_ray.config import DataConfig
 
 
 def run_prompts(data: DataConfig, seed: int, tokenizer=None) -> list[str]:
-    """PPO prompts from ``data.prompts`` (a file or hub dataset, read with ``data.fields`` and
-    ``data.on_bad_row``) or else from the built-in ``data.task``.
+    """PPO prompts from ``data.prompts`` (a file, folder or hub dataset, read with ``data.fields``,
+    ``data.on_bad_row``, ``data.subset`` and ``data.split``) or else from the built-in ``data.task``.
 
     With a tokenizer, prompts over ``data.max_prompt_tokens`` are truncated from the left or dropped
     (``data.prompt_overflow``), and chat-message prompts use its chat template. The load report is
@@ -18,7 +18,8 @@ def run_prompts(data: DataConfig, seed: int, tokenizer=None) -> list[str]:
     from rlhf_ray.data import formats
 
     if data.prompts:
-        prompts, report = formats.load_prompts(data.prompts, data.fields, data.on_bad_row, tokenizer)
+        prompts, report = formats.load_prompts(data.prompts, data.fields, data.on_bad_row, tokenizer,
+                                               subset=data.subset, split=data.split)
     elif data.task:
         from rlhf_ray.tasks import get_task
 

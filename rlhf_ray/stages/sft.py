@@ -24,7 +24,8 @@ def load_sft_data(cfg: RunConfig, tokenizer):
     from rlhf_ray.data import formats
 
     if cfg.data.sft:
-        examples, report = formats.load_sft(cfg.data.sft, cfg.data.fields, cfg.data.on_bad_row, tokenizer)
+        examples, report = formats.load_sft(cfg.data.sft, cfg.data.fields, cfg.data.on_bad_row, tokenizer,
+                                            subset=cfg.data.subset, split=cfg.data.split)
         examples = formats.apply_prompt_limit(examples, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow, report)
         if report.eventful:
             print(report.summary())
@@ -43,7 +44,8 @@ def text_examples(cfg: RunConfig, source: str, tokenizer, held_out: bool):
     from rlhf_ray.data import formats
 
     if source:
-        examples, report = formats.load_lm_examples(source, cfg.data.fields, cfg.data.on_bad_row, tokenizer)
+        examples, report = formats.load_lm_examples(source, cfg.data.fields, cfg.data.on_bad_row, tokenizer,
+                                                    subset=cfg.data.subset, split=cfg.data.split)
         if report.eventful:
             print(report.summary())
         return examples

@@ -23,7 +23,7 @@ def load_preference_data(cfg: RunConfig, tokenizer, stage: str):
 
     if cfg.data.preferences:
         pairs, report = formats.load_preferences(cfg.data.preferences, cfg.data.fields, cfg.data.on_bad_row,
-                                                 tokenizer)
+                                                 tokenizer, subset=cfg.data.subset, split=cfg.data.split)
         pairs = formats.apply_prompt_limit(pairs, tokenizer, cfg.data.max_prompt_tokens, cfg.data.prompt_overflow, report)
         if report.eventful:
             print(report.summary())

@@ -45,37 +45,37 @@ def load_pairs(source: str, pairing: Pairing = "adjacent", on_bad_row: str = "er
                fields: dict[str, str] | None = None) -> tuple[list[Pair], LoadReport]:
     """Pairs to label from ``source`` (see the module docstring), and the load report."""
     rows, name = read_rows(source)
-    first = next((r for _, r in rows if isinstance(r, dict)), None)
+    first = next((row.value for row in rows if isinstance(row.value, dict)), None)
     if first is None or "responses" not in first:
         prefs, report = load_preferences(source, fields=fields, on_bad_row=on_bad_row)  # type: ignore[arg-type]
         return [Pair(p.prompt, p.chosen, p.rejected, source=f"{name}") for p in prefs], report
     report = LoadReport(source=name, rows_read=len(rows))
     out: list[Pair] = []
-    for number, raw in rows:
+    for where, number, raw in rows:  # where: the file of the row (a shard's, in a folder of shards)
         try:
-            row = _Row(name, number, raw, dict(fields or {}))
+            row = _Row(where, number, raw, dict(fields or {}))
             prompt_value = row.raw("prompt")
             prompt = render_prompt(row.messages("prompt")) if isinstance(prompt_value, list) else row.text("prompt")
             responses = row.raw("responses") if "responses" in row.row else None
             if not isinstance(responses, list):
-                raise DataError(name, number, "responses", "wrong type", "expected a list of texts")
+                raise DataError(where, number, "responses", "wrong type", "expected a list of texts")
             texts: list[str] = []
             for i, r in enumerate(responses, start=1):
                 if not isinstance(r, str):
-                    raise DataError(name, number, "responses", "wrong type", f"response {i}")
+                    raise DataError(where, number, "responses", "wrong type", f"response {i}")
                 # A policy may answer nothing; such an answer cannot be the chosen or rejected
                 # text of the preference format `rlhf-ray rm` reads, so it is dropped like a repeat.
                 if r.strip() and r.strip() not in {t.strip() for t in texts}:
                     texts.append(r)
             if len(texts) < 2:
-                raise DataError(name, number, "responses", "chosen equals rejected",
+                raise DataError(where, number, "responses", "chosen equals rejected",
                                 "fewer than two different responses")
             scores = raw.get("scores") if isinstance(raw.get("scores"), list) else None
             for i, j in _pairs_of(len(texts), pairing):
                 meta = {"row": number, "responses": [i, j]}
                 if scores is not None and len(scores) == len(responses):
                     meta["scores"] = [scores[responses.index(texts[i])], scores[responses.index(texts[j])]]
-                out.append(Pair(prompt, texts[i], texts[j], source=name, meta=meta))
+                out.append(Pair(prompt, texts[i], texts[j], source=where, meta=meta))
         except DataError as err:
             if on_bad_row == "error":
                 raise
