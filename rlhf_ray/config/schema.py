@@ -43,7 +43,9 @@ REMAPPABLE_FIELDS = ("prompt", "response", "messages", "chosen", "rejected", "te
 
 @dataclass
 class ModelConfig:
-    policy: str = "builtin:tiny"  # HF name or path of the starting policy; builtin:tiny builds one offline
+    # HF name or path of the starting policy; builtin:tiny builds one offline, and
+    # builtin:smollm2-135m-instruct is a real chat model converted offline (rlhf-ray get-model)
+    policy: str = "builtin:tiny"
     reward: list[str] = field(default_factory=list)  # reward model folders (an ensemble when >1)
     reward_combine: Literal["mean", "min"] = "mean"  # how an ensemble's scores are combined
     critic: str = ""  # critic init; empty = the policy checkpoint

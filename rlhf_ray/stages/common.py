@@ -12,6 +12,7 @@ from rlhf_ray.config import RunConfig, dump_config
 from rlhf_ray.platform import detect
 
 BUILTIN_TINY = "builtin:tiny"
+BUILTIN_SMOLLM2 = "builtin:smollm2-135m-instruct"  # a real chat model, converted offline (models.pretrained)
 
 
 def prepare_run(cfg: RunConfig, pays_rewards: bool = False) -> Path:
@@ -52,7 +53,12 @@ _STAGED_MODELS: set[str] = set()
 def resolve_policy_path(cfg: RunConfig) -> str:
     """``builtin:tiny`` becomes a tiny model built offline into a staging folder, moved into the
     run directory by ``begin`` once every input is checked (its tokenizer knows the tool-call
-    characters when the run or its task uses tools; its context holds ``rollout.max_model_len``)."""
+    characters when the run or its task uses tools; its context holds ``rollout.max_model_len``).
+    ``builtin:smollm2-135m-instruct`` becomes its cached folder (downloaded and converted on first use)."""
+    if cfg.model.policy == BUILTIN_SMOLLM2:
+        from rlhf_ray.models.pretrained import ensure_smollm2
+
+        return str(ensure_smollm2())
     if cfg.model.policy != BUILTIN_TINY:
         from rlhf_ray.models.loading import check_model_path
 
@@ -81,7 +87,7 @@ def check_inputs(cfg: RunConfig) -> None:
     from rlhf_ray.models.loading import check_model_folder
     from rlhf_ray.tracking import missing_tracker_packages
 
-    paths = [("model.policy", cfg.model.policy if cfg.model.policy != BUILTIN_TINY else ""),
+    paths = [("model.policy", cfg.model.policy if cfg.model.policy not in (BUILTIN_TINY, BUILTIN_SMOLLM2) else ""),
              ("model.critic", cfg.model.critic), *((f"model.reward[{i}]", p) for i, p in enumerate(cfg.model.reward)),
              ("rm.init", cfg.rm.init)]
     for key, path in paths:
