@@ -15,13 +15,14 @@ or ``RunConfig`` and its sections), put reward functions in it as Python callabl
 Importing this package loads the config layer only; the stages (torch, Ray) load on first use.
 """
 
-from rlhf_ray.config import RunConfig, check_config, load_config
+from rlhf_ray.config import RunConfig, apply_overrides, check_config, load_config
 
 _STAGES = {"PPOTrainer": "rlhf_ray.stages.ppo", "run_ppo": "rlhf_ray.stages.ppo", "run_sft": "rlhf_ray.stages.sft",
            "run_rm": "rlhf_ray.stages.rm", "run_dpo": "rlhf_ray.stages.dpo", "run_eval": "rlhf_ray.stages.eval",
            "run_pipeline": "rlhf_ray.stages.pipeline"}
 
-__all__ = ["RunConfig", "check_config", "load_config", *_STAGES]
+__all__ = ["PPOTrainer", "RunConfig", "apply_overrides", "check_config", "load_config", "run_dpo", "run_eval",
+           "run_pipeline", "run_ppo", "run_rm", "run_sft"]
 
 
 def __getattr__(name: str):

@@ -251,7 +251,7 @@ def test_dpo_accuracy_ignores_the_float_noise_of_two_batchings_but_counts_a_real
 
     g = torch.Generator().manual_seed(0)
     ref_c, ref_r = -torch.rand(16, generator=g) * 200, -torch.rand(16, generator=g) * 200
-    jitter = lambda x: x * (1 + 4e-6 * (torch.rand(16, generator=g) * 2 - 1))  # noqa: E731
+    jitter = lambda x: x * (1 + 4e-6 * (torch.rand(16, generator=g) * 2 - 1))
     out = algo.dpo_loss(jitter(ref_c), jitter(ref_r), ref_c, ref_r, beta=0.1)
     assert (out.chosen_rewards > out.rejected_rewards).any()  # the exact comparison sees "wins"
     assert preference_accuracy(out.chosen_rewards, out.rejected_rewards, out.reward_noise).item() == 0.0

@@ -200,6 +200,25 @@ SHAPE_70B = {**LLAMA_70B, "num_hidden_layers": 80, "vocab_size": 128256, "interm
              "max_position_embeddings": 131072}
 
 
+# Qwen2.5-1.5B-Instruct's config.json shape.
+SHAPE_QWEN_1_5B = {"num_attention_heads": 12, "num_key_value_heads": 2, "hidden_size": 1536, "num_hidden_layers": 28,
+                   "vocab_size": 151936, "intermediate_size": 8960, "max_position_embeddings": 32768,
+                   "tie_word_embeddings": True}
+
+
+def test_the_one_gpu_qwen_config_of_a_users_own_task_fits_its_gpu():
+    """configs/qwen2.5_1.5b_1gpu_gsm8k_grpo.yaml: the learner, the colocated engine and the scorers
+    on one 80 GB GPU; the same plan with 16 times the micro batch, or twice the engine's share, is refused."""
+    path = CONFIGS / "qwen2.5_1.5b_1gpu_gsm8k_grpo.yaml"
+    cfg = load_config(path)
+    assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == 1 and not cfg.data.task
+    assert (cfg.data.prompts, cfg.data.subset, cfg.data.eval_split) == ("openai/gsm8k", "main", "test")
+    assert model_problems(cfg, SHAPE_QWEN_1_5B) == []
+    for change, key in (("policy.micro_batch_size=128", "policy.micro_batch_size"),
+                        ("rollout.gpu_memory_utilization=0.7", "rollout.gpu_memory_utilization")):
+        assert keys(model_problems(gpu([change], path=path), SHAPE_QWEN_1_5B)) == [key]
+
+
 def test_parameter_count_from_the_config_shape():
     from rlhf_ray.config.cluster_fit import parameter_count
 

@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import json
 import pickle
+import runpy
+import sys
 from pathlib import Path
 
 import pytest
 
 from rlhf_ray.cli import main
 from rlhf_ray.config import ConfigError, load_config
-from rlhf_ray.data.formats import ChatPrompt, Prompt, apply_prompt_limit, column_values, load_prompts, row_columns
+from rlhf_ray.data.formats import (
+    ChatPrompt,
+    Prompt,
+    apply_prompt_limit,
+    column_values,
+    load_prompts,
+    row_columns,
+)
 from rlhf_ray.tasks.rewards import call_reward_function, signature_problem
 
 
@@ -33,7 +42,7 @@ def tokenizer():
     return build_tokenizer()
 
 
-def needs_id(prompts, responses, id):  # noqa: A002 - a column's name, as users name it
+def needs_id(prompts, responses, id):
     return [float(i is not None) for i in id]
 
 
@@ -181,7 +190,7 @@ def test_the_environment_gets_the_whole_row(tokenizer):
 
 
 # --- a whole run on a user's own data --------------------------------------------------------------
-def id_matches_prompt(prompts, responses, id, **kwargs):  # noqa: A002 - the column's name
+def id_matches_prompt(prompts, responses, id, **kwargs):
     """Each response's ``id`` column must be the id its prompt was written with: a row column that
     drifted from its prompt (a shuffle, a group, a round of dynamic sampling, an engine, a resume)
     fails the run. Pays the share of digits, so groups differ and dynamic sampling has work."""
@@ -214,7 +223,8 @@ def test_row_columns_stay_with_their_prompts_through_groups_dynamic_sampling_ove
         cfg = load_config(None, [
             f"run_dir={run_dir}", "model.tiny_hidden_size=64", f"data.prompts={train}", f"data.eval_prompts={held}",
             "rollout.max_new_tokens=6", "rollout.max_model_len=64", "data.max_prompt_tokens=32",
-            "rollout.gpu_memory_utilization=0.05", "rollout.num_engines=2", "rollout.samples_per_prompt=2",
+            "rollout.gpu_memory_utilization=0.05", "rollout.engine=hf", "rollout.num_engines=2",
+            "rollout.samples_per_prompt=2",
             "ppo.advantage_estimator=grpo", "ppo.dynamic_sampling_rounds=2", "ppo.prompts_per_iteration=4", f"ppo.iterations={iterations}", "ppo.eval_every=2",
             "policy.num_ranks=1", "policy.micro_batch_size=16", "checkpoint.every=1", "checkpoint.save_final=false",
             "logging.samples_per_iteration=8", "logging.trackers=[]", "sync.parity_every=0", "scorers.reward_functions=[]",
@@ -238,3 +248,25 @@ def test_row_columns_stay_with_their_prompts_through_groups_dynamic_sampling_ove
     assert len(samples) == 4 * 8
     for s in samples:  # what people read: each sample's row beside its prompt
         assert s["prompt"].startswith(f"[{s['columns']['id']}] ") and s["columns"]["answer"]
+
+
+@pytest.mark.slow
+def test_the_python_api_example_trains_with_the_reward_function_defined_in_it(ray_session, tmp_path, monkeypatch):
+    """examples/own_task.py as a user runs it, its config built in Python and its reward function
+    a plain function of the script (so shipped by value), cut by dotted overrides to one GRPO step
+    of the tiny model on a file with an ``answer`` column, evaluated on a held-out file."""
+    from rlhf_ray.tracking import read_metrics
+
+    train, held = _own_task_files(tmp_path)
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", [
+        "own_task.py", f"run_dir={run_dir}", "model.policy=builtin:tiny", "model.tiny_hidden_size=64",
+        f"data.prompts={train}", f"data.eval_prompts={held}", "data.max_prompt_tokens=32", "rollout.engine=hf",
+        "rollout.max_new_tokens=4", "rollout.max_model_len=64", "rollout.samples_per_prompt=2",
+        "ppo.prompts_per_iteration=4", "ppo.iterations=1", "ppo.eval_every=1", "policy.lr=1e-4",
+        "checkpoint.save_final=false", "logging.trackers=[]"])
+    runpy.run_path(str(Path(__file__).parent.parent / "examples" / "own_task.py"), run_name="__main__")
+    rows = read_metrics(run_dir)
+    (step,) = [r for r in rows if "reward_mean" in r]
+    assert "reward/last_number_is_answer_mean" in step and 0 <= step["reward_mean"] <= 1
+    assert [r["iteration"] for r in rows if "eval/last_number_is_answer" in r] == [0, 1]

@@ -11,7 +11,9 @@ tiny_pipeline.yaml's stages are tests/test_pipeline.py's, DPO's stage is tests/t
 cpu_smoke_ppo.yaml is the Ray job of tests/test_ray_job.py, and tiny_long_grpo.yaml is the long
 shape of benchmarks/compare_trl.py on the tiny model (its parts: the length floor in
 tests/test_hf_engine.py and tests/test_vllm_engine.py, the tiny model's context in
-tests/test_tiny_and_data.py).
+tests/test_tiny_and_data.py). smollm2_sums_grpo.yaml (a user's own task on a real chat model) runs
+one GRPO step in tests/test_pretrained.py (its measured run: docs/own_task.md), and the GPU configs'
+plans, Qwen2.5-1.5B's on one GPU included, are checked in tests/test_cluster_fit.py.
 """
 
 from __future__ import annotations

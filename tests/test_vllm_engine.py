@@ -60,6 +60,24 @@ def test_n_samples_are_prompt_major_and_seeded(engine):
     assert len({tuple(g.response_ids) for g in gens}) == len(gens)
 
 
+def test_seeded_sampling_over_more_prefill_than_one_step_runs_in_step_sized_calls(engine):
+    """vLLM 0.32's CPU backend crashes ("CPU Generator does not use offset") when it splits a seeded
+    request's prefill over steps: prompts go in calls whose prefill fits one step, and each prompt
+    keeps its seed, so a prompt's samples are those it gets alone."""
+    budget = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+    n, prompt = 4, [1, *(10 + i % 20 for i in range(199))]
+    prompts = [prompt] * (budget // (len(prompt) * n) + 2)  # more than one step's prefill in all
+    calls = engine._prefill_sized_calls(prompts, n)
+    assert len(calls) >= 2 and [i for c in calls for i in c] == list(range(len(prompts)))
+    assert all(len(c) * len(prompt) * n <= budget for c in calls)
+    spec = SamplingSpec(temperature=1.0, max_new_tokens=4, n=n, seed=11)
+    gens = engine.generate(prompts, spec)
+    assert len(gens) == n * len(prompts)
+    last = len(prompts) - 1  # in the last call: its seed is still its index's
+    alone = engine.generate([prompt], replace(spec, seed=spec.seed + last * n))
+    assert [g.response_ids for g in gens[last * n:]] == [g.response_ids for g in alone]
+
+
 def test_finish_reasons(engine):
     gens = engine.generate(PROMPTS, SamplingSpec(max_new_tokens=5, seed=0))
     assert all(g.finish_reason == "length" and len(g.response_ids) == 5 for g in gens)

@@ -1,6 +1,14 @@
 """The typed config tree (no torch imports: validating a config is instant)."""
 
-from rlhf_ray.config.loader import ConfigError, check_config, config_to_dict, dump_config, flatten_config, load_config
+from rlhf_ray.config.loader import (
+    ConfigError,
+    apply_overrides,
+    check_config,
+    config_to_dict,
+    dump_config,
+    flatten_config,
+    load_config,
+)
 from rlhf_ray.config.schema import (
     AgentConfig,
     CheckpointConfig,
@@ -41,6 +49,7 @@ __all__ = [
     "SafeguardsConfig",
     "ScorerConfig",
     "SyncConfig",
+    "apply_overrides",
     "check_config",
     "config_to_dict",
     "dump_config",

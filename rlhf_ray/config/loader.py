@@ -135,16 +135,42 @@ def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
-        full = f"{prefix}{key}"
-        if full in MOVED_KEYS:
-            raise ConfigError(f"{source}: {full} is now {MOVED_KEYS[full]}")
-        if key not in names:
-            valid = [f"{prefix}{n}" for n in names]
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(names)}"
-            raise ConfigError(f"{source}: unknown config key {full}{hint}")
-        kwargs[key] = _coerce(hints[key], value, full, source)
+        _check_key(key, prefix, names, source)
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}", source)
     return cls(**kwargs)
+
+
+def _check_key(key: str, prefix: str, names: list[str], source: str) -> None:
+    """A key that moved, or is not one of ``names`` (with the closest as a hint), is a ``ConfigError``."""
+    full = f"{prefix}{key}"
+    if full in MOVED_KEYS:
+        raise ConfigError(f"{source}: {full} is now {MOVED_KEYS[full]}")
+    if key not in names:
+        close = difflib.get_close_matches(full, [f"{prefix}{n}" for n in names], n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]}?" if close else f"; valid keys here: {', '.join(names)}"
+        raise ConfigError(f"{source}: unknown config key {full}{hint}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """``cfg`` (built in Python, with its callables) changed by dotted overrides as the command
+    line gives them (``ppo.iterations=2``), each checked as ``load_config`` checks it; then the
+    whole config is checked."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        *parents, leaf = key.strip().split(".")
+        node, prefix = cfg, ""
+        for part in parents:
+            _check_key(part, prefix, [f.name for f in dataclasses.fields(node)], "override")
+            node, prefix = getattr(node, part), f"{prefix}{part}."
+            if not dataclasses.is_dataclass(node):
+                raise ConfigError(f"override {key}: {prefix.rstrip('.')} is a value, not a section")
+        _check_key(leaf, prefix, [f.name for f in dataclasses.fields(node)], "override")
+        hints = typing.get_type_hints(type(node))
+        setattr(node, leaf, _coerce(hints[leaf], yaml.safe_load(value) if value.strip() else "", key, "override"))
+    check_config(cfg, "config built in Python, with overrides")
+    return cfg
 
 
 def _coerce(tp: Any, value: Any, key: str, source: str) -> Any:

@@ -69,7 +69,11 @@ class DataConfig:
     # PPO prompts: a file or dataset (else the task's); every column besides the prompt reaches
     # the reward functions as a keyword argument (scorers.reward_functions) and the agent's environment.
     prompts: str = ""
-    eval_prompts: str = ""  # held-out prompts (read like data.prompts) of ppo.eval_every and rlhf-ray eval
+    # Held-out prompts of ppo.eval_every and rlhf-ray eval, read like data.prompts (their columns
+    # reach the rewards alike): a file or dataset, or with data.eval_split that split of it (of
+    # data.prompts when this is empty, e.g. eval_split: test for a hub dataset's test split).
+    eval_prompts: str = ""
+    eval_split: str = ""
     sft: str = ""  # SFT data: prompt+response rows or chat messages (else the task's demonstrations)
     preferences: str = ""  # preference pairs: prompt/chosen/rejected or HH-RLHF dialogues (else the task's)
     fields: dict[str, str] = field(default_factory=dict)  # remap field names, e.g. {prompt: question}
@@ -87,8 +91,15 @@ class DataConfig:
     num_preference_pairs: int = 2000  # built-in task: preference pairs
     num_eval_prompts: int = 200  # held-out prompts evaluated (the task's, or at most this many of data.eval_prompts)
 
+    @property
+    def has_held_out_prompts(self) -> bool:
+        """A held-out set is named (a file, a split of a dataset) or is the task's."""
+        return bool(self.eval_prompts or (self.eval_split and self.prompts) or (self.task and not self.prompts))
+
     def problems(self) -> list[Problem]:
         p = _Problems()
+        p.need(not self.eval_split or bool(self.eval_prompts or self.prompts), "data.eval_split",
+               "is a split of data.eval_prompts or data.prompts: give one of them")
         for name in self.fields:
             p.need(name in REMAPPABLE_FIELDS, f"data.fields.{name}",
                    f"not a remappable field; use one of {', '.join(REMAPPABLE_FIELDS)}")
@@ -708,8 +719,8 @@ class RunConfig:
                f"{r.max_model_len} cannot hold a prompt of data.max_prompt_tokens={data.max_prompt_tokens} and "
                f"a response of rollout.max_new_tokens={r.max_new_tokens}: make it at least "
                f"{data.max_prompt_tokens + r.max_new_tokens}")
-        p.need(not ppo.eval_every or bool(data.eval_prompts or (data.task and not data.prompts)), "ppo.eval_every",
-               "needs held-out prompts: give data.eval_prompts (or data.task for the built-in task's)")
+        p.need(not ppo.eval_every or data.has_held_out_prompts, "ppo.eval_every",
+               "needs held-out prompts: give data.eval_prompts or data.eval_split (or data.task for the built-in task's)")
         p.need(not ppo.eval_every or data.num_eval_prompts >= 1, "data.num_eval_prompts",
                "must be >= 1 with ppo.eval_every (the held-out prompts)")
         if r.colocate:

@@ -39,6 +39,7 @@ class VLLMEngine:
 
         self.tensor_parallel_size = tensor_parallel_size
         self.sleep_mode = sleep_mode and not platform.is_cpu
+        self.on_cpu = platform.is_cpu
         self.llm = LLM(
             model=model,
             tensor_parallel_size=tensor_parallel_size,
@@ -55,8 +56,15 @@ class VLLMEngine:
         )
 
     def generate(self, prompt_token_ids: list[list[int]], spec: SamplingSpec) -> list[Generation]:
-        """``spec.n`` samples per prompt, flattened prompt-major: prompt 0 samples 0..n-1, prompt 1, ..."""
-        outputs = self._run(prompt_token_ids, [spec.to_vllm(i) for i in range(len(prompt_token_ids))])
+        """``spec.n`` samples per prompt, flattened prompt-major: prompt 0 samples 0..n-1, prompt 1, ...
+
+        On CPU, prompts go in calls whose prefill fits one scheduler step: vLLM 0.32's CPU backend
+        crashes ("CPU Generator does not use offset") when it splits a seeded request's prefill over
+        steps. Each prompt keeps its own seed (``spec.to_vllm(i)``), so the samples are the same."""
+        params = [spec.to_vllm(i) for i in range(len(prompt_token_ids))]
+        outputs = []
+        for calls in self._prefill_sized_calls(prompt_token_ids, spec.n if spec.seed is not None else 0):
+            outputs += self._run([prompt_token_ids[i] for i in calls], [params[i] for i in calls])
         generations = []
         for i, (prompt, out) in enumerate(zip(prompt_token_ids, outputs)):
             for sample in sorted(out.outputs, key=lambda s: s.index):
@@ -146,6 +154,23 @@ class VLLMEngine:
     def shutdown(self) -> None:
         """Stops the engine's processes now rather than at interpreter exit."""
         self.llm.llm_engine.engine_core.shutdown()
+
+    def _prefill_sized_calls(self, prompt_token_ids: list[list[int]], n: int) -> list[range]:
+        """Consecutive runs of prompt indices, each prefilling at most one scheduler step's tokens
+        (``n`` samples of each prompt are prefilled apiece) on CPU with seeded sampling (``n`` > 0);
+        one run of all of them otherwise."""
+        everything = [range(len(prompt_token_ids))]
+        if not (self.on_cpu and n):
+            return everything
+        budget = self.llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens
+        runs, start, used = [], 0, 0
+        for i, prompt in enumerate(prompt_token_ids):
+            cost = len(prompt) * n
+            if used + cost > budget and i > start:
+                runs.append(range(start, i))
+                start, used = i, 0
+            used += cost
+        return [*runs, range(start, len(prompt_token_ids))] if prompt_token_ids else everything
 
     def _run(self, prompt_token_ids: list[list[int]], params):
         from vllm.inputs import TokensPrompt

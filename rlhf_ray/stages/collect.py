@@ -21,6 +21,7 @@ from rlhf_ray.config import RunConfig
 from rlhf_ray.data.prompts import run_prompts
 from rlhf_ray.data.tokenize import encode_pairs, encode_prompts, stop_token_ids
 from rlhf_ray.engines.sampling import SamplingSpec
+from rlhf_ray.errors import BadInputError
 from rlhf_ray.stages.common import begin, prepare_run, resolve_policy_path
 
 
@@ -51,6 +52,9 @@ def run_collect(cfg: RunConfig) -> dict:
     policy = resolve_policy_path(cfg)
     tokenizer = load_tokenizer(policy, trust_remote_code=cfg.model.trust_remote_code)
     prompts = run_prompts(cfg.data, cfg.seed, tokenizer)[: cfg.collect.num_prompts]
+    if cfg.collect.judge == "gold" and (not cfg.data.task or cfg.data.prompts):
+        raise BadInputError("collect.judge: gold is the built-in task's gold scorer (data.task, on its own prompts); "
+                            "judge your prompts with module:function or rm:<reward model dir>, or none")
     stop_ids = stop_token_ids(tokenizer, cfg.rollout.stop)
     policy = begin(cfg, run_dir, policy)
 

@@ -25,16 +25,17 @@ from rlhf_ray.data.batch import RolloutBatch
 from rlhf_ray.stages.common import begin, check_reward_functions, prepare_run
 
 
-
 def held_out_prompts(cfg: RunConfig, tokenizer=None) -> list[str]:
-    """data.eval_prompts (read like data.prompts, in file order, at most data.num_eval_prompts)
-    or the task's held-out prompts when the run's prompts are the task's; empty when neither."""
-    if cfg.data.eval_prompts:
+    """The held-out prompts, in their order, at most data.num_eval_prompts: data.eval_prompts read
+    like data.prompts (with data.eval_split: that split of it, or of data.prompts), or the task's
+    held-out prompts when the run's prompts are the task's; empty when none is named."""
+    data = cfg.data
+    if data.eval_prompts or (data.eval_split and data.prompts):
         from rlhf_ray.data.prompts import run_prompts
 
-        return run_prompts(replace(cfg.data, prompts=cfg.data.eval_prompts), cfg.seed, tokenizer)[
-            : cfg.data.num_eval_prompts]
-    if not cfg.data.task or cfg.data.prompts:
+        held_out = replace(data, prompts=data.eval_prompts or data.prompts, split=data.eval_split or data.split)
+        return run_prompts(held_out, cfg.seed, tokenizer)[: data.num_eval_prompts]
+    if not data.task or data.prompts:
         return []
     from rlhf_ray.tasks import get_task
 
@@ -223,7 +224,8 @@ def run_eval(cfg: RunConfig) -> dict:
             raise FileNotFoundError(f"{key}: {e}") from None
     tokenizer = load_tokenizer(next(iter(cfg.eval.models.values())), trust_remote_code=cfg.model.trust_remote_code)
     prompts, references = eval_data(cfg, tokenizer)
-    check_reward_functions(cfg, prompts)
+    if prompts:
+        check_reward_functions(cfg, prompts)
     run_dir = prepare_run(cfg)
     begin(cfg, run_dir)
     report = compare_checkpoints(cfg, cfg.eval.models, run_dir, prompts, references)

@@ -33,7 +33,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     # The eval's data and the stop strings first: bad input stops the pipeline before any training.
     tokenizer = load_tokenizer(base, trust_remote_code=cfg.model.trust_remote_code)
     stop_token_ids(tokenizer, cfg.rollout.stop)
-    eval_inputs = eval_data(cfg, tokenizer) if cfg.data.task or cfg.data.eval_prompts else None
+    eval_inputs = eval_data(cfg, tokenizer) if cfg.data.has_held_out_prompts else None
     base = begin(cfg, root, base)
 
     def stage(name: str, **model_changes) -> RunConfig:

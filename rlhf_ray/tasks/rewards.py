@@ -38,9 +38,9 @@ def load_reward_function(spec: RewardSpec) -> RewardFn:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
         raise ValueError(f"reward function {spec!r} cannot be loaded: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"reward function {spec!r} is not callable")
-    return fn
+    if callable(fn):
+        return fn
+    raise ValueError(f"reward function {spec!r} is not callable")
 
 
 def _parameters(fn: RewardFn) -> tuple[list[inspect.Parameter], bool]:
