@@ -323,6 +323,16 @@ BAD_INPUTS = {
     "empty run_dir": (["ppo", "run_dir="], r"run_dir"),
     "PPO without a reward": (["ppo", "data.task=", "scorers.reward_functions=[]", "data.prompts={prompts_only.jsonl}"],
                              r"model\.reward: no reward source"),
+    # a user's own task: each reward function is imported and checked against the rows' columns
+    "a reward that does not import": (["ppo", "data.prompts={prompts_only.jsonl}", "scorers.reward_functions=[nope_mod:f]"],
+                                      r"scorers\.reward_functions\[0\]: reward function 'nope_mod:f' cannot be loaded"),
+    "a reward without (prompts, responses)": (
+        ["ppo", "data.prompts={prompts_only.jsonl}", "scorers.reward_functions=[rlhf_ray.tasks.rewards:load_reward_function]"],
+        r"reward function 'load_reward_function' must take \(prompts, responses, \*\*columns\)"),
+    "a column the rows lack": (["ppo", "data.prompts={prompts_only.jsonl}",
+                                "scorers.reward_functions=[rlhf_ray.tasks.verifiers:math_answer]"],
+                               r"reward function 'math_answer' needs the column 'answer', but the prompt rows have no "
+                               r"such column \(columns in every row: none"),
     # data files
     "missing prompts": (["ppo", "data.prompts={in}/nope.jsonl"], r"data file .*nope\.jsonl does not exist"),
     "not UTF-8": (["ppo", "data.prompts={not_utf8.jsonl}"], r"not_utf8\.jsonl row 2: .*not UTF-8"),

@@ -20,7 +20,7 @@ REDUCED = [
     "policy.num_ranks=1", "critic.num_ranks=1", "policy.micro_batch_size=16", "critic.micro_batch_size=16",
     "rollout.num_engines=1", "rollout.max_new_tokens=4", "rollout.max_model_len=64", "data.max_prompt_tokens=32",
     "rollout.gpu_memory_utilization=0.05", "ppo.iterations=2", "ppo.prompts_per_iteration=8",
-    "eval.max_new_tokens=4",
+    "eval.max_new_tokens=4", "eval.samples=2",
 ]
 
 
@@ -53,7 +53,10 @@ def test_eval_at_the_end_measures_the_alignment_tax(pipeline_run):
     models = report["models"]
     assert list(models) == ["base", "sft", "ppo"]
     for name, row in models.items():
-        assert set(row) == {"checkpoint", "gold_score", "perplexity", "reward", "change_pct"}, name
+        assert set(row) == {"checkpoint", "gold_score", "gold_score_sampled", "gold_score_pass@2", "perplexity",
+                            "reward", "change_pct"}, name
+        # eval.samples=2: the mean of two samples per prompt, and the share of prompts one of them got right
+        assert 0 <= row["gold_score_sampled"] <= row["gold_score_pass@2"] <= 1
         assert set(row["change_pct"]) == {"vs_base", "vs_sft"}
         assert math.isfinite(row["perplexity"]) and row["perplexity"] >= 1.0 and math.isfinite(row["reward"])
     assert models["base"]["change_pct"]["vs_base"]["perplexity"] == 0.0
