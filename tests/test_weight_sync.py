@@ -24,6 +24,7 @@ from rlhf_ray.sync import (
     parity_tolerance,
     rank_layout,
     shm,
+    tie_tolerant_argmax,
 )
 from rlhf_ray.sync import manifest as mf
 from rlhf_ray.sync.group import open_group, plan_sync
@@ -254,6 +255,56 @@ def test_parity_tolerance_by_dtype_passes_kernel_noise_and_catches_a_broken_sync
         check_greedy_parity(near_tie, [[5, 6, 7, 8], [5, 6, 7, 8]], fp32.greedy_agreement)
     with pytest.raises(WeightSyncParityError, match="agreement 0.00"):
         check_greedy_parity([[1, 2], [3, 4]], [[9, 9], [9, 9]], bf16.greedy_agreement)
+
+
+def test_a_near_tie_is_no_greedy_disagreement_in_float32():
+    """float32 asks for every greedy token, but two top logits millionths apart are broken one way
+    by one summation order (an engine's kernels, another CPU's) and the other way by another: the
+    learner's teacher-forced argmax takes the engine's token where it scores within the tie
+    tolerance of the learner's top logit, and only there."""
+    fp32 = parity_tolerance("float32")
+    logits = torch.tensor([[[2.0, 2.0 - 3e-6, -1.0], [0.5, 1.0, 0.9], [0.0, 3.0, 2.0], [1.0, 1.0, 0.0]]])
+    engine = torch.tensor([[1, 1, 2, 1]])  # a near-tie, the argmax, a token 1.0 behind, an exact tie
+    assert tie_tolerant_argmax(logits, engine).tolist() == [[0, 1, 1, 1]]  # exact ties only
+    learner = tie_tolerant_argmax(logits, engine, fp32.greedy_tie_atol)
+    assert learner.tolist() == [[1, 1, 1, 1]]  # the real disagreement stays
+    with pytest.raises(WeightSyncParityError, match="position 2"):
+        check_greedy_parity(learner.tolist(), engine.tolist(), fp32.greedy_agreement)
+    assert check_greedy_parity(tie_tolerant_argmax(logits[:, :2], engine[:, :2], fp32.greedy_tie_atol).tolist(),
+                               engine[:, :2].tolist(), fp32.greedy_agreement) == 1.0
+    # The tolerance is far below what a stale or shuffled bucket moves (nats); the sync.parity_* keys
+    # leave it alone, and bf16/fp16 keep exact ties only (their agreement lets half of a row part).
+    assert fp32.greedy_tie_atol == 1e-4 and parity_tolerance("float32", 0.5, 0.1, 0.9).greedy_tie_atol == 1e-4
+    assert parity_tolerance("bfloat16").greedy_tie_atol == parity_tolerance("float16").greedy_tie_atol == 0.0
+
+
+def test_the_learners_greedy_tokens_take_the_engines_token_only_at_a_near_tie(tiny_model_dir):
+    """``greedy_tokens`` on the tiny model, teacher-forced on its own greedy answer with one token
+    swapped for the runner-up: the runner-up comes back where the tie tolerance covers its gap."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.actors.learner import PolicyLearnerActor
+    from rlhf_ray.data.batch import RolloutBatch
+    from rlhf_ray.engines import scoring
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    learner = SimpleNamespace(engine=model, device=torch.device("cpu"))
+    prompt = [1, 10, 11, 12, 13]
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    batch = RolloutBatch.from_token_lists([prompt], [greedy], pad_id=0)
+    tie = parity_tolerance("float32").greedy_tie_atol  # generate() and the teacher-forced pass sum differently
+    assert PolicyLearnerActor.greedy_tokens(learner, batch, tie)[0].tolist() == greedy
+    with torch.no_grad():
+        top2 = scoring.response_logits(model, batch)[0, -1].topk(2)
+    gap = (top2.values[0] - top2.values[1]).item()
+    assert gap > 2 * tie
+    runner_up = greedy[:-1] + [int(top2.indices[1])]  # the last token: nothing comes after it
+    swapped = RolloutBatch.from_token_lists([prompt], [runner_up], pad_id=0)
+    assert PolicyLearnerActor.greedy_tokens(learner, swapped, gap / 2)[0].tolist() == greedy
+    assert PolicyLearnerActor.greedy_tokens(learner, swapped, gap * 2)[0].tolist() == runner_up
 
 
 class Llama3RotaryEmbedding(torch.nn.Module):

@@ -221,11 +221,16 @@ class PolicyLearnerActor(WeightSyncSource, _LearnerBase):
         return self._train_on(shard if ptx is None else (shard, ptx), loss_fn)
 
     @torch.no_grad()
-    def greedy_tokens(self, shard: RolloutBatch) -> torch.Tensor:
-        """The learner's argmax token at every response position (teacher-forced), ``[B, R]``:
-        equal to a greedy response token for token exactly when greedy decoding agrees."""
+    def greedy_tokens(self, shard: RolloutBatch, tie_atol: float = 0.0) -> torch.Tensor:
+        """The learner's argmax token at every response position, teacher-forced on the shard's
+        responses (an engine's greedy ones), ``[B, R]``: equal to a greedy response token for token
+        exactly when greedy decoding agrees. Where the learner scores the shard's own token within
+        ``tie_atol`` of its top logit, that token: a near-tie the kernels may break either way."""
+        from rlhf_ray.sync.parity import tie_tolerant_argmax
+
         self.engine.eval()
-        return scoring.response_logits(self.engine, shard.to(self.device)).argmax(-1).cpu()
+        shard = shard.to(self.device)
+        return tie_tolerant_argmax(scoring.response_logits(self.engine, shard), shard.responses, tie_atol).cpu()
 
     def sft_step(self, shard: RolloutBatch) -> dict[str, float]:
         """One optimiser step of next-token loss on the response tokens only (prompt masked)."""

@@ -432,7 +432,7 @@ class RolloutPool:
                 self.lost([i], iteration)  # a replacement is synced and parity-checked
                 continue
             greedy_batch = RolloutBatch.from_token_lists(prompts, greedy, self.pad_id)
-            learner_greedy = self.policy.gather("greedy_tokens", greedy_batch)
+            learner_greedy = self.policy.gather("greedy_tokens", greedy_batch, tol.greedy_tie_atol)
             try:
                 check_parity(learner_lp, engine_lp, probe.response_mask, tol.max_abs, mean_atol=tol.mean_abs)
                 check_greedy_parity(

@@ -11,6 +11,7 @@ from rlhf_ray.sync.parity import (
     check_greedy_parity,
     check_parity,
     parity_tolerance,
+    tie_tolerant_argmax,
 )
 from rlhf_ray.sync.sender import WeightSender
 
@@ -27,4 +28,5 @@ __all__ = [
     "parity_tolerance",
     "plan_sync",
     "rank_layout",
+    "tie_tolerant_argmax",
 ]
