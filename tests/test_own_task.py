@@ -105,7 +105,7 @@ def test_a_reward_function_that_cannot_score_the_data_is_named_with_the_columns_
         takes_nothing, columns)
     problem = signature_problem(needs_id, ["answer"], {"id": 3}, 10)
     assert problem == ("reward function 'needs_id' needs the column 'id', but 3 of the 10 prompt rows lack it "
-                       "(columns in every row: answer; rename one with data.fields or give the parameter a default)")
+                       "(columns in every row: answer; name the parameter after one of them, or give it a default)")
     assert "the prompt rows have no such column (columns in every row: none" in signature_problem(needs_id, [])
 
 

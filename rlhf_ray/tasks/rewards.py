@@ -43,12 +43,14 @@ def load_reward_function(spec: RewardSpec) -> RewardFn:
     raise ValueError(f"reward function {spec!r} is not callable")
 
 
-def _parameters(fn: RewardFn) -> tuple[list[inspect.Parameter], bool]:
-    """The parameters after (prompts, responses), and whether ``fn`` takes ``**kwargs``."""
+def _parameters(fn: RewardFn) -> tuple[bool, list[inspect.Parameter], bool]:
+    """Whether ``fn`` takes (prompts, responses) positionally, its named parameters after those two
+    (the columns it asks for), and whether it takes ``**kwargs`` (every column)."""
     params = list(inspect.signature(fn).parameters.values())
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    rest = [p for p in params if p not in positional[:2] and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    return rest, any(p.kind == p.VAR_KEYWORD for p in params)
+    takes_two = len(positional) >= 2 or any(p.kind == p.VAR_POSITIONAL for p in params)
+    named = [p for p in params if p not in positional[:2] and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return takes_two, named, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
 def signature_problem(spec: RewardSpec, columns: Sequence[str], rows_missing: dict[str, int] | None = None,
@@ -56,26 +58,24 @@ def signature_problem(spec: RewardSpec, columns: Sequence[str], rows_missing: di
     """Why ``spec`` cannot score this data, or None: it does not load, does not take
     ``(prompts, responses)``, or needs a column the prompt rows lack (``columns``: those in every
     row; ``rows_missing``: column -> rows without it, of ``n_rows``)."""
+    name = reward_name(spec)
     try:
         fn = load_reward_function(spec)
-        params = list(inspect.signature(fn).parameters.values())
+        takes_two, named, _ = _parameters(fn)
     except ValueError as e:
         return str(e)
     except TypeError:
-        return f"reward function {reward_name(spec)!r} has no signature to inspect"
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
-        return (f"reward function {reward_name(spec)!r} must take (prompts, responses, **columns); "
-                f"its parameters: ({', '.join(p.name for p in params)})")
-    rest, _ = _parameters(fn)
-    there = ", ".join(columns) or "none"
-    for p in rest:
+        return f"reward function {name!r} has no signature to inspect"
+    if not takes_two:
+        params = ", ".join(inspect.signature(fn).parameters)
+        return f"reward function {name!r} must take (prompts, responses, **columns); its parameters: ({params})"
+    for p in named:
         if p.default is not p.empty or p.name in columns:
             continue
         missing = (rows_missing or {}).get(p.name)
         where = f"{missing} of the {n_rows} prompt rows lack it" if missing else "the prompt rows have no such column"
-        return (f"reward function {reward_name(spec)!r} needs the column {p.name!r}, but {where} "
-                f"(columns in every row: {there}; rename one with data.fields or give the parameter a default)")
+        return (f"reward function {name!r} needs the column {p.name!r}, but {where} (columns in every row: "
+                f"{', '.join(columns) or 'none'}; name the parameter after one of them, or give it a default)")
     return None
 
 
@@ -83,8 +83,8 @@ def call_reward_function(spec: RewardSpec, fn: RewardFn, prompts: list[str], res
     """``fn``'s scores of the responses, given the columns it asks for (all with ``**kwargs``);
     one score per response or a ``ValueError`` naming the function."""
     columns = column_values(prompts)
-    rest, takes_all = _parameters(fn)
-    wanted = set(columns) if takes_all else {p.name for p in rest if p.name in columns}
+    _, named, takes_all = _parameters(fn)
+    wanted = set(columns) if takes_all else {p.name for p in named if p.name in columns}
     values = fn(prompts, responses, **{name: columns[name] for name in wanted})
     if len(values) != len(responses):
         raise ValueError(f"reward function {reward_name(spec)} returned {len(values)} scores for "
