@@ -331,8 +331,8 @@ BAD_INPUTS = {
         r"reward function 'load_reward_function' must take \(prompts, responses, \*\*columns\)"),
     "a column the rows lack": (["ppo", "data.prompts={prompts_only.jsonl}",
                                 "scorers.reward_functions=[rlhf_ray.tasks.verifiers:math_answer]"],
-                               r"reward function 'math_answer' needs the column 'answer', but the prompt rows have no "
-                               r"such column \(columns in every row: none"),
+                               (r"reward function 'math_answer' needs the column 'answer', but the prompt rows have "
+                                r"no such column \(columns in every row: none")),
     # data files
     "missing prompts": (["ppo", "data.prompts={in}/nope.jsonl"], r"data file .*nope\.jsonl does not exist"),
     "not UTF-8": (["ppo", "data.prompts={not_utf8.jsonl}"], r"not_utf8\.jsonl row 2: .*not UTF-8"),
