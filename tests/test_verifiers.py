@@ -22,6 +22,17 @@ def test_wrong_and_missing_answers_score_zero():
     assert _math_answer(responses, ["109"] * len(responses)) == [0.0] * len(responses)
 
 
+def test_arithmetic_left_undone_is_no_answer():
+    """What SmolLM2 learned in 20 GRPO iterations against a verifier that took an expression for its
+    value: to end on the question's own sum. The sum is no answer; its value is, however phrased."""
+    restated = ["To calculate 27 + 82, simply add them together: 27 + 82 = ", "Four-seven is 27 + 82",
+                "\\boxed{27+82}", "27 \\times 1 + 82"]
+    assert _math_answer(restated, ["109"] * 4) == [0.0] * 4
+    assert _math_answer(["27 + 82 = 109", "27 + 82 equals 109.", "-109"], ["109", "109", "-109"]) == [1.0, 1.0, 1.0]
+    gsm8k = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nShe sold 48+24 = <<48+24=72>>72 in all.\n#### 72"
+    assert _math_answer(["She sold 72 clips.", "\\boxed{72}", "48 + 24"], [gsm8k] * 3) == [1.0, 1.0, 0.0]
+
+
 def test_latex_fractions_equal_decimals_both_ways():
     responses = ["$\\frac{1}{2}$", "\\boxed{\\frac{3}{4}}", "0.5", "3/4"]
     assert _math_answer(responses, ["0.5", "0.75", "\\frac{1}{2}", "\\frac{3}{4}"]) == [1.0] * 4

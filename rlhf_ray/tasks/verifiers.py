@@ -34,8 +34,8 @@ def math_answer(prompts: list[str], responses: list[str], answer: list, **kwargs
     else 0.0. The response's answer is what math-verify extracts: a ``\\boxed{...}`` first, else
     the last LaTeX or plain expression ("The answer is 109.", "$\\frac{1}{2}$", "0.5"). ``answer``
     values are LaTeX or plain text (read as inside ``$...$`` unless they have their own ``$``) or
-    numbers. An expression counts as its value: a response that restates "27 + 82" is right about
-    109, so where a policy could learn that, weight a format reward (``number_only``) beside it.
+    numbers. Arithmetic left undone is no answer: a response ending on "27 + 82" (or
+    ``\\boxed{27+82}``) scores 0.0 for 109, unless the gold answer is itself written that way.
 
     Works from any thread: called outside the main thread (a Ray actor may run methods in a
     worker thread), it scores in a helper process whose main thread keeps math-verify's timeouts.
@@ -74,10 +74,25 @@ def _gold_latex(value) -> str:
     return text if "$" in text else f"${text}$"
 
 
+# Arithmetic left undone between two numbers ("92 + 16", "3 \times 4"): math-verify would take it
+# for its value, and a policy learns to restate the question instead of answering it (measured:
+# SmolLM2 went from 29% to "100%" right in 20 GRPO iterations by ending on "... 92 + 16 = ").
+_UNEVALUATED = re.compile(r"\d\s*(?:[-+*×·^]|\\times|\\cdot)\s*\d")
+
+
 def _score_answers(golds: list[str], responses: list[str]) -> list[float]:
-    return [float(verify(parse(gold, parsing_timeout=TIMEOUT_S), parse(response, parsing_timeout=TIMEOUT_S),
-                         timeout_seconds=TIMEOUT_S))
-            for gold, response in zip(golds, responses)]
+    scores = []
+    for gold, response in zip(golds, responses):
+        gold_parsed = parse(gold, parsing_timeout=TIMEOUT_S)
+        answer = parse(response, parsing_timeout=TIMEOUT_S)
+        restated = _is_unevaluated(answer) and not _is_unevaluated(gold_parsed)
+        scores.append(0.0 if restated else float(verify(gold_parsed, answer, timeout_seconds=TIMEOUT_S)))
+    return scores
+
+
+def _is_unevaluated(parsed: list) -> bool:
+    """The extracted answer (math-verify's matched text, its last item) is arithmetic not done."""
+    return bool(parsed) and isinstance(parsed[-1], str) and _UNEVALUATED.search(parsed[-1]) is not None
 
 
 def _submit_to_helper(golds: list[str], responses: list[str]) -> list[float]:
