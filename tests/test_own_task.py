@@ -270,3 +270,13 @@ def test_the_python_api_example_trains_with_the_reward_function_defined_in_it(ra
     (step,) = [r for r in rows if "reward_mean" in r]
     assert "reward/last_number_is_answer_mean" in step and 0 <= step["reward_mean"] <= 1
     assert [r["iteration"] for r in rows if "eval/last_number_is_answer" in r] == [0, 1]
+
+
+def test_config_check_of_a_plan_on_hub_data_reads_no_model_and_no_dataset(capsys):
+    """A GPU plan is checked where its hub model and dataset are out of reach (this machine has no
+    hub): its reward functions are imported and their signatures checked, their columns are not."""
+    plan = Path(__file__).parent.parent / "configs" / "qwen2.5_1.5b_1gpu_gsm8k_grpo.yaml"
+    assert main(["config", "check", "--config", str(plan)]) == 0
+    assert capsys.readouterr().out.strip() == "config ok"
+    assert main(["config", "check", "--config", str(plan), "scorers.reward_functions=[nope_mod:f]"]) == 2
+    assert "scorers.reward_functions[0]: reward function 'nope_mod:f' cannot be loaded" in capsys.readouterr().err

@@ -178,36 +178,47 @@ def reward_sources(cfg: RunConfig) -> tuple[list, list[float]]:
     return functions, weights
 
 
-def check_reward_functions(cfg: RunConfig, prompts: list[str]) -> None:
+def check_reward_functions(cfg: RunConfig, prompts: list[str] | None) -> None:
     """Every rule reward (``scorers.reward_functions``, ``module:function`` criteria) imports, takes
-    ``(prompts, responses, ...)`` and finds each column it names in every one of ``prompts``' rows:
+    ``(prompts, responses, ...)`` and finds each column it names in every one of ``prompts``' rows
+    (``None``: rows not read, columns not checked):
     else ``ConfigError`` naming the key, the function and the columns there are, before any actor
     starts (Ray workers would find out after the engines started)."""
     from rlhf_ray.config import ConfigError
     from rlhf_ray.data.formats import row_columns
     from rlhf_ray.tasks.rewards import signature_problem
 
-    names = dict.fromkeys(name for p in prompts for name in row_columns(p))
+    names = dict.fromkeys(name for p in prompts or [] for name in row_columns(p))
     missing = {name: sum(name not in row_columns(p) for p in prompts) for name in names}
     in_every_row = [name for name, n in missing.items() if n == 0]
     specs = [*((f"scorers.reward_functions[{i}]", spec) for i, spec in enumerate(cfg.scorers.reward_functions)),
              *((f"scorers.criteria.{name}", judge) for name, judge in cfg.scorers.criteria.items()
                if not (isinstance(judge, str) and judge.startswith("rm:")))]
     for key, spec in specs:
-        if problem := signature_problem(spec, in_every_row, missing, len(prompts)):
+        if problem := signature_problem(spec, None if prompts is None else in_every_row, missing,
+                                        len(prompts or [])):
             raise ConfigError(f"{key}: {problem}")
 
 
 def check_config_inputs(cfg: RunConfig) -> None:
-    """``rlhf-ray config check`` past the config's own values: the model folders, trackers, secrets
-    and environment (``check_inputs``), and each rule reward against the columns of the prompt
-    rows it will score (read without a tokenizer: no model is loaded)."""
+    """``rlhf-ray config check`` past the config's own values, without models (a plan is checked
+    before its models are downloaded or trained): the agent's environment loads, and each rule
+    reward imports and finds its columns in the prompt rows it will score (read without a tokenizer)."""
     from rlhf_ray.data.prompts import run_prompts
     from rlhf_ray.stages.eval import held_out_prompts
 
-    check_inputs(cfg)
-    prompts = run_prompts(cfg.data, cfg.seed) if cfg.data.prompts or cfg.data.task else []
-    check_reward_functions(cfg, prompts + held_out_prompts(cfg))
+    if cfg.agent.enabled:
+        from rlhf_ray.stages.agent_rollout import environment_class
+
+        environment_class(cfg)
+    data = cfg.data
+    # A hub dataset is read by the stage that needs it (it may not be reachable where plans are checked).
+    local = all(Path(source).exists() for source in (data.prompts, data.eval_prompts) if source)
+    if local:
+        prompts = run_prompts(data, cfg.seed) if data.prompts or data.task else []
+        check_reward_functions(cfg, prompts + held_out_prompts(cfg))
+    else:
+        check_reward_functions(cfg, None)
 
 
 QUIET_ENV = {  # engines' start-up chatter hides the progress bars; RLHF_RAY_VERBOSE=1 keeps it

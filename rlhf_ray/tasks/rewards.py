@@ -53,11 +53,12 @@ def _parameters(fn: RewardFn) -> tuple[bool, list[inspect.Parameter], bool]:
     return takes_two, named, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
-def signature_problem(spec: RewardSpec, columns: Sequence[str], rows_missing: dict[str, int] | None = None,
+def signature_problem(spec: RewardSpec, columns: Sequence[str] | None, rows_missing: dict[str, int] | None = None,
                       n_rows: int = 0) -> str | None:
     """Why ``spec`` cannot score this data, or None: it does not load, does not take
     ``(prompts, responses)``, or needs a column the prompt rows lack (``columns``: those in every
-    row; ``rows_missing``: column -> rows without it, of ``n_rows``)."""
+    row, None when not known: the columns go unchecked; ``rows_missing``: column -> rows without
+    it, of ``n_rows``)."""
     name = reward_name(spec)
     try:
         fn = load_reward_function(spec)
@@ -69,7 +70,7 @@ def signature_problem(spec: RewardSpec, columns: Sequence[str], rows_missing: di
     if not takes_two:
         params = ", ".join(inspect.signature(fn).parameters)
         return f"reward function {name!r} must take (prompts, responses, **columns); its parameters: ({params})"
-    for p in named:
+    for p in [] if columns is None else named:
         if p.default is not p.empty or p.name in columns:
             continue
         missing = (rows_missing or {}).get(p.name)
