@@ -54,6 +54,16 @@ def held_out_rewards(cfg: RunConfig) -> dict[str, tuple]:
             for spec in functions}
 
 
+def sampled_scores(spec, fn, prompts: list[str], answers: list[str], k: int) -> tuple[float, float]:
+    """A rule reward of ``k`` sampled answers to each prompt (prompt-major, as the engines answer):
+    their mean, and pass@k (the mean over prompts of the best of the k)."""
+    from rlhf_ray.tasks.rewards import call_reward_function
+
+    repeated = [p for p in prompts for _ in range(k)]
+    per_prompt = torch.tensor(call_reward_function(spec, fn, repeated, answers)).view(len(prompts), k)
+    return per_prompt.mean().item(), per_prompt.max(dim=1).values.mean().item()
+
+
 def has_reward(cfg: RunConfig) -> bool:
     return bool(cfg.model.reward or cfg.scorers.criteria)
 
@@ -113,11 +123,8 @@ def evaluate(cfg: RunConfig, models: dict[str, str], prompts: list[str], referen
                 if path in sampled:  # prompt-major: k answers to each prompt in turn
                     answers = tok.batch_decode([g.response_ids for g in ray.get(sampled[path])],
                                                skip_special_tokens=True)
-                    repeated = [p for p in prompts for _ in range(k)]
                     for name, (spec, fn) in rules.items():
-                        per_prompt = torch.tensor(call_reward_function(spec, fn, repeated, answers)).view(-1, k)
-                        out[f"{name}_sampled"] = per_prompt.mean().item()
-                        out[f"{name}_pass@{k}"] = per_prompt.max(dim=1).values.mean().item()
+                        out[f"{name}_sampled"], out[f"{name}_pass@{k}"] = sampled_scores(spec, fn, prompts, answers, k)
                 if reward is not None:
                     batch = RolloutBatch.from_token_lists(prompt_ids[path], response_ids, tok.pad_token_id)
                     out["reward"] = ray.get(reward.score.remote(batch, prompts, responses))["score"].mean().item()

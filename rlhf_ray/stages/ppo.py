@@ -36,7 +36,7 @@ from rlhf_ray.stages.common import (
     resolve_policy_path,
     reward_sources,
 )
-from rlhf_ray.stages.eval import held_out_prompts, held_out_rewards
+from rlhf_ray.stages.eval import held_out_prompts, held_out_rewards, sampled_scores
 from rlhf_ray.stages.guards import RolloutGuards
 from rlhf_ray.stages.recovery import Recovery
 from rlhf_ray.stages.sft import text_examples
@@ -213,11 +213,9 @@ class PPOTrainer(Recovery):
             # training batch uses: the same draws each time, so the curve moves with the policy only.
             sampled = replace(self._spec(self.cfg.ppo.iterations), temperature=self.cfg.eval.temperature, n=k)
             answers, _ = self._held_out_answers(sampled)
-            prompts = [p for p in self.eval_prompts for _ in range(k)]  # prompt-major, as the engines answer
-            for name, s in self._held_out_scores(prompts, answers).items():
-                per_prompt = torch.tensor(s).view(len(self.eval_prompts), k)
-                out[f"eval/sampled/{name}"] = per_prompt.mean().item()
-                out[f"eval/pass@{k}/{name}"] = per_prompt.max(dim=1).values.mean().item()
+            for name, (spec, fn) in self.eval_rewards.items():
+                out[f"eval/sampled/{name}"], out[f"eval/pass@{k}/{name}"] = sampled_scores(
+                    spec, fn, self.eval_prompts, answers, k)
         shown = ", ".join(f"{key.removeprefix('eval/')} {v:.3f}" for key, v in out.items())
         print(f"ppo: held-out {shown} after iteration {self.iteration}")
         return {**out, **tool_use, "time/eval_s": time.monotonic() - start}
